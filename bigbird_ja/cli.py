@@ -1,0 +1,107 @@
+"""`bigbird-ja <subcommand>`: the command line only parses arguments and calls library functions.
+
+Subcommands:
+  convert   warm-start a bigbird_ja checkpoint from a local DeBERTa-v2/v3 or BigBird checkpoint
+  layout    draw the block-sparse attention pattern of a config as a PNG
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _load_config(name_or_path: str | None, overrides: dict):
+    from .configuration import BigBirdJaConfig
+
+    if name_or_path is None:
+        config = BigBirdJaConfig()
+    else:
+        config = BigBirdJaConfig.from_pretrained(name_or_path)
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(config, key, value)
+    config.validate_bigbird_ja()
+    return config
+
+
+def cmd_convert(args) -> int:
+    from .convert import convert_checkpoint
+
+    report = convert_checkpoint(
+        args.src, args.dst, attention_type=args.attention_type, block_size=args.block_size,
+        max_length=args.max_length, num_window_blocks=args.num_window_blocks,
+        num_global_blocks=args.num_global_blocks, num_random_blocks=args.num_random_blocks,
+        max_relative_positions=args.max_relative_positions, allow_missing=args.allow_missing,
+        allow_unused=args.allow_unused, overwrite=args.overwrite,
+    )
+    print(report.summary())
+    print(f"wrote {args.dst}")
+    return 0
+
+
+def cmd_layout(args) -> int:
+    from .plotting import draw_layout
+
+    config = _load_config(args.config, dict(
+        attention_type=args.attention_type, block_size=args.block_size, num_window_blocks=args.num_window_blocks,
+        num_global_blocks=args.num_global_blocks, num_random_blocks=args.num_random_blocks,
+        random_seed=args.random_seed, num_attention_heads=args.num_heads,
+    ))
+    if args.seq_len > config.max_position_embeddings:
+        config.max_position_embeddings = args.seq_len
+    path = draw_layout(config, args.seq_len, args.out, layer_idx=args.layer, head=args.head)
+    print(f"wrote {path}")
+    return 0
+
+
+def _sparsity_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--attention-type", choices=["block_sparse", "full"])
+    parser.add_argument("--block-size", type=int)
+    parser.add_argument("--num-window-blocks", type=int)
+    parser.add_argument("--num-global-blocks", type=int)
+    parser.add_argument("--num-random-blocks", type=int)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bigbird-ja", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="warm-start from a local DeBERTa-v2/v3 or BigBird checkpoint")
+    p.add_argument("src", help="transformers checkpoint folder (config.json + weights + tokenizer files)")
+    p.add_argument("dst", help="output folder (must not exist unless --overwrite)")
+    _sparsity_arguments(p)
+    p.add_argument("--max-length", type=int, help="new max_position_embeddings (relative-position models only "
+                   "beyond the source's length)")
+    p.add_argument("--max-relative-positions", type=int, help="re-bucket relative positions over this span "
+                   "(changes the function; default keeps the source's)")
+    p.add_argument("--allow-missing", action="store_true", help="initialise target weights absent from the source")
+    p.add_argument("--allow-unused", action="store_true", help="leave source tensors with no target behind")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("layout", help="draw the attention pattern of a config")
+    p.add_argument("--config", help="a config.json or checkpoint folder (default: the base 4,096-token config)")
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--out", default="layout.png")
+    p.add_argument("--layer", type=int, default=0)
+    p.add_argument("--head", type=int, help="one head (default: all heads as a grid)")
+    p.add_argument("--num-heads", type=int)
+    p.add_argument("--random-seed", type=int)
+    _sparsity_arguments(p)
+    p.set_defaults(func=cmd_layout)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as err:
+        print(f"bigbird-ja {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""`BigBirdJaConfig`: DeBERTa-v2 fields plus the BigBird block-sparse layout.
+
+Every field that DeBERTa-v2 has keeps its name and meaning, so a DeBERTa-v2/v3 `config.json` maps onto this class
+without renaming; the sparsity fields are added beside them. Validation lives here, in one place: an invalid
+combination raises a `ValueError` naming the field, the rule and the fix.
+"""
+
+from __future__ import annotations
+
+from transformers import PreTrainedConfig
+
+ATTENTION_TYPES = ("block_sparse", "full")
+ATTENTION_BACKENDS = ("auto", "reference", "blocked", "triton")
+POS_ATT_TYPES = ("c2p", "p2c")
+
+
+class BigBirdJaConfig(PreTrainedConfig):
+    r"""Configuration of a BigBird-ja encoder. Defaults describe a 4,096-token base model.
+
+    DeBERTa-v2 fields (same names and meanings as `transformers.DebertaV2Config`):
+        vocab_size, hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, hidden_act,
+        hidden_dropout_prob, attention_probs_dropout_prob, max_position_embeddings, type_vocab_size,
+        initializer_range, layer_norm_eps, relative_attention, max_relative_positions (-1: use
+        max_position_embeddings), position_buckets (-1: no log buckets), pos_att_type (a list or "p2c|c2p"),
+        share_att_key, norm_rel_ebd ("layer_norm" or "none"), position_biased_input (add absolute position
+        embeddings), embedding_size (None: hidden_size), pooler_hidden_size, pooler_dropout, pooler_hidden_act,
+        conv_kernel_size / conv_groups / conv_act (DeBERTa-v2's optional convolution after layer 0; 0 disables).
+
+    The default relative-position settings (256 log buckets over 4,096 positions) keep distinct buckets across the
+    whole 4,096-token span; DeBERTa-v3's usual 256 buckets over 512 positions saturate beyond about 512 tokens.
+
+    Sparsity fields:
+        attention_type: "block_sparse" (BigBird layout) or "full" (dense, exactly DeBERTa-v2).
+        block_size: tokens per block, a power of two.
+        num_window_blocks: odd number of neighbouring blocks each query block sees (itself in the middle).
+        num_global_blocks: the first blocks of the sequence; they attend to every block and every block attends to
+            them, so a question placed first is global.
+        num_random_blocks: extra key blocks per query block, drawn per layer and head from
+            (random_seed, layer, head, number of blocks), never from the window or the global blocks.
+        random_seed: seed of the random blocks.
+        attention_backend: "auto" (triton on CUDA when available, otherwise blocked), "reference" (dense O(n^2),
+            the truth for tests), "blocked" (pure PyTorch, memory linear in length) or "triton".
+    """
+
+    model_type = "bigbird-ja"
+
+    vocab_size: int = 32000
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 4096
+    type_vocab_size: int = 0
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-7
+    relative_attention: bool = True
+    max_relative_positions: int = -1
+    position_buckets: int = 256
+    pos_att_type: str | list[str] | None = None
+    share_att_key: bool = True
+    norm_rel_ebd: str = "layer_norm"
+    position_biased_input: bool = False
+    embedding_size: int | None = None
+    pooler_hidden_size: int | None = None
+    pooler_dropout: float = 0.0
+    pooler_hidden_act: str = "gelu"
+    conv_kernel_size: int = 0
+    conv_groups: int = 1
+    conv_act: str = "tanh"
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    tie_word_embeddings: bool = True
+
+    attention_type: str = "block_sparse"
+    block_size: int = 64
+    num_window_blocks: int = 3
+    num_global_blocks: int = 2
+    num_random_blocks: int = 3
+    random_seed: int = 0
+    attention_backend: str = "auto"
+
+    def __post_init__(self, **kwargs):
+        if self.pos_att_type is None:
+            self.pos_att_type = ["p2c", "c2p"]
+        elif isinstance(self.pos_att_type, str):
+            self.pos_att_type = [x.strip() for x in self.pos_att_type.lower().split("|") if x.strip()]
+        else:
+            self.pos_att_type = list(self.pos_att_type)
+        if self.embedding_size is None:
+            self.embedding_size = self.hidden_size
+        if self.pooler_hidden_size is None:
+            self.pooler_hidden_size = self.hidden_size
+        super().__post_init__(**kwargs)
+        self.validate_bigbird_ja()
+
+    # --- derived quantities, one definition each -------------------------------------------------------------
+    @property
+    def effective_max_relative_positions(self) -> int:
+        """DeBERTa's rule: a value below 1 means max_position_embeddings."""
+        if self.max_relative_positions < 1:
+            return self.max_position_embeddings
+        return self.max_relative_positions
+
+    @property
+    def relative_span(self) -> int:
+        """Half the number of relative-embedding rows (DeBERTa's `pos_ebd_size`, its `att_span`)."""
+        return self.position_buckets if self.position_buckets > 0 else self.effective_max_relative_positions
+
+    @property
+    def attention_head_size(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def validate_bigbird_ja(self) -> None:
+        """Raise `ValueError` naming the field, the rule and the fix. Called at construction and by the model."""
+
+        def fail(field: str, rule: str) -> None:
+            raise ValueError(f"BigBirdJaConfig.{field}={getattr(self, field)!r}: {rule}")
+
+        for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                      "max_position_embeddings"):
+            if not isinstance(getattr(self, field), int) or getattr(self, field) < 1:
+                fail(field, "must be a positive integer.")
+        if self.hidden_size % self.num_attention_heads != 0:
+            fail("hidden_size", f"must be a multiple of num_attention_heads={self.num_attention_heads}.")
+        for field in ("hidden_dropout_prob", "attention_probs_dropout_prob", "pooler_dropout"):
+            if not 0.0 <= float(getattr(self, field)) < 1.0:
+                fail(field, "must be in [0, 1).")
+        bad = [p for p in self.pos_att_type if p not in POS_ATT_TYPES]
+        if bad:
+            fail("pos_att_type", f"unknown entries {bad}; allowed are {list(POS_ATT_TYPES)} (or 'p2c|c2p').")
+        if self.relative_attention and self.position_buckets > 0 and self.effective_max_relative_positions <= self.position_buckets // 2 + 1:
+            fail("position_buckets", f"log buckets need max_relative_positions (effective "
+                 f"{self.effective_max_relative_positions}) above position_buckets/2 + 1; raise max_relative_positions.")
+        if self.attention_type not in ATTENTION_TYPES:
+            fail("attention_type", f"must be one of {ATTENTION_TYPES}.")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            fail("attention_backend", f"must be one of {ATTENTION_BACKENDS}.")
+        bs = self.block_size
+        if not isinstance(bs, int) or bs < 1 or bs & (bs - 1):
+            fail("block_size", "must be a power of two (e.g. 32, 64 or 128); the kernels tile by it.")
+        w = self.num_window_blocks
+        if not isinstance(w, int) or w < 1 or w % 2 == 0:
+            fail("num_window_blocks", "must be a positive odd number: the window is centred on the query block.")
+        for field in ("num_global_blocks", "num_random_blocks", "random_seed"):
+            if not isinstance(getattr(self, field), int) or getattr(self, field) < 0:
+                fail(field, "must be a non-negative integer.")
+        blocks_at_max_length = -(-self.max_position_embeddings // bs)
+        used = w + self.num_global_blocks + self.num_random_blocks
+        if self.attention_type == "block_sparse" and used > blocks_at_max_length:
+            fail("num_random_blocks", f"window ({w}) + global ({self.num_global_blocks}) + random "
+                 f"({self.num_random_blocks}) blocks = {used}, but a max_position_embeddings="
+                 f"{self.max_position_embeddings} sequence has only {blocks_at_max_length} blocks of {bs}; use fewer "
+                 f"random blocks or attention_type='full'.")

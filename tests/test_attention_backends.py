@@ -1,0 +1,138 @@
+"""Every backend against the dense reference in float64: odd lengths, random padding (a fully padded sequence
+included), every head and layer, forward and gradients."""
+
+import pytest
+import torch
+
+from bigbird_ja.attention import RelativePositionSpec, disentangled_attention, layout_for, resolve_backend
+from conftest import tiny_config
+
+LENGTHS = [1, 5, 8, 37, 64, 65, 131]
+
+
+def make_inputs(config, batch, length, seed, dtype=torch.float64, fully_padded_row=True):
+    gen = torch.Generator().manual_seed(seed)
+    H, D, S = config.num_attention_heads, config.attention_head_size, config.relative_span
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=dtype).requires_grad_(True)
+
+    q, k, v = rand(batch, H, length, D), rand(batch, H, length, D), rand(batch, H, length, D)
+    pos_key, pos_query = rand(H, 2 * S, D), rand(H, 2 * S, D)
+    padding = torch.ones(batch, length, dtype=torch.bool)
+    if batch > 1:
+        padding[1, int(torch.randint(1, length + 1, (1,), generator=gen)):] = False
+    if fully_padded_row and batch > 2:
+        padding[2] = False
+    return q, k, v, pos_key, pos_query, padding
+
+
+def run(backend, config, layer, inputs, use_c2p=True, use_p2c=True):
+    q, k, v, pos_key, pos_query, padding = inputs
+    out = disentangled_attention(
+        q, k, v, layout_for(config, layer, q.shape[2]), padding, scale=0.37,
+        pos_key=pos_key if use_c2p else None, pos_query=pos_query if use_p2c else None,
+        rel_spec=RelativePositionSpec.from_config(config), backend=backend)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    grads = torch.autograd.grad((out * weights).sum(), [q, k, v, pos_key, pos_query], allow_unused=True)
+    return out, grads
+
+
+@pytest.mark.parametrize("length", LENGTHS)
+@pytest.mark.parametrize("sparsity", [dict(), dict(num_window_blocks=1, num_global_blocks=0, num_random_blocks=3),
+                                      dict(num_window_blocks=5, num_global_blocks=2, num_random_blocks=1),
+                                      dict(attention_type="full")])
+def test_blocked_matches_reference_in_float64(length, sparsity):
+    config = tiny_config(**sparsity)
+    for layer in range(config.num_hidden_layers):
+        inputs = make_inputs(config, 3, length, seed=length * 10 + layer)
+        ref_out, ref_grads = run("reference", config, layer, inputs)
+        out, grads = run("blocked", config, layer, inputs)
+        print(f"layer {layer}: max |blocked - reference| = {(out - ref_out).abs().max().item():.2e}")
+        torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-10)
+        for name, g, ref_g in zip("q k v pos_key pos_query".split(), grads, ref_grads):
+            torch.testing.assert_close(g, ref_g, rtol=0, atol=1e-10, msg=lambda m: f"grad {name}: {m}")
+
+
+@pytest.mark.parametrize("terms", [(True, False), (False, True), (False, False)])
+def test_each_relative_term_alone(terms):
+    config = tiny_config()
+    inputs = make_inputs(config, 2, 77, seed=3)
+    ref_out, ref_grads = run("reference", config, 1, inputs, *terms)
+    out, grads = run("blocked", config, 1, inputs, *terms)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-10)
+    for g, ref_g in zip(grads, ref_grads):
+        if ref_g is None:
+            assert g is None
+        else:
+            torch.testing.assert_close(g, ref_g, rtol=0, atol=1e-10)
+
+
+def test_relative_terms_change_the_result():
+    """Guards the comparisons above against a backend that ignores the position terms."""
+    config = tiny_config()
+    inputs = make_inputs(config, 2, 77, seed=4)
+    with_terms, _ = run("blocked", config, 0, inputs)
+    without, _ = run("blocked", config, 0, inputs, False, False)
+    assert (with_terms - without).abs().max() > 1e-3
+
+
+def test_padding_is_never_attended():
+    config = tiny_config()
+    q, k, v, pk, pq, padding = make_inputs(config, 2, 50, seed=5, fully_padded_row=False)
+    padding[0, 30:] = False
+    for backend in ("reference", "blocked"):
+        args = (layout_for(config, 0, 50), padding, 0.5, pk, pq, RelativePositionSpec.from_config(config))
+        out = disentangled_attention(q, k, v, *args, backend=backend)
+        v2 = v.detach().clone()
+        v2[0, :, 30:] = 1e6  # changing padded values must not move any output
+        k2 = k.detach().clone()
+        k2[0, :, 30:] = -7.0
+        out2 = disentangled_attention(q, k2, v2, *args, backend=backend)
+        torch.testing.assert_close(out2[0], out[0], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_low_precision_has_no_nan_even_on_fully_padded_rows(dtype):
+    config = tiny_config()
+    inputs = make_inputs(config, 3, 45, seed=6, dtype=dtype)
+    for backend in ("reference", "blocked"):
+        out, grads = run(backend, config, 0, inputs)
+        assert out.dtype == dtype and torch.isfinite(out).all()
+        assert all(torch.isfinite(g).all() for g in grads)
+        assert out[2].abs().max() == 0  # the fully padded sequence attends to nothing
+
+
+def test_low_precision_stays_within_budget_of_float64():
+    config = tiny_config()
+    inputs64 = make_inputs(config, 2, 90, seed=7)
+    ref, _ = run("reference", config, 0, inputs64)
+    inputs16 = tuple(t.detach().to(torch.bfloat16).requires_grad_(t.requires_grad) if t.is_floating_point() else t
+                     for t in inputs64)
+    same_dtype_torch, _ = run("reference", config, 0, inputs16)
+    blocked, _ = run("blocked", config, 0, inputs16)
+    budget = 2 * (same_dtype_torch.double() - ref).abs().max() + 1e-3
+    error = (blocked.double() - ref).abs().max()
+    print(f"bf16 blocked error {error:.3e}, budget {budget:.3e}")
+    assert error <= budget
+
+
+def test_bad_inputs_are_rejected_with_clear_errors():
+    config = tiny_config()
+    q, k, v, pk, pq, padding = make_inputs(config, 2, 20, seed=8)
+    layout = layout_for(config, 0, 20)
+    spec = RelativePositionSpec.from_config(config)
+    with pytest.raises(TypeError, match="dtype"):
+        disentangled_attention(q, k.float(), v, layout, padding, 1.0)
+    with pytest.raises(ValueError, match="layout"):
+        disentangled_attention(q, k, v, layout_for(config, 0, 40), padding, 1.0)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        disentangled_attention(q, k, v, layout, padding[:, :10], 1.0)
+    with pytest.raises(ValueError, match="pos_key"):
+        disentangled_attention(q, k, v, layout, padding, 1.0, pos_key=pk[:, :5], rel_spec=spec)
+
+
+def test_triton_backend_refusal_names_blocked():
+    with pytest.raises(RuntimeError, match="blocked"):
+        resolve_backend("triton", torch.device("cpu"))
+    assert resolve_backend("auto", torch.device("cpu")) == "blocked"

@@ -1,0 +1,90 @@
+import json
+
+import pytest
+
+import bigbird_ja
+from bigbird_ja import BigBirdJaConfig
+
+
+def test_defaults_describe_a_4096_token_base_model():
+    config = BigBirdJaConfig()
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (768, 12, 12)
+    assert config.max_position_embeddings == 4096
+    assert config.effective_max_relative_positions == 4096  # buckets stay distinct over the whole span
+    assert (config.block_size, config.num_window_blocks, config.num_global_blocks, config.num_random_blocks) == \
+        (64, 3, 2, 3)
+    assert config.attention_type == "block_sparse" and config.attention_backend == "auto"
+    assert config.pos_att_type == ["p2c", "c2p"]
+
+
+def test_relative_buckets_of_the_defaults_do_not_saturate_before_4096_tokens():
+    from bigbird_ja.attention import RelativePositionSpec, relative_index_table
+
+    def buckets_at(config, distances):
+        table = relative_index_table(4096, RelativePositionSpec.from_config(config))
+        return [int(table[4095 + d]) for d in distances]
+
+    far = [512, 1024, 2048, 4095]
+    default = buckets_at(BigBirdJaConfig(), far)
+    assert default == sorted(set(default)), default  # strictly increasing: every distance is told apart
+    v3_style = buckets_at(BigBirdJaConfig(max_relative_positions=512), far)
+    assert len(set(v3_style)) == 1, v3_style  # DeBERTa-v3's usual settings saturate here
+
+
+def test_deberta_v2_config_maps_without_renaming():
+    from transformers import DebertaV2Config
+
+    source = DebertaV2Config(hidden_size=64, num_attention_heads=4, relative_attention=True, position_buckets=256,
+                             pos_att_type="p2c|c2p", share_att_key=True, norm_rel_ebd="layer_norm",
+                             max_relative_positions=-1, position_biased_input=False).to_dict()
+    source.pop("model_type")
+    config = BigBirdJaConfig(**source)
+    for key in ("hidden_size", "num_attention_heads", "relative_attention", "position_buckets", "share_att_key",
+                "norm_rel_ebd", "max_relative_positions", "position_biased_input", "layer_norm_eps"):
+        assert getattr(config, key) == source[key], key
+    assert config.pos_att_type == ["p2c", "c2p"]
+
+
+def test_config_round_trips_through_config_json(tmp_path):
+    config = BigBirdJaConfig(hidden_size=64, num_attention_heads=4, block_size=32, num_random_blocks=1,
+                             attention_backend="blocked", random_seed=7)
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == "bigbird-ja" and saved["block_size"] == 32
+    loaded = BigBirdJaConfig.from_pretrained(tmp_path)
+    assert loaded.to_dict() == config.to_dict()
+    from transformers import AutoConfig
+
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), BigBirdJaConfig)
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("num_window_blocks", 4, "odd"),
+    ("num_window_blocks", 0, "odd"),
+    ("block_size", 48, "power of two"),
+    ("block_size", 0, "power of two"),
+    ("num_random_blocks", 100, "random blocks"),
+    ("num_global_blocks", -1, "non-negative"),
+    ("attention_type", "sliding", "attention_type"),
+    ("attention_backend", "cuda", "attention_backend"),
+    ("pos_att_type", "c2p|p2p", "p2p"),
+    ("num_attention_heads", 5, "multiple of num_attention_heads"),
+    ("attention_probs_dropout_prob", 1.5, "[0, 1)"),
+])
+def test_bad_config_raises_value_error_naming_the_field(field, value, words):
+    with pytest.raises(ValueError) as info:
+        BigBirdJaConfig(**{field: value})
+    message = str(info.value)
+    assert words in message
+    assert field in message or field == "num_attention_heads"
+
+
+def test_config_edited_after_construction_is_checked_by_the_model():
+    from conftest import tiny_config
+
+    model = bigbird_ja.BigBirdJaModel(tiny_config())
+    model.config.num_window_blocks = 2
+    import torch
+
+    with pytest.raises(ValueError, match="num_window_blocks"):
+        model(torch.ones(1, 10, dtype=torch.long))
