@@ -16,6 +16,10 @@ def _load_config(name_or_path: str | None, overrides: dict):
 
     if name_or_path is None:
         config = BigBirdJaConfig()
+    elif str(name_or_path).endswith((".yaml", ".yml")):
+        from .configuration import load_model_config
+
+        config = load_model_config(name_or_path)
     else:
         config = BigBirdJaConfig.from_pretrained(name_or_path)
     for key, value in overrides.items():
@@ -82,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("layout", help="draw the attention pattern of a config")
-    p.add_argument("--config", help="a config.json or checkpoint folder (default: the base 4,096-token config)")
+    p.add_argument("--config", help="a model preset (configs/model/*.yaml), config.json or checkpoint folder "
+                   "(default: the base 4,096-token config)")
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--out", default="layout.png")
     p.add_argument("--layer", type=int, default=0)

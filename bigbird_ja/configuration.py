@@ -7,6 +7,9 @@ combination raises a `ValueError` naming the field, the rule and the fix.
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 from transformers import PreTrainedConfig
 
 ATTENTION_TYPES = ("block_sparse", "full")
@@ -155,3 +158,20 @@ class BigBirdJaConfig(PreTrainedConfig):
                  f"({self.num_random_blocks}) blocks = {used}, but a max_position_embeddings="
                  f"{self.max_position_embeddings} sequence has only {blocks_at_max_length} blocks of {bs}; use fewer "
                  f"random blocks or attention_type='full'.")
+
+
+def load_model_config(path) -> BigBirdJaConfig:
+    """Read a model preset (YAML, as under configs/model/) strictly: an unknown key is an error listing valid ones."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model config {path} does not exist (presets live in configs/model/).")
+    values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of BigBirdJaConfig fields, got {type(values).__name__}.")
+    valid = {f.name for f in dataclasses.fields(BigBirdJaConfig)} | {"num_labels", "cls_dropout"}
+    unknown = sorted(set(values) - valid)
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {unknown}; valid keys are {sorted(valid)}.")
+    return BigBirdJaConfig(**values)

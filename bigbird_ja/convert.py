@@ -23,6 +23,7 @@ import torch
 
 from .configuration import BigBirdJaConfig
 
+SOURCE_TYPES = ("deberta-v2", "big_bird")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 SKIPPED_FILES = set(WEIGHT_FILES) | {"config.json", "generation_config.json", "training_args.bin"}
@@ -57,6 +58,10 @@ HEAD_CLASSES = {
 }
 
 
+# Tensors of heads that some targets lack (a pooler, pretraining-only heads): reported as dropped, not an error.
+HEAD_ONLY = re.compile(r"^(pooler\.|cls\.seq_relationship\.|mask_predictions\.)")
+
+
 @dataclass
 class ConversionReport:
     source_type: str
@@ -64,15 +69,18 @@ class ConversionReport:
     mapped: int = 0
     missing: list[str] = field(default_factory=list)  # target parameters with no source tensor
     unused: list[str] = field(default_factory=list)  # source tensors with no target parameter
+    dropped: list[str] = field(default_factory=list)  # source heads the target has no place for (known names)
     tied: list[str] = field(default_factory=list)  # source tensors equal to a tied target (checked)
     copied_files: list[str] = field(default_factory=list)
     config_changes: dict = field(default_factory=dict)
 
     def summary(self) -> str:
         lines = [f"converted {self.source_type} -> {self.target_class}: {self.mapped} tensors mapped, "
-                 f"{len(self.tied)} tied, {len(self.missing)} missing, {len(self.unused)} unused"]
+                 f"{len(self.tied)} tied, {len(self.dropped)} dropped, {len(self.missing)} missing, "
+                 f"{len(self.unused)} unused"]
         lines += [f"  missing (freshly initialised): {name}" for name in self.missing]
         lines += [f"  unused (not carried over): {name}" for name in self.unused]
+        lines += [f"  dropped (no such head in {self.target_class}): {name}" for name in self.dropped]
         lines += [f"  config: {k} = {v}" for k, v in self.config_changes.items()]
         return "\n".join(lines)
 
@@ -123,8 +131,7 @@ def _target_config(source: dict, overrides: dict, report: ConversionReport) -> B
         if source.get("attention_type") == "original_full":
             values["attention_type"] = "full"
     else:
-        raise ConversionError(f"model_type {kind!r} is not supported: convert from 'deberta-v2' (DeBERTa-v2/v3) or "
-                              "'big_bird' (BigBird ITC) checkpoints.")
+        raise ConversionError(f"model_type {kind!r} is not one of {SOURCE_TYPES}.")
     values = {k: v for k, v in values.items() if v is not None}
     max_length = overrides.pop("max_length", None)
     if max_length is not None and max_length != values["max_position_embeddings"]:
@@ -153,7 +160,7 @@ def _rename(name: str, kind: str) -> str:
         name = name.replace("lm_predictions.lm_head.bias", "cls.predictions.bias")
     else:
         name = re.sub(r"^bert\.", "bigbird_ja.", name)
-        name = re.sub(r"^bigbird_ja\.pooler\.", "pooler.", name)
+        name = re.sub(r"^(bigbird_ja\.)?pooler\.(weight|bias)$", r"pooler.dense.\2", name)
         name = re.sub(r"\.attention\.self\.(query|key|value)\.", r".attention.self.\1_proj.", name)
     if name.startswith(("embeddings.", "encoder.")):  # a base model saved without its prefix
         name = "bigbird_ja." + name
@@ -186,6 +193,9 @@ def convert_checkpoint(src, dst, *, attention_type=None, block_size=None, max_le
         raise ConversionError(f"{dst} exists; choose a new folder or pass overwrite=True (--overwrite).")
     source_config = json.loads((src / "config.json").read_text())
     kind = source_config.get("model_type")
+    if kind not in SOURCE_TYPES:
+        raise ConversionError(f"model_type {kind!r} in {src / 'config.json'} is not supported: convert from "
+                              "'deberta-v2' (DeBERTa-v2/v3) or 'big_bird' (BigBird ITC) checkpoints.")
     state = load_source_state_dict(src)
     head = _head_of([_rename(n, kind) for n in state])
     report = ConversionReport(source_type=kind, target_class=HEAD_CLASSES[head])
@@ -219,7 +229,7 @@ def convert_checkpoint(src, dst, *, attention_type=None, block_size=None, max_le
                 report.tied.append(name)
                 continue
         if new not in target:
-            report.unused.append(name)
+            (report.dropped if HEAD_ONLY.match(new) else report.unused).append(name)
             continue
         if tuple(target[new].shape) != tuple(tensor.shape):
             raise ConversionError(f"{name} -> {new}: source shape {tuple(tensor.shape)} does not match "

@@ -88,3 +88,28 @@ def test_config_edited_after_construction_is_checked_by_the_model():
 
     with pytest.raises(ValueError, match="num_window_blocks"):
         model(torch.ones(1, 10, dtype=torch.long))
+
+
+def test_every_model_preset_loads_strictly():
+    from pathlib import Path
+
+    from bigbird_ja.configuration import load_model_config
+
+    presets = sorted((Path(__file__).parents[1] / "configs" / "model").glob("*.yaml"))
+    assert len(presets) >= 3
+    for preset in presets:
+        config = load_model_config(preset)
+        assert preset.read_text().startswith("#"), f"{preset.name} needs a header naming its hardware"
+        assert config.max_position_embeddings >= 1024
+    # the base preset spells out the class defaults: the YAML mirrors the dataclass
+    assert load_model_config(presets[0].parent / "base-4096.yaml").to_dict() == BigBirdJaConfig().to_dict()
+
+
+def test_model_preset_with_an_unknown_key_lists_the_valid_ones(tmp_path):
+    from bigbird_ja.configuration import load_model_config
+
+    (tmp_path / "bad.yaml").write_text("hidden_size: 64\nnum_attention_heads: 4\nblock_szie: 32\n")
+    with pytest.raises(ValueError, match=r"unknown keys \['block_szie'\].*block_size"):
+        load_model_config(tmp_path / "bad.yaml")
+    with pytest.raises(FileNotFoundError, match="configs/model"):
+        load_model_config(tmp_path / "missing.yaml")
