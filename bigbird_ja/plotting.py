@@ -64,7 +64,7 @@ def draw_layout(config, seq_len: int, out, layer_idx: int = 0, head: int | None 
                  f"random {config.num_random_blocks})", fontsize=9)
     fig.legend(handles=[Patch(color=c, label=n) for c, n in zip(CATEGORY_COLOURS, CATEGORY_NAMES)],
                loc="lower center", ncol=4, fontsize=8)
-    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
+    fig.tight_layout(rect=(0, 0.08 if rows == 1 else 0.04, 1, 0.95))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

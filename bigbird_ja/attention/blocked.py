@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .layout import BlockLayout
 from .reference import masked_softmax
-from .relative import RelativePositionSpec, relative_index, relative_index_table
+from .relative import RelativePositionSpec, relative_index_table
 
 
 def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -25,24 +25,25 @@ def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x[:, heads, index]
 
 
-def _gather_pairs(table_per_row: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
-    """table_per_row [B, H, Np, 2S]; row, col [H, ...] -> table_per_row[b, h, row, col] as [B, H, ...]."""
+def _gather_rows_at(table_per_row: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
+    """table_per_row [B, H, Np, 2S]; flat_index [H, ...] = row * 2S + column -> [B, H, ...]."""
     B, H, Np, two_s = table_per_row.shape
-    flat = (row * two_s + col).reshape(H, -1)
-    out = table_per_row.reshape(B, H, Np * two_s).gather(-1, flat.unsqueeze(0).expand(B, H, -1))
-    return out.view(B, H, *row.shape[1:])
+    out = table_per_row.reshape(B, H, Np * two_s).gather(-1, flat_index.reshape(1, H, -1).expand(B, H, -1))
+    return out.view(B, H, *flat_index.shape[1:])
 
 
-def _relative_scores(qp, kp, query_pos, key_pos, table):
-    """c2p + p2c terms for query positions [H, ..., 1] and key positions [H, ..., L] (broadcastable)."""
-    delta = relative_index(query_pos, key_pos, table)
-    query_pos, key_pos = torch.broadcast_tensors(query_pos, key_pos)
-    out = 0
+def _add_relative_scores_(scores, qp, kp, query_pos, key_pos, table):
+    """scores [B, H, ...] += c2p + p2c for query positions [H, ..., 1] and key positions [H, ..., L].
+
+    Written to keep the number of full-size index tensors small: delta once, then one flat index per term.
+    """
+    offset = (table.numel() + 1) // 2 - 1
+    delta = table[(query_pos + offset) - key_pos]  # [H, ..., L] rows of the relative embeddings
     if qp is not None:
-        out = out + _gather_pairs(qp, query_pos, delta)
+        scores = scores + _gather_rows_at(qp, delta + query_pos * qp.shape[-1])
     if kp is not None:
-        out = out + _gather_pairs(kp, key_pos, delta)
-    return out
+        scores = scores + _gather_rows_at(kp, delta + key_pos * kp.shape[-1])
+    return scores
 
 
 def blocked_attention(
@@ -62,6 +63,10 @@ def blocked_attention(
     bs, nb, g = layout.block_size, layout.num_blocks, layout.num_global_blocks
     Np, dev = nb * bs, q.device
     pad = Np - N
+    # Fold the scale into q and pos_query once ([B, H, N, D]) instead of into every score.
+    q = q * scale
+    if pos_query is not None:
+        pos_query = pos_query * scale
     q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
     if key_padding_mask is None:
         key_valid = torch.ones(B, N, dtype=torch.bool, device=dev)
@@ -84,10 +89,9 @@ def blocked_attention(
         gq = g * bs
         scores = q[:, :, :gq] @ k.transpose(-1, -2)  # [B, H, gq, Np]
         if table is not None:
-            scores = scores + _relative_scores(
-                qp, kp, positions[:gq].view(1, gq, 1).expand(H, gq, 1), positions.view(1, 1, Np).expand(H, 1, Np),
-                table)
-        probs = masked_softmax(scores * scale, key_valid[:, None, None, :])
+            scores = _add_relative_scores_(scores, qp, kp, positions[:gq].view(1, gq, 1).expand(H, gq, 1),
+                                           positions.view(1, 1, Np).expand(H, 1, Np), table)
+        probs = masked_softmax(scores, key_valid[:, None, None, :])
         probs = F.dropout(probs, dropout_p, training).to(v.dtype)
         outputs.append(probs @ v)  # [B, H, gq, D]
 
@@ -105,9 +109,9 @@ def blocked_attention(
         scores = torch.einsum("bhrqd,bhrkd->bhrqk", q_s, k_g)  # [B, H, nr, bs, L]
         if table is not None:
             query_pos = positions[g * bs:].view(1, nr, bs, 1).expand(H, nr, bs, 1)
-            scores = scores + _relative_scores(qp, kp, query_pos, key_pos[:, :, None, :], table)
+            scores = _add_relative_scores_(scores, qp, kp, query_pos, key_pos[:, :, None, :], table)
         mask = slot_valid[None] & key_valid[:, key_pos]  # [B, H, nr, L]
-        probs = masked_softmax(scores * scale, mask[:, :, :, None, :])
+        probs = masked_softmax(scores, mask[:, :, :, None, :])
         probs = F.dropout(probs, dropout_p, training).to(v.dtype)
         out = torch.einsum("bhrqk,bhrkd->bhrqd", probs, v_g)
         outputs.append(out.reshape(B, H, nr * bs, D))
