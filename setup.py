@@ -10,18 +10,29 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["bigbird_ja", "bigbird_ja.*"]),
-    package_data={"bigbird_ja": ["py.typed"]},
+    packages=find_packages(include=["bigbird_ja", "bigbird_ja.*"])
+    + find_packages("kernels", include=["bigbird_ja_kernels", "bigbird_ja_kernels.*"]),
+    package_dir={"bigbird_ja_kernels": "kernels/bigbird_ja_kernels"},
+    # the sample corpus lets `bigbird-ja prepare` and the examples run on a fresh machine without downloads
+    package_data={"bigbird_ja": ["py.typed", "resources/sample_corpus/*.txt"]},
     install_requires=[
         # Install torch first (the CPU build on machines without a GPU): a bare requirement pulls a CUDA build.
         "torch>=2.4",
         "transformers>=5.0,<6",
         "safetensors>=0.4",
         "numpy",
+        "tqdm>=4.60",
     ],
     extras_require={
         "plot": ["matplotlib>=3.7"],
-        "test": ["pytest>=8", "matplotlib>=3.7", "sentencepiece>=0.2"],
+        "triton": ["triton>=3.2"],
+        # Arrow (datasets.save_to_disk) and Parquet inputs of `bigbird-ja prepare`; text and JSON lines need neither
+        "data": ["datasets>=2.14", "pyarrow>=12"],
+        # training a tokenizer (bigbird-ja train-tokenizer); a trained tokenizer loads with transformers alone
+        "tokenizer": ["sentencepiece>=0.2", "fugashi>=1.3", "unidic-lite>=1.0.8"],
+        # triton in the tests: the kernels run under TRITON_INTERPRET=1 on CPU and compile ahead of time for sm_80/90
+        "test": ["pytest>=8", "matplotlib>=3.7", "sentencepiece>=0.2", "triton>=3.2", "fugashi>=1.3",
+                 "unidic-lite>=1.0.8", "datasets>=2.14", "pyarrow>=12"],
     },
     entry_points={"console_scripts": ["bigbird-ja=bigbird_ja.cli:main"]},
 )

@@ -3,6 +3,8 @@
 Subcommands:
   convert   warm-start a bigbird_ja checkpoint from a local DeBERTa-v2/v3 or BigBird checkpoint
   layout    draw the block-sparse attention pattern of a config as a PNG
+  train-tokenizer  train the Japanese SentencePiece unigram tokenizer (MeCab word boundaries, byte fallback)
+  prepare   tokenise and pack text / JSON lines / Parquet / saved datasets into resumable pretraining shards
 """
 
 from __future__ import annotations
@@ -59,6 +61,34 @@ def cmd_layout(args) -> int:
     return 0
 
 
+def cmd_train_tokenizer(args) -> int:
+    from .tokenization import train_tokenizer
+
+    report = train_tokenizer(
+        args.input, args.out, args.vocab_size, pretokenize=args.pretokenize, shrink_vocab=args.shrink_vocab,
+        input_sentence_size=args.input_sentence_size, character_coverage=args.character_coverage,
+        model_max_length=args.model_max_length, seed=args.seed, overwrite=args.overwrite,
+    )
+    print(report.summary())
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from .data.cleaning import CleaningOptions
+    from .data.preparation import PrepareOptions, prepare
+    from .data.sources import SourceOptions
+
+    options = PrepareOptions(
+        source=SourceOptions(input_format=args.format, text_field=args.text_field),
+        cleaning=CleaningOptions(normalization=None if args.normalization == "none" else args.normalization),
+    )
+    report = prepare(args.tokenizer, args.input, args.out, seq_len=args.seq_len, seed=args.seed,
+                     num_workers=args.num_workers, shard_tokens=args.shard_tokens, options=options,
+                     overwrite=args.overwrite, progress=not args.no_progress)
+    print(report.summary())
+    return 0
+
+
 def _sparsity_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention-type", choices=["block_sparse", "full"])
     parser.add_argument("--block-size", type=int)
@@ -96,6 +126,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-seed", type=int)
     _sparsity_arguments(p)
     p.set_defaults(func=cmd_layout)
+
+    p = sub.add_parser("train-tokenizer", help="train the Japanese tokenizer on UTF-8 text files (one line each)")
+    p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="UTF-8 text files, read line by line")
+    p.add_argument("--out", required=True, help="output folder (AutoTokenizer.from_pretrained loads it)")
+    p.add_argument("--vocab-size", type=int, default=32000)
+    p.add_argument("--shrink-vocab", action="store_true", help="train with the largest vocabulary size the "
+                   "corpus supports when --vocab-size is too large (default: an error naming that size)")
+    p.add_argument("--pretokenize", choices=["mecab", "none"], default="mecab", help="mecab: pieces never cross "
+                   "MeCab word boundaries (training time only); none: a plain unigram model")
+    p.add_argument("--input-sentence-size", type=int, default=2_000_000, help="sample at most this many "
+                   "sentences for training (bounds memory; 0: all)")
+    p.add_argument("--character-coverage", type=float, default=0.9995)
+    p.add_argument("--model-max-length", type=int, default=4096)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace the tokenizer files in a non-empty --out")
+    p.set_defaults(func=cmd_train_tokenizer)
+
+    p = sub.add_parser("prepare", help="tokenise and pack documents into fixed-length pretraining shards")
+    p.add_argument("--tokenizer", required=True, help="tokenizer folder (AutoTokenizer.from_pretrained loads it)")
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH", help=".txt (one document per "
+                   "blank-line-separated block), .jsonl, .parquet (also .gz), a save_to_disk folder, or a folder")
+    p.add_argument("--out", required=True, help="output folder (new, empty, or an earlier output with --overwrite)")
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--seed", type=int, default=0, help="recorded as the loader's default shuffle seed")
+    p.add_argument("--num-workers", type=int, help="tokenising processes (default: all CPUs; 0: in-process)")
+    p.add_argument("--shard-tokens", type=int, default=1 << 29, help="tokens per shard (default 512 Mi = 1 GiB "
+                   "in uint16)")
+    p.add_argument("--format", default="auto", choices=["auto", "text", "jsonl", "parquet", "arrow"],
+                   help="input format for every input (default: by extension)")
+    p.add_argument("--text-field", default="text", help="JSON field / column holding the text")
+    p.add_argument("--normalization", default="NFKC", choices=["NFKC", "none"])
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier prepare output in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_prepare)
     return parser
 
 

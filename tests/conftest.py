@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-import bigbird_ja
+# Without a GPU the Triton kernels run in Triton's interpreter. It must be chosen before triton decorates the
+# kernels, i.e. before anything imports bigbird_ja_kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import bigbird_ja  # noqa: E402
 
 
 def tiny_config(**overrides) -> bigbird_ja.BigBirdJaConfig:

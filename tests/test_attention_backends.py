@@ -33,7 +33,7 @@ def run(backend, config, layer, inputs, use_c2p=True, use_p2c=True):
         q, k, v, layout_for(config, layer, q.shape[2]), padding, scale=0.37,
         pos_key=pos_key if use_c2p else None, pos_query=pos_query if use_p2c else None,
         rel_spec=RelativePositionSpec.from_config(config), backend=backend)
-    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(out.dtype)
     grads = torch.autograd.grad((out * weights).sum(), [q, k, v, pos_key, pos_query], allow_unused=True)
     return out, grads
 
@@ -132,7 +132,9 @@ def test_bad_inputs_are_rejected_with_clear_errors():
         disentangled_attention(q, k, v, layout, padding, 1.0, pos_key=pk[:, :5], rel_spec=spec)
 
 
-def test_triton_backend_refusal_names_blocked():
+def test_triton_backend_refusal_names_blocked(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="blocked"):
         resolve_backend("triton", torch.device("cpu"))
     assert resolve_backend("auto", torch.device("cpu")) == "blocked"
+    assert resolve_backend("auto", torch.device("cuda"), dropout_active=True) == "blocked"

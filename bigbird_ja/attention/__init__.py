@@ -3,7 +3,8 @@
 One definition (`reference.py`), several backends that compute it:
   reference  dense scores with the layout mask, O(N^2): the truth for tests
   blocked    gathered key/value blocks in pure PyTorch, memory linear in N: the default on CPU
-  triton     fused kernels (the `bigbird_ja_kernels` package, see kernels/); not in this build yet
+  triton     fused Triton kernels (the `bigbird_ja_kernels` package under kernels/), CUDA; on CPU only under
+             TRITON_INTERPRET=1 (for tests)
 
 `disentangled_attention` validates its inputs and dispatches; the model calls nothing else.
 """
@@ -24,25 +25,26 @@ __all__ = [
 ]
 
 
-def _triton_available() -> bool:
-    try:
-        import bigbird_ja_kernels  # noqa: F401  (optional, lands with the Triton issue)
-    except ImportError:
-        return False
-    return True
+def resolve_backend(requested: str, device: torch.device, dropout_active: bool = False) -> str:
+    """Turn "auto" into a concrete backend for `device`; refuse one that cannot run there.
 
+    "auto" is `triton` on CUDA when the kernels are installed and no attention dropout is active (the kernels do
+    not implement dropout yet), and `blocked` otherwise.
+    """
+    from .triton_backend import interpreting, kernels_importable
 
-def resolve_backend(requested: str, device: torch.device) -> str:
-    """Turn "auto" into a concrete backend for `device`; refuse one that cannot run there."""
     if requested == "auto":
-        return "triton" if device.type == "cuda" and _triton_available() else "blocked"
+        if device.type == "cuda" and not dropout_active and kernels_importable():
+            return "triton"
+        return "blocked"
     if requested == "triton":
-        if device.type != "cuda" or not _triton_available():
-            raise RuntimeError(
-                f"attention_backend='triton' cannot run here (device={device.type}, Triton kernels "
-                f"{'installed' if _triton_available() else 'not installed'}); use attention_backend='blocked' "
-                "(pure PyTorch, any device) or 'auto'.")
-        raise NotImplementedError("the Triton backend is not part of this build; use attention_backend='blocked'.")
+        if not kernels_importable():
+            raise RuntimeError("attention_backend='triton' needs triton and the bigbird_ja_kernels package (pip "
+                               "install -e '.[triton]'); use attention_backend='blocked' (pure PyTorch, any device).")
+        if device.type != "cuda" and not interpreting():
+            raise RuntimeError(f"attention_backend='triton' runs on CUDA devices, not {device.type} (set "
+                               "TRITON_INTERPRET=1 only to test the kernels); use attention_backend='blocked'.")
+        return "triton"
     if requested not in ("reference", "blocked"):
         raise ValueError(f"attention_backend={requested!r}: must be 'auto', 'reference', 'blocked' or 'triton'.")
     return requested
@@ -96,7 +98,11 @@ def disentangled_attention(
                                  f"{tuple(pos.shape)} in {pos.dtype}.")
     kwargs = dict(scale=scale, pos_key=pos_key, pos_query=pos_query, rel_spec=rel_spec, dropout_p=dropout_p,
                   training=training)
-    chosen = resolve_backend(backend, q.device)
+    chosen = resolve_backend(backend, q.device, dropout_active=dropout_p > 0 and training)
     if chosen == "reference":
         return reference_attention(q, k, v, layout.token_mask(N).to(q.device), key_padding_mask, **kwargs)
+    if chosen == "triton":
+        from .triton_backend import triton_attention
+
+        return triton_attention(q, k, v, layout, key_padding_mask, **kwargs)
     return blocked_attention(q, k, v, layout, key_padding_mask, **kwargs)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -42,7 +42,7 @@ class SparsitySpec:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class BlockLayout:
     """Block lists of one layer for one padded length.
 
@@ -55,6 +55,8 @@ class BlockLayout:
     num_global_blocks: int
     key_blocks: torch.Tensor  # [H, nr, K] int64
     key_valid: torch.Tensor  # [H, nr, K] bool
+    # Derived forms (e.g. the Triton backend's CSR lists per device), computed once per layout.
+    cache: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
     def num_heads(self) -> int:

@@ -1,0 +1,318 @@
+"""Fused block-sparse DeBERTa-v2 disentangled attention: Triton kernels and their launchers.
+
+Shapes: B batch, H heads, Np tokens (padded to whole layout blocks), D head dim, nb layout blocks of
+LAYOUT_BLOCK tokens, 2S relative buckets. All tensors are contiguous.
+
+The function (the dense reference in bigbird_ja/attention/reference.py is its specification):
+    s[i, j] = q_i . k_j + qp[i, delta(i, j)] + kp[j, delta(i, j)]       (q already scaled)
+    p[i, :] = softmax over the key blocks listed for i's block, key_valid[j] only
+    out[i]  = sum_j p[i, j] v_j
+where qp = q @ pos_key^T and kp = k @ pos_query^T are the per-bucket projections ([B, H, Np, 2S], O(n S)) and
+delta(i, j) = rel_table[i - j + table_offset]. No N x N tensor exists anywhere: the relative terms are gathered
+inside the kernels, and their gradients are scattered back into d(qp), d(kp) with atomics.
+
+Block lists are CSR: row r = h * nb + block holds columns col_idx[row_ptr[r]:row_ptr[r + 1]]. The forward and
+dq kernels read the key blocks of each query block; the dk/dv kernel reads the transposed lists (the query blocks
+that attend to each key block), so neither k nor v gradients need atomics.
+
+The kernels hold no autograd: bigbird_ja/attention/triton_backend.py wraps the launchers.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+SUPPORTED_LAYOUT_BLOCKS = (16, 32, 64, 128)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _scores(q, k, offs_m, offs_n, bh, b, QP, KP, REL_TABLE, KEY_VALID, N_PAD, TWO_S, TABLE_OFFSET,
+            HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] float32 scores with the relative terms; -inf where the key is padding.
+
+    Also returns the relative-bucket index of every (query, key) pair, which the backward scatters into.
+    """
+    s = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+    if HAS_C2P or HAS_P2C:
+        rel = tl.load(REL_TABLE + (offs_m[:, None] - offs_n[None, :] + TABLE_OFFSET))
+    else:
+        rel = offs_m[:, None] - offs_n[None, :]  # unused
+    if HAS_C2P:
+        s += tl.load(QP + bh * N_PAD * TWO_S + offs_m[:, None] * TWO_S + rel).to(tl.float32)
+    if HAS_P2C:
+        s += tl.load(KP + bh * N_PAD * TWO_S + offs_n[None, :] * TWO_S + rel).to(tl.float32)
+    valid = tl.load(KEY_VALID + b * N_PAD + offs_n) != 0
+    s = tl.where(valid[None, :], s, float("-inf"))
+    return s, rel
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Autotuning: warps and stages (and tile sizes up to the layout block), keyed on what changes the best choice.
+# --------------------------------------------------------------------------------------------------------------
+def _configs():
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm in (32, 64, 128) for bn in (32, 64, 128) for w in (4, 8) for s in (1, 2, 3)
+    ]
+
+
+# Estimated shared memory a configuration may use: pipelined q/k/v/dO tiles. The sm_80/sm_90 compile test checks
+# the real figure of every configuration this keeps against the A100 limit (163 KiB).
+SHARED_MEMORY_BUDGET = 120 * 1024
+
+
+def _prune(configs, named_args, **kwargs):
+    """Tiles must divide the layout block and fit shared memory for this head dim and dtype; 8 warps only pay
+    off on large tiles."""
+    layout_block = kwargs.get("LAYOUT_BLOCK", named_args.get("LAYOUT_BLOCK"))
+    head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+    q = named_args.get("Q")
+    element_size = kwargs.get("ELEMENT_SIZE") or (q.element_size() if q is not None else 2)
+    kept = []
+    for config in configs:
+        bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+        if bm > layout_block or bn > layout_block:
+            continue
+        if (bm + bn) * head_dim * element_size * config.num_stages > SHARED_MEMORY_BUDGET:
+            continue
+        if config.num_warps == 8 and bm * bn < 64 * 64:
+            continue
+        kept.append(config)
+    return kept or [triton.Config({"BLOCK_M": min(layout_block, 32), "BLOCK_N": min(layout_block, 32)},
+                                  num_warps=4, num_stages=1)]
+
+
+AUTOTUNE_KEY = ["HEAD_DIM", "LAYOUT_BLOCK", "HAS_C2P", "HAS_P2C"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_kernel(Q, K, V, QP, KP, REL_TABLE, KEY_VALID, ROW_PTR, COL_IDX, OUT, LSE,
+                H, N_PAD, NUM_BLOCKS, TWO_S, TABLE_OFFSET,
+                HEAD_DIM: tl.constexpr, LAYOUT_BLOCK: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr,
+                INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    tl.static_assert(LAYOUT_BLOCK % BLOCK_M == 0, "query tiles must not straddle layout blocks")
+    tl.static_assert(LAYOUT_BLOCK % BLOCK_N == 0, "key tiles must not straddle layout blocks")
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    base = bh * N_PAD * HEAD_DIM
+    q = tl.load(Q + base + offs_m[:, None] * HEAD_DIM + offs_d[None, :])
+
+    row = h * NUM_BLOCKS + (pid_m * BLOCK_M) // LAYOUT_BLOCK
+    start = tl.load(ROW_PTR + row)
+    end = tl.load(ROW_PTR + row + 1)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for e in range(start, end):
+        key_block = tl.load(COL_IDX + e)
+        for n0 in tl.static_range(0, LAYOUT_BLOCK, BLOCK_N):
+            offs_n = key_block * LAYOUT_BLOCK + n0 + tl.arange(0, BLOCK_N)
+            k = tl.load(K + base + offs_n[:, None] * HEAD_DIM + offs_d[None, :])
+            v = tl.load(V + base + offs_n[:, None] * HEAD_DIM + offs_d[None, :])
+            s, rel = _scores(q, k, offs_m, offs_n, bh, b, QP, KP, REL_TABLE, KEY_VALID, N_PAD, TWO_S, TABLE_OFFSET,
+                             HAS_C2P, HAS_P2C, INPUT_PRECISION)
+            # Online softmax; a row that has seen only padding keeps m = -inf and contributes nothing.
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+            m_i = m_new
+    has_any = l_i > 0
+    out = acc / tl.where(has_any, l_i, 1.0)[:, None]
+    tl.store(OUT + base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], out.to(OUT.dtype.element_ty))
+    lse = tl.where(has_any, m_i + tl.log(tl.where(has_any, l_i, 1.0)), 0.0)
+    tl.store(LSE + bh * N_PAD + offs_m, lse)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Backward: dq (+ d qp) over the key lists, dk dv (+ d kp) over the transposed lists
+# --------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, QP, KP, REL_TABLE, KEY_VALID, ROW_PTR, COL_IDX, DO, LSE, DELTA, DQ, DQP,
+                   H, N_PAD, NUM_BLOCKS, TWO_S, TABLE_OFFSET,
+                   HEAD_DIM: tl.constexpr, LAYOUT_BLOCK: tl.constexpr, HAS_C2P: tl.constexpr,
+                   HAS_P2C: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    base = bh * N_PAD * HEAD_DIM
+    q = tl.load(Q + base + offs_m[:, None] * HEAD_DIM + offs_d[None, :])
+    do = tl.load(DO + base + offs_m[:, None] * HEAD_DIM + offs_d[None, :])
+    lse = tl.load(LSE + bh * N_PAD + offs_m)
+    delta = tl.load(DELTA + bh * N_PAD + offs_m)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+    row = h * NUM_BLOCKS + (pid_m * BLOCK_M) // LAYOUT_BLOCK
+    start = tl.load(ROW_PTR + row)
+    end = tl.load(ROW_PTR + row + 1)
+    for e in range(start, end):
+        key_block = tl.load(COL_IDX + e)
+        for n0 in tl.static_range(0, LAYOUT_BLOCK, BLOCK_N):
+            offs_n = key_block * LAYOUT_BLOCK + n0 + tl.arange(0, BLOCK_N)
+            k = tl.load(K + base + offs_n[:, None] * HEAD_DIM + offs_d[None, :])
+            v = tl.load(V + base + offs_n[:, None] * HEAD_DIM + offs_d[None, :])
+            s, rel = _scores(q, k, offs_m, offs_n, bh, b, QP, KP, REL_TABLE, KEY_VALID, N_PAD, TWO_S, TABLE_OFFSET,
+                             HAS_C2P, HAS_P2C, INPUT_PRECISION)
+            p = tl.exp(s - lse[:, None])
+            dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION).to(tl.float32)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
+            if HAS_C2P:
+                # Several keys of one row can share a bucket: accumulate with atomics.
+                tl.atomic_add(DQP + bh * N_PAD * TWO_S + offs_m[:, None] * TWO_S + rel, ds)
+    tl.store(DQ + base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq.to(DQ.dtype.element_ty))
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, QP, KP, REL_TABLE, KEY_VALID, T_ROW_PTR, T_COL_IDX, DO, LSE, DELTA, DK, DV, DKP,
+                     H, N_PAD, NUM_BLOCKS, TWO_S, TABLE_OFFSET,
+                     HEAD_DIM: tl.constexpr, LAYOUT_BLOCK: tl.constexpr, HAS_C2P: tl.constexpr,
+                     HAS_P2C: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    base = bh * N_PAD * HEAD_DIM
+    k = tl.load(K + base + offs_n[:, None] * HEAD_DIM + offs_d[None, :])
+    v = tl.load(V + base + offs_n[:, None] * HEAD_DIM + offs_d[None, :])
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+
+    row = h * NUM_BLOCKS + (pid_n * BLOCK_N) // LAYOUT_BLOCK
+    start = tl.load(T_ROW_PTR + row)
+    end = tl.load(T_ROW_PTR + row + 1)
+    for e in range(start, end):
+        query_block = tl.load(T_COL_IDX + e)
+        for m0 in tl.static_range(0, LAYOUT_BLOCK, BLOCK_M):
+            offs_m = query_block * LAYOUT_BLOCK + m0 + tl.arange(0, BLOCK_M)
+            q = tl.load(Q + base + offs_m[:, None] * HEAD_DIM + offs_d[None, :])
+            do = tl.load(DO + base + offs_m[:, None] * HEAD_DIM + offs_d[None, :])
+            lse = tl.load(LSE + bh * N_PAD + offs_m)
+            delta = tl.load(DELTA + bh * N_PAD + offs_m)
+            s, rel = _scores(q, k, offs_m, offs_n, bh, b, QP, KP, REL_TABLE, KEY_VALID, N_PAD, TWO_S, TABLE_OFFSET,
+                             HAS_C2P, HAS_P2C, INPUT_PRECISION)
+            p = tl.exp(s - lse[:, None])  # [BLOCK_M, BLOCK_N]
+            dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=INPUT_PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION).to(tl.float32)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=INPUT_PRECISION)
+            if HAS_P2C:
+                tl.atomic_add(DKP + bh * N_PAD * TWO_S + offs_n[None, :] * TWO_S + rel, ds)
+    tl.store(DK + base + offs_n[:, None] * HEAD_DIM + offs_d[None, :], dk.to(DK.dtype.element_ty))
+    tl.store(DV + base + offs_n[:, None] * HEAD_DIM + offs_d[None, :], dv.to(DV.dtype.element_ty))
+
+
+_fwd_tuned = triton.autotune(_configs(), key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune})(_fwd_kernel)
+# The backward kernels accumulate with atomics: autotuning would run them repeatedly on the same buffers, so
+# the tuner must reset what they add into before every trial.
+_dq_tuned = triton.autotune(_configs(), key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune},
+                            reset_to_zero=["DQP"])(_bwd_dq_kernel)
+_dkdv_tuned = triton.autotune(_configs(), key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune},
+                              reset_to_zero=["DKP"])(_bwd_dkdv_kernel)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------------------
+def _interpreter_tiles(layout_block: int) -> dict:
+    # The interpreter runs every autotune trial in Python: use one tile choice there.
+    tile = min(layout_block, 32)
+    return {"BLOCK_M": tile, "BLOCK_N": tile}
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """float32 inputs multiply in full precision (TF32 would miss the float32 error budget); 16-bit ones natively."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _dummy(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return t if t is not None else torch.empty(1, dtype=like.dtype, device=like.device)
+
+
+def check_supported(head_dim: int, layout_block: int) -> None:
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dim {head_dim} is not supported by the Triton kernels (supported: "
+                         f"{SUPPORTED_HEAD_DIMS}); use attention_backend='blocked'.")
+    if layout_block not in SUPPORTED_LAYOUT_BLOCKS:
+        raise ValueError(f"block_size {layout_block} is not supported by the Triton kernels (supported: "
+                         f"{SUPPORTED_LAYOUT_BLOCKS}); use attention_backend='blocked'.")
+
+
+def block_sparse_forward(q, k, v, qp, kp, rel_table, key_valid, row_ptr, col_idx, layout_block: int):
+    """out [B, H, Np, D] (q's dtype) and lse [B, H, Np] float32."""
+    B, H, Np, D = q.shape
+    check_supported(D, layout_block)
+    nb = Np // layout_block
+    out = torch.empty_like(q)
+    lse = torch.empty(B, H, Np, dtype=torch.float32, device=q.device)
+    two_s = (qp if qp is not None else kp).shape[-1] if (qp is not None or kp is not None) else 1
+    args = (q, k, v, _dummy(qp, q), _dummy(kp, q), rel_table, key_valid, row_ptr, col_idx, out, lse,
+            H, Np, nb, two_s, (rel_table.numel() + 1) // 2 - 1)
+    consts = dict(HEAD_DIM=D, LAYOUT_BLOCK=layout_block, HAS_C2P=qp is not None, HAS_P2C=kp is not None,
+                  INPUT_PRECISION=input_precision(q.dtype))
+    if interpreting():
+        tiles = _interpreter_tiles(layout_block)
+        _fwd_kernel[(Np // tiles["BLOCK_M"], B * H)](*args, **consts, **tiles)
+    else:
+        _fwd_tuned[lambda meta: (Np // meta["BLOCK_M"], B * H)](*args, **consts)
+    return out, lse
+
+
+def block_sparse_backward(do, q, k, v, qp, kp, out, lse, rel_table, key_valid, row_ptr, col_idx, t_row_ptr,
+                          t_col_idx, layout_block: int):
+    """dq, dk, dv (inputs' dtype) and d qp, d kp (float32, or None)."""
+    B, H, Np, D = q.shape
+    nb = Np // layout_block
+    do = do.contiguous()
+    delta = (do.float() * out.float()).sum(-1)  # [B, H, Np]: rowsum(dO * O), the softmax backward's correction
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dqp = torch.zeros(qp.shape, dtype=torch.float32, device=q.device) if qp is not None else None
+    dkp = torch.zeros(kp.shape, dtype=torch.float32, device=q.device) if kp is not None else None
+    two_s = (qp if qp is not None else kp).shape[-1] if (qp is not None or kp is not None) else 1
+    table_offset = (rel_table.numel() + 1) // 2 - 1
+    common = (q, k, v, _dummy(qp, q), _dummy(kp, q), rel_table, key_valid)
+    sizes = (H, Np, nb, two_s, table_offset)
+    consts = dict(HEAD_DIM=D, LAYOUT_BLOCK=layout_block, HAS_C2P=qp is not None, HAS_P2C=kp is not None,
+                  INPUT_PRECISION=input_precision(q.dtype))
+    f32 = torch.empty(1, dtype=torch.float32, device=q.device)
+    dq_args = common + (row_ptr, col_idx, do, lse, delta, dq, dqp if dqp is not None else f32) + sizes
+    dkdv_args = common + (t_row_ptr, t_col_idx, do, lse, delta, dk, dv, dkp if dkp is not None else f32) + sizes
+    if interpreting():
+        tiles = _interpreter_tiles(layout_block)
+        _bwd_dq_kernel[(Np // tiles["BLOCK_M"], B * H)](*dq_args, **consts, **tiles)
+        _bwd_dkdv_kernel[(Np // tiles["BLOCK_N"], B * H)](*dkdv_args, **consts, **tiles)
+    else:
+        _dq_tuned[lambda meta: (Np // meta["BLOCK_M"], B * H)](*dq_args, **consts)
+        _dkdv_tuned[lambda meta: (Np // meta["BLOCK_N"], B * H)](*dkdv_args, **consts)
+    return dq, dk, dv, dqp, dkp
+
+
+KERNELS = {"forward": _fwd_kernel, "backward_dq": _bwd_dq_kernel, "backward_dkdv": _bwd_dkdv_kernel}

@@ -1,0 +1,145 @@
+"""The Triton backend against the float64 dense reference (Triton's interpreter on CPU, real kernels on a GPU),
+and ahead-of-time compilation of every kernel for sm_80 and sm_90."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bigbird_ja
+from bigbird_ja.attention import RelativePositionSpec, disentangled_attention, layout_for
+from conftest import random_batch, randomize_, tiny_config
+from test_attention_backends import make_inputs, run
+
+triton = pytest.importorskip("triton")
+pytestmark = pytest.mark.triton
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def triton_config(**overrides):
+    values = dict(hidden_size=64, num_attention_heads=2, num_hidden_layers=2, block_size=16)  # head dim 32
+    values.update(overrides)
+    return tiny_config(**values)
+
+
+def to_dtype(inputs, dtype):
+    return tuple(t.detach().to(DEVICE, dtype).requires_grad_(True) if t.is_floating_point() else t.to(DEVICE)
+                 for t in inputs)
+
+
+def check_against_float64(config, layer, inputs64, terms=(True, True), floor=2e-5):
+    """|triton - ref64| <= 2 |torch float32 - ref64| + floor, forward and every gradient."""
+    ref64, grads64 = run("reference", config, layer, inputs64, *terms)
+    ref32, grads32 = run("reference", config, layer, to_dtype(inputs64, torch.float32), *terms)
+    tri, grads = run("triton", config, layer, to_dtype(inputs64, torch.float32), *terms)
+    pairs = [("out", tri, ref32, ref64)] + [
+        (name, g, g32, g64) for name, g, g32, g64 in zip("q k v pos_key pos_query".split(), grads, grads32, grads64)
+        if g64 is not None]
+    for name, fast, same_dtype, truth in pairs:
+        error = (fast.double().cpu() - truth).abs().max().item()
+        budget = 2 * (same_dtype.double().cpu() - truth).abs().max().item() + floor
+        print(f"layer {layer} {name}: |triton - ref64| = {error:.2e} (budget {budget:.2e})")
+        assert error <= budget, name
+
+
+@pytest.mark.parametrize("length", [1, 37, 83])
+@pytest.mark.parametrize("sparsity", [dict(), dict(num_window_blocks=1, num_global_blocks=0, num_random_blocks=3),
+                                      dict(num_window_blocks=5, num_global_blocks=2, num_random_blocks=1),
+                                      dict(attention_type="full")])
+def test_triton_matches_float64_reference(length, sparsity):
+    config = triton_config(**sparsity)
+    for layer in range(config.num_hidden_layers):
+        # 3 sequences: unpadded, randomly padded, fully padded
+        check_against_float64(config, layer, make_inputs(config, 3, length, seed=100 * layer + length))
+
+
+@pytest.mark.parametrize("terms", [(True, False), (False, True), (False, False)])
+def test_triton_with_each_relative_term(terms):
+    config = triton_config()
+    check_against_float64(config, 1, make_inputs(config, 2, 70, seed=5), terms=terms)
+
+
+def test_triton_block_size_32_head_dim_16():
+    config = triton_config(hidden_size=32, block_size=32, num_window_blocks=1, num_global_blocks=1,
+                           num_random_blocks=1)
+    check_against_float64(config, 0, make_inputs(config, 2, 150, seed=6))
+
+
+def test_model_on_triton_matches_blocked():
+    ids, mask = random_batch(3, 75, 101, seed=7)
+    outputs = {}
+    for backend in ("blocked", "triton"):
+        model = bigbird_ja.BigBirdJaForMaskedLM(triton_config(attention_backend=backend))
+        randomize_(model, seed=8).to(DEVICE)
+        out = model(ids.to(DEVICE), attention_mask=mask.to(DEVICE), labels=ids.to(DEVICE))
+        out.loss.backward()
+        outputs[backend] = (out.logits.detach().cpu(), {n: p.grad.cpu() for n, p in model.named_parameters()})
+    valid = mask.bool()
+    torch.testing.assert_close(outputs["triton"][0][valid], outputs["blocked"][0][valid], atol=2e-4, rtol=1e-4)
+    for name, grad in outputs["blocked"][1].items():
+        torch.testing.assert_close(outputs["triton"][1][name], grad, atol=2e-4, rtol=1e-3, msg=lambda m: f"{name}: {m}")
+
+
+def test_model_on_triton_runs_under_torch_compile():
+    model = bigbird_ja.BigBirdJaModel(triton_config(attention_backend="triton")).to(DEVICE).eval()
+    ids, mask = random_batch(2, 40, 101, seed=9)
+    ids, mask = ids.to(DEVICE), mask.to(DEVICE)
+    with torch.no_grad():
+        eager = model(ids, attention_mask=mask).last_hidden_state
+    # aot_eager traces through the autograd.Function and the custom ops without needing a C++/GPU code generator
+    compiled = torch.compile(model, backend="aot_eager" if DEVICE == "cpu" else "inductor", fullgraph=False)
+    with torch.no_grad():
+        out = compiled(ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-5)
+    compiled.train()
+    compiled(ids, attention_mask=mask).last_hidden_state.sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_unsupported_shapes_and_dropout_name_the_blocked_backend():
+    config = triton_config(hidden_size=24, num_attention_heads=2)  # head dim 12
+    inputs = to_dtype(make_inputs(config, 1, 20, seed=1), torch.float32)
+    with pytest.raises(ValueError, match="blocked"):
+        run("triton", config, 0, inputs)
+    config = triton_config()
+    q, k, v, pk, pq, pad = to_dtype(make_inputs(config, 1, 20, seed=1), torch.float32)
+    with pytest.raises(NotImplementedError, match="blocked"):
+        disentangled_attention(q, k, v, layout_for(config, 0, 20), pad, 1.0, pk, pq,
+                               RelativePositionSpec.from_config(config), dropout_p=0.1, training=True,
+                               backend="triton")
+
+
+@pytest.mark.slow
+def test_every_kernel_compiles_for_sm80_and_sm90_within_shared_memory():
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    child = subprocess.run([sys.executable, "-m", "bigbird_ja_kernels.aot"], env=env, capture_output=True,
+                           text=True, timeout=1800)
+    assert child.returncode == 0, child.stderr[-3000:]
+    rows = [json.loads(line) for line in child.stdout.splitlines() if line.startswith("{")]
+    kernels = {(r["arch"], r["kernel"], r["dtype"], r["head_dim"]) for r in rows}
+    assert len(kernels) == 2 * 3 * 2 * 3, sorted(kernels)
+    for row in rows:
+        print(row)
+        assert 0 < row["shared"] <= row["limit"], row
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_at_4096_tokens_within_the_error_budget(dtype):
+    config = tiny_config(hidden_size=768, num_attention_heads=12, num_hidden_layers=1, block_size=64,
+                         num_window_blocks=3, num_global_blocks=2, num_random_blocks=3, position_buckets=256,
+                         max_relative_positions=4096, max_position_embeddings=4096)
+    inputs64 = to_dtype(make_inputs(config, 1, 4096, seed=11, fully_padded_row=False), torch.float64)
+    ref64, grads64 = run("reference", config, 0, inputs64)
+    same, grads_same = run("reference", config, 0, to_dtype(inputs64, dtype))
+    fast, grads_fast = run("triton", config, 0, to_dtype(inputs64, dtype))
+    for name, f, s, t in [("out", fast, same, ref64)] + list(zip("q k v pos_key pos_query".split(), grads_fast,
+                                                                   grads_same, grads64)):
+        error = (f.double() - t).abs().max().item()
+        budget = 2 * (s.double() - t).abs().max().item() + 1e-3
+        print(f"{dtype} {name}: {error:.2e} <= {budget:.2e}")
+        assert error <= budget, name
