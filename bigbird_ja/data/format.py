@@ -1,0 +1,214 @@
+"""The on-disk format of packed pretraining data, and the atomic writes that keep it consistent.
+
+Why a format of our own: a 4,096-token encoder pretrained on hundreds of GPUs needs fixed-length samples that every
+rank can read at random, without parsing, from a handful of large files. So a prepared data folder is:
+
+    DATA/
+      manifest.json        written LAST; the only file a loader trusts. Lists every shard with its size and sha256.
+      shard-00000.bin      token ids, raw little-endian uint16 (vocab <= 65,536) or uint32, shape
+                           [num_sequences, seq_len] row-major, no header: np.memmap / mmap it and index rows.
+      shard-00000.idx      uint64 little-endian: the offset (in tokens, within this shard) of the first token of
+                           every document that starts in this shard, ascending.
+      shard-00000.json     this shard's metadata (counts, dtype, seq_len, tokenizer fingerprint, seed, sha256).
+      issues.jsonl         every input problem found (file, line or row, kind, action), one JSON object a line.
+
+Every file is written to a hidden temporary name (``.NAME.tmp-PID``), flushed, fsync'ed and renamed with
+``os.replace`` (atomic on POSIX), then the folder is fsync'ed (the fsyncs can be turned off with ``durable=False``
+for throwaway output; the renames alone already protect against a killed process). The manifest is renamed into
+place after all shards, so a run killed at any point leaves either no ``manifest.json`` (the loader refuses the
+folder) or a complete data set; never a partial shard that a loader would read. Temporary files of a killed run are
+removed by the next run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Iterator
+
+import numpy as np
+
+FORMAT_NAME = "bigbird-ja-packed"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+ISSUES_NAME = "issues.jsonl"
+SHARD_STEM = "shard-{index:05d}"
+# Files a prepare run may leave in its output folder; anything else there means the folder is not ours.
+OWN_FILE = re.compile(r"^(manifest\.json|issues\.jsonl|shard-\d{5,}\.(bin|idx|json)|\..+\.tmp-\d+)$")
+TEMP_FILE = re.compile(r"^\..+\.tmp-\d+$")
+
+UINT16_VOCAB_LIMIT = 1 << 16
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (halves disk and page cache), else uint32."""
+    if vocab_size <= 0:
+        raise ValueError(f"vocab_size={vocab_size}: must be positive")
+    if vocab_size > 1 << 32:
+        raise ValueError(f"vocab_size={vocab_size}: more than 2**32 ids do not fit the uint32 token format")
+    return np.dtype("<u2") if vocab_size <= UINT16_VOCAB_LIMIT else np.dtype("<u4")
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    return {np.dtype("<u2"): "uint16", np.dtype("<u4"): "uint32"}[np.dtype(dtype)]
+
+
+def dtype_from_name(name: str) -> np.dtype:
+    table = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
+    if name not in table:
+        raise ValueError(f"token dtype {name!r} in the manifest: expected one of {sorted(table)}; the folder was "
+                         f"written by another tool or a newer bigbird-ja")
+    return table[name]
+
+
+def canonical_json(obj) -> bytes:
+    """Sorted keys, fixed separators, UTF-8, trailing newline: the same object always gives the same bytes."""
+    return (json.dumps(obj, sort_keys=True, ensure_ascii=False, indent=1) + "\n").encode("utf-8")
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard as listed in the manifest."""
+
+    index: int
+    tokens_file: str
+    index_file: str
+    meta_file: str
+    num_sequences: int
+    num_tokens: int
+    num_documents: int
+    tokens_sha256: str
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "ShardInfo":
+        return cls(**{key: obj[key] for key in cls.__dataclass_fields__})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Atomic writes
+
+
+def fsync_dir(path: Path) -> None:
+    # The rename is only durable once the directory entry is on disk.
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def temp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, durable: bool = True) -> Iterator[IO[bytes]]:
+    """Write ``path`` through a temporary file; it appears under its name only if the block completes.
+
+    durable: fsync the file before the rename and the folder after it, so that a power cut cannot leave the new
+    name pointing at unwritten data. (Without it the rename is still atomic for a killed process.)
+    """
+    path = Path(path)
+    tmp = temp_path(path)
+    f = open(tmp, "wb")
+    try:
+        yield f
+        f.flush()
+        if durable:
+            os.fsync(f.fileno())
+        f.close()
+        os.replace(tmp, path)
+        if durable:
+            fsync_dir(path.parent)
+    except BaseException:
+        f.close()
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, durable: bool = True) -> None:
+    with atomic_open(path, durable) as f:
+        f.write(data)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_manifest(data_dir: str | os.PathLike) -> dict:
+    """The manifest of a finished prepare run, validated; an error explains what is wrong and what to do."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"data folder {str(data_dir)!r} does not exist: run `bigbird-ja prepare --out "
+                                f"{data_dir} ...` first")
+    path = data_dir / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{str(path)!r} does not exist: {str(data_dir)!r} is not a finished `bigbird-ja prepare` output (a run "
+            f"that was killed or failed leaves no manifest, so its shards are never read); re-run prepare into it")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        manifest = json.loads(raw)
+    except ValueError as err:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({err}); re-run prepare") from None
+    if manifest.get("format") != FORMAT_NAME:
+        raise ValueError(f"{str(path)!r} has format {manifest.get('format')!r}, expected {FORMAT_NAME!r}: not a "
+                         f"bigbird-ja data folder")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{str(path)!r} has format_version {version!r}; this bigbird-ja reads version "
+                         f"{FORMAT_VERSION}: re-run prepare with this version, or install the version that wrote it")
+    manifest["_sha256"] = hashlib.sha256(raw).hexdigest()
+    return manifest
+
+
+def shard_infos(manifest: dict) -> list[ShardInfo]:
+    return [ShardInfo.from_json(obj) for obj in manifest["shards"]]
+
+
+def check_shard_files(data_dir: str | os.PathLike, manifest: dict, checksums: bool = False) -> None:
+    """Every shard the manifest lists exists with the right size (and, with ``checksums``, the right sha256)."""
+    data_dir = Path(data_dir)
+    itemsize = dtype_from_name(manifest["dtype"]).itemsize
+    seq_len = int(manifest["seq_len"])
+    for info in shard_infos(manifest):
+        path = data_dir / info.tokens_file
+        expected = info.num_sequences * seq_len * itemsize
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise FileNotFoundError(f"shard {str(path)!r} listed in the manifest is missing: the folder was "
+                                    f"copied incompletely; copy it again or re-run prepare") from None
+        if size != expected:
+            raise ValueError(f"shard {str(path)!r} has {size} bytes, the manifest says {info.num_sequences} "
+                             f"sequences x {seq_len} tokens x {itemsize} B = {expected}: the file is truncated or "
+                             f"from another run; copy it again or re-run prepare")
+        if checksums:
+            digest = file_sha256(path)
+            if digest != info.tokens_sha256:
+                raise ValueError(f"shard {str(path)!r} has sha256 {digest}, the manifest says "
+                                 f"{info.tokens_sha256}: the file is corrupt; copy it again or re-run prepare")
+
+
+def file_sha256(path: str | os.PathLike, block: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_document_starts(data_dir: str | os.PathLike, info: ShardInfo) -> np.ndarray:
+    """Offsets (tokens, within the shard) where documents start: the shard's ``.idx`` file."""
+    return np.fromfile(Path(data_dir) / info.index_file, dtype="<u8")
