@@ -367,3 +367,37 @@ def test_cli_train_tokenizer_end_to_end(tmp_path, capsys):
 
     tok = AutoTokenizer.from_pretrained(str(out))
     assert tok.is_fast and tok("猫")["input_ids"][0] == 2
+
+
+def test_fuzz_the_project_tokenizer_through_prepare_and_the_collator(trained, tmp_path):
+    """Thousands of random Unicode strings (control characters, emoji, width variants, invalid UTF-8) through the
+    trained tokenizer, `prepare` and the MLM collator: no exception, no [UNK], offsets inside the text."""
+    import random
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    from bigbird_ja.data import MLMCollator, PackedDataset, prepare
+    from test_data import _random_string
+
+    tok = trained["tok"]
+    rng = random.Random(7)
+    texts = [_random_string(rng) for _ in range(3000)]
+    texts += ["\x00\x01\u200b", "ｶﾞｷﾞｸﾞ１２３ＡＢＣ", "🇯🇵👨‍👩‍👧 絵文字", "\ud83d".encode("utf-8", "surrogatepass").decode("utf-8", "replace")]
+    for text in texts:
+        encoded = tok(text, return_offsets_mapping=True, add_special_tokens=False)
+        assert tok.unk_token_id not in encoded["input_ids"], text
+        assert all(0 <= start <= end <= len(text) for start, end in encoded["offset_mapping"]), text
+        tok.decode(encoded["input_ids"])
+    raw = b"\n".join(t.encode("utf-8") + (b"\xff\xfe" if i % 11 == 0 else b"") for i, t in enumerate(texts))
+    (tmp_path / "fuzz.txt").write_bytes(raw)
+    report = prepare(trained["dir"], [tmp_path / "fuzz.txt"], tmp_path / "data", seq_len=64, num_workers=0,
+                     progress=False)
+    assert report.issue_counts.get("invalid_utf8", 0) > 0
+    collator = MLMCollator.from_tokenizer(tok)
+    batches = 0
+    for batch in DataLoader(PackedDataset(tmp_path / "data", num_epochs=1), batch_size=32, collate_fn=collator):
+        assert batch["input_ids"].shape[1] == 64 and (batch["labels"] != -100).any()
+        batches += 1
+    assert batches > 0
+    collator([torch.randint(0, len(tok), (rng.randint(1, 40),)) for _ in range(64)])

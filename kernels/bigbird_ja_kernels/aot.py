@@ -89,11 +89,15 @@ def sweep(archs=(80, 90), dtypes=(torch.bfloat16, torch.float32), head_dims=(32,
                        limit=SHARED_MEMORY_LIMIT[arch])
 
 
-if __name__ == "__main__":  # python -m bigbird_ja_kernels.aot [--all]: print one JSON line per compiled config
+if __name__ == "__main__":  # python -m bigbird_ja_kernels.aot [--arch 80] [--all]: one JSON line per config
+    import argparse
     import json
-    import sys
 
-    everything = "--all" in sys.argv
-    for row in sweep(dtypes=(torch.bfloat16, torch.float16, torch.float32) if everything else (torch.bfloat16, torch.float32),
-                     layout_blocks=(32, 64, 128) if everything else (128,), largest_only=not everything):
+    parser = argparse.ArgumentParser(description="compile the kernels for CUDA targets; print shared memory")
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
+    parser.add_argument("--all", action="store_true", help="every dtype, layout block and tile shape")
+    args = parser.parse_args()
+    dtypes = (torch.bfloat16, torch.float16, torch.float32) if args.all else (torch.bfloat16, torch.float32)
+    for row in sweep(archs=tuple(args.arch), dtypes=dtypes, layout_blocks=(32, 64, 128) if args.all else (128,),
+                     largest_only=not args.all):
         print(json.dumps(row), flush=True)

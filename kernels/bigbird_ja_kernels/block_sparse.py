@@ -74,8 +74,8 @@ SHARED_MEMORY_BUDGET = 120 * 1024
 
 
 def _prune(configs, named_args, **kwargs):
-    """Tiles must divide the layout block and fit shared memory for this head dim and dtype; 8 warps only pay
-    off on large tiles."""
+    """Tiles must divide the layout block, fit shared memory for this head dim and dtype, and keep the score tile
+    in registers; 8 warps only pay off on large tiles."""
     layout_block = kwargs.get("LAYOUT_BLOCK", named_args.get("LAYOUT_BLOCK"))
     head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
     q = named_args.get("Q")
@@ -85,7 +85,15 @@ def _prune(configs, named_args, **kwargs):
         bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
         if bm > layout_block or bn > layout_block:
             continue
-        if (bm + bn) * head_dim * element_size * config.num_stages > SHARED_MEMORY_BUDGET:
+        if element_size == 4 and config.num_stages > 1:
+            continue  # float32 is the exactness path, not the speed path: no pipelining (measured up to 3x over)
+        # float32 tiles measured up to 2x this estimate (layout conversions through shared memory)
+        footprint = (bm + bn) * head_dim * element_size * config.num_stages * (2 if element_size == 4 else 1)
+        if footprint > SHARED_MEMORY_BUDGET:
+            continue
+        # The float32 score tile and its gathered relative terms live in registers: cap the tile area (float32
+        # inputs need twice the registers per element of their tiles).
+        if bm * bn > (64 * 64 if element_size == 4 else 128 * 64):
             continue
         if config.num_warps == 8 and bm * bn < 64 * 64:
             continue
