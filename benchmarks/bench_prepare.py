@@ -222,31 +222,16 @@ def environment(args) -> dict:
     import torch
     import transformers
 
-    def git(*cmd):
-        try:
-            return subprocess.run(["git", *cmd], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30,
-                                  check=True).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return None
+    from envinfo import cpu_model as read_cpu_model, provenance
 
-    cpu_model = None
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu_model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
-    except OSError:
-        pass
-    status = git("status", "--porcelain", "--untracked-files=no")
+    cpu_model = read_cpu_model()
     return {
         "device": {"kind": "cpu", "cpu_model": cpu_model, "cpu_count": os.cpu_count(),
                    "usable_cpus": len(os.sched_getaffinity(0)), "platform": platform.platform()},
         "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
         "tokenizers": tokenizers.__version__, "numpy": numpy.__version__,
         "bigbird_ja": _version("bigbird-ja"),
-        "git_commit": git("rev-parse", "HEAD"), "git_dirty": None if status is None else bool(status),
-        # the commit alone does not pin the code measured when sources are uncommitted or untracked
-        "uncommitted_sources": (git("status", "--porcelain", "--", "bigbird_ja", "benchmarks") or "").splitlines(),
-        "command": shlex.join(["python", *sys.argv]),
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        **provenance(),
         "settings": {"mb": args.mb, "vocab": args.vocab, "seq_len": args.seq_len, "repeats": args.repeats,
                      "workers": args.workers, "seed": args.seed, "TOKENIZERS_PARALLELISM": "false"},
     }
