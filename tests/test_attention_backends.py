@@ -137,4 +137,3 @@ def test_triton_backend_refusal_names_blocked(monkeypatch):
     with pytest.raises(RuntimeError, match="blocked"):
         resolve_backend("triton", torch.device("cpu"))
     assert resolve_backend("auto", torch.device("cpu")) == "blocked"
-    assert resolve_backend("auto", torch.device("cuda"), dropout_active=True) == "blocked"

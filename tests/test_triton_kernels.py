@@ -106,17 +106,49 @@ def test_model_on_triton_runs_under_torch_compile():
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
-def test_unsupported_shapes_and_dropout_name_the_blocked_backend():
+def test_unsupported_shapes_name_the_blocked_backend():
     config = triton_config(hidden_size=24, num_attention_heads=2)  # head dim 12
     inputs = to_dtype(make_inputs(config, 1, 20, seed=1), torch.float32)
     with pytest.raises(ValueError, match="blocked"):
         run("triton", config, 0, inputs)
-    config = triton_config()
-    q, k, v, pk, pq, pad = to_dtype(make_inputs(config, 1, 20, seed=1), torch.float32)
-    with pytest.raises(NotImplementedError, match="blocked"):
-        disentangled_attention(q, k, v, layout_for(config, 0, 20), pad, 1.0, pk, pq,
-                               RelativePositionSpec.from_config(config), dropout_p=0.1, training=True,
-                               backend="triton")
+
+
+def test_triton_dropout_matches_the_reference_given_the_kernels_mask():
+    from bigbird_ja.attention import reference_attention
+    from bigbird_ja_kernels import dropout_keep_mask
+
+    config, B, N, p = triton_config(), 2, 45, 0.3
+    inputs64 = make_inputs(config, B, N, seed=13)
+    layout = layout_for(config, 1, N)
+    spec = RelativePositionSpec.from_config(config)
+    q, k, v, pk, pq, padding = to_dtype(inputs64, torch.float32)
+    torch.manual_seed(21)
+    out = disentangled_attention(q, k, v, layout, padding, 0.4, pk, pq, spec, dropout_p=p, training=True,
+                                 backend="triton")
+    torch.manual_seed(21)  # the wrapper draws its seed from torch's CPU generator: replay the draw
+    seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+    Np = layout.num_blocks * layout.block_size
+    keep = dropout_keep_mask(B * config.num_attention_heads, Np, p, seed, DEVICE).view(B, -1, Np, Np)[..., :N, :N]
+    kept = keep[:, :, 0].float().mean().item()
+    assert 0.5 < kept < 0.9, kept  # about 1 - p of the probabilities survive
+    q64, k64, v64, pk64, pq64, pad64 = inputs64
+    ref = reference_attention(q64, k64, v64, layout.token_mask(N), pad64, 0.4, pk64, pq64, spec, dropout_p=p,
+                              training=True, dropout_mask=keep.cpu())
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = torch.autograd.grad((out * weights.to(out.dtype).to(DEVICE)).sum(), [q, k, v, pk, pq])
+    ref_grads = torch.autograd.grad((ref * weights).sum(), [q64, k64, v64, pk64, pq64])
+    print("dropout: max |triton - ref64|", (out.double().cpu() - ref).abs().max().item())
+    torch.testing.assert_close(out.double().cpu(), ref, atol=2e-5, rtol=0)
+    for name, g, r in zip("q k v pos_key pos_query".split(), grads, ref_grads):
+        torch.testing.assert_close(g.double().cpu(), r, atol=5e-5, rtol=0, msg=lambda m: f"{name}: {m}")
+    # the same torch seed gives the same mask; another seed another
+    torch.manual_seed(21)
+    again = disentangled_attention(q, k, v, layout, padding, 0.4, pk, pq, spec, dropout_p=p, training=True,
+                                   backend="triton")
+    torch.manual_seed(22)
+    other = disentangled_attention(q, k, v, layout, padding, 0.4, pk, pq, spec, dropout_p=p, training=True,
+                                   backend="triton")
+    assert torch.equal(again, out) and not torch.equal(other, out)
 
 
 @pytest.mark.slow
@@ -154,3 +186,18 @@ def test_triton_at_4096_tokens_within_the_error_budget(dtype):
         budget = 2 * (s.double() - t).abs().max().item() + 1e-3
         print(f"{dtype} {name}: {error:.2e} <= {budget:.2e}")
         assert error <= budget, name
+
+
+def test_triton_dropout_is_replayed_by_activation_checkpointing():
+    config = triton_config(attention_backend="triton", attention_probs_dropout_prob=0.2)
+    ids, mask = random_batch(2, 40, 101, seed=14)
+    grads = []
+    for checkpointing in (False, True):
+        model = randomize_(bigbird_ja.BigBirdJaForMaskedLM(config), seed=15).to(DEVICE).train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        torch.manual_seed(16)
+        model(ids.to(DEVICE), attention_mask=mask.to(DEVICE), labels=ids.to(DEVICE)).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=lambda m: f"{name}: {m}")

@@ -25,16 +25,15 @@ __all__ = [
 ]
 
 
-def resolve_backend(requested: str, device: torch.device, dropout_active: bool = False) -> str:
+def resolve_backend(requested: str, device: torch.device) -> str:
     """Turn "auto" into a concrete backend for `device`; refuse one that cannot run there.
 
-    "auto" is `triton` on CUDA when the kernels are installed and no attention dropout is active (the kernels do
-    not implement dropout yet), and `blocked` otherwise.
+    "auto" is `triton` on CUDA when the kernels are installed, and `blocked` otherwise.
     """
     from .triton_backend import interpreting, kernels_importable
 
     if requested == "auto":
-        if device.type == "cuda" and not dropout_active and kernels_importable():
+        if device.type == "cuda" and kernels_importable():
             return "triton"
         return "blocked"
     if requested == "triton":
@@ -98,7 +97,7 @@ def disentangled_attention(
                                  f"{tuple(pos.shape)} in {pos.dtype}.")
     kwargs = dict(scale=scale, pos_key=pos_key, pos_query=pos_query, rel_spec=rel_spec, dropout_p=dropout_p,
                   training=training)
-    chosen = resolve_backend(backend, q.device, dropout_active=dropout_p > 0 and training)
+    chosen = resolve_backend(backend, q.device)
     if chosen == "reference":
         return reference_attention(q, k, v, layout.token_mask(N).to(q.device), key_padding_mask, **kwargs)
     if chosen == "triton":

@@ -45,7 +45,8 @@ def reference_attention(
     rel_spec: RelativePositionSpec | None = None,
     dropout_p: float = 0.0,
     training: bool = False,
-) -> torch.Tensor:
+    dropout_mask: torch.Tensor | None = None,  # [B, H, N, N] bool: given, the kept probabilities (to check a
+) -> torch.Tensor:                              # backend's own dropout); otherwise torch's dropout draws them
     B, H, N, D = q.shape
     scores = q @ k.transpose(-1, -2)  # [B, H, N, N]
     if pos_key is not None or pos_query is not None:
@@ -62,5 +63,8 @@ def reference_attention(
     if key_padding_mask is not None:
         mask = mask & key_padding_mask[:, None, None, :].bool()
     probs = masked_softmax(scores * scale, mask)
-    probs = torch.nn.functional.dropout(probs, dropout_p, training).to(v.dtype)
-    return probs @ v
+    if dropout_mask is not None:
+        probs = probs * dropout_mask / (1 - dropout_p)
+    else:
+        probs = torch.nn.functional.dropout(probs, dropout_p, training)
+    return probs.to(v.dtype) @ v

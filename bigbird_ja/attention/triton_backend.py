@@ -53,15 +53,16 @@ def layout_csr(layout: BlockLayout, device: torch.device) -> tuple[torch.Tensor,
 @torch.library.custom_op("bigbird_ja::block_sparse_fwd", mutates_args=())
 def _block_sparse_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qp: torch.Tensor | None,
                       kp: torch.Tensor | None, rel_table: torch.Tensor, key_valid: torch.Tensor,
-                      row_ptr: torch.Tensor, col_idx: torch.Tensor, layout_block: int
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+                      row_ptr: torch.Tensor, col_idx: torch.Tensor, layout_block: int, dropout_p: float,
+                      seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     from bigbird_ja_kernels import block_sparse_forward
 
-    return block_sparse_forward(q, k, v, qp, kp, rel_table, key_valid, row_ptr, col_idx, layout_block)
+    return block_sparse_forward(q, k, v, qp, kp, rel_table, key_valid, row_ptr, col_idx, layout_block, dropout_p,
+                                seed)
 
 
 @_block_sparse_fwd.register_fake
-def _(q, k, v, qp, kp, rel_table, key_valid, row_ptr, col_idx, layout_block):
+def _(q, k, v, qp, kp, rel_table, key_valid, row_ptr, col_idx, layout_block, dropout_p, seed):
     return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
@@ -69,19 +70,20 @@ def _(q, k, v, qp, kp, rel_table, key_valid, row_ptr, col_idx, layout_block):
 def _block_sparse_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qp: torch.Tensor | None,
                       kp: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, rel_table: torch.Tensor,
                       key_valid: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
-                      t_row_ptr: torch.Tensor, t_col_idx: torch.Tensor, layout_block: int
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                      t_row_ptr: torch.Tensor, t_col_idx: torch.Tensor, layout_block: int, dropout_p: float,
+                      seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from bigbird_ja_kernels import block_sparse_backward
 
     dq, dk, dv, dqp, dkp = block_sparse_backward(do, q, k, v, qp, kp, out, lse, rel_table, key_valid, row_ptr,
-                                                 col_idx, t_row_ptr, t_col_idx, layout_block)
+                                                 col_idx, t_row_ptr, t_col_idx, layout_block, dropout_p, seed)
     # Custom ops return tensors, not None (and no two outputs may be one tensor): absent gradients are empty.
     return (dq, dk, dv, dqp.to(qp.dtype) if dqp is not None else q.new_empty(0),
             dkp.to(kp.dtype) if kp is not None else q.new_empty(0))
 
 
 @_block_sparse_bwd.register_fake
-def _(do, q, k, v, qp, kp, out, lse, rel_table, key_valid, row_ptr, col_idx, t_row_ptr, t_col_idx, layout_block):
+def _(do, q, k, v, qp, kp, out, lse, rel_table, key_valid, row_ptr, col_idx, t_row_ptr, t_col_idx, layout_block,
+      dropout_p, seed):
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             torch.empty_like(qp) if qp is not None else q.new_empty(0),
             torch.empty_like(kp) if kp is not None else q.new_empty(0))
@@ -91,12 +93,13 @@ class BlockSparseAttentionFunction(torch.autograd.Function):
     """out = block-sparse softmax(q k^T + gathered qp + gathered kp) v on padded, contiguous inputs."""
 
     @staticmethod
-    def forward(ctx, q, k, v, qp, kp, rel_table, key_valid, row_ptr, col_idx, t_row_ptr, t_col_idx, layout_block):
+    def forward(ctx, q, k, v, qp, kp, rel_table, key_valid, row_ptr, col_idx, t_row_ptr, t_col_idx, layout_block,
+                dropout_p, seed):
         out, lse = torch.ops.bigbird_ja.block_sparse_fwd(q, k, v, qp, kp, rel_table, key_valid, row_ptr, col_idx,
-                                                         layout_block)
+                                                         layout_block, dropout_p, seed)
         ctx.save_for_backward(q, k, v, qp, kp, out, lse, rel_table, key_valid, row_ptr, col_idx, t_row_ptr,
                               t_col_idx)
-        ctx.layout_block = layout_block
+        ctx.layout_block, ctx.dropout_p, ctx.seed = layout_block, dropout_p, seed
         return out
 
     @staticmethod
@@ -104,9 +107,9 @@ class BlockSparseAttentionFunction(torch.autograd.Function):
         q, k, v, qp, kp, out, lse, rel_table, key_valid, row_ptr, col_idx, t_row_ptr, t_col_idx = ctx.saved_tensors
         dq, dk, dv, dqp, dkp = torch.ops.bigbird_ja.block_sparse_bwd(
             dout.contiguous(), q, k, v, qp, kp, out, lse, rel_table, key_valid, row_ptr, col_idx, t_row_ptr,
-            t_col_idx, ctx.layout_block)
+            t_col_idx, ctx.layout_block, ctx.dropout_p, ctx.seed)
         return (dq, dk, dv, dqp if qp is not None else None, dkp if kp is not None else None,
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None)
 
 
 def triton_attention(
@@ -122,11 +125,11 @@ def triton_attention(
     dropout_p: float = 0.0,
     training: bool = False,
 ) -> torch.Tensor:
-    """The reference's function on the Triton kernels (same arguments as `blocked_attention`)."""
-    if dropout_p > 0 and training:
-        raise NotImplementedError(
-            f"attention dropout ({dropout_p}) is not implemented in the Triton kernels yet; set "
-            "attention_probs_dropout_prob=0 or use attention_backend='blocked'.")
+    """The reference's function on the Triton kernels (same arguments as `blocked_attention`).
+
+    Attention dropout runs inside the kernels: its mask is a function of a seed drawn from torch's CPU generator
+    (so `torch.manual_seed` reproduces it, and activation checkpointing replays it) and of (batch*head, query, key).
+    """
     from bigbird_ja_kernels import check_supported
 
     B, H, N, D = q.shape
@@ -148,6 +151,8 @@ def triton_attention(
     else:
         rel_table = torch.zeros(1, dtype=torch.int32, device=dev)
     row_ptr, col_idx, t_row_ptr, t_col_idx = layout_csr(layout, dev)
+    dropout = float(dropout_p) if training and dropout_p > 0 else 0.0
+    seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if dropout > 0 else 0
     out = BlockSparseAttentionFunction.apply(q_scaled, k, v, qp, kp, rel_table, key_valid, row_ptr, col_idx,
-                                             t_row_ptr, t_col_idx, bs)
+                                             t_row_ptr, t_col_idx, bs, dropout, seed)
     return out[:, :, :N]

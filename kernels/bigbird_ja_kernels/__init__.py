@@ -11,8 +11,9 @@ from .block_sparse import (
     block_sparse_backward,
     block_sparse_forward,
     check_supported,
+    dropout_keep_mask,
     interpreting,
 )
 
 __all__ = ["KERNELS", "SUPPORTED_HEAD_DIMS", "SUPPORTED_LAYOUT_BLOCKS", "block_sparse_backward",
-           "block_sparse_forward", "check_supported", "interpreting"]
+           "block_sparse_forward", "check_supported", "dropout_keep_mask", "interpreting"]

@@ -24,12 +24,13 @@ _POINTER_ARGS = {
     "backward_dkdv": dict(Q="x", K="x", V="x", QP="x", KP="x", REL_TABLE="i32", KEY_VALID="i8", T_ROW_PTR="i32",
                           T_COL_IDX="i32", DO="x", LSE="fp32", DELTA="fp32", DK="x", DV="x", DKP="fp32"),
 }
-_INT_ARGS = ("H", "N_PAD", "NUM_BLOCKS", "TWO_S", "TABLE_OFFSET")
+_SCALAR_ARGS = {"H": "i32", "N_PAD": "i32", "NUM_BLOCKS": "i32", "TWO_S": "i32", "TABLE_OFFSET": "i32",
+                "seed": "i32", "dropout_p": "fp32"}
 
 
 def compile_kernel(kernel_name: str, arch: int, dtype: torch.dtype, head_dim: int, layout_block: int,
                    block_m: int, block_n: int, num_warps: int = 4, num_stages: int = 2,
-                   has_c2p: bool = True, has_p2c: bool = True):
+                   has_c2p: bool = True, has_p2c: bool = True, has_dropout: bool = False):
     """Compile one configuration for sm_`arch`; returns the compiled kernel (`.asm`, `.metadata.shared`)."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -42,9 +43,10 @@ def compile_kernel(kernel_name: str, arch: int, dtype: torch.dtype, head_dim: in
                            "kernels with Python functions).")
     x = DTYPE_NAMES[dtype]
     signature = {name: "*" + (x if kind == "x" else kind) for name, kind in _POINTER_ARGS[kernel_name].items()}
-    signature.update({name: "i32" for name in _INT_ARGS})
+    signature.update(_SCALAR_ARGS)
     constexprs = dict(HEAD_DIM=head_dim, LAYOUT_BLOCK=layout_block, HAS_C2P=has_c2p, HAS_P2C=has_p2c,
-                      INPUT_PRECISION=input_precision(dtype), BLOCK_M=block_m, BLOCK_N=block_n)
+                      HAS_DROPOUT=has_dropout, INPUT_PRECISION=input_precision(dtype), BLOCK_M=block_m,
+                      BLOCK_N=block_n)
     signature.update({name: "constexpr" for name in constexprs})
     source = ASTSource(KERNELS[kernel_name], signature, constexprs)
     options = {"num_warps": num_warps, "num_stages": num_stages}
@@ -73,8 +75,9 @@ def sweep(archs=(80, 90), dtypes=(torch.bfloat16, torch.float32), head_dims=(32,
           kernels=("forward", "backward_dq", "backward_dkdv"), largest_only=True):
     """Compile configurations; yield dicts with the shared memory each uses and the target's limit.
 
-    largest_only keeps, per (kernel, dtype, head dim, layout block), the smallest tile and the configuration with
-    the largest shared-memory estimate; otherwise every worst case per tile shape.
+    largest_only keeps, per (kernel, dtype, head dim, layout block), the smallest tile (compiled without dropout)
+    and the configuration with the largest shared-memory estimate (compiled with dropout, the heavier variant);
+    otherwise every worst case per tile shape, with dropout.
     """
     for arch, kernel, dtype, head_dim, layout_block in itertools.product(archs, kernels, dtypes, head_dims,
                                                                           layout_blocks):
@@ -82,10 +85,11 @@ def sweep(archs=(80, 90), dtypes=(torch.bfloat16, torch.float32), head_dims=(32,
         if largest_only:
             size = torch.empty(0, dtype=dtype).element_size()
             configs = sorted({configs[0], max(configs, key=lambda c: ((c[0] + c[1]) * head_dim * size * c[3], c))})
-        for config in configs:
-            compiled = compile_kernel(kernel, arch, dtype, head_dim, layout_block, *config)
+        for i, config in enumerate(configs):
+            dropout = not (largest_only and i == 0 and len(configs) > 1)
+            compiled = compile_kernel(kernel, arch, dtype, head_dim, layout_block, *config, has_dropout=dropout)
             yield dict(arch=arch, kernel=kernel, dtype=DTYPE_NAMES[dtype], head_dim=head_dim,
-                       layout_block=layout_block, config=config, shared=compiled.metadata.shared,
+                       layout_block=layout_block, config=config, dropout=dropout, shared=compiled.metadata.shared,
                        limit=SHARED_MEMORY_LIMIT[arch])
 
 

@@ -58,6 +58,26 @@ def _scores(q, k, offs_m, offs_n, bh, b, QP, KP, REL_TABLE, KEY_VALID, N_PAD, TW
     return s, rel
 
 
+@triton.jit
+def _dropout_keep(seed, bh, offs_m, offs_n, N_PAD, dropout_p):
+    """[BLOCK_M, BLOCK_N] bool: which probabilities survive dropout. A pure function of (seed, batch*head, query,
+    key), so the backward regenerates exactly the forward's mask (Philox, 64-bit counters)."""
+    offsets = (bh * N_PAD + offs_m[:, None].to(tl.int64)) * N_PAD + offs_n[None, :]
+    return tl.rand(seed, offsets) >= dropout_p
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _dropout_mask_kernel(KEEP, seed, dropout_p, N_PAD, BLOCK: tl.constexpr):
+    """Writes the keep mask of one (batch*head, query tile) as int8, for tests of the dropout path."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
+    for n0 in range(0, N_PAD, BLOCK):
+        offs_n = n0 + tl.arange(0, BLOCK)
+        keep = _dropout_keep(seed, bh, offs_m, offs_n, N_PAD, dropout_p)
+        tl.store(KEEP + (bh * N_PAD + offs_m[:, None]) * N_PAD + offs_n[None, :], keep.to(tl.int8))
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Autotuning: warps and stages (and tile sizes up to the layout block), keyed on what changes the best choice.
 # --------------------------------------------------------------------------------------------------------------
@@ -102,17 +122,18 @@ def _prune(configs, named_args, **kwargs):
                                   num_warps=4, num_stages=1)]
 
 
-AUTOTUNE_KEY = ["HEAD_DIM", "LAYOUT_BLOCK", "HAS_C2P", "HAS_P2C"]
+AUTOTUNE_KEY = ["HEAD_DIM", "LAYOUT_BLOCK", "HAS_C2P", "HAS_P2C", "HAS_DROPOUT"]
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Forward
 # --------------------------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _fwd_kernel(Q, K, V, QP, KP, REL_TABLE, KEY_VALID, ROW_PTR, COL_IDX, OUT, LSE,
-                H, N_PAD, NUM_BLOCKS, TWO_S, TABLE_OFFSET,
+                H, N_PAD, NUM_BLOCKS, TWO_S, TABLE_OFFSET, seed, dropout_p,
                 HEAD_DIM: tl.constexpr, LAYOUT_BLOCK: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr,
-                INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
     tl.static_assert(LAYOUT_BLOCK % BLOCK_M == 0, "query tiles must not straddle layout blocks")
     tl.static_assert(LAYOUT_BLOCK % BLOCK_N == 0, "key tiles must not straddle layout blocks")
     pid_m = tl.program_id(0)
@@ -143,7 +164,10 @@ def _fwd_kernel(Q, K, V, QP, KP, REL_TABLE, KEY_VALID, ROW_PTR, COL_IDX, OUT, LS
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp(s - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
+            l_i = l_i * alpha + tl.sum(p, 1)  # the denominator counts every probability, dropped or not
+            if HAS_DROPOUT:
+                keep = _dropout_keep(seed, bh, offs_m, offs_n, N_PAD, dropout_p)
+                p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
             m_i = m_new
     has_any = l_i > 0
@@ -156,12 +180,12 @@ def _fwd_kernel(Q, K, V, QP, KP, REL_TABLE, KEY_VALID, ROW_PTR, COL_IDX, OUT, LS
 # --------------------------------------------------------------------------------------------------------------
 # Backward: dq (+ d qp) over the key lists, dk dv (+ d kp) over the transposed lists
 # --------------------------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _bwd_dq_kernel(Q, K, V, QP, KP, REL_TABLE, KEY_VALID, ROW_PTR, COL_IDX, DO, LSE, DELTA, DQ, DQP,
-                   H, N_PAD, NUM_BLOCKS, TWO_S, TABLE_OFFSET,
+                   H, N_PAD, NUM_BLOCKS, TWO_S, TABLE_OFFSET, seed, dropout_p,
                    HEAD_DIM: tl.constexpr, LAYOUT_BLOCK: tl.constexpr, HAS_C2P: tl.constexpr,
-                   HAS_P2C: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
+                   HAS_P2C: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -188,6 +212,9 @@ def _bwd_dq_kernel(Q, K, V, QP, KP, REL_TABLE, KEY_VALID, ROW_PTR, COL_IDX, DO, 
                              HAS_C2P, HAS_P2C, INPUT_PRECISION)
             p = tl.exp(s - lse[:, None])
             dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION).to(tl.float32)
+            if HAS_DROPOUT:
+                keep = _dropout_keep(seed, bh, offs_m, offs_n, N_PAD, dropout_p)
+                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
             if HAS_C2P:
@@ -196,12 +223,12 @@ def _bwd_dq_kernel(Q, K, V, QP, KP, REL_TABLE, KEY_VALID, ROW_PTR, COL_IDX, DO, 
     tl.store(DQ + base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq.to(DQ.dtype.element_ty))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _bwd_dkdv_kernel(Q, K, V, QP, KP, REL_TABLE, KEY_VALID, T_ROW_PTR, T_COL_IDX, DO, LSE, DELTA, DK, DV, DKP,
-                     H, N_PAD, NUM_BLOCKS, TWO_S, TABLE_OFFSET,
+                     H, N_PAD, NUM_BLOCKS, TWO_S, TABLE_OFFSET, seed, dropout_p,
                      HEAD_DIM: tl.constexpr, LAYOUT_BLOCK: tl.constexpr, HAS_C2P: tl.constexpr,
-                     HAS_P2C: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
+                     HAS_P2C: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -228,8 +255,14 @@ def _bwd_dkdv_kernel(Q, K, V, QP, KP, REL_TABLE, KEY_VALID, T_ROW_PTR, T_COL_IDX
             s, rel = _scores(q, k, offs_m, offs_n, bh, b, QP, KP, REL_TABLE, KEY_VALID, N_PAD, TWO_S, TABLE_OFFSET,
                              HAS_C2P, HAS_P2C, INPUT_PRECISION)
             p = tl.exp(s - lse[:, None])  # [BLOCK_M, BLOCK_N]
-            dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=INPUT_PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION).to(tl.float32)
+            if HAS_DROPOUT:
+                keep = _dropout_keep(seed, bh, offs_m, offs_n, N_PAD, dropout_p)
+                dv += tl.dot(tl.trans(tl.where(keep, p / (1.0 - dropout_p), 0.0)).to(do.dtype), do,
+                             input_precision=INPUT_PRECISION)
+                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+            else:
+                dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=INPUT_PRECISION)
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=INPUT_PRECISION)
             if HAS_P2C:
@@ -274,7 +307,8 @@ def check_supported(head_dim: int, layout_block: int) -> None:
                          f"{SUPPORTED_LAYOUT_BLOCKS}); use attention_backend='blocked'.")
 
 
-def block_sparse_forward(q, k, v, qp, kp, rel_table, key_valid, row_ptr, col_idx, layout_block: int):
+def block_sparse_forward(q, k, v, qp, kp, rel_table, key_valid, row_ptr, col_idx, layout_block: int,
+                         dropout_p: float = 0.0, seed: int = 0):
     """out [B, H, Np, D] (q's dtype) and lse [B, H, Np] float32."""
     B, H, Np, D = q.shape
     check_supported(D, layout_block)
@@ -283,9 +317,9 @@ def block_sparse_forward(q, k, v, qp, kp, rel_table, key_valid, row_ptr, col_idx
     lse = torch.empty(B, H, Np, dtype=torch.float32, device=q.device)
     two_s = (qp if qp is not None else kp).shape[-1] if (qp is not None or kp is not None) else 1
     args = (q, k, v, _dummy(qp, q), _dummy(kp, q), rel_table, key_valid, row_ptr, col_idx, out, lse,
-            H, Np, nb, two_s, (rel_table.numel() + 1) // 2 - 1)
+            H, Np, nb, two_s, (rel_table.numel() + 1) // 2 - 1, seed, dropout_p)
     consts = dict(HEAD_DIM=D, LAYOUT_BLOCK=layout_block, HAS_C2P=qp is not None, HAS_P2C=kp is not None,
-                  INPUT_PRECISION=input_precision(q.dtype))
+                  HAS_DROPOUT=dropout_p > 0, INPUT_PRECISION=input_precision(q.dtype))
     if interpreting():
         tiles = _interpreter_tiles(layout_block)
         _fwd_kernel[(Np // tiles["BLOCK_M"], B * H)](*args, **consts, **tiles)
@@ -295,7 +329,7 @@ def block_sparse_forward(q, k, v, qp, kp, rel_table, key_valid, row_ptr, col_idx
 
 
 def block_sparse_backward(do, q, k, v, qp, kp, out, lse, rel_table, key_valid, row_ptr, col_idx, t_row_ptr,
-                          t_col_idx, layout_block: int):
+                          t_col_idx, layout_block: int, dropout_p: float = 0.0, seed: int = 0):
     """dq, dk, dv (inputs' dtype) and d qp, d kp (float32, or None)."""
     B, H, Np, D = q.shape
     nb = Np // layout_block
@@ -307,9 +341,9 @@ def block_sparse_backward(do, q, k, v, qp, kp, out, lse, rel_table, key_valid, r
     two_s = (qp if qp is not None else kp).shape[-1] if (qp is not None or kp is not None) else 1
     table_offset = (rel_table.numel() + 1) // 2 - 1
     common = (q, k, v, _dummy(qp, q), _dummy(kp, q), rel_table, key_valid)
-    sizes = (H, Np, nb, two_s, table_offset)
+    sizes = (H, Np, nb, two_s, table_offset, seed, dropout_p)
     consts = dict(HEAD_DIM=D, LAYOUT_BLOCK=layout_block, HAS_C2P=qp is not None, HAS_P2C=kp is not None,
-                  INPUT_PRECISION=input_precision(q.dtype))
+                  HAS_DROPOUT=dropout_p > 0, INPUT_PRECISION=input_precision(q.dtype))
     f32 = torch.empty(1, dtype=torch.float32, device=q.device)
     dq_args = common + (row_ptr, col_idx, do, lse, delta, dq, dqp if dqp is not None else f32) + sizes
     dkdv_args = common + (t_row_ptr, t_col_idx, do, lse, delta, dk, dv, dkp if dkp is not None else f32) + sizes
@@ -321,6 +355,14 @@ def block_sparse_backward(do, q, k, v, qp, kp, out, lse, rel_table, key_valid, r
         _dq_tuned[lambda meta: (Np // meta["BLOCK_M"], B * H)](*dq_args, **consts)
         _dkdv_tuned[lambda meta: (Np // meta["BLOCK_N"], B * H)](*dkdv_args, **consts)
     return dq, dk, dv, dqp, dkp
+
+
+def dropout_keep_mask(batch_heads: int, n_pad: int, dropout_p: float, seed: int, device) -> torch.Tensor:
+    """[batch*heads, Np, Np] bool: the keep mask the kernels use for (seed, dropout_p). For tests (dense!)."""
+    block = 16
+    keep = torch.empty(batch_heads, n_pad, n_pad, dtype=torch.int8, device=device)
+    _dropout_mask_kernel[(n_pad // block, batch_heads)](keep, seed, dropout_p, n_pad, BLOCK=block)
+    return keep.bool()
 
 
 KERNELS = {"forward": _fwd_kernel, "backward_dq": _bwd_dq_kernel, "backward_dkdv": _bwd_dkdv_kernel}
