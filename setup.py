@@ -30,9 +30,12 @@ setup(
         "data": ["datasets>=2.14", "pyarrow>=12"],
         # training a tokenizer (bigbird-ja train-tokenizer); a trained tokenizer loads with transformers alone
         "tokenizer": ["sentencepiece>=0.2", "fugashi>=1.3", "unidic-lite>=1.0.8"],
+        # bigbird-ja pretrain / export (DeepSpeed; tested with 0.19.8, no op needs building) and the tokenizer the
+        # tiny preset trains; TensorBoard logging is used when `tensorboard` is installed
+        "train": ["deepspeed>=0.14", "sentencepiece>=0.2", "fugashi>=1.3", "unidic-lite>=1.0.8"],
         # triton in the tests: the kernels run under TRITON_INTERPRET=1 on CPU and compile ahead of time for sm_80/90
         "test": ["pytest>=8", "matplotlib>=3.7", "sentencepiece>=0.2", "triton>=3.2", "fugashi>=1.3",
-                 "unidic-lite>=1.0.8", "datasets>=2.14", "pyarrow>=12"],
+                 "unidic-lite>=1.0.8", "datasets>=2.14", "pyarrow>=12", "deepspeed>=0.14"],
     },
     entry_points={"console_scripts": ["bigbird-ja=bigbird_ja.cli:main"]},
 )

@@ -5,6 +5,8 @@ Subcommands:
   layout    draw the block-sparse attention pattern of a config as a PNG
   train-tokenizer  train the Japanese SentencePiece unigram tokenizer (MeCab word boundaries, byte fallback)
   prepare   tokenise and pack text / JSON lines / Parquet / saved datasets into resumable pretraining shards
+  pretrain  MLM pretraining on DeepSpeed from a run preset (configs/pretrain/*.yaml), --section.key=value overrides
+  export    write a pretraining checkpoint as a save_pretrained folder (safetensors + tokenizer)
 """
 
 from __future__ import annotations
@@ -89,6 +91,20 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def cmd_pretrain(args) -> int:
+    from .training import load_pretrain_config, pretrain
+
+    pretrain(load_pretrain_config(args.config, args.overrides), resume=args.resume, dry_run=args.dry_run)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .training import export_checkpoint
+
+    print(export_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite).summary())
+    return 0
+
+
 def _sparsity_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention-type", choices=["block_sparse", "full"])
     parser.add_argument("--block-size", type=int)
@@ -100,6 +116,8 @@ def _sparsity_arguments(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bigbird-ja", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    # the deepspeed launcher puts --local_rank=N before the subcommand; LOCAL_RANK in the environment is what is used
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="warm-start from a local DeBERTa-v2/v3 or BigBird checkpoint")
@@ -160,11 +178,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an earlier prepare output in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("pretrain", help="MLM pretraining on DeepSpeed (one process, deepspeed, torchrun, mpirun, srun)",
+                       description="Pretrain from a run preset; further arguments --section.key=value override it "
+                       "(e.g. --train.max_steps=100 --zero.stage=2).")
+    p.add_argument("--config", required=True, help="run preset (configs/pretrain/*.yaml) or a saved config.yaml")
+    p.add_argument("--resume", default="none", help="none (default; refuses a folder that holds checkpoints), auto "
+                   "(the newest complete checkpoint, else a fresh start) or a checkpoint folder")
+    p.add_argument("--dry-run", action="store_true", help="run the preflight checks, print the resolved config and "
+                   "DeepSpeed JSON, train nothing")
+    p.set_defaults(func=cmd_pretrain, takes_overrides=True)
+
+    p = sub.add_parser("export", help="a pretraining checkpoint as a save_pretrained folder")
+    p.add_argument("checkpoint", help="a step-NNNNNNNN folder, a checkpoint folder or a run folder (newest complete)")
+    p.add_argument("out", help="output folder (AutoModelForMaskedLM.from_pretrained loads it)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "takes_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra  # --section.key=value for subcommands that take run-config overrides
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, ImportError, RuntimeError) as err:

@@ -163,6 +163,8 @@ class PackedDataset(IterableDataset):
     drop_last: with ``num_epochs``, end every rank after the same number of samples (the final < world_size samples
         of the last epoch are then not read).
     max_open_shards: how many shards stay mapped at once (one descriptor each).
+    shards: indices (in manifest order) of the shards to read, None for all; e.g. all but the last to hold that one
+        out for evaluation. Samples are numbered over the selected shards only; the selection is part of the state.
     tokenizer: if given, `check_tokenizer` first (a mismatch is a `TokenizerMismatchError`).
     verify_checksums: hash every shard against the manifest on construction (reads everything once; sizes are always
         checked).
@@ -170,7 +172,7 @@ class PackedDataset(IterableDataset):
 
     def __init__(self, data_dir, *, seed: int | None = None, rank: int | None = None, world_size: int | None = None,
                  shuffle: bool = True, num_epochs: int | None = None, drop_last: bool = False,
-                 max_open_shards: int = 8, tokenizer=None, verify_checksums: bool = False):
+                 max_open_shards: int = 8, tokenizer=None, verify_checksums: bool = False, shards=None):
         super().__init__()
         self.data_dir = Path(data_dir)
         self.manifest = read_manifest(self.data_dir)
@@ -198,6 +200,14 @@ class PackedDataset(IterableDataset):
         self.dtype = dtype_from_name(self.manifest["dtype"])
         self.special_token_ids = dict(self.manifest["special_token_ids"])
         infos = shard_infos(self.manifest)
+        if shards is not None:
+            shards = [int(i) for i in shards]
+            bad = [i for i in shards if not 0 <= i < len(infos)]
+            if bad or len(set(shards)) != len(shards) or not shards:
+                raise ValueError(f"shards={shards}: need distinct indices in [0, {len(infos)}) (the manifest lists "
+                                 f"{len(infos)} shards), at least one")
+            infos = [infos[i] for i in shards]
+        self.shards = shards
         counts = np.array([info.num_sequences for info in infos], dtype=np.int64)
         self._shard_end = np.cumsum(counts)  # exclusive end sample index of each shard
         self._shard_start = self._shard_end - counts
@@ -279,7 +289,7 @@ class PackedDataset(IterableDataset):
         return {
             "version": STATE_VERSION, "seed": self.seed, "epoch": epoch, "consumed_in_epoch": consumed,
             "global_position": self._position, "num_samples": self.num_samples, "shuffle": self.shuffle,
-            "data_manifest_sha256": self.manifest["_sha256"],
+            "data_manifest_sha256": self.manifest["_sha256"], "shards": self.shards,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -287,6 +297,9 @@ class PackedDataset(IterableDataset):
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"state version {state.get('version')!r}: this PackedDataset reads version "
                              f"{STATE_VERSION}")
+        if state.get("shards") != self.shards:
+            raise ValueError(f"the state was saved reading shards {state.get('shards')} (None: all), this dataset "
+                             f"reads {self.shards}: construct it with shards={state.get('shards')}")
         if state["num_samples"] != self.num_samples or state["data_manifest_sha256"] != self.manifest["_sha256"]:
             raise ValueError(
                 f"the state was saved on other data ({state['num_samples']} samples, manifest "

@@ -1,0 +1,41 @@
+"""Pretraining of BigBird-ja on DeepSpeed (`bigbird-ja pretrain`, `bigbird-ja export`).
+
+Modules, one concept each:
+
+* `config`       typed run-config sections, the strict YAML loader, `--section.key=value` overrides, the batch
+                 identity and the generated DeepSpeed JSON
+* `preflight`    fail-fast checks every rank runs before training (open files, shards, tokenizer, disk, offload)
+* `distributed`  one entry point for one process, deepspeed / torchrun / mpirun / srun; small collectives
+* `checkpoint`   atomic checkpoints (temporary folder, rename, `latest` last, keep last k), `--resume auto`
+* `flops`        model FLOPs counted for the block-sparse pattern; peak TFLOP/s of known GPUs (MFU)
+* `trainer`      `pretrain`: the loop
+* `export`       a checkpoint as a save_pretrained folder
+
+Importing this package imports neither deepspeed nor the trainer's heavy dependencies; `pretrain` and
+`export_checkpoint` import DeepSpeed when called (`pip install 'bigbird-ja[train]'`).
+"""
+
+from .config import (
+    BatchPlan, ConfigError, PretrainConfig, deepspeed_config, load_config, load_pretrain_config, parse_overrides,
+    resolve_batch,
+)
+
+
+def pretrain(*args, **kwargs):
+    """See `bigbird_ja.training.trainer.pretrain`."""
+    from .trainer import pretrain as _pretrain
+
+    return _pretrain(*args, **kwargs)
+
+
+def export_checkpoint(*args, **kwargs):
+    """See `bigbird_ja.training.export.export_checkpoint`."""
+    from .export import export_checkpoint as _export
+
+    return _export(*args, **kwargs)
+
+
+__all__ = [
+    "BatchPlan", "ConfigError", "PretrainConfig", "deepspeed_config", "export_checkpoint", "load_config",
+    "load_pretrain_config", "parse_overrides", "pretrain", "resolve_batch",
+]

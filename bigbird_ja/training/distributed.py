@@ -1,0 +1,163 @@
+"""Process-group setup for every way the trainer is started, and the few collectives the trainer needs.
+
+One entry point, whatever starts it:
+
+* one process (`bigbird-ja pretrain ...`): RANK=0, WORLD_SIZE=1 and a free local port are filled in;
+* the `deepspeed` launcher and `torchrun`: they set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT themselves;
+* `mpirun` (Open MPI's OMPI_COMM_WORLD_*, MPICH / Intel MPI's PMI_*) and `srun` with one task per device
+  (SLURM_PROCID, inside a job step): mapped onto the same variables. MASTER_ADDR / MASTER_PORT must then come from
+  the job script (the launch recipes in configs/launch/ set them).
+
+Collectives run on the default group: gloo on CPU, NCCL on CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    backend: str
+
+    @property
+    def num_nodes(self) -> int:
+        return max(1, -(-self.world_size // max(1, self.local_world_size)))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _slurm_tasks_per_node(value: str) -> int | None:
+    """SLURM_TASKS_PER_NODE looks like '8(x4)' or '8,4': the first node's count."""
+    head = value.split(",")[0].split("(")[0]
+    return int(head) if head.isdigit() else None
+
+
+def fill_env_from_launcher() -> str:
+    """Set RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE (and a local rendezvous for one process).
+
+    Returns who started us: "env" (torchrun / deepspeed launcher), "openmpi", "pmi", "slurm" or "single".
+    """
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        env.setdefault("LOCAL_RANK", "0")
+        return "env"
+    sources = [
+        ("openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
+         "OMPI_COMM_WORLD_LOCAL_SIZE"),
+        ("pmi", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+    ]
+    for name, rank, size, local_rank, local_size in sources:
+        if rank in env and size in env:
+            env["RANK"], env["WORLD_SIZE"] = env[rank], env[size]
+            env["LOCAL_RANK"] = env.get(local_rank, "0")
+            if local_size in env:
+                env["LOCAL_WORLD_SIZE"] = env[local_size]
+            _require_master(name)
+            return name
+    in_step = "SLURM_STEP_ID" in env or "SLURM_STEPID" in env
+    if in_step and "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+        per_node = _slurm_tasks_per_node(env.get("SLURM_TASKS_PER_NODE", ""))
+        if per_node:
+            env["LOCAL_WORLD_SIZE"] = str(per_node)
+        _require_master("slurm")
+        return "slurm"
+    env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.setdefault("MASTER_PORT", str(_free_port()))
+    return "single"
+
+
+def _require_master(launcher: str) -> None:
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    if missing:
+        raise RuntimeError(f"started by {launcher} without {' and '.join(missing)}: export MASTER_ADDR=<first host> "
+                           f"and MASTER_PORT=<free port> in the job script (see configs/launch/)")
+
+
+def init_process_group(cuda: bool) -> DistEnv:
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on CUDA) and describe this process."""
+    import deepspeed
+
+    launcher = fill_env_from_launcher()
+    backend = "nccl" if cuda else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
+    if local_world < 1:
+        local_world = world if launcher == "single" else max(1, _count_local(world))
+    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world,
+                   backend=backend)
+
+
+def _count_local(world: int) -> int:
+    """Processes on this host, by exchanging host names (when no launcher told us)."""
+    import torch.distributed as dist
+
+    names = [None] * world
+    dist.all_gather_object(names, socket.gethostname())
+    return names.count(socket.gethostname())
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_gather_object(obj) -> list:
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def agree(problems: list[str]) -> dict[int, list[str]]:
+    """Every rank's problems, on every rank: all ranks stop together when any has one."""
+    gathered = all_gather_object(list(problems))
+    return {rank: p for rank, p in enumerate(gathered) if p}
+
+
+def any_rank(flag: bool, device) -> bool:
+    """True on every rank if ``flag`` is True on any (one small all-reduce)."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

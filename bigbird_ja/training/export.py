@@ -1,0 +1,98 @@
+"""`bigbird-ja export CKPT OUT`: a training checkpoint as a `save_pretrained` folder (safetensors + tokenizer).
+
+The weights are the fp32 master weights: gathered from the ZeRO partitions with DeepSpeed's `zero_to_fp32` (stages
+1-3), or the module weights of a stage-0 checkpoint (cast to fp32). Every key of the model must be found (the MLM
+decoder is tied to the word embeddings and may be absent); anything left over is an error. The folder appears under
+its name only when complete (written beside it, then renamed). `AutoModelForMaskedLM.from_pretrained(OUT)` loads it
+after `import bigbird_ja`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import ENGINE_TAG, engine_load_dir, find_latest_complete, read_meta, step_of
+
+
+@dataclass
+class ExportReport:
+    checkpoint: str
+    out_dir: str
+    step: int
+    num_parameters: int
+
+    def summary(self) -> str:
+        return (f"exported {self.checkpoint} (step {self.step}, {self.num_parameters / 1e6:,.1f} M parameters) to "
+                f"{self.out_dir} (safetensors + tokenizer; AutoModelForMaskedLM loads it after `import bigbird_ja`)")
+
+
+def _find_checkpoint(path: Path) -> Path:
+    """A step folder itself, or the newest complete one under a checkpoint folder or a run folder."""
+    if step_of(path) is not None or (path / "checkpoint.json").exists():
+        return path
+    for root in (path, path / "checkpoints"):
+        found = find_latest_complete(root)
+        if found is not None:
+            return found
+    raise FileNotFoundError(f"{str(path)!r} is not a checkpoint (step-NNNNNNNN folder) and holds no complete one")
+
+
+def consolidated_state_dict(ckpt: Path, zero_stage: int) -> dict[str, torch.Tensor]:
+    """fp32 weights of the whole model from checkpoint ``ckpt`` (no process group needed)."""
+    engine_dir = engine_load_dir(ckpt)
+    if zero_stage >= 1:
+        try:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        except ImportError as err:
+            raise ImportError(f"exporting a ZeRO checkpoint needs DeepSpeed ({err}): pip install "
+                              f"'bigbird-ja[train]'") from None
+        state = get_fp32_state_dict_from_zero_checkpoint(str(engine_dir), tag=ENGINE_TAG)
+    else:
+        blob = torch.load(engine_dir / ENGINE_TAG / "mp_rank_00_model_states.pt", map_location="cpu",
+                          weights_only=False)
+        state = blob["module"]
+    return {k: v.float() for k, v in state.items()}
+
+
+def export_checkpoint(ckpt, out, *, overwrite: bool = False) -> ExportReport:
+    """Write checkpoint ``ckpt`` (a step folder, a checkpoint folder or a run folder) to ``out``."""
+    from transformers import AutoTokenizer
+
+    from ..configuration import BigBirdJaConfig
+    from ..modeling import BigBirdJaForMaskedLM
+
+    ckpt = _find_checkpoint(Path(ckpt))
+    meta = read_meta(ckpt)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"output {str(out)!r} exists and is not empty: choose another folder or pass --overwrite")
+    config = BigBirdJaConfig.from_json_file(str(ckpt / "model" / "config.json"))
+    state = consolidated_state_dict(ckpt, int(meta["trainer"]["config"]["zero"]["stage"]))
+
+    model = BigBirdJaForMaskedLM(config)
+    expected = set(model.state_dict())
+    tied = {"cls.predictions.decoder.weight"}
+    missing = sorted(expected - set(state) - tied)
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{ckpt}: the checkpoint does not match the model config: missing {missing[:10]}, "
+                         f"unexpected {unexpected[:10]}")
+    model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    tokenizer = AutoTokenizer.from_pretrained(str(ckpt / "tokenizer"))
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out)
+    return ExportReport(checkpoint=str(ckpt), out_dir=str(out), step=int(meta["step"]),
+                        num_parameters=sum(p.numel() for p in model.parameters()))

@@ -1,0 +1,162 @@
+"""Fail-fast checks every rank runs before training: what commonly kills large jobs, found in seconds, not hours.
+
+* **Open files.** The soft RLIMIT_NOFILE is raised to the hard limit where that is allowed, then compared with an
+  estimate of what this process will open (`estimate_open_files`): memory-mapped shards (one descriptor each on
+  Python < 3.13), communication sockets (up to a few per peer), checkpoint and log files, and a base for the
+  interpreter and drivers. A hard limit below the estimate is an error that says what to ask for.
+* **Data.** Every shard the manifest lists is present with the right size (sha256 too with
+  data.verify_checksums, on rank 0), and the tokenizer's fingerprint matches the one the data was prepared with.
+* **Disk.** The checkpoint folder's file system has room for keep_last + 1 checkpoints (the newest is written before
+  the oldest is deleted), estimated from the parameter count (`checkpoint_bytes`).
+* **Offload.** CPU offload runs only when asked for, and draws a warning on more than one node.
+
+`run_preflight` returns problems (errors) and warnings instead of raising, so that the trainer can agree across ranks
+and stop every rank together with each rank's message, instead of leaving the healthy ones hanging at a barrier.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import PretrainConfig
+
+BASE_OPEN_FILES = 256  # interpreter, std streams, pipes, /dev/nvidia*, /proc reads, TCPStore
+FILES_PER_PEER = 2  # sockets a process may hold per peer (gloo meshes, NCCL bootstrap / proxy)
+CHECKPOINT_AND_LOG_FILES = 32
+
+
+class PreflightError(RuntimeError):
+    """One or more preflight checks failed on some rank; the message lists them."""
+
+
+@dataclass
+class PreflightReport:
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    manifest: dict | None = None
+
+
+def estimate_open_files(cfg: PretrainConfig, world_size: int) -> int:
+    """Descriptors one training process may hold at once (see the module docstring for the terms)."""
+    shards = cfg.data.max_open_shards * (2 if cfg.data.eval_shards else 1)
+    return (BASE_OPEN_FILES + shards + FILES_PER_PEER * world_size + CHECKPOINT_AND_LOG_FILES
+            + cfg.preflight.extra_open_files)
+
+
+def raise_open_file_limit(needed: int, raise_soft: bool = True) -> tuple[int, int, str | None]:
+    """Raise the soft limit to the hard one (if allowed); returns (soft, hard, problem or None)."""
+    try:
+        import resource
+    except ImportError:  # not POSIX: nothing to check
+        return needed, needed, None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if raise_soft and soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, needed, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):  # some systems cap the soft limit below the hard one (e.g. nr_open)
+            pass
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        return soft, hard, (
+            f"open files: this process may need about {needed} descriptors (shards, sockets to {needed} peers' "
+            f"share, checkpoints; see preflight.estimate_open_files) but its limit is soft={soft}, hard={hard}. "
+            f"Raise it before launching (`ulimit -n {needed}` in the job script; on SLURM also "
+            f"`srun --propagate=NOFILE`), lower data.max_open_shards, or ask the administrators for a higher hard "
+            f"limit")
+    return soft, hard, None
+
+
+def checkpoint_bytes(num_params: int, cfg: PretrainConfig) -> int:
+    """Estimated size of one checkpoint: fp32 master weights and two Adam moments (12 B/param) plus the module
+    weights in the training precision (4 or 2 B/param), plus 5%."""
+    per_param = 12 + (2 if cfg.train.precision == "bf16" else 4)
+    return int(num_params * per_param * 1.05)
+
+
+def existing_checkpoints(root: Path) -> int:
+    if not root.is_dir():
+        return 0
+    return sum(1 for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+
+
+def check_free_disk(root: Path, needed: int) -> str | None:
+    probe = root
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed:
+        return (f"disk: checkpoints under {str(root)!r} need about {needed / 2**30:,.1f} GiB more (keep_last + 1 "
+                f"checkpoints of the estimated size), the file system has {free / 2**30:,.1f} GiB free. Free space, "
+                f"point checkpoint.dir elsewhere, or lower checkpoint.keep_last")
+    return None
+
+
+def run_preflight(cfg: PretrainConfig, *, rank: int, world_size: int, num_nodes: int, tokenizer,
+                  num_params: int | None = None) -> PreflightReport:
+    """Every check of the module docstring for this process; problems and warnings as messages."""
+    from ..data import TokenizerMismatchError, check_tokenizer, read_manifest
+    from ..data.format import check_shard_files
+
+    report = PreflightReport()
+
+    needed = estimate_open_files(cfg, world_size)
+    soft, hard, problem = raise_open_file_limit(needed, cfg.preflight.raise_open_file_limit)
+    report.notes.append(f"open files: limit {soft} (hard {hard}), estimated need {needed}")
+    if problem:
+        report.problems.append(problem)
+
+    data_dir = Path(cfg.data.dir)
+    try:
+        manifest = read_manifest(data_dir)
+        check_shard_files(data_dir, manifest, checksums=cfg.data.verify_checksums and rank == 0)
+        report.manifest = manifest
+        shards = len(manifest["shards"])
+        if cfg.data.eval_shards >= shards:
+            report.problems.append(
+                f"data: data.eval_shards={cfg.data.eval_shards} would hold out all {shards} shard(s) of "
+                f"{str(data_dir)!r}, leaving none to train on. Lower data.eval_shards (0: no evaluation) or re-run "
+                f"prepare with a smaller --shard-tokens")
+    except (FileNotFoundError, ValueError) as err:
+        report.problems.append(f"data: {err}")
+    if tokenizer is not None and report.manifest is not None:
+        try:
+            check_tokenizer(data_dir, tokenizer)
+        except TokenizerMismatchError as err:
+            report.problems.append(f"tokenizer: {err}")
+
+    if cfg.preflight.check_disk and num_params is not None:
+        root = cfg.checkpoint_dir
+        size = checkpoint_bytes(num_params, cfg)
+        more = max(0, cfg.checkpoint.keep_last + 1 - existing_checkpoints(root)) * size
+        problem = check_free_disk(root, more)
+        report.notes.append(f"disk: one checkpoint is about {size / 2**20:,.0f} MiB")
+        if problem:
+            report.problems.append(problem)
+
+    if cfg.zero.offload_optimizer != "none" and num_nodes > 1:
+        report.warnings.append(
+            f"zero.offload_optimizer={cfg.zero.offload_optimizer!r} on {num_nodes} nodes: CPU offload was a source "
+            f"of failures at this scale (host memory, pinned buffers, slow optimizer steps); prefer more GPUs or "
+            f"ZeRO-3 without offload")
+    return report
+
+
+def format_problems(problems_by_rank: dict[int, list[str]]) -> str:
+    lines = ["preflight failed:"]
+    for rank in sorted(problems_by_rank):
+        for problem in problems_by_rank[rank]:
+            lines.append(f"  [rank {rank}] {problem}")
+    return "\n".join(lines)
+
+
+def local_world_size() -> int:
+    for var in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
+        value = os.environ.get(var, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 1
