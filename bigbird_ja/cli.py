@@ -7,6 +7,9 @@ Subcommands:
   prepare   tokenise and pack text / JSON lines / Parquet / saved datasets into resumable pretraining shards
   pretrain  MLM pretraining on DeepSpeed from a run preset (configs/pretrain/*.yaml), --section.key=value overrides
   export    write a pretraining checkpoint as a save_pretrained folder (safetensors + tokenizer)
+  finetune  fine-tune on a JGLUE task (jsquad over long documents, jnli, jsts, jcommonsenseqa, marc-ja) or the
+            generated long-range QA task; --section.key=value overrides (configs/finetune/*.yaml)
+  evaluate  score a predictions file (SQuAD format for jsquad) or run a fine-tuned model over a data file
 """
 
 from __future__ import annotations
@@ -105,6 +108,36 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    from .finetune import finetune
+
+    finetune(args.task, args.config, overrides=args.overrides, model=args.model, train=args.train,
+             valid=args.valid, output=args.out)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    import json
+
+    from .finetune import evaluate_model, evaluate_predictions
+
+    if (args.predictions is None) == (args.model is None):
+        raise ValueError("give exactly one of --predictions FILE (score a predictions file) or --model DIR (run a "
+                         "fine-tuned model over --data)")
+    if args.predictions is not None:
+        if args.overrides:
+            raise ValueError(f"--section.key=value overrides apply to --model runs only; got {args.overrides}")
+        metrics, check = evaluate_predictions(args.task, args.predictions, args.data, output=args.output)
+        print(check.summary())
+    else:
+        metrics = evaluate_model(args.task, args.model, args.data, args.config, overrides=args.overrides,
+                                 output=args.output, predictions_out=args.predictions_out)
+    print(json.dumps(metrics, ensure_ascii=False))
+    if args.output:
+        print(f"wrote {args.output}")
+    return 0
+
+
 def _sparsity_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention-type", choices=["block_sparse", "full"])
     parser.add_argument("--block-size", type=int)
@@ -194,6 +227,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output folder (AutoModelForMaskedLM.from_pretrained loads it)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)
+
+    tasks = ["jsquad", "jnli", "jsts", "jcommonsenseqa", "marc-ja", "longrange"]
+    p = sub.add_parser("finetune", help="fine-tune and evaluate on a JGLUE task or the long-range QA task",
+                       description="Fine-tune, then predict and score the validation file; further arguments "
+                       "--section.key=value override the config (e.g. --train.epochs=3 --data.max_length=1024).")
+    p.add_argument("task", choices=tasks)
+    p.add_argument("--config", help="fine-tune preset (configs/finetune/*.yaml); default: the built-in defaults")
+    p.add_argument("--model", help="checkpoint folder to start from (model.init_from); a preset may instead train "
+                   "model.preset from scratch")
+    p.add_argument("--train", help="training file in the task's JGLUE format (data.train)")
+    p.add_argument("--valid", help="validation file (data.valid)")
+    p.add_argument("--out", help="output folder (output.dir)")
+    p.set_defaults(func=cmd_finetune, takes_overrides=True)
+
+    p = sub.add_parser("evaluate", help="score predictions (or a fine-tuned model) on a JGLUE data file",
+                       description="With --predictions: score a predictions file (one JSON object id -> answer "
+                       "text for jsquad) against --data and report missing and unknown ids. With --model: run a "
+                       "fine-tuned model over --data (--section.key=value overrides apply).")
+    p.add_argument("task", choices=tasks)
+    p.add_argument("--data", required=True, help="gold data file in the task's JGLUE format")
+    p.add_argument("--predictions", help="predictions file: one JSON object mapping id to prediction")
+    p.add_argument("--model", help="fine-tuned model folder (with its tokenizer)")
+    p.add_argument("--config", help="fine-tune preset for --model runs (data and eval sections)")
+    p.add_argument("--output", help="write the metrics here as JSON")
+    p.add_argument("--predictions-out", help="--model runs: write the predictions here as JSON")
+    p.set_defaults(func=cmd_evaluate, takes_overrides=True)
     return parser
 
 

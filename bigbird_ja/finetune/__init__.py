@@ -1,0 +1,27 @@
+"""Fine-tuning and evaluation on JGLUE (`bigbird-ja finetune`, `bigbird-ja evaluate`), long-document JSQuAD and a
+generated long-range QA task.
+
+Modules, one concept each:
+
+* `config`          typed run-config sections (strict YAML, `--section.key=value` overrides)
+* `jglue`           readers of the JGLUE files (JSQuAD, JNLI, JSTS, JCommonsenseQA, MARC-ja)
+* `documents`       QA examples over long documents (paragraphs of an article joined) or paragraphs; offset checks
+* `qa_features`     question-first windows with doc stride; answer token positions from character offsets
+* `qa_prediction`   best span over all windows, mapped back to the exact characters of the context
+* `metrics`         the JSQuAD metric as JGLUE defines it; accuracy, Pearson, Spearman
+* `classification`  sentence-pair and multiple-choice inputs
+* `longrange`       the generated long-range QA task and its word-level tokenizer
+* `tasks`           per task: reader, head, prediction, metric
+* `trainer`         the training loop and batched prediction
+* `run`             `finetune`, `evaluate_predictions`, `evaluate_model`
+
+Importing this package imports neither DeepSpeed nor the tokenizer trainer (MeCab, sentencepiece).
+"""
+
+from .config import FinetuneConfig, load_finetune_config
+from .documents import build_qa_examples
+from .metrics import normalize_answer, squad_scores
+from .run import evaluate_model, evaluate_predictions, finetune
+
+__all__ = ["FinetuneConfig", "build_qa_examples", "evaluate_model", "evaluate_predictions", "finetune",
+           "load_finetune_config", "normalize_answer", "squad_scores"]
