@@ -609,3 +609,151 @@ def test_longrange_task_is_solved_sparse_at_1024_tokens_and_stays_at_chance_trun
     assert metrics["total"] == truncated["total"] == config.synthetic.num_valid
     assert metrics["exact_match"] >= 90.0
     assert truncated["exact_match"] <= chance
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The README's main job, QA half: a pretrained (here: random) 256-token checkpoint fine-tuned at 1,024 tokens
+
+
+def _short_checkpoint(tokenizer_dir: Path, out: Path, seed: int = 0) -> Path:
+    """A MaskedLM checkpoint shaped like `bigbird-ja export runs/tiny-cpu`: tiny-cpu.yaml with 256 positions."""
+    import torch
+    from transformers import AutoTokenizer
+
+    import bigbird_ja
+    from bigbird_ja.configuration import load_model_config
+
+    from conftest import randomize_
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    config = load_model_config(REPO / "configs" / "model" / "tiny-cpu.yaml")
+    config.vocab_size, config.max_position_embeddings = len(tok), 256
+    torch.manual_seed(seed)
+    model = randomize_(bigbird_ja.BigBirdJaForMaskedLM(config), seed)
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out
+
+
+def test_a_relative_position_checkpoint_reads_longer_inputs_with_its_buckets_pinned(tokenizer_dir, tmp_path):
+    """Raising max_position_embeddings at fine-tune time changes nothing for lengths the checkpoint knew."""
+    import torch
+
+    from bigbird_ja.finetune.run import load_model
+    from bigbird_ja.finetune.tasks import get_task
+
+    folder = _short_checkpoint(tokenizer_dir, tmp_path / "ckpt", seed=3)
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    original = AutoModelForMaskedLM.from_pretrained(str(folder)).eval()
+    cfg = load_finetune_config(None, [f"--model.init_from={folder}", "--model.overrides.max_position_embeddings=1024",
+                                      "--data.max_length=1024"])
+    longer = load_model(cfg, get_task("jsquad"), tok, verbose=False).eval()
+    assert longer.config.max_position_embeddings == 1024 and longer.config.max_relative_positions == 256
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, len(tok), (2, 203), generator=gen)  # not a multiple of the block size
+    mask = torch.ones_like(ids)
+    mask[1, 150:] = 0
+    with torch.no_grad():
+        a = original.bigbird_ja(ids, attention_mask=mask).last_hidden_state
+        b = longer.bigbird_ja(ids, attention_mask=mask).last_hidden_state
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+        long_ids = torch.randint(5, len(tok), (1, 1000), generator=gen)
+        assert torch.isfinite(longer(long_ids).start_logits).all()
+    unpinned = load_finetune_config(None, [f"--model.init_from={folder}", "--data.max_length=1024",
+                                           "--model.overrides.max_position_embeddings=1024",
+                                           "--model.overrides.max_relative_positions=-1"])
+    assert load_model(unpinned, get_task("jsquad"), tok, verbose=False).config.max_relative_positions == -1
+
+
+def test_article_slices_select_disjoint_articles_and_are_checked():
+    from bigbird_ja.finetune.config import parse_slice
+    from bigbird_ja.finetune.tasks import get_task
+
+    assert parse_slice("1::2", "x") == slice(1, None, 2) and parse_slice("5", "x") == slice(None, 5)
+    for bad in ("a:b", "1:2:3:4", "::0"):
+        with pytest.raises(ConfigError, match="data.valid_articles"):
+            load_finetune_config(None, [f"--data.valid_articles={bad}"])
+    data = load_finetune_config(None, ["--data.train_articles=1::2", "--data.valid_articles=0::20"]).data
+    task = get_task("jsquad")
+    train, train_note = task.examples(str(JSQUAD), data, articles=data.train_articles)
+    valid, valid_note = task.examples(str(JSQUAD), data, articles=data.valid_articles)
+    assert "29 of 59" in train_note and "3 of 59" in valid_note
+    assert not {e.document_id for e in train} & {e.document_id for e in valid}
+    with pytest.raises(ValueError, match="selects none"):
+        task.examples(str(JSQUAD), data, articles="100:")
+    with pytest.raises(ValueError, match="max_train_examples"):
+        get_task("jnli").prepare(str(JNLI / "valid-v1.3.json"), None, data, training=True)
+
+
+def test_main_job_qa_preset_finetunes_an_exported_checkpoint_on_long_documents(tokenizer_dir, tmp_path):
+    """configs/finetune/jsquad-tiny-cpu.yaml as the README runs it, with fewer steps and one small evaluation article."""
+    preset = REPO / "configs" / "finetune" / "jsquad-tiny-cpu.yaml"
+    config = load_finetune_config(preset)
+    assert Path(config.data.train).name == "valid-v1.3.json"  # relative to the repository root, where it runs
+    folder = _short_checkpoint(tokenizer_dir, tmp_path / "export")
+    result = finetune("jsquad", preset, overrides=[
+        f"--data.train={JSQUAD}", f"--data.valid={JSQUAD}", "--data.valid_articles=3:4",
+        "--data.max_train_examples=64", "--train.max_steps=4", "--train.progress_bar=false"],
+        model=str(folder), output=str(tmp_path / "run"))
+    article = json.loads(JSQUAD.read_text(encoding="utf-8"))["data"][3]
+    ids = {qa["id"] for p in article["paragraphs"] for qa in p["qas"]}
+    document = "\n".join(p["context"] for p in article["paragraphs"])
+    assert set(result.predictions) == ids and result.metrics["total"] == len(ids)
+    assert all(text in document for text in result.predictions.values())
+    report = (tmp_path / "run" / "data_report.txt").read_text(encoding="utf-8")
+    assert "articles [1::2]: 29 of 59" in report and "articles [3:4]: 1 of 59" in report
+    assert "need more than one window" in report
+    saved = json.loads((tmp_path / "run" / "model" / "config.json").read_text(encoding="utf-8"))
+    assert (saved["max_position_embeddings"], saved["max_relative_positions"]) == (1024, 256)
+
+
+def test_slices_in_presets_and_overrides_stay_text_not_base_60_numbers(tmp_path):
+    """YAML 1.1 reads 3:4 as 184; the project's loader keeps it as written (and numbers still parse)."""
+    preset = tmp_path / "jsquad-x.yaml"
+    preset.write_text("task: jsquad\ndata:\n  train_articles: 1:30\n  max_length: 1_024\ntrain:\n  lr: 1e-4\n",
+                      encoding="utf-8")
+    config = load_finetune_config(preset, ["--data.valid_articles=3:4"])
+    assert (config.data.train_articles, config.data.valid_articles) == ("1:30", "3:4")
+    assert (config.data.max_length, config.train.lr) == (1024, 1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DeepSpeed (optional): two processes under DeepSpeed's launcher against one plain process, same global batch
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_deepspeed_processes_train_and_predict_as_one_plain_process_with_the_same_global_batch(
+        tokenizer_dir, tmp_path):
+    import subprocess
+
+    from conftest import cli_command, subprocess_env
+
+    common = ["finetune", "jnli", "--train", str(JNLI / "test-v1.3.json"), "--valid", str(JNLI / "valid-v1.3.json"),
+              *TINY_MODEL, f"--model.tokenizer={tokenizer_dir}", "--model.overrides.hidden_dropout_prob=0.0",
+              "--model.overrides.attention_probs_dropout_prob=0.0", "--model.overrides.pooler_dropout=0.0",
+              "--data.max_length=64", "--data.max_train_examples=96", "--data.max_valid_examples=101",
+              "--train.max_steps=6", "--train.batch_size=8", "--train.log_every_steps=1", "--train.num_threads=1"]
+    runs = {"plain": (1, ["--train.grad_accum_steps=2"]),
+            "zero2": (2, ["--train.deepspeed=true", "--train.zero_stage=2"])}
+    logs, metrics = {}, {}
+    for name, (nprocs, extra) in runs.items():
+        out = tmp_path / name
+        cmd = cli_command(nprocs, [*common, "--out", str(out), *extra])
+        proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, f"{name} failed:\n{(proc.stdout + proc.stderr)[-6000:]}"
+        logs[name] = _read_jsonl(out / "train_log.jsonl")
+        metrics[name] = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+        predictions = json.loads((out / "predictions.json").read_text(encoding="utf-8"))
+        assert len(predictions) == metrics[name]["total"] == 101  # an odd count: uneven prediction shares
+        assert (out / "model" / "model.safetensors").is_file()
+    print("\n" + "\n".join(f"{name}: losses {[round(r['loss'], 6) for r in log]}" for name, log in logs.items()))
+    assert metrics["zero2"]["train"]["world_size"] == 2 and metrics["plain"]["train"]["world_size"] == 1
+    assert metrics["zero2"]["train"]["samples"] == metrics["plain"]["train"]["samples"] == 6 * 16
+    assert [r["step"] for r in logs["zero2"]] == [r["step"] for r in logs["plain"]] == list(range(1, 7))
+    for a, b in zip(logs["plain"], logs["zero2"]):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["lr"] == pytest.approx(b["lr"])
+    assert logs["plain"][-1]["loss"] != logs["plain"][0]["loss"]  # it trained
+    assert metrics["zero2"]["accuracy"] == pytest.approx(metrics["plain"]["accuracy"], abs=1e-9)

@@ -14,15 +14,14 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from bigbird_ja.training import checkpoint as ckpt_mod
+from conftest import cli_command, subprocess_env
 from bigbird_ja.training.config import (
     BatchPlan, ConfigError, deepspeed_config, load_pretrain_config, parse_overrides, resolve_batch,
 )
@@ -240,37 +239,14 @@ def test_flops_count_the_sparse_pattern():
 # Real runs
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _deepspeed_launcher() -> list[str]:
-    script = Path(sys.executable).parent / "deepspeed"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]
-
-
 def _command(nprocs: int, out: Path, data: Path, tok: Path, extra=()) -> list[str]:
     args = ["pretrain", "--config", "configs/pretrain/tiny-cpu.yaml", f"--run.output_dir={out}",
             f"--data.dir={data}", f"--data.tokenizer={tok}", *TINY, *extra]
-    if nprocs == 1:
-        return [sys.executable, "-m", "bigbird_ja.cli", *args]
-    return [*_deepspeed_launcher(), "--num_gpus", str(nprocs), "--master_port", str(_free_port()), "--module",
-            "bigbird_ja.cli", *args]
-
-
-def _env() -> dict:
-    # One thread per process: on a shared 2-core runner, two OpenMP threads that spin-wait for a busy core make a
-    # step 50x slower (measured: 0.04 s -> 3 s), and the two-process runs have one core each anyway.
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    return env
+    return cli_command(nprocs, args)
 
 
 def _run(cmd, timeout=300) -> str:
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{output[-6000:]}"
     return output
@@ -394,7 +370,7 @@ def test_two_processes_under_the_deepspeed_launcher_loss_falls(stage, two_root, 
 
 def _kill_after_checkpoint(cmd, step: int, timeout=300) -> str:
     """Start ``cmd`` and SIGKILL its whole process group as soon as checkpoint ``step`` is reported saved."""
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     lines = []
     try:
@@ -509,7 +485,7 @@ def test_sigterm_finishes_the_step_saves_and_stops(tiny_data, tmp_path):
     data, tok = tiny_data
     out = tmp_path / "preempted"
     cmd = _command(1, out, data, tok, ["--train.max_steps=500", "--checkpoint.every_steps=0"])
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     try:
         for line in proc.stdout:

@@ -26,6 +26,23 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def parse_slice(text: str, where: str) -> slice:
+    """A Python slice from "start:stop:step" (any part empty; a bare "N" is the first N); ConfigError otherwise."""
+    parts = str(text).split(":")
+    try:
+        if len(parts) == 1:
+            return slice(None, int(parts[0]))
+        if len(parts) > 3:
+            raise ValueError
+        values = [int(p) if p.strip() else None for p in parts] + [None] * (3 - len(parts))
+    except ValueError:
+        raise ConfigError(f"{where}={text!r}: expected a slice start:stop:step of integers, e.g. '0::2' or "
+                          f"'10:20'") from None
+    if values[2] == 0:
+        raise ConfigError(f"{where}={text!r}: the slice step must not be 0")
+    return slice(*values)
+
+
 @dataclass
 class ModelSection:
     """The encoder to fine-tune: a checkpoint, or a preset trained from scratch.
@@ -74,8 +91,14 @@ class DataSection:
     on_mismatch: Literal["error", "skip"] = "error"
     windows_without_answer: Literal["cls", "drop"] = "cls"
     truncate: bool = False
+    train_articles: str | None = None
+    valid_articles: str | None = None
 
     def __post_init__(self):
+        for name in ("train_articles", "valid_articles"):
+            value = getattr(self, name)
+            if value is not None:
+                parse_slice(value, f"data.{name}")
         _require(self.max_train_examples >= 0 and self.max_valid_examples >= 0,
                  "data.max_train_examples / max_valid_examples must be >= 0 (0: all)")
         _require(self.max_query_length >= 1, f"data.max_query_length={self.max_query_length}: must be >= 1")
@@ -102,6 +125,12 @@ class TrainSection:
     progress_bar: true, false or null (when stderr is a terminal).
     length_grouping: "none": batches drawn at random; "random": batches of similar lengths (less padding), in
         random order; "shortest_first": the same batches, shortest first in every epoch (a length curriculum).
+    deepspeed: train through a DeepSpeed engine, data-parallel over the processes of the launcher that started
+        the command (`deepspeed --num_gpus 8 --module bigbird_ja.cli finetune ...`, torchrun, mpirun, srun; one
+        process works too). An optimizer step is then batch_size x grad_accum_steps x world size features; the
+        same global batch gives the same run at any world size. Needs the `train` extra.
+    zero_stage: ZeRO stage with deepspeed: 0 (plain data parallel), 1 (optimizer states sharded) or 2 (gradients
+        too). Stage 3 is not offered: prediction runs each rank's share of the features on full weights.
     """
 
     epochs: float = 2.0
@@ -120,8 +149,14 @@ class TrainSection:
     log_every_steps: int = 10
     progress_bar: bool | None = None
     length_grouping: Literal["none", "random", "shortest_first"] = "none"
+    deepspeed: bool = False
+    zero_stage: int = 0
 
     def __post_init__(self):
+        _require(self.zero_stage in (0, 1, 2), f"train.zero_stage={self.zero_stage}: must be 0, 1 or 2 (stage 3 "
+                 f"shards the weights, which prediction needs whole on every rank)")
+        _require(self.deepspeed or self.zero_stage == 0,
+                 f"train.zero_stage={self.zero_stage} needs train.deepspeed=true")
         _require(self.epochs > 0 or self.max_steps > 0, "train: give train.epochs > 0 or train.max_steps > 0")
         _require(self.max_steps >= 0, f"train.max_steps={self.max_steps}: must be >= 0 (0: from epochs)")
         _require(self.batch_size >= 1 and self.grad_accum_steps >= 1,
@@ -231,5 +266,5 @@ def load_finetune_config(path=None, overrides: list[str] | dict | None = None) -
 
 __all__ = [
     "ConfigError", "DataSection", "EvalSection", "FinetuneConfig", "ModelSection", "OutputSection",
-    "SyntheticSection", "TASK_NAMES", "TrainSection", "load_finetune_config",
+    "SyntheticSection", "TASK_NAMES", "TrainSection", "load_finetune_config", "parse_slice",
 ]

@@ -9,6 +9,8 @@
   5. train (train_log.jsonl), predict the validation file, write predictions.json and metrics.json (with the
      training summary and, when eval.truncated_max_length is set, the metrics of truncated inputs);
   6. save the model and tokenizer to <out>/model (output.save_model).
+With train.deepspeed the command runs on every process of its launcher: rank 0 alone writes files, the ranks
+share the training batches and the prediction features, and an error on rank 0 stops every rank.
 
 `evaluate_predictions(task, predictions, data)` scores a predictions file alone (JSQuAD: SQuAD's format, one JSON
 object mapping question id to answer text) and reports missing and unknown ids by count and example ids.
@@ -22,12 +24,16 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..training.config import load_yaml_text
+from ..training.distributed import broadcast_object
 from .config import ConfigError, FinetuneConfig, load_finetune_config
 from .tasks import QATask, Task, get_task
+from .trainer import distributed_rank_and_size, start_deepspeed
 
 
 @dataclass
@@ -114,9 +120,7 @@ def load_model(cfg: FinetuneConfig, task: Task, tokenizer, *, verbose: bool = Tr
         # Built in one go from the preset's values and the overrides, so derived fields (pooler_hidden_size,
         # embedding_size) follow an overridden hidden_size.
         base = load_model_config(m.preset)  # strict: an unknown key in the preset is an error
-        import yaml
-
-        values = yaml.safe_load(Path(m.preset).read_text(encoding="utf-8")) or {}
+        values = load_yaml_text(Path(m.preset).read_text(encoding="utf-8")) or {}
         _check_override_keys(extra, base)
         config = BigBirdJaConfig(**{**values, **extra})
     else:
@@ -131,6 +135,7 @@ def load_model(cfg: FinetuneConfig, task: Task, tokenizer, *, verbose: bool = Tr
         if sizes:
             raise ConfigError(f"model.overrides {sizes} change the shapes of {folder}'s weights; give sizes in a "
                               f"model preset (configs/model/*.yaml) trained from scratch instead")
+        _extend_positions(config, extra, folder)
         for key, value in extra.items():
             setattr(config, key, value)
     if m.preset is not None:
@@ -154,6 +159,26 @@ def load_model(cfg: FinetuneConfig, task: Task, tokenizer, *, verbose: bool = Tr
             print(f"initialised {type(model).__name__} from scratch ({sum(p.numel() for p in model.parameters()):,} "
                   f"parameters) from {m.preset}")
     return model
+
+
+def _extend_positions(config, overrides: dict, folder) -> None:
+    """Let a checkpoint read longer inputs than it was trained on (`model.overrides.max_position_embeddings`).
+
+    With relative positions only (no absolute position embeddings) nothing has the length's shape; what must not
+    change is the relative-bucket function, which DeBERTa derives from max_position_embeddings when
+    max_relative_positions < 1. It is pinned to the checkpoint's value, so every distance the checkpoint knew keeps
+    its bucket and longer ones share the last (as in `bigbird-ja convert --max-length`).
+    """
+    new = overrides.get("max_position_embeddings")
+    if new is None or new == config.max_position_embeddings:
+        return
+    if config.position_biased_input:
+        raise ConfigError(f"model.overrides.max_position_embeddings={new}: {folder} adds absolute position "
+                          f"embeddings ({config.max_position_embeddings} of them), which cannot change length "
+                          f"without retraining; keep data.max_length <= {config.max_position_embeddings} (long "
+                          f"documents are windowed)")
+    if config.relative_attention and config.max_relative_positions < 1 and "max_relative_positions" not in overrides:
+        config.max_relative_positions = config.max_position_embeddings
 
 
 def _check_override_keys(overrides: dict, config) -> None:
@@ -205,22 +230,34 @@ def finetune(task: str, config: FinetuneConfig | str | Path | None = None, *, ov
         raise ValueError("pass overrides with a preset path, or apply them to the FinetuneConfig yourself")
     cfg = _resolve_inputs(task, config, model, train, valid, output)
     spec = get_task(task)
-    out = _prepare_output(cfg)
+    if cfg.train.deepspeed:  # every rank joins before anything is written; rank 0 writes, the others wait
+        start_deepspeed(cfg.train)
+    main = distributed_rank_and_size()[0] == 0
+    verbose = verbose and main
+    out = Path(cfg.output.dir)
     files = {"config": out / "config.yaml", "log": out / "train_log.jsonl", "metrics": out / "metrics.json",
              "predictions": out / "predictions.json", "report": out / "data_report.txt"}
     started = time.perf_counter()
 
-    if task == "longrange" and (cfg.data.train is None or cfg.data.valid is None):
-        from .longrange import generate_longrange
+    def set_up() -> dict:
+        _prepare_output(cfg)
+        generated = {}
+        if task == "longrange" and (cfg.data.train is None or cfg.data.valid is None):
+            from .longrange import generate_longrange
 
-        paths = generate_longrange(cfg.synthetic, out / "data")
-        cfg.data.train = cfg.data.train or str(paths["train"])
-        cfg.data.valid = cfg.data.valid or str(paths["valid"])
-        cfg.model.tokenizer = str(paths["tokenizer"])
+            generated = {k: str(v) for k, v in generate_longrange(cfg.synthetic, out / "data").items()}
+        return generated
+
+    generated = _main_first(set_up)
+    if generated:
+        cfg.data.train = cfg.data.train or generated["train"]
+        cfg.data.valid = cfg.data.valid or generated["valid"]
+        cfg.model.tokenizer = generated["tokenizer"]
     if cfg.data.train is None or cfg.data.valid is None:
         raise ConfigError(f"task {task}: give the training and validation files (--train FILE --valid FILE, or "
                           f"data.train / data.valid)")
-    files["config"].write_text(cfg.to_yaml(), encoding="utf-8")
+    if main:
+        files["config"].write_text(cfg.to_yaml(), encoding="utf-8")
     if verbose:
         print(f"bigbird-ja finetune {task}: resolved config (saved as {files['config']})\n{cfg.to_yaml()}")
 
@@ -232,7 +269,8 @@ def finetune(task: str, config: FinetuneConfig | str | Path | None = None, *, ov
     valid_set = spec.prepare(cfg.data.valid, tokenizer, cfg.data, training=False,
                              max_examples=cfg.data.max_valid_examples)
     report = f"train {train_set.report}\nvalid {valid_set.report}"
-    files["report"].write_text(report + "\n", encoding="utf-8")
+    if main:
+        files["report"].write_text(report + "\n", encoding="utf-8")
     if verbose:
         print(report)
 
@@ -247,16 +285,40 @@ def finetune(task: str, config: FinetuneConfig | str | Path | None = None, *, ov
         metrics[f"truncated_{cfg.eval.truncated_max_length}"] = metrics_truncated
     metrics["train"] = summary
     metrics["seconds"] = round(time.perf_counter() - started, 2)
-    _write_json(files["predictions"], predictions)
-    _write_json(files["metrics"], metrics)
     if cfg.output.save_model:
         files["model"] = out / "model"
-        net.save_pretrained(str(files["model"]))
-        tokenizer.save_pretrained(str(files["model"]))
+
+    def write_results() -> None:
+        _write_json(files["predictions"], predictions)
+        _write_json(files["metrics"], metrics)
+        if cfg.output.save_model:
+            net.save_pretrained(str(files["model"]))
+            tokenizer.save_pretrained(str(files["model"]))
+
+    _main_first(write_results)
     if verbose:
         print(f"{task}: {json.dumps({k: v for k, v in metrics.items() if k != 'train'}, ensure_ascii=False)}")
         print(f"wrote {out}")
     return FinetuneResult(out, metrics, predictions, files)
+
+
+def _main_first(work: Callable[[], Any]) -> Any:
+    """Run `work` on rank 0 only (everything in one process); every rank gets its result, or its error."""
+    rank, world = distributed_rank_and_size()
+    if world == 1:
+        return work()
+    result, error = None, None
+    if rank == 0:
+        try:
+            result = work()
+        except Exception as err:  # every rank must learn of it, or the others wait forever
+            error = err
+    result, message = broadcast_object((result, None if error is None else f"{type(error).__name__}: {error}"))
+    if error is not None:
+        raise error
+    if message is not None:
+        raise RuntimeError(f"rank 0 failed, so this rank stops too: {message}")
+    return result
 
 
 def check_prediction_ids(predictions: dict[str, Any], golds: dict[str, Any]) -> PredictionCheck:

@@ -20,9 +20,9 @@ import torch
 
 from . import jglue
 from .classification import ClassificationCollator, encode_choice_examples, encode_text_examples
-from .config import DataSection, EvalSection, TrainSection
+from .config import DataSection, EvalSection, TrainSection, parse_slice
 from .documents import QAExample, build_qa_examples
-from .metrics import accuracy, pearson, spearman, squad_scores
+from .metrics import pearson, spearman, squad_scores
 from .qa_features import QAFeature, build_qa_features
 from .qa_prediction import predict_answers
 from .trainer import predict_outputs
@@ -41,6 +41,12 @@ class Prepared:
 
 def _take(items: list, n: int) -> list:
     return items[:n] if n else items
+
+
+def _no_article_slices(task: str, data: DataSection) -> None:
+    if data.train_articles is not None or data.valid_articles is not None:
+        raise ValueError(f"data.train_articles / valid_articles select SQuAD articles (jsquad, longrange); task "
+                         f"{task} has none: use data.max_train_examples / max_valid_examples")
 
 
 class QACollator:
@@ -94,14 +100,23 @@ class QATask(Task):
     def __init__(self, name: str):
         self.name = name
 
-    def examples(self, path: str, data: DataSection, max_examples: int = 0) -> tuple[list[QAExample], str]:
-        articles = jglue.read_squad(path)
-        examples, report = build_qa_examples(articles, long_document=data.long_document,
+    def examples(self, path: str, data: DataSection, max_examples: int = 0, articles: str | None = None
+                 ) -> tuple[list[QAExample], str]:
+        documents = jglue.read_squad(path)
+        note = ""
+        if articles is not None:
+            total = len(documents)
+            documents = documents[parse_slice(articles, "articles")]
+            if not documents:
+                raise ValueError(f"{path}: the article slice {articles!r} selects none of its {total} articles")
+            note = f" (articles [{articles}]: {len(documents)} of {total})"
+        examples, report = build_qa_examples(documents, long_document=data.long_document,
                                              on_mismatch=data.on_mismatch)
-        return _take(examples, max_examples), report.summary()
+        return _take(examples, max_examples), report.summary() + note
 
     def prepare(self, path, tokenizer, data, *, training, max_examples=0, max_length=None, truncate=None):
-        examples, doc_report = self.examples(path, data, max_examples)
+        articles = data.train_articles if training else data.valid_articles
+        examples, doc_report = self.examples(path, data, max_examples, articles)
         features, docs, report = build_qa_features(
             examples, tokenizer, max_length=max_length or data.max_length, doc_stride=data.doc_stride,
             max_query_length=data.max_query_length, training=training,
@@ -139,10 +154,16 @@ class SequenceTask(Task):
         self.labels = labels  # None: regression
         self.num_labels = len(labels) if labels else 1
 
-    def prepare(self, path, tokenizer, data, *, training, max_examples=0, **_):
+    def read(self, path, data, *, training, max_examples=0) -> list:
+        """The file's examples (the first max_examples); training needs every one labelled."""
+        _no_article_slices(self.name, data)
         examples = _take(self.reader(path), max_examples)
         if training and any(e.label is None for e in examples):
             raise ValueError(f"{path}: {sum(e.label is None for e in examples)} training examples have no label")
+        return examples
+
+    def prepare(self, path, tokenizer, data, *, training, max_examples=0, **_):
+        examples = self.read(path, data, training=training, max_examples=max_examples)
         encoded = encode_text_examples(examples, tokenizer, data.max_length)
         truncated = sum(len(e.input_ids) >= data.max_length for e in encoded)
         report = f"{path}: {len(examples)} examples" + (f", {truncated} cut to max_length={data.max_length}"
@@ -192,9 +213,7 @@ class ChoiceTask(SequenceTask):
         self.num_labels = 1
 
     def prepare(self, path, tokenizer, data, *, training, max_examples=0, **_):
-        examples = _take(self.reader(path), max_examples)
-        if training and any(e.label is None for e in examples):
-            raise ValueError(f"{path}: {sum(e.label is None for e in examples)} training examples have no label")
+        examples = self.read(path, data, training=training, max_examples=max_examples)
         encoded = encode_choice_examples(examples, tokenizer, data.max_length)
         return Prepared(encoded, ClassificationCollator(tokenizer.pad_token_id), f"{path}: {len(examples)} "
                         f"questions with {len(examples[0].choices) if examples else 0} choices", examples)

@@ -31,6 +31,27 @@ class ConfigError(ValueError):
     """A config that cannot be loaded or is inconsistent; the message names the key, the rule and the fix."""
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without YAML 1.1's base-60 numbers: "3:4" stays the text "3:4" (as in YAML 1.2)
+    instead of becoming 184, so slices and times written in a preset or an override mean what they say."""
+
+
+def _number_or_text(constructor):
+    def construct(loader, node):
+        text = loader.construct_scalar(node)
+        return text if ":" in text else constructor(loader, node)
+    return construct
+
+
+_ConfigLoader.add_constructor("tag:yaml.org,2002:int", _number_or_text(yaml.SafeLoader.construct_yaml_int))
+_ConfigLoader.add_constructor("tag:yaml.org,2002:float", _number_or_text(yaml.SafeLoader.construct_yaml_float))
+
+
+def load_yaml_text(text: str):
+    """YAML as every config of the project reads it (safe, no base-60 numbers)."""
+    return yaml.load(text, Loader=_ConfigLoader)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Generic strict loading of dataclass trees
 
@@ -169,7 +190,7 @@ def parse_overrides(args: list[str] | None) -> dict:
         if len(parts) < 2 or not all(parts):
             raise ConfigError(f"override {arg!r}: expected --section.key=value (e.g. --train.max_steps=100)")
         try:
-            value = yaml.safe_load(text) if text != "" else ""
+            value = load_yaml_text(text) if text != "" else ""
         except yaml.YAMLError as err:
             raise ConfigError(f"override {arg!r}: the value is not valid YAML ({err})") from None
         node = result
@@ -197,7 +218,7 @@ def read_yaml(path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"config {str(path)!r} does not exist (presets live in configs/pretrain/)")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml_text(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err})") from None
     if data is None:

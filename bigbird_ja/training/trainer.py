@@ -39,7 +39,7 @@ from .checkpoint import (
     ENGINE_TAG, CheckpointWriter, convert_to_universal, engine_load_dir, list_checkpoints, load_rng, read_meta,
     resolve_resume, set_rng_state, universal_dir,
 )
-from .config import ConfigError, PretrainConfig, deepspeed_config, resolve_batch, to_dict
+from .config import ConfigError, PretrainConfig, deepspeed_config, load_yaml_text, resolve_batch, to_dict
 from .distributed import DistEnv, agree, any_rank, barrier, broadcast_object, init_process_group
 from .flops import peak_tflops, training_flops
 from .preflight import PreflightError, checkpoint_bytes, check_free_disk, existing_checkpoints, format_problems, \
@@ -126,8 +126,6 @@ def ensure_data(cfg: PretrainConfig, log=print) -> None:
 
 def build_model_config(cfg: PretrainConfig, vocab_size: int, seq_len: int):
     """The resolved BigBirdJaConfig: preset (YAML or config.json folder) + overrides + the tokenizer's vocab."""
-    import yaml
-
     from ..configuration import BigBirdJaConfig
 
     valid = {f.name for f in dataclasses.fields(BigBirdJaConfig)}
@@ -138,7 +136,7 @@ def build_model_config(cfg: PretrainConfig, vocab_size: int, seq_len: int):
             raise FileNotFoundError(f"model: {str(path)!r} has no config.json")
         values = {k: v for k, v in json.loads((path / "config.json").read_text()).items() if k in valid}
     elif path.is_file():
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        values = load_yaml_text(path.read_text(encoding="utf-8")) or {}
         unknown = sorted(set(values) - valid)
         if unknown:
             raise ConfigError(f"model preset {path}: unknown keys {unknown}; valid keys are {sorted(valid)}")
