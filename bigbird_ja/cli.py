@@ -231,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     tasks = ["jsquad", "jnli", "jsts", "jcommonsenseqa", "marc-ja", "longrange"]
     p = sub.add_parser("finetune", help="fine-tune and evaluate on a JGLUE task or the long-range QA task",
                        description="Fine-tune, then predict and score the validation file; further arguments "
-                       "--section.key=value override the config (e.g. --train.epochs=3 --data.max_length=1024).")
+                       "--section.key=value override the config (e.g. --train.epochs=3 --data.max_length=1024). Several "
+                       "processes: start it under deepspeed / torchrun / mpirun / srun with --train.deepspeed=true.")
     p.add_argument("task", choices=tasks)
     p.add_argument("--config", help="fine-tune preset (configs/finetune/*.yaml); default: the built-in defaults")
     p.add_argument("--model", help="checkpoint folder to start from (model.init_from); a preset may instead train "

@@ -757,3 +757,48 @@ def test_two_deepspeed_processes_train_and_predict_as_one_plain_process_with_the
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["lr"] == pytest.approx(b["lr"])
     assert logs["plain"][-1]["loss"] != logs["plain"][0]["loss"]  # it trained
     assert metrics["zero2"]["accuracy"] == pytest.approx(metrics["plain"]["accuracy"], abs=1e-9)
+
+
+def test_a_multi_process_launch_without_deepspeed_is_refused(monkeypatch, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"add --train.deepspeed=true"):
+        finetune("jnli", None, overrides=TINY_MODEL, train=str(JNLI / "test-v1.3.json"),
+                 valid=str(JNLI / "valid-v1.3.json"), output=str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match="needs train.deepspeed=true"):
+        load_finetune_config(None, ["--train.zero_stage=2"])
+    with pytest.raises(ConfigError, match="must be 0, 1 or 2"):
+        load_finetune_config(None, ["--train.deepspeed=true", "--train.zero_stage=3"])
+
+
+def test_the_last_step_of_an_epoch_is_filled_from_its_first_batches(tmp_path):
+    """grad_accum_steps x world micro-batches in every step, also when the epoch does not divide into them."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from bigbird_ja.finetune.classification import ClassificationCollator, EncodedExample
+    from bigbird_ja.finetune.config import TrainSection
+    from bigbird_ja.finetune.trainer import train_model
+
+    seen = []
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(2, 1))
+
+        def forward(self, input_ids, attention_mask, token_type_ids, labels):
+            seen.append(input_ids[:, 0].tolist())
+            return SimpleNamespace(loss=((input_ids.float() @ self.weight).squeeze(1) - labels).pow(2).mean())
+
+    data = [EncodedExample([i, 1], [0, 0], float(i)) for i in range(10)]  # 5 batches of 2
+    cfg = TrainSection(epochs=1, batch_size=2, grad_accum_steps=2, lr=1e-2, warmup_ratio=0.0, device="cpu",
+                       progress_bar=False, log_every_steps=1)
+    summary = train_model(Toy(), data, ClassificationCollator(0, regression=True), cfg,
+                          log_file=tmp_path / "log.jsonl")
+    assert summary["steps"] == 3 and summary["samples"] == 3 * 2 * 2 and len(seen) == 6
+    firsts = [ids for batch in seen for ids in batch]
+    assert sorted(set(firsts)) == list(range(10))  # every example once ...
+    assert seen[5] == seen[0]  # ... and the sixth micro-batch is the epoch's first again
+    assert len(_read_jsonl(tmp_path / "log.jsonl")) == 3

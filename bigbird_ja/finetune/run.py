@@ -230,6 +230,11 @@ def finetune(task: str, config: FinetuneConfig | str | Path | None = None, *, ov
         raise ValueError("pass overrides with a preset path, or apply them to the FinetuneConfig yourself")
     cfg = _resolve_inputs(task, config, model, train, valid, output)
     spec = get_task(task)
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched > 1 and not cfg.train.deepspeed:
+        raise ConfigError(f"started as one of {launched} processes (WORLD_SIZE={launched}) but train.deepspeed is "
+                          f"false: each process would train alone and overwrite the others' files; add "
+                          f"--train.deepspeed=true, or run one process")
     if cfg.train.deepspeed:  # every rank joins before anything is written; rank 0 writes, the others wait
         start_deepspeed(cfg.train)
     main = distributed_rank_and_size()[0] == 0

@@ -246,8 +246,7 @@ def train_model(model: torch.nn.Module, dataset: list, collate: Callable, cfg: T
             batches = batch_order(lengths, cfg.batch_size, cfg.length_grouping, order)
             for first in range(0, len(batches), micro_per_step):
                 group = batches[first:first + micro_per_step]
-                group += batches[:micro_per_step - len(group)] * (-(-micro_per_step // len(batches)))
-                group = group[:micro_per_step]
+                group += [batches[i % len(batches)] for i in range(micro_per_step - len(group))]
                 for indices in group[rank::world]:
                     # Forward and backward of one micro-batch of this rank.
                     batch = {k: v.to(device) for k, v in collate([dataset[i] for i in indices]).items()}
