@@ -56,11 +56,17 @@ def test_auto_classes_build_save_and_reload_with_safetensors(tmp_path, auto_clas
     assert (tmp_path / "model.safetensors").is_file()
     reloaded = auto_class.from_pretrained(tmp_path).eval()
     assert type(reloaded) is type(model)
+    saved, loaded = model.state_dict(), reloaded.state_dict()
+    assert set(saved) == set(loaded)
+    for key, value in saved.items():  # the round trip itself is exact
+        assert torch.equal(loaded[key], value), key
     with torch.no_grad():
         after = reloaded(**batch)
     for key, value in before.items():
+        # Equal weights in other buffers may take another SIMD path through the CPU GEMM (seen: 1 ulp, 6e-8 on a
+        # logit), so outputs are compared to float32 rounding, not bit for bit.
         if isinstance(value, torch.Tensor):
-            torch.testing.assert_close(after[key], value, rtol=0, atol=0)
+            torch.testing.assert_close(after[key], value, rtol=1e-6, atol=1e-6)
     if "loss" in before:
         assert torch.isfinite(before.loss)
 
