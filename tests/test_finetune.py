@@ -585,7 +585,7 @@ def test_longrange_generator_puts_every_fact_beyond_the_truncation_point(tmp_pat
 
 @pytest.mark.slow
 def test_longrange_task_is_solved_sparse_at_1024_tokens_and_stays_at_chance_truncated_to_512(tmp_path):
-    """configs/finetune/longrange-1024.yaml: a tiny block-sparse model trained from scratch (~3 minutes on 2 cores)
+    """configs/finetune/longrange-1024.yaml: a tiny block-sparse model trained from scratch (~4 minutes on 2 cores)
     finds the value of the asked key >= 512 tokens after the question; the same model fed the first 512 tokens
     cannot (it never sees a fact; chance would be 1 / num_values if it could guess a value at all)."""
     import bigbird_ja
@@ -802,3 +802,16 @@ def test_the_last_step_of_an_epoch_is_filled_from_its_first_batches(tmp_path):
     assert sorted(set(firsts)) == list(range(10))  # every example once ...
     assert seen[5] == seen[0]  # ... and the sixth micro-batch is the epoch's first again
     assert len(_read_jsonl(tmp_path / "log.jsonl")) == 3
+
+
+def test_missing_and_broken_files_name_the_file(tmp_path):
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"a": "b"', encoding="utf-8")
+    with pytest.raises(DataFormatError, match=r"broken.json: not JSON .*expected one object mapping id"):
+        evaluate_predictions("jsquad", broken, JSQUAD)
+    with pytest.raises(DataFormatError, match=r"broken.json: not JSON .*SQuAD v1.1"):
+        read_squad(broken)
+    with pytest.raises(FileNotFoundError, match="data file .*nowhere.json does not exist"):
+        read_squad(tmp_path / "nowhere.json")
+    assert cli.main(["evaluate", "jsquad", "--predictions", str(tmp_path / "nowhere.json"), "--data",
+                     str(JSQUAD)]) == 2

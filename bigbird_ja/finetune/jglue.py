@@ -149,16 +149,20 @@ def read_marc_ja(path: str | Path) -> list[TextExample]:
     return out
 
 
-def read_squad(path: str | Path) -> list[SquadArticle]:
-    """A SQuAD v1.1-format file (JSQuAD) as articles -> paragraphs -> questions, in file order."""
+def read_json_file(path: str | Path, what: str, expected: str):
+    """One JSON document; a missing file or invalid JSON is an error naming the file and what was `expected`."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist")
+        raise FileNotFoundError(f"{what} file {path} does not exist")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise DataFormatError(f"{path}: not JSON ({err.msg} at line {err.lineno}); JSQuAD is one SQuAD v1.1 JSON "
-                              f"object") from None
+        raise DataFormatError(f"{path}: not JSON ({err.msg} at line {err.lineno}); expected {expected}") from None
+
+
+def read_squad(path: str | Path) -> list[SquadArticle]:
+    """A SQuAD v1.1-format file (JSQuAD) as articles -> paragraphs -> questions, in file order."""
+    data = read_json_file(path, "data", "one SQuAD v1.1 JSON object (JSQuAD's format)")
     if not isinstance(data, dict) or not isinstance(data.get("data"), list):
         raise DataFormatError(f"{path}: expected a SQuAD v1.1 object {{\"data\": [articles]}}")
     articles = []
@@ -201,6 +205,6 @@ def squad_golds(path: str | Path) -> dict[str, list[str]]:
 
 __all__ = [
     "ChoiceExample", "DataFormatError", "JNLI_LABELS", "MARC_LABELS", "SquadArticle", "SquadParagraph",
-    "SquadQuestion", "TextExample", "read_jcommonsenseqa", "read_jnli", "read_jsts", "read_marc_ja", "read_squad",
+    "SquadQuestion", "TextExample", "read_jcommonsenseqa", "read_json_file", "read_jnli", "read_jsts", "read_marc_ja", "read_squad",
     "squad_golds",
 ]

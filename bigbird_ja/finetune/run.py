@@ -32,6 +32,7 @@ from typing import Any
 from ..training.config import load_yaml_text
 from ..training.distributed import broadcast_object
 from .config import ConfigError, FinetuneConfig, load_finetune_config
+from .jglue import read_json_file
 from .tasks import QATask, Task, get_task
 from .trainer import distributed_rank_and_size, start_deepspeed
 
@@ -341,12 +342,7 @@ def evaluate_predictions(task: str, predictions: str | Path | dict, data: str | 
     spec = get_task(task)
     if not isinstance(predictions, dict):
         path = Path(predictions)
-        if not path.is_file():
-            raise FileNotFoundError(f"predictions file {path} does not exist")
-        try:
-            predictions = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not JSON ({err.msg}); expected one object mapping id to prediction") from None
+        predictions = read_json_file(path, "predictions", "one object mapping id to prediction")
         if not isinstance(predictions, dict):
             raise ValueError(f"{path}: expected one JSON object mapping id to prediction, got "
                              f"{type(predictions).__name__}")
