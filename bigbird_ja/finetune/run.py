@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..training.checkpoint import atomic_write_text
 from ..training.config import load_yaml_text
 from ..training.distributed import broadcast_object
 from .config import ConfigError, FinetuneConfig, load_finetune_config
@@ -64,9 +65,7 @@ class PredictionCheck:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
 
 
 def _prepare_output(cfg: FinetuneConfig) -> Path:

@@ -43,6 +43,12 @@ def _take(items: list, n: int) -> list:
     return items[:n] if n else items
 
 
+def _accuracy(predictions: dict[str, Any], golds: dict[str, Any]) -> dict[str, Any]:
+    """Share of gold ids predicted right; a missing prediction counts as wrong."""
+    correct = sum(predictions.get(i) == g for i, g in golds.items())
+    return {"accuracy": correct / len(golds), "total": len(golds)}
+
+
 def _no_article_slices(task: str, data: DataSection) -> None:
     if data.train_articles is not None or data.valid_articles is not None:
         raise ValueError(f"data.train_articles / valid_articles select SQuAD articles (jsquad, longrange); task "
@@ -93,6 +99,12 @@ class Task:
     def score(self, predictions: dict[str, Any], golds: dict[str, Any]) -> dict[str, Any]:
         raise NotImplementedError
 
+    def outputs(self, model, prepared: Prepared, eval_cfg: EvalSection, train_cfg: TrainSection) -> list[dict]:
+        """The model's output arrays over the prepared features, in order, batch by batch."""
+        return predict_outputs(model, prepared.features, prepared.collate, batch_size=eval_cfg.batch_size,
+                               device=train_cfg.device, precision=train_cfg.precision,
+                               progress_bar=train_cfg.progress_bar, desc=f"{self.name} predict")
+
 
 class QATask(Task):
     head = "qa"
@@ -127,9 +139,7 @@ class QATask(Task):
                         examples, {"docs": docs})
 
     def predict(self, model, prepared, eval_cfg, train_cfg):
-        outputs = predict_outputs(model, prepared.features, prepared.collate, batch_size=eval_cfg.batch_size,
-                                  device=train_cfg.device, precision=train_cfg.precision,
-                                  progress_bar=train_cfg.progress_bar, desc=f"{self.name} predict")
+        outputs = self.outputs(model, prepared, eval_cfg, train_cfg)
         starts = [row for out in outputs for row in out["start_logits"]]
         ends = [row for out in outputs for row in out["end_logits"]]
         spans = predict_answers(prepared.examples, prepared.features, prepared.extra["docs"], starts, ends,
@@ -175,9 +185,7 @@ class SequenceTask(Task):
         return value if self.labels is None else self.labels[value]
 
     def predict(self, model, prepared, eval_cfg, train_cfg):
-        outputs = predict_outputs(model, prepared.features, prepared.collate, batch_size=eval_cfg.batch_size,
-                                  device=train_cfg.device, precision=train_cfg.precision,
-                                  progress_bar=train_cfg.progress_bar, desc=f"{self.name} predict")
+        outputs = self.outputs(model, prepared, eval_cfg, train_cfg)
         logits = np.concatenate([out["logits"] for out in outputs])
         if self.labels is None:
             values = [float(v) for v in logits[:, 0]]
@@ -200,9 +208,7 @@ class SequenceTask(Task):
             gold = [float(golds[i]) for i in ids]
             return {"pearson": pearson(pred, gold), "spearman": spearman(pred, gold), "total": len(golds),
                     "scored": len(ids)}
-        # a missing prediction counts as wrong
-        correct = sum(predictions.get(i) == g for i, g in golds.items())
-        return {"accuracy": correct / len(golds), "total": len(golds)}
+        return _accuracy(predictions, golds)
 
 
 class ChoiceTask(SequenceTask):
@@ -222,17 +228,14 @@ class ChoiceTask(SequenceTask):
         return value
 
     def predict(self, model, prepared, eval_cfg, train_cfg):
-        outputs = predict_outputs(model, prepared.features, prepared.collate, batch_size=eval_cfg.batch_size,
-                                  device=train_cfg.device, precision=train_cfg.precision,
-                                  progress_bar=train_cfg.progress_bar, desc=f"{self.name} predict")
+        outputs = self.outputs(model, prepared, eval_cfg, train_cfg)
         logits = np.concatenate([out["logits"] for out in outputs])
         predictions = {e.id: int(v) for e, v in zip(prepared.examples, logits.argmax(-1))}
         golds = {e.id: e.label for e in prepared.examples if e.label is not None}
         return predictions, self.score(predictions, golds) if golds else {"total": 0}
 
     def score(self, predictions, golds):
-        correct = sum(predictions.get(i) == g for i, g in golds.items())
-        return {"accuracy": correct / len(golds), "total": len(golds)}
+        return _accuracy(predictions, golds)
 
 
 TASKS: dict[str, Task] = {

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import sys
 import time
 from collections.abc import Callable
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from ..training.trainer import parameter_groups, seed_everything
 from .config import TrainSection
 
 
@@ -33,27 +33,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def _show_progress(setting: bool | None) -> bool:
     return sys.stderr.isatty() if setting is None else setting
 
 
 def _parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, LayerNorm weights and the relative-position embeddings."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if param.ndim < 2 or "LayerNorm" in name or "rel_embeddings" in name:
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """Pretraining's AdamW groups, with the relative-position embeddings left undecayed too."""
+    return parameter_groups(model, weight_decay, no_decay_names=("rel_embeddings",))
 
 
 def batch_order(lengths: list[int], batch_size: int, grouping: str, generator: torch.Generator) -> list[list[int]]:

@@ -169,7 +169,8 @@ def resolve_resume(spec: str | None, root: Path) -> Path | None:
 # Writing
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` through a synced temporary file and a rename: readers see the old file or the new."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
@@ -237,14 +238,14 @@ class CheckpointWriter:
                     "trainer": trainer_state, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "files": _listing(tmp)}
             _fsync_tree(tmp)
-            _atomic_write_text(tmp / META, json.dumps(meta, indent=1, sort_keys=True) + "\n")
+            atomic_write_text(tmp / META, json.dumps(meta, indent=1, sort_keys=True) + "\n")
             if final.exists():  # a checkpoint of the same step from an earlier attempt: replace it
                 doomed = self.root / f"{DELETE_PREFIX}{final.name}-{os.getpid()}"
                 os.replace(final, doomed)
                 shutil.rmtree(doomed, ignore_errors=True)
             os.replace(tmp, final)
             fsync_dir(self.root)
-            _atomic_write_text(self.root / LATEST, final.name + "\n")
+            atomic_write_text(self.root / LATEST, final.name + "\n")
             self._prune()
         self.barrier()
         self.last_seconds = time.perf_counter() - started

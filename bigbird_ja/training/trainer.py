@@ -155,12 +155,14 @@ def build_model_config(cfg: PretrainConfig, vocab_size: int, seq_len: int):
     return config
 
 
-def parameter_groups(model, weight_decay: float) -> list[dict]:
-    """AdamW groups: weight decay on matrices and embeddings, none on biases and LayerNorm weights (1-D)."""
+def parameter_groups(model, weight_decay: float, no_decay_names: tuple[str, ...] = ()) -> list[dict]:
+    """AdamW groups: weight decay on matrices and embeddings, none on biases and LayerNorm weights (1-D) nor on
+    parameters whose name contains one of `no_decay_names`."""
     decay, no_decay = [], []
-    for _, param in model.named_parameters():
+    for name, param in model.named_parameters():
         if param.requires_grad:
-            (decay if param.dim() >= 2 else no_decay).append(param)
+            exempt = param.dim() < 2 or any(part in name for part in no_decay_names)
+            (no_decay if exempt else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -178,7 +180,7 @@ def _stop_if_problems(problems: list[str], what: str) -> None:
                                                             for m in ms))
 
 
-def _seed_everything(seed: int) -> None:
+def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
@@ -353,7 +355,7 @@ def _pretrain(cfg: PretrainConfig, deepspeed, env: DistEnv, cuda: bool, resume, 
     from ..modeling import BigBirdJaForMaskedLM
 
     model_config = build_model_config(cfg, len(tokenizer), seq_len)
-    _seed_everything(cfg.run.seed)  # identical initial weights on every rank
+    seed_everything(cfg.run.seed)  # identical initial weights on every rank
     if cfg.model.init_from:
         model = BigBirdJaForMaskedLM.from_pretrained(cfg.model.init_from, config=model_config)
     else:
@@ -477,11 +479,11 @@ def _pretrain(cfg: PretrainConfig, deepspeed, env: DistEnv, cuda: bool, resume, 
         if rng is not None:
             set_rng_state(rng)
         else:  # another world size: fresh per-rank dropout streams, still a function of (seed, step, rank)
-            _seed_everything(cfg.run.seed * 1_000_003 + step * 7919 + env.rank + 1)
+            seed_everything(cfg.run.seed * 1_000_003 + step * 7919 + env.rank + 1)
         say(f"resumed from {ckpt} at step {step} ({samples:,} samples, data cursor "
             f"{trainer['data']['global_position']:,})")
     else:
-        _seed_everything(cfg.run.seed * 1_000_003 + env.rank + 1)  # dropout differs between ranks
+        seed_everything(cfg.run.seed * 1_000_003 + env.rank + 1)  # dropout differs between ranks
 
     eval_start = eval_data.state_dict() if eval_data is not None else None
 
