@@ -10,30 +10,20 @@ Subcommands:
   finetune  fine-tune on a JGLUE task (jsquad over long documents, jnli, jsts, jcommonsenseqa, marc-ja) or the
             generated long-range QA task; --section.key=value overrides (configs/finetune/*.yaml)
   evaluate  score a predictions file (SQuAD format for jsquad) or run a fine-tuned model over a data file
+
+Options that name a file or folder the command writes are spelled --out (--metrics-out, --predictions-out where a
+command writes several). Unknown arguments of pretrain, finetune and evaluate are run-config overrides
+(--section.key=value), so their options are never abbreviated and the data files are --train-file / --valid-file
+(--train.epochs=3 is the train section). Errors a user can fix (a bad config or argument, a missing file or
+package, a failed preflight check) end with one line and exit status 2; anything else (CUDA out of memory, an NCCL
+failure, a bug) propagates with its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
-
-
-def _load_config(name_or_path: str | None, overrides: dict):
-    from .configuration import BigBirdJaConfig
-
-    if name_or_path is None:
-        config = BigBirdJaConfig()
-    elif str(name_or_path).endswith((".yaml", ".yml")):
-        from .configuration import load_model_config
-
-        config = load_model_config(name_or_path)
-    else:
-        config = BigBirdJaConfig.from_pretrained(name_or_path)
-    for key, value in overrides.items():
-        if value is not None:
-            setattr(config, key, value)
-    config.validate_bigbird_ja()
-    return config
 
 
 def cmd_convert(args) -> int:
@@ -52,15 +42,18 @@ def cmd_convert(args) -> int:
 
 
 def cmd_layout(args) -> int:
+    from .configuration import build_model_config
     from .plotting import draw_layout
 
-    config = _load_config(args.config, dict(
-        attention_type=args.attention_type, block_size=args.block_size, num_window_blocks=args.num_window_blocks,
-        num_global_blocks=args.num_global_blocks, num_random_blocks=args.num_random_blocks,
-        random_seed=args.random_seed, num_attention_heads=args.num_heads,
-    ))
-    if args.seq_len > config.max_position_embeddings:
-        config.max_position_embeddings = args.seq_len
+    given = dict(attention_type=args.attention_type, block_size=args.block_size,
+                 num_window_blocks=args.num_window_blocks, num_global_blocks=args.num_global_blocks,
+                 num_random_blocks=args.num_random_blocks, random_seed=args.random_seed,
+                 num_attention_heads=args.num_heads)
+    overrides = {key: value for key, value in given.items() if value is not None}
+    config = build_model_config(args.config, overrides, what="layout options")
+    if args.seq_len > config.max_position_embeddings:  # the drawing may go beyond the preset's length
+        config = build_model_config(args.config, {**overrides, "max_position_embeddings": args.seq_len},
+                                    what="layout options")
     path = draw_layout(config, args.seq_len, args.out, layer_idx=args.layer, head=args.head)
     print(f"wrote {path}")
     return 0
@@ -111,8 +104,8 @@ def cmd_export(args) -> int:
 def cmd_finetune(args) -> int:
     from .finetune import finetune
 
-    finetune(args.task, args.config, overrides=args.overrides, model=args.model, train=args.train,
-             valid=args.valid, output=args.out)
+    finetune(args.task, args.config, overrides=args.overrides, model=args.model, train=args.train_file,
+             valid=args.valid_file, output=args.out)
     return 0
 
 
@@ -127,14 +120,14 @@ def cmd_evaluate(args) -> int:
     if args.predictions is not None:
         if args.overrides:
             raise ValueError(f"--section.key=value overrides apply to --model runs only; got {args.overrides}")
-        metrics, check = evaluate_predictions(args.task, args.predictions, args.data, output=args.output)
+        metrics, check = evaluate_predictions(args.task, args.predictions, args.data, output=args.metrics_out)
         print(check.summary())
     else:
         metrics = evaluate_model(args.task, args.model, args.data, args.config, overrides=args.overrides,
-                                 output=args.output, predictions_out=args.predictions_out)
+                                 output=args.metrics_out, predictions_out=args.predictions_out)
     print(json.dumps(metrics, ensure_ascii=False))
-    if args.output:
-        print(f"wrote {args.output}")
+    if args.metrics_out:
+        print(f"wrote {args.metrics_out}")
     return 0
 
 
@@ -146,12 +139,30 @@ def _sparsity_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-random-blocks", type=int)
 
 
+class _TaskNames:
+    """The task choices of finetune / evaluate: the names in the task registry (`bigbird_ja.finetune.tasks.TASKS`),
+    read when a task argument is checked or help is shown, so other subcommands never import the finetune package."""
+
+    @staticmethod
+    def _names() -> list[str]:
+        from .finetune.tasks import TASKS
+
+        return list(TASKS)
+
+    def __contains__(self, name) -> bool:
+        return name in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bigbird-ja", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     # the deepspeed launcher puts --local_rank=N before the subcommand; LOCAL_RANK in the environment is what is used
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
+    parser.subcommands = sub.choices  # name -> subparser
 
     p = sub.add_parser("convert", help="warm-start from a local DeBERTa-v2/v3 or BigBird checkpoint")
     p.add_argument("src", help="transformers checkpoint folder (config.json + weights + tokenizer files)")
@@ -213,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("pretrain", help="MLM pretraining on DeepSpeed (one process, deepspeed, torchrun, mpirun, srun)",
+                       allow_abbrev=False,  # with run-config overrides, a prefix of an option must not pass for it
                        description="Pretrain from a run preset; further arguments --section.key=value override it "
                        "(e.g. --train.max_steps=100 --zero.stage=2).")
     p.add_argument("--config", required=True, help="run preset (configs/pretrain/*.yaml) or a saved config.yaml")
@@ -228,8 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)
 
-    tasks = ["jsquad", "jnli", "jsts", "jcommonsenseqa", "marc-ja", "longrange"]
+    tasks = _TaskNames()
     p = sub.add_parser("finetune", help="fine-tune and evaluate on a JGLUE task or the long-range QA task",
+                       allow_abbrev=False,  # --train (a section) must not pass for --train-file
                        description="Fine-tune, then predict and score the validation file; further arguments "
                        "--section.key=value override the config (e.g. --train.epochs=3 --data.max_length=1024). Several "
                        "processes: start it under deepspeed / torchrun / mpirun / srun with --train.deepspeed=true.")
@@ -237,12 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="fine-tune preset (configs/finetune/*.yaml); default: the built-in defaults")
     p.add_argument("--model", help="checkpoint folder to start from (model.init_from); a preset may instead train "
                    "model.preset from scratch")
-    p.add_argument("--train", help="training file in the task's JGLUE format (data.train)")
-    p.add_argument("--valid", help="validation file (data.valid)")
-    p.add_argument("--out", help="output folder (output.dir)")
+    p.add_argument("--train-file", metavar="FILE", help="training file in the task's JGLUE format (data.train)")
+    p.add_argument("--valid-file", metavar="FILE", help="validation file (data.valid)")
+    p.add_argument("--out", metavar="DIR", help="output folder (output.dir)")
     p.set_defaults(func=cmd_finetune, takes_overrides=True)
 
     p = sub.add_parser("evaluate", help="score predictions (or a fine-tuned model) on a JGLUE data file",
+                       allow_abbrev=False,
                        description="With --predictions: score a predictions file (one JSON object id -> answer "
                        "text for jsquad) against --data and report missing and unknown ids. With --model: run a "
                        "fine-tuned model over --data (--section.key=value overrides apply).")
@@ -251,10 +265,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictions", help="predictions file: one JSON object mapping id to prediction")
     p.add_argument("--model", help="fine-tuned model folder (with its tokenizer)")
     p.add_argument("--config", help="fine-tune preset for --model runs (data and eval sections)")
-    p.add_argument("--output", help="write the metrics here as JSON")
-    p.add_argument("--predictions-out", help="--model runs: write the predictions here as JSON")
+    p.add_argument("--metrics-out", metavar="FILE", help="write the metrics here as JSON")
+    p.add_argument("--predictions-out", metavar="FILE", help="--model runs: write the predictions here as JSON")
     p.set_defaults(func=cmd_evaluate, takes_overrides=True)
     return parser
+
+
+def _refuse_unknown_options(parser: argparse.ArgumentParser, command: str, extra: list[str]) -> None:
+    """Arguments argparse did not know are run-config overrides (--section.key=value); an --option without a dot
+    is a misspelt or renamed option, refused with the closest real one."""
+    subcommand = parser.subcommands[command]
+    options = [o for o in subcommand._option_string_actions if o.startswith("--")]  # argparse has no public list
+    for arg in extra:
+        name = arg.split("=", 1)[0]
+        if name.startswith("--") and "." not in name:
+            close = difflib.get_close_matches(name, options, n=1)
+            hint = f"; did you mean {close[0]}?" if close else f"; the options are {', '.join(sorted(options))}"
+            subcommand.error(f"unrecognized option {name}{hint} (run-config overrides are --section.key=value)")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What `main` reports in one line with exit status 2: conditions the user fixes (the message names the fix).
+    A RuntimeError is not one of them (CUDA out of memory, NCCL failures and bugs keep their traceback), except the
+    preflight checks' own PreflightError."""
+    from .training.preflight import PreflightError
+
+    return ValueError, FileNotFoundError, ImportError, PreflightError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -262,10 +298,12 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "takes_overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        _refuse_unknown_options(parser, args.command, extra)
     args.overrides = extra  # --section.key=value for subcommands that take run-config overrides
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as err:
+    except _user_errors() as err:  # evaluated only when something was raised
         print(f"bigbird-ja {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -118,7 +118,11 @@ class BigBirdJaConfig(PreTrainedConfig):
         return self.hidden_size // self.num_attention_heads
 
     def validate_bigbird_ja(self) -> None:
-        """Raise `ValueError` naming the field, the rule and the fix. Called at construction and by the model."""
+        """Raise `ValueError` naming the field, the rule and the fix.
+
+        Called at construction and once more when a model is built (`BigBirdJaModel.__init__`): transformers checks
+        only its own fields on assignment, so a field set after construction is first seen there.
+        """
 
         def fail(field: str, rule: str) -> None:
             raise ValueError(f"BigBirdJaConfig.{field}={getattr(self, field)!r}: {rule}")
@@ -160,18 +164,46 @@ class BigBirdJaConfig(PreTrainedConfig):
                  f"random blocks or attention_type='full'.")
 
 
-def load_model_config(path) -> BigBirdJaConfig:
-    """Read a model preset (YAML, as under configs/model/) strictly: an unknown key is an error listing valid ones."""
-    import yaml
+# Keys a preset or overrides may set beside the dataclass fields: transformers' head settings (PreTrainedConfig
+# attributes) and DeBERTa's classifier dropout, which the heads read.
+HEAD_KEYS = ("num_labels", "id2label", "label2id", "problem_type", "cls_dropout")
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model config {path} does not exist (presets live in configs/model/).")
-    values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a mapping of BigBirdJaConfig fields, got {type(values).__name__}.")
-    valid = {f.name for f in dataclasses.fields(BigBirdJaConfig)} | {"num_labels", "cls_dropout"}
-    unknown = sorted(set(values) - valid)
+
+def build_model_config(source=None, overrides: dict | None = None, *, what: str = "model.overrides") -> BigBirdJaConfig:
+    """The one way a `BigBirdJaConfig` is made from a preset plus overrides (CLI, pretraining, fine-tuning).
+
+    source: None (the class defaults: the 4,096-token base model), a model preset (YAML, as under configs/model/,
+        read strictly with the project's YAML dialect: an unknown key is an error listing the valid ones), a
+        ``config.json`` file or a folder holding one (a save_pretrained checkpoint).
+    overrides: field -> value, laid over the source before the config is built, so derived fields
+        (embedding_size, pooler_hidden_size) follow an overridden hidden_size and validation sees the final values.
+    what: how the overrides are named in errors (e.g. "model.overrides", "--block-size ...").
+    """
+    import json
+
+    from .common.config_io import ConfigError, load_yaml_text
+
+    valid = sorted({f.name for f in dataclasses.fields(BigBirdJaConfig)} | set(HEAD_KEYS))
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(valid))
     if unknown:
-        raise ValueError(f"{path}: unknown keys {unknown}; valid keys are {sorted(valid)}.")
-    return BigBirdJaConfig(**values)
+        raise ConfigError(f"{what}: unknown keys {unknown}; valid keys are {valid}")
+    if source is None:
+        return BigBirdJaConfig(**overrides)
+    path = Path(source)
+    if path.is_dir() or path.suffix == ".json":
+        file = path / "config.json" if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"model config {str(file)!r} does not exist (give a save_pretrained folder, its "
+                                    f"config.json, or a model preset from configs/model/)")
+        values = json.loads(file.read_text(encoding="utf-8"))
+        return BigBirdJaConfig.from_dict({**values, **overrides})  # from_dict: transformers' own keys are fine here
+    if not path.is_file():
+        raise FileNotFoundError(f"model preset {str(path)!r} does not exist (presets live in configs/model/)")
+    values = load_yaml_text(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of BigBirdJaConfig fields, got {type(values).__name__}")
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise ConfigError(f"{path}: unknown keys {unknown}; valid keys are {valid}")
+    return BigBirdJaConfig(**{**values, **overrides})

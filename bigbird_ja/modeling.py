@@ -24,6 +24,7 @@ from transformers.modeling_outputs import (
     SequenceClassifierOutput,
     TokenClassifierOutput,
 )
+from transformers.utils.generic import can_return_tuple
 
 from .attention import RelativePositionSpec, disentangled_attention, layout_for
 from .configuration import BigBirdJaConfig
@@ -248,7 +249,12 @@ def _check_inputs(config, input_ids, inputs_embeds, attention_mask):
 
 
 class BigBirdJaModel(BigBirdJaPreTrainedModel):
+    """The encoder. Every forward returns a `BaseModelOutput`; `@can_return_tuple` turns it into a tuple (its
+    fields in order, None left out) when return_dict=False is passed or set in the config, here and in the heads."""
+
     def __init__(self, config: BigBirdJaConfig):
+        # The config validated itself when it was constructed, but transformers validates only its own fields on
+        # assignment, so `config.block_size = 12` afterwards goes unseen: check once more before building on it.
         config.validate_bigbird_ja()
         super().__init__(config)
         self.embeddings = BigBirdJaEmbeddings(config)
@@ -261,26 +267,15 @@ class BigBirdJaModel(BigBirdJaPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embeddings.word_embeddings = value
 
-    def forward(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        token_type_ids=None,
-        position_ids=None,
-        inputs_embeds=None,
-        output_attentions=None,
-        output_hidden_states=None,
-        return_dict=None,
-        **kwargs,
-    ):
+    @can_return_tuple
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                inputs_embeds=None, output_attentions=None, output_hidden_states=None, **kwargs) -> BaseModelOutput:
         if output_attentions:
             raise ValueError("output_attentions is not available for block-sparse attention (no N x N matrix is "
                              "formed); bigbird_ja.attention_mask(config, seq_len, layer) gives the pattern.")
-        self.config.validate_bigbird_ja()  # the config may have been edited after construction
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         shape = _check_inputs(self.config, input_ids, inputs_embeds, attention_mask)
         device = input_ids.device if input_ids is not None else inputs_embeds.device
         mask = torch.ones(shape, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
@@ -288,8 +283,6 @@ class BigBirdJaModel(BigBirdJaPreTrainedModel):
             token_type_ids = torch.zeros(shape, dtype=torch.long, device=device)
         hidden = self.embeddings(input_ids, token_type_ids, position_ids, mask, inputs_embeds)
         last, all_hidden = self.encoder(hidden, mask, output_hidden_states=output_hidden_states)
-        if not return_dict:
-            return (last,) + ((all_hidden,) if output_hidden_states else ())
         return BaseModelOutput(last_hidden_state=last, hidden_states=all_hidden)
 
 
@@ -341,10 +334,9 @@ class BigBirdJaForMaskedLM(BigBirdJaPreTrainedModel):
     def set_output_embeddings(self, new_embeddings):
         self.cls.predictions.decoder = new_embeddings
 
+    @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                inputs_embeds=None, labels=None, output_attentions=None, output_hidden_states=None,
-                return_dict=None, **kwargs):
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+                inputs_embeds=None, labels=None, output_attentions=None, output_hidden_states=None, **kwargs):
         outputs = self.bigbird_ja(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                                   position_ids=position_ids, inputs_embeds=inputs_embeds,
                                   output_attentions=output_attentions, output_hidden_states=output_hidden_states,
@@ -353,9 +345,6 @@ class BigBirdJaForMaskedLM(BigBirdJaPreTrainedModel):
         loss = None
         if labels is not None:  # -100 = not predicted
             loss = CrossEntropyLoss()(logits.view(-1, self.config.vocab_size).float(), labels.view(-1))
-        if not return_dict:
-            out = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
-            return ((loss,) + out) if loss is not None else out
         return MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
 
 
@@ -389,10 +378,9 @@ class BigBirdJaForSequenceClassification(BigBirdJaPreTrainedModel):
         self.classifier = nn.Linear(config.pooler_hidden_size, config.num_labels)
         self.post_init()
 
+    @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                inputs_embeds=None, labels=None, output_attentions=None, output_hidden_states=None,
-                return_dict=None, **kwargs):
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+                inputs_embeds=None, labels=None, output_attentions=None, output_hidden_states=None, **kwargs):
         outputs = self.bigbird_ja(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                                   position_ids=position_ids, inputs_embeds=inputs_embeds,
                                   output_attentions=output_attentions, output_hidden_states=output_hidden_states,
@@ -415,9 +403,6 @@ class BigBirdJaForSequenceClassification(BigBirdJaPreTrainedModel):
                 loss = CrossEntropyLoss()(logits.view(-1, self.num_labels).float(), labels.view(-1))
             else:
                 loss = BCEWithLogitsLoss()(logits.float(), labels.float())
-        if not return_dict:
-            out = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
-            return ((loss,) + out) if loss is not None else out
         return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
 
 
@@ -432,10 +417,9 @@ class BigBirdJaForMultipleChoice(BigBirdJaPreTrainedModel):
         self.classifier = nn.Linear(config.pooler_hidden_size, 1)
         self.post_init()
 
+    @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                inputs_embeds=None, labels=None, output_attentions=None, output_hidden_states=None,
-                return_dict=None, **kwargs):
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+                inputs_embeds=None, labels=None, output_attentions=None, output_hidden_states=None, **kwargs):
         num_choices = (input_ids if input_ids is not None else inputs_embeds).shape[1]
 
         def flat(x):  # [B, C, ...] -> [B*C, ...]
@@ -447,9 +431,6 @@ class BigBirdJaForMultipleChoice(BigBirdJaPreTrainedModel):
                                   output_hidden_states=output_hidden_states, return_dict=True)
         logits = self.classifier(self.dropout(self.pooler(outputs.last_hidden_state))).view(-1, num_choices)
         loss = CrossEntropyLoss()(logits.float(), labels) if labels is not None else None
-        if not return_dict:
-            out = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
-            return ((loss,) + out) if loss is not None else out
         return MultipleChoiceModelOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
 
 
@@ -462,10 +443,9 @@ class BigBirdJaForTokenClassification(BigBirdJaPreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
+    @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                inputs_embeds=None, labels=None, output_attentions=None, output_hidden_states=None,
-                return_dict=None, **kwargs):
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+                inputs_embeds=None, labels=None, output_attentions=None, output_hidden_states=None, **kwargs):
         outputs = self.bigbird_ja(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                                   position_ids=position_ids, inputs_embeds=inputs_embeds,
                                   output_attentions=output_attentions, output_hidden_states=output_hidden_states,
@@ -474,9 +454,6 @@ class BigBirdJaForTokenClassification(BigBirdJaPreTrainedModel):
         loss = None
         if labels is not None:  # -100 = ignored
             loss = CrossEntropyLoss()(logits.view(-1, self.num_labels).float(), labels.view(-1))
-        if not return_dict:
-            out = (logits,) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
-            return ((loss,) + out) if loss is not None else out
         return TokenClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
 
 
@@ -489,10 +466,10 @@ class BigBirdJaForQuestionAnswering(BigBirdJaPreTrainedModel):
         self.qa_outputs = nn.Linear(config.hidden_size, 2)
         self.post_init()
 
+    @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, start_positions=None, end_positions=None, output_attentions=None,
-                output_hidden_states=None, return_dict=None, **kwargs):
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+                output_hidden_states=None, **kwargs):
         outputs = self.bigbird_ja(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                                   position_ids=position_ids, inputs_embeds=inputs_embeds,
                                   output_attentions=output_attentions, output_hidden_states=output_hidden_states,
@@ -507,8 +484,5 @@ class BigBirdJaForQuestionAnswering(BigBirdJaPreTrainedModel):
             end_positions = end_positions.view(-1).clamp(0, ignored)
             loss_fct = CrossEntropyLoss(ignore_index=ignored)
             loss = (loss_fct(start_logits.float(), start_positions) + loss_fct(end_logits.float(), end_positions)) / 2
-        if not return_dict:
-            out = (start_logits, end_logits) + ((outputs.hidden_states,) if outputs.hidden_states is not None else ())
-            return ((loss,) + out) if loss is not None else out
         return QuestionAnsweringModelOutput(loss=loss, start_logits=start_logits, end_logits=end_logits,
                                             hidden_states=outputs.hidden_states)

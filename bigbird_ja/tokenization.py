@@ -27,11 +27,13 @@ What `train_tokenizer` builds, and why:
   text contains a special token's literal ("[SEP]"), which the fast tokenizer matches as that token.
 * **Streaming, bounded memory.** Input files are read line by line; at most `input_sentence_size` cleaned lines
   are kept (uniform reservoir sample) and only those are segmented and handed to the trainer as an iterator.
-* **Bad input is counted, never fatal, never silent.** Invalid UTF-8 and empty lines are skipped, control
-  characters (NUL included) removed, tabs made spaces, half-/full-width variants NFKC-normalised, emoji kept, long
-  lines split; every case is counted and located by file and line in the returned report, in
-  `training_report.json` (counts and the first examples per kind) and in `input_issues.jsonl` (every line where
-  text was lost; the first examples of the kinds that keep the text).
+* **Cleaned as `prepare` cleans.** Every line is decoded and cleaned by `bigbird_ja.data.cleaning`, the policy
+  `prepare` applies to the text it packs (invalid UTF-8 bytes dropped, control characters and U+FFFE/U+FFFF
+  removed, tabs kept, NFKC, emoji kept), so the tokenizer learns each character as it will meet it in the packed
+  data. Empty lines are skipped and long lines split. Bad input is never fatal and never silent: every case is
+  counted and located by file and line in the returned report, in `training_report.json` (counts and the first
+  locations per kind) and in `input_issues.jsonl` (the format of prepare's issues.jsonl: every instance where text
+  was lost, the first ones of the kinds that keep it).
 
 Known limits. Round trip: a literal "▁" (U+2581) in the input decodes as a space, as in SentencePiece. Offsets:
 where NFKC composes several original characters into one (half-width "ｶﾞ" -> "ガ", "e" + U+0301 -> "é"), the
@@ -40,8 +42,7 @@ mark belongs to no token ("ｶﾞｷﾞ" -> ガ (0, 1), ギ (2, 3)); extend a sp
 it. Every other character, NFKC-changed or not, maps exactly (one character that NFKC expands, such as "㌔" ->
 "キロ", gives each of its pieces that character's span).
 
-`answer_boundary_rate` measures the QA property on a SQuAD-format file (JSQuAD): the fraction of questions with a
-gold answer whose start and end fall on token offsets of the context.
+The QA property is measured by `bigbird_ja.finetune.answer_coverage.answer_boundary_rate` (on JSQuAD).
 
 MeCab (fugashi, unidic-lite) and sentencepiece are training-time dependencies only: `pip install
 'bigbird-ja[tokenizer]'`. Loading and using a trained tokenizer needs only transformers/tokenizers.
@@ -49,20 +50,21 @@ MeCab (fugashi, unidic-lite) and sentencepiece are training-time dependencies on
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import random
 import re
 import shutil
 import time
-import unicodedata
 import uuid
 from array import array
-from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .data.cleaning import ACTIONS, KEPT_KINDS, CleaningOptions, Issue, IssueLog, clean_text, decode_utf8
 
 # Ids are fixed by the trainer options below; tests and model configs rely on them.
 SPECIAL_TOKENS: dict[str, int] = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "[MASK]": 4}
@@ -87,9 +89,6 @@ _MAX_SENTENCE_CHARS = 2048
 # UTF-8 needs at most 4 bytes a character, plus one delimiter byte per word: a chunk never exceeds this many bytes.
 _MAX_SENTENCE_BYTES = 5 * _MAX_SENTENCE_CHARS
 _SENTENCE_END = re.compile(r"(?<=[。！？!?．.])")
-_EMOJI = re.compile("[\U0001F000-\U0001FAFF]|[\u2600-\u27BF]\uFE0F")
-# Control characters (C0, DEL, C1) and the byte-order mark; a tab is turned into a space instead.
-_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\ufeff]")
 # A literal that spells a byte piece ("<0x41>") must not be read as that piece: the "<" is cut off first.
 _BYTE_PIECE_LITERAL = r"<(?=0x[0-9A-F]{2}>)"
 # Score given to control, unknown and byte pieces in the fast model, so any ordinary segmentation of text wins over
@@ -100,35 +99,15 @@ _UNMATCHABLE_SCORE = -1.0e4
 # ----------------------------------------------------------------------------------------------------------------
 # Report
 
-
-@dataclass
-class InputIssue:
-    """One problem in the input, located by file and 1-based line number."""
-
-    file: str
-    line: int
-    kind: str  # invalid_utf8, empty_line, control_characters, nfkc_normalised, emoji, long_line_split, ...
-    action: str  # skipped, removed, normalised, kept, split
-    detail: str = ""
-
-    def __str__(self) -> str:
-        return f"{self.file}:{self.line}: {self.kind} ({self.action}) {self.detail}".rstrip()
-
-
-ISSUE_ACTIONS = {
-    "invalid_utf8": "skipped",
-    "empty_line": "skipped",
-    "control_characters": "removed",
-    "nfkc_normalised": "normalised",
-    "emoji": "kept",
-    "replacement_character": "kept",
-    "long_line_split": "split",
-    "segmentation_fallback": "kept",
+# The trainer's own issue kinds, logged beside those of `cleaning` (same log, same file format).
+_LINE_ACTIONS = {
+    "empty_line": "line skipped",
+    "long_line_split": f"split at sentence ends into pieces of <= {_MAX_SENTENCE_CHARS} characters",
+    "replacement_character": "kept (U+FFFD: text lost before the file was written)",
+    "segmentation_fallback": "kept, split at whitespace only (MeCab's words did not align with the text)",
 }
-# Where text was lost, every instance goes to input_issues.jsonl; where it was kept (perhaps normalised), the
-# counts are complete but only the first examples are listed: on real corpora nearly every line has a full-width
-# parenthesis that NFKC rewrites, and listing those would copy the corpus.
-FULLY_LISTED = ("invalid_utf8", "empty_line", "control_characters")
+_ISSUE_ACTIONS = {**ACTIONS, **_LINE_ACTIONS}
+_KEPT_KINDS = KEPT_KINDS + ("long_line_split", "replacement_character", "segmentation_fallback")
 
 
 @dataclass
@@ -148,9 +127,9 @@ class TokenizerTrainingReport:
     sentences: int = 0  # cleaned lines (after splitting long ones) offered to the sampler
     sentences_sampled: int = 0  # kept by the input_sentence_size cap and given to the trainer
     characters_sampled: int = 0
-    issue_counts: dict[str, int] = field(default_factory=dict)  # lines affected, per kind
-    issues: list[InputIssue] = field(default_factory=list)  # the first examples of each kind
-    issues_file: str = ISSUES_FILE  # in out_dir, one JSON object a line (see FULLY_LISTED)
+    issue_counts: dict[str, int] = field(default_factory=dict)  # per kind: characters, byte sequences or lines
+    issue_examples: dict[str, list[str]] = field(default_factory=dict)  # per kind: the first "file:line"
+    issues_file: str = ISSUES_FILE  # in out_dir, one JSON object a line (see `cleaning.IssueLog`)
     seconds: float = 0.0
 
     def summary(self, max_examples: int = 5) -> str:
@@ -166,11 +145,10 @@ class TokenizerTrainingReport:
         if not self.issue_counts:
             lines.append("  input issues: none")
         for kind, count in sorted(self.issue_counts.items()):
-            lines.append(f"  {kind}: {count} line(s) {ISSUE_ACTIONS.get(kind, '')}")
-            lines += [f"    {issue}" for issue in [i for i in self.issues if i.kind == kind][:max_examples]]
-            if count > max_examples:
-                where = "every one" if kind in FULLY_LISTED else "the first ones"
-                lines.append(f"    ... {where} listed in {Path(self.out_dir) / self.issues_file}")
+            where = ", ".join(self.issue_examples.get(kind, [])[:max_examples])
+            lines.append(f"  {kind}: {count} ({_ISSUE_ACTIONS[kind]})" + (f", e.g. {where}" if where else ""))
+        if self.issue_counts:
+            lines.append(f"  every logged issue: {Path(self.out_dir) / self.issues_file}")
         lines.append(f"  wrote {self.out_dir}")
         return "\n".join(lines)
 
@@ -178,61 +156,8 @@ class TokenizerTrainingReport:
         return asdict(self)
 
 
-class _IssueLog:
-    """Counts issues, keeps the first few of each kind in memory and streams them to a JSON-lines file (all of
-    the FULLY_LISTED kinds, the first `max_examples` of the others)."""
-
-    def __init__(self, path: Path, max_examples: int):
-        self.counts: Counter[str] = Counter()
-        self.examples: list[InputIssue] = []
-        self._max_examples = max_examples
-        self._file = open(path, "w", encoding="utf-8")
-
-    def add(self, file: str, line: int, kind: str, detail: str = "") -> None:
-        issue = InputIssue(file, line, kind, ISSUE_ACTIONS[kind], detail)
-        self.counts[kind] += 1
-        if self.counts[kind] <= self._max_examples:
-            self.examples.append(issue)
-        if self.counts[kind] <= self._max_examples or kind in FULLY_LISTED:
-            self._file.write(json.dumps(asdict(issue), ensure_ascii=False) + "\n")
-
-    def close(self) -> None:
-        self._file.close()
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Reading and cleaning
-
-
-def _describe_chars(chars: Iterable[str]) -> str:
-    counts = Counter(chars)
-    return ", ".join(f"U+{ord(c):04X} x{n}" for c, n in sorted(counts.items()))
-
-
-def _clean_line(text: str, where: tuple[str, int], log: _IssueLog) -> str | None:
-    """The training text of one decoded line (None if nothing usable is left); every change is logged."""
-    file, line = where
-    controls = _CONTROL.findall(text)
-    if "\t" in text:
-        controls += ["\t"] * text.count("\t")
-        text = text.replace("\t", " ")
-    if controls:
-        text = _CONTROL.sub("", text)
-        log.add(file, line, "control_characters", _describe_chars(controls))
-    if not unicodedata.is_normalized("NFKC", text):
-        changed = sorted({c for c in text if unicodedata.normalize("NFKC", c) != c})
-        detail = " ".join(f"{c}->{unicodedata.normalize('NFKC', c)}" for c in changed[:8])
-        log.add(file, line, "nfkc_normalised", detail + (" ..." if len(changed) > 8 else ""))
-        text = unicodedata.normalize("NFKC", text)
-    if "\ufffd" in text:
-        log.add(file, line, "replacement_character", f"U+FFFD x{text.count(chr(0xFFFD))} (lost upstream)")
-    emoji = _EMOJI.findall(text)
-    if emoji:
-        log.add(file, line, "emoji", "".join(emoji[:10]) + (" ..." if len(emoji) > 10 else ""))
-    if not text.strip():
-        log.add(file, line, "empty_line")
-        return None
-    return text
 
 
 def _split_long(text: str, limit: int) -> list[str]:
@@ -255,35 +180,40 @@ def _split_long(text: str, limit: int) -> list[str]:
     return [c for c in chunks if c.strip()]
 
 
-def _read_sentences(paths: list[Path], log: _IssueLog, stats: list[dict[str, Any]]
+def _read_sentences(paths: list[Path], log: IssueLog, stats: list[dict[str, Any]]
                     ) -> Iterator[tuple[str, int, int]]:
-    """(sentence, file index, line number) for every usable line of every file, read lazily."""
+    """(sentence, file index, line number) for every usable line of every file, read lazily.
+
+    Each line is cleaned as `prepare` cleans the text it packs (`cleaning`, with prepare's default options).
+    """
+    options = CleaningOptions()
+    kept_budget = {kind: log.max_logged_kept for kind in KEPT_KINDS}
     for file_idx, path in enumerate(paths):
-        name = str(path)
-        entry = {"path": name, "lines": 0, "lines_used": 0}
+        entry = {"path": str(path), "lines": 0, "lines_used": 0}
         stats.append(entry)
         with open(path, "rb") as handle:
             for line_no, raw in enumerate(handle, start=1):
                 entry["lines"] = line_no
+                if line_no == 1 and raw.startswith(codecs.BOM_UTF8):  # encoding metadata, as prepare reads it
+                    raw = raw[len(codecs.BOM_UTF8):]
                 raw = raw.rstrip(b"\n")
                 if raw.endswith(b"\r"):  # a Windows line end, not content
                     raw = raw[:-1]
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError as err:
-                    bad = raw[err.start:err.end]
-                    log.add(name, line_no, "invalid_utf8", f"{err.reason} at byte {err.start}: {bad!r}")
-                    continue
-                cleaned = _clean_line(text, (name, line_no), log)
-                if cleaned is None:
-                    continue
-                entry["lines_used"] += 1
-                if len(cleaned) > _MAX_SENTENCE_CHARS:
-                    chunks = _split_long(cleaned, _MAX_SENTENCE_CHARS)
-                    log.add(name, line_no, "long_line_split",
-                            f"{len(cleaned)} characters -> {len(chunks)} pieces of <= {_MAX_SENTENCE_CHARS}")
+                issues: list[Issue] = []
+                text = decode_utf8(raw, options, file_idx, line_no, False, issues)
+                text = clean_text(text, options, file_idx, line_no, False, issues, kept_budget)
+                chunks = []
+                if not text.strip():
+                    issues.append(Issue("empty_line", file_idx, line_no, 1))
                 else:
-                    chunks = [cleaned]
+                    entry["lines_used"] += 1
+                    if "\ufffd" in text:
+                        issues.append(Issue("replacement_character", file_idx, line_no, text.count("\ufffd")))
+                    chunks = [text]
+                    if len(text) > _MAX_SENTENCE_CHARS:
+                        chunks = _split_long(text, _MAX_SENTENCE_CHARS)
+                        issues.append(Issue("long_line_split", file_idx, line_no, 1))
+                log.add(issues, kept_budget.pop("_unlogged", None))
                 for chunk in chunks:
                     yield chunk, file_idx, line_no
 
@@ -365,8 +295,8 @@ class MecabSegmenter:
         return out
 
 
-def _training_iterator(reservoir: _Reservoir, paths: list[Path], segmenter: MecabSegmenter | None,
-                       log: _IssueLog | None) -> Iterator[str]:
+def _training_iterator(reservoir: _Reservoir, segmenter: MecabSegmenter | None,
+                       log: IssueLog | None) -> Iterator[str]:
     """The sentences handed to SentencePiece; with a segmenter, words are joined by the delimiter.
 
     Whitespace is always a unit of its own, so even without MeCab no piece glues "▁" to a word.
@@ -375,8 +305,7 @@ def _training_iterator(reservoir: _Reservoir, paths: list[Path], segmenter: Meca
         units = segmenter.units(sentence) if segmenter is not None else None
         if units is None:
             if segmenter is not None and log is not None:
-                log.add(str(paths[reservoir.files[i]]), int(reservoir.lines[i]), "segmentation_fallback",
-                        "MeCab output did not align with the text; whitespace boundaries only")
+                log.add([Issue("segmentation_fallback", reservoir.files[i], int(reservoir.lines[i]), 1)])
             units = [u for u in re.split(r"(\s+)", sentence) if u]
         yield _WORD_DELIMITER.join(units)
 
@@ -504,7 +433,9 @@ def save_fast_tokenizer(pieces: list[tuple[str, float]], out_dir: str | Path, mo
     return hf
 
 
-def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+# Not `prepare`'s folder check: a tokenizer folder may be shared (a checkpoint holds one), so with overwrite only
+# the tokenizer's own files are replaced (`_move_into`) where prepare refuses any file it did not write.
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"out_dir {out_dir} is a file; give a folder path")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
@@ -543,6 +474,8 @@ def train_tokenizer(
             keeps every sentence.
         character_coverage: share of characters the alphabet must cover; rarer ones fall back to bytes.
         model_max_length: saved in tokenizer_config.json (the model's maximum length).
+        max_issue_examples: input_issues.jsonl lists the first this many instances of each kind that keeps the
+            text (NFKC, emoji, ...); their counts and every instance of a kind that loses text are complete.
         spm_options: further SentencePieceTrainer options, applied last (for example `split_digits=True`).
 
     Returns the `TokenizerTrainingReport` (also saved as training_report.json).
@@ -562,7 +495,7 @@ def train_tokenizer(
                          f"tokens and {NUM_BYTE_PIECES} byte pieces come first; use at least {MIN_VOCAB_SIZE} "
                          f"(in practice thousands)")
     out_dir = Path(out_dir)
-    _prepare_out_dir(out_dir, overwrite)
+    _check_out_dir(out_dir, overwrite)
     # Fail before reading a large corpus if the analyser or trainer is missing.
     segmenter = MecabSegmenter() if pretokenize == "mecab" else None
     _import_or_explain("sentencepiece", "train_tokenizer")
@@ -572,8 +505,9 @@ def train_tokenizer(
     staging = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
-        log = _IssueLog(staging / ISSUES_FILE, max_issue_examples)
-        try:
+        with open(staging / ISSUES_FILE, "wb") as issues_file:
+            log = IssueLog(issues_file, [str(p) for p in paths], ["line"] * len(paths), max_issue_examples,
+                           actions=_ISSUE_ACTIONS, kept_kinds=_KEPT_KINDS)
             file_stats: list[dict[str, Any]] = []
             reservoir = _Reservoir(input_sentence_size, seed)
             for sentence, file_idx, line_no in _read_sentences(paths, log, file_stats):
@@ -586,7 +520,7 @@ def train_tokenizer(
             final_size = vocab_size
             for attempt in range(3):  # the limit SentencePiece names can itself move a little on retraining
                 # Segmentation issues are logged during the first pass only: a retrain sees the same sample.
-                sentences = _training_iterator(reservoir, paths, segmenter, log if attempt == 0 else None)
+                sentences = _training_iterator(reservoir, segmenter, log if attempt == 0 else None)
                 try:
                     _train_spm(sentences, staging / SPM_PREFIX, final_size, characters=characters,
                                character_coverage=character_coverage,
@@ -599,8 +533,6 @@ def train_tokenizer(
                     final_size = err.limit
             else:
                 raise RuntimeError(f"SentencePiece could not train at the vocabulary size it named ({final_size})")
-        finally:
-            log.close()
 
         pieces = _piece_table(staging / f"{SPM_PREFIX}.model")
         save_fast_tokenizer(pieces, staging, model_max_length=model_max_length)
@@ -613,7 +545,7 @@ def train_tokenizer(
             files=file_stats, lines_read=read, lines_used=used, lines_skipped=read - used,
             sentences=reservoir.seen, sentences_sampled=len(reservoir.sentences),
             characters_sampled=characters, issue_counts=dict(sorted(log.counts.items())),
-            issues=log.examples, seconds=round(time.perf_counter() - started, 2),
+            issue_examples=log.examples, seconds=round(time.perf_counter() - started, 2),
         )
         (staging / REPORT_FILE).write_text(json.dumps(report.to_dict(), ensure_ascii=False, indent=2) + "\n",
                                            encoding="utf-8")
@@ -634,70 +566,7 @@ def _move_into(staging: Path, out_dir: Path) -> None:
         os.replace(item, out_dir / item.name)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# QA boundary measurement
-
-
-@dataclass
-class AnswerBoundaryResult:
-    """Share of questions with a gold answer whose start and end are token offsets of the context."""
-
-    rate: float
-    questions: int
-    aligned: int
-    failures: list[dict[str, Any]] = field(default_factory=list)  # the first few: id, answer, tokens around it
-
-    def __str__(self) -> str:
-        return f"{self.aligned}/{self.questions} questions ({100 * self.rate:.2f}%) keep an exact gold answer"
-
-
-def answer_boundary_rate(tokenizer, squad_json_path: str | Path, *, titles: Iterable[str] | None = None,
-                         max_failures: int = 20) -> AnswerBoundaryResult:
-    """Measure, over a SQuAD-v1.1-format file (JSQuAD), how many questions a token-level QA model can answer exactly.
-
-    A question counts when at least one gold answer starts at a token's start offset and ends at a token's end
-    offset in its context (tokenized without special tokens). `tokenizer` is a transformers fast tokenizer or a
-    folder to load one from; `titles` restricts the measure to those articles (for example held-out ones).
-    """
-    if isinstance(tokenizer, (str, Path)):
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
-    if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(f"answer_boundary_rate needs a fast tokenizer (character offsets); got "
-                         f"{type(tokenizer).__name__}. Load it with AutoTokenizer.from_pretrained(folder)")
-    data = json.loads(Path(squad_json_path).read_text(encoding="utf-8"))["data"]
-    wanted = None if titles is None else set(titles)
-    questions = aligned = 0
-    failures: list[dict[str, Any]] = []
-    for article in data:
-        if wanted is not None and article["title"] not in wanted:
-            continue
-        for paragraph in article["paragraphs"]:
-            qas = [qa for qa in paragraph["qas"] if qa.get("answers")]
-            if not qas:
-                continue
-            context = paragraph["context"]
-            offsets = tokenizer(context, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-            starts = {s for s, e in offsets if e > s}
-            ends = {e for s, e in offsets if e > s}
-            for qa in qas:
-                questions += 1
-                if any(a["answer_start"] in starts and a["answer_start"] + len(a["text"]) in ends
-                       for a in qa["answers"]):
-                    aligned += 1
-                elif len(failures) < max_failures:
-                    gold = qa["answers"][0]
-                    lo, hi = gold["answer_start"], gold["answer_start"] + len(gold["text"])
-                    near = [context[s:e] for s, e in offsets if e > lo - 4 and s < hi + 4]
-                    failures.append({"id": qa.get("id"), "answer": gold["text"], "tokens": near})
-    if questions == 0:
-        raise ValueError(f"{squad_json_path} has no answered questions"
-                         + (f" in the articles {sorted(wanted)[:5]}..." if wanted else ""))
-    return AnswerBoundaryResult(rate=aligned / questions, questions=questions, aligned=aligned, failures=failures)
-
-
 __all__ = [
-    "SPECIAL_TOKENS", "InputIssue", "TokenizerTrainingReport", "VocabSizeError", "AnswerBoundaryResult",
-    "MecabSegmenter", "answer_boundary_rate", "build_fast_tokenizer", "save_fast_tokenizer", "train_tokenizer",
+    "SPECIAL_TOKENS", "TokenizerTrainingReport", "VocabSizeError", "MecabSegmenter", "build_fast_tokenizer",
+    "save_fast_tokenizer", "train_tokenizer",
 ]

@@ -136,6 +136,6 @@ def test_triton_backend_refusal_names_blocked(monkeypatch):
     from bigbird_ja.attention import triton_backend
 
     monkeypatch.setattr(triton_backend, "interpreting", lambda: False)
-    with pytest.raises(RuntimeError, match="blocked"):
+    with pytest.raises(ValueError, match="blocked"):
         resolve_backend("triton", torch.device("cpu"))
     assert resolve_backend("auto", torch.device("cpu")) == "blocked"

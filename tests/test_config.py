@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -80,36 +81,62 @@ def test_bad_config_raises_value_error_naming_the_field(field, value, words):
 
 
 def test_config_edited_after_construction_is_checked_by_the_model():
+    """transformers validates only its own fields on assignment: the model checks the config it is built on."""
     from conftest import tiny_config
 
-    model = bigbird_ja.BigBirdJaModel(tiny_config())
-    model.config.num_window_blocks = 2
-    import torch
-
+    config = tiny_config()
+    config.num_window_blocks = 2
     with pytest.raises(ValueError, match="num_window_blocks"):
-        model(torch.ones(1, 10, dtype=torch.long))
+        bigbird_ja.BigBirdJaModel(config)
 
 
 def test_every_model_preset_loads_strictly():
     from pathlib import Path
 
-    from bigbird_ja.configuration import load_model_config
+    from bigbird_ja.configuration import build_model_config
 
     presets = sorted((Path(__file__).parents[1] / "configs" / "model").glob("*.yaml"))
     assert len(presets) >= 3
     for preset in presets:
-        config = load_model_config(preset)
+        config = build_model_config(preset)
         assert preset.read_text().startswith("#"), f"{preset.name} needs a header naming its hardware"
         assert config.max_position_embeddings >= 1024
     # the base preset spells out the class defaults: the YAML mirrors the dataclass
-    assert load_model_config(presets[0].parent / "base-4096.yaml").to_dict() == BigBirdJaConfig().to_dict()
+    assert build_model_config(presets[0].parent / "base-4096.yaml").to_dict() == BigBirdJaConfig().to_dict()
 
 
 def test_model_preset_with_an_unknown_key_lists_the_valid_ones(tmp_path):
-    from bigbird_ja.configuration import load_model_config
+    from bigbird_ja.configuration import build_model_config
 
     (tmp_path / "bad.yaml").write_text("hidden_size: 64\nnum_attention_heads: 4\nblock_szie: 32\n")
     with pytest.raises(ValueError, match=r"unknown keys \['block_szie'\].*block_size"):
-        load_model_config(tmp_path / "bad.yaml")
+        build_model_config(tmp_path / "bad.yaml")
     with pytest.raises(FileNotFoundError, match="configs/model"):
-        load_model_config(tmp_path / "missing.yaml")
+        build_model_config(tmp_path / "missing.yaml")
+    with pytest.raises(ValueError, match=r"--seq: unknown keys \['blok_size'\]"):
+        build_model_config(None, {"blok_size": 32}, what="--seq")
+
+
+def test_model_presets_are_read_with_the_project_yaml_dialect(tmp_path):
+    """YAML 1.1 reads 1:00 as the base-60 number 60; the project's loader keeps it as text, so a typo in a preset is
+    an error instead of a silently different seed (regression: the model preset loader used yaml.safe_load)."""
+    from bigbird_ja.configuration import build_model_config
+
+    (tmp_path / "seed.yaml").write_text("hidden_size: 64\nnum_attention_heads: 4\nrandom_seed: 1:00\n")
+    with pytest.raises(ValueError, match="random_seed"):
+        build_model_config(tmp_path / "seed.yaml")
+
+
+def test_one_builder_for_presets_folders_and_overrides(tmp_path):
+    """Preset, save_pretrained folder and config.json give the same config; overrides are applied before
+    construction, so derived sizes follow them."""
+    from bigbird_ja.configuration import build_model_config
+
+    preset = Path(__file__).parents[1] / "configs" / "model" / "tiny-cpu.yaml"
+    config = build_model_config(preset, {"random_seed": 7, "num_labels": 3})
+    assert config.random_seed == 7 and config.num_labels == 3
+    config.save_pretrained(str(tmp_path / "saved"))
+    for source in (tmp_path / "saved", tmp_path / "saved" / "config.json"):
+        assert build_model_config(source).to_dict() == config.to_dict()
+    wider = build_model_config(None, {"hidden_size": 96, "num_attention_heads": 4})
+    assert wider.embedding_size == wider.pooler_hidden_size == 96

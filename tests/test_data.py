@@ -1,5 +1,5 @@
 """Pretraining data: prepare (packing, determinism, atomicity, bad input), loading (resume, ranks, descriptors),
-masking (rates, specials, whole words, determinism), and a fuzz test.
+masking (rates, specials, spans, determinism), and a fuzz test.
 
 Every tokenizer here is trained in a fixture from the bundled sample corpus with the `tokenizers` library, so the
 tests need no download and do not depend on `bigbird_ja.tokenization`.
@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from bigbird_ja.data import (
     CleaningOptions, FeistelPermutation, MaskingOptions, MLMCollator, PackedDataset, PrepareOptions, SourceOptions,
-    TokenizerMismatchError, WordBoundaries, check_tokenizer, prepare, read_manifest, sample_corpus_path,
+    TokenizerMismatchError, check_tokenizer, prepare, read_manifest, sample_corpus_path,
     sample_documents, tokenizer_fingerprint,
 )
 from bigbird_ja.data.format import read_document_starts, shard_infos, token_dtype
@@ -528,43 +528,6 @@ def test_mask_rate_specials_and_80_10_10(max_span):
     assert (mean_run < 1.3) if max_span == 1 else (mean_run > 2.5), mean_run
 
 
-def test_whole_word_masking_masks_whole_words(tokenizer):
-    boundaries = WordBoundaries.from_marker(tokenizer)
-    vocab = tokenizer.get_vocab()
-    starts = [i for p, i in vocab.items() if p.startswith("\u2581") and len(p) > 1]
-    inner = [i for p, i in vocab.items() if not p.startswith("\u2581") and i >= 5]
-    rng = random.Random(0)
-    rows, words = [], []
-    for _ in range(8):
-        ids, spans = [CLS], []
-        while len(ids) < 500:
-            size = rng.randint(1, 4)
-            spans.append((len(ids), len(ids) + size))
-            ids += [rng.choice(starts)] + [rng.choice(inner) for _ in range(size - 1)]
-        rows.append(ids[:500] + [SEP])
-        words.append([s for s in spans if s[1] <= 500])
-    collator = MLMCollator.from_tokenizer(tokenizer, word_boundaries=boundaries, seed=1,
-                                          options=MaskingOptions(max_span=3))
-    batch = collator(rows)
-    chosen = batch["labels"] != IGNORE_INDEX
-    whole = 0
-    for r, spans in enumerate(words):
-        for a, b in spans:
-            part = chosen[r, a:b]
-            assert part.all() or not part.any(), (r, a, b)
-            whole += bool(part.all()) and b - a > 1
-    assert whole > 10
-    rate = chosen.sum().item() / (batch["attention_mask"].sum().item() - 2 * len(rows))
-    assert 0.12 < rate <= 0.152
-    # Explicit per-sample word starts give the same units.
-    explicit = [{"input_ids": ids, "word_starts": boundaries.starts_word[torch.tensor(ids)]} for ids in rows]
-    fresh = MLMCollator.from_tokenizer(tokenizer, seed=1, options=MaskingOptions(max_span=3))
-    assert torch.equal(fresh(explicit)["labels"], batch["labels"])
-    # A boundary source that marks nothing is an error, not a silent fallback to token masking.
-    with pytest.raises(ValueError, match="marks no word starts"):
-        WordBoundaries.from_marker(tokenizer, marker="@@")
-
-
 def test_masks_are_deterministic_from_seed_and_position():
     rows = _random_rows(4, 256)
     feats = [{"input_ids": r, "position": 100 + i} for i, r in enumerate(rows)]
@@ -625,7 +588,7 @@ def test_fuzz_prepare_and_collator(tmp_path, tok_dir, tokenizer):
         totals["num_cls_tokens"] + totals["num_padding_tokens"]
     assert report.issue_counts["invalid_utf8"] > 0 and report.issue_counts["control_characters"] > 0
     ds = PackedDataset(tmp_path / "out", num_epochs=1)
-    collator = MLMCollator.from_tokenizer(tokenizer, word_boundaries=WordBoundaries.from_marker(tokenizer))
+    collator = MLMCollator.from_tokenizer(tokenizer)
     for batch in DataLoader(ds, batch_size=16, collate_fn=collator):
         assert batch["input_ids"].shape[1] == 128
     fuzz_rows = [torch.randint(0, len(tokenizer), (rng.randint(1, 50),)) for _ in range(500)]

@@ -10,8 +10,11 @@ write, not accuracy, except the long-range task, whose model is trained from scr
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -275,7 +278,7 @@ def test_evaluate_cli_scores_a_predictions_file_and_reports_missing_and_unknown_
     pred_path.write_text(json.dumps(predictions, ensure_ascii=False), encoding="utf-8")
     out = tmp_path / "metrics.json"
     assert cli.main(["evaluate", "jsquad", "--predictions", str(pred_path), "--data", str(JSQUAD),
-                     "--output", str(out)]) == 0
+                     "--metrics-out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "3 gold questions without a prediction" in printed and ids[-1] in printed
     assert "1 predicted ids not in the gold file" in printed and "not-a-question" in printed
@@ -283,6 +286,59 @@ def test_evaluate_cli_scores_a_predictions_file_and_reports_missing_and_unknown_
     assert set(metrics) == {"exact_match", "f1", "total"}
     assert metrics["total"] == 4442
     assert metrics["exact_match"] == pytest.approx(100 * 4439 / 4442)
+
+
+def _capture_finetune(monkeypatch) -> dict:
+    """Replace the library's `finetune` (what `bigbird-ja finetune` calls) by one that records its arguments."""
+    seen: dict = {}
+
+    def fake(task, config=None, **kwargs):
+        seen.update(task=task, config=config, **kwargs)
+
+    monkeypatch.setattr("bigbird_ja.finetune.finetune", fake)
+    return seen
+
+
+def test_finetune_data_files_are_train_file_and_valid_file_and_train_dot_is_left_to_overrides(monkeypatch, capsys):
+    seen = _capture_finetune(monkeypatch)
+    assert cli.main(["finetune", "jnli", "--train-file", "t.json", "--valid-file", "v.json", "--out", "run",
+                     "--train.epochs=3", "--data.max_length", "64"]) == 0
+    assert (seen["train"], seen["valid"], seen["output"]) == ("t.json", "v.json", "run")
+    assert seen["overrides"] == ["--train.epochs=3", "--data.max_length", "64"]
+    for old, new in [("--train", "--train-file"), ("--valid", "--valid-file"), ("--train-f", "--train-file")]:
+        with pytest.raises(SystemExit) as exit_:  # neither taken for an override nor abbreviated
+            cli.main(["finetune", "jnli", old, "t.json"])
+        assert exit_.value.code == 2
+        assert f"unrecognized option {old}; did you mean {new}?" in capsys.readouterr().err
+
+
+def test_options_that_name_what_a_command_writes_are_spelled_out():
+    parser = cli.build_parser()
+    options = {name: [o for a in sub._actions for o in a.option_strings] for name, sub in parser.subcommands.items()}
+    assert not [(name, o) for name, opts in options.items() for o in opts if o.startswith("--output")]
+    assert {"--metrics-out", "--predictions-out"} <= set(options["evaluate"])
+    assert all("--out" in options[name] for name in ("layout", "train-tokenizer", "prepare", "finetune"))
+
+
+def test_user_errors_exit_2_with_one_line_and_other_runtime_errors_keep_their_traceback(monkeypatch, capsys):
+    from bigbird_ja.training.preflight import PreflightError
+
+    def failing(error):
+        def fake(*args, **kwargs):
+            raise error
+        return fake
+
+    monkeypatch.setattr("bigbird_ja.finetune.finetune", failing(ConfigError("data.max_length=1: must be >= 2")))
+    assert cli.main(["finetune", "jnli"]) == 2
+    assert capsys.readouterr().err.strip() == "bigbird-ja finetune: error: data.max_length=1: must be >= 2"
+    monkeypatch.setattr("bigbird_ja.finetune.finetune", failing(PreflightError("[rank 0] too few open files")))
+    assert cli.main(["finetune", "jnli"]) == 2
+    for error in (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                  RuntimeError("NCCL error in: ProcessGroupNCCL.cpp, unhandled system error")):
+        monkeypatch.setattr("bigbird_ja.finetune.finetune", failing(error))
+        with pytest.raises(RuntimeError) as raised:
+            cli.main(["finetune", "jnli"])
+        assert raised.value is error and raised.value.__traceback__ is not None
 
 
 def test_evaluate_rejects_a_predictions_file_that_is_not_an_id_to_text_object(tmp_path):
@@ -365,6 +421,13 @@ def test_a_document_longer_than_any_window_is_windowed_and_answered_from_its_las
     assert len(dropped) == len(labelled) and drop_report.windows_dropped == len(features) - len(labelled)
 
 
+def test_a_token_span_maps_to_characters_from_the_document_tokens_alone():
+    from bigbird_ja.finetune.qa_features import DocumentTokens
+
+    doc = DocumentTokens(ids=[5, 6, 7], offsets=[(0, 2), (2, 4), (5, 6)], ends=[2, 5, 6])
+    assert doc.span_text(1, 2) == (2, 6) and doc.span_text(0, 0) == (0, 2)
+
+
 def test_a_question_whose_answer_fits_in_no_window_is_reported_and_trains_only_on_cls(tokenizer):
     context = "あ" * 10 + "とても長い答えの文字列" * 20 + "。"
     answer = "とても長い答えの文字列" * 20
@@ -429,6 +492,54 @@ def test_every_finetune_preset_loads_strictly(preset):
     assert isinstance(config, FinetuneConfig)
     assert preset.read_text(encoding="utf-8").startswith("#")  # a header says what it is for and on what hardware
     assert preset.stem.startswith(config.task)
+
+
+def test_the_task_registry_is_the_one_list_of_tasks(monkeypatch):
+    from bigbird_ja.finetune import tasks
+
+    # a task added to the registry is a task everywhere: the config, get_task and the command line
+    fake = tasks.QATask("fake-qa")
+    monkeypatch.setitem(tasks.TASKS, "fake-qa", fake)
+    assert load_finetune_config(None, {"task": "fake-qa"}).task == "fake-qa"
+    assert tasks.get_task("fake-qa") is fake
+    seen = _capture_finetune(monkeypatch)
+    assert cli.main(["finetune", "fake-qa"]) == 0 and seen["task"] == "fake-qa"
+    parser = cli.build_parser()
+    for command in ("finetune", "evaluate"):
+        (task_argument,) = [a for a in parser.subcommands[command]._actions if a.dest == "task"]
+        assert list(task_argument.choices) == list(tasks.TASKS)
+    monkeypatch.delitem(tasks.TASKS, "fake-qa")
+    assert all(f"| {name} |" in tasks.__doc__ for name in tasks.TASKS)  # each task has a row in the table
+    with pytest.raises(ConfigError, match=r"task='fake-qa' is not a fine-tuning task; the tasks are \['jsquad', "):
+        load_finetune_config(None, {"task": "fake-qa"})
+    with pytest.raises(SystemExit):
+        cli.main(["finetune", "fake-qa"])
+
+
+def _documented_fields(section) -> list[str]:
+    """The field names a section's docstring documents: entries `name: ...`, `a, b: ...` or `a / b: ...` at the
+    left margin (continuation lines are indented), as in the pretraining sections."""
+    names = []
+    for line in inspect.cleandoc(section.__doc__).splitlines()[1:]:
+        entry = re.match(r"(\w+(?:(?:, | / )\w+)*): ", line)
+        if entry:
+            names += re.split(r", | / ", entry.group(1))
+    return names
+
+
+def _finetune_sections() -> list[type]:
+    from bigbird_ja.finetune import config
+
+    return [c for c in vars(config).values() if dataclasses.is_dataclass(c) and c.__module__ == config.__name__]
+
+
+@pytest.mark.parametrize("section", _finetune_sections(), ids=lambda c: c.__name__)
+def test_every_field_of_every_finetune_section_is_documented_in_its_docstring(section):
+    fields = [f.name for f in dataclasses.fields(section)]
+    documented = _documented_fields(section)
+    assert [f for f in fields if f not in documented] == [], f"add a `name: meaning` line to {section.__name__}"
+    assert [d for d in documented if d not in fields] == [], "an entry documents no field (renamed or removed?)"
+    assert len(documented) == len(set(documented))
 
 
 def test_unknown_keys_and_wrong_types_are_rejected_with_the_valid_keys():
@@ -520,7 +631,7 @@ def test_classification_tasks_finetune_on_a_slice_and_write_metrics_and_predicti
     out = tmp_path / task
     started = time.perf_counter()
     code = cli.main(["finetune", task, "--config", str(REPO / "configs" / "finetune" / f"{task}.yaml"),
-                     "--train", str(train), "--valid", str(valid), "--out", str(out), *TINY_MODEL,
+                     "--train-file", str(train), "--valid-file", str(valid), "--out", str(out), *TINY_MODEL,
                      f"--model.tokenizer={tokenizer_dir}", "--data.max_length=64", "--data.max_train_examples=256",
                      "--data.max_valid_examples=128", "--train.max_steps=16", "--train.batch_size=16"])
     seconds = time.perf_counter() - started
@@ -541,7 +652,7 @@ def test_classification_tasks_finetune_on_a_slice_and_write_metrics_and_predicti
     assert check.missing and not check.unknown  # 128 of the file's examples were predicted
     # the saved model, run again through `bigbird-ja evaluate --model` (the run's config.yaml gives the slice)
     assert cli.main(["evaluate", task, "--model", str(out / "model"), "--data", str(valid),
-                     "--output", str(tmp_path / "again.json")]) == 0
+                     "--metrics-out", str(tmp_path / "again.json")]) == 0
     again = json.loads((tmp_path / "again.json").read_text(encoding="utf-8"))
     assert again[metric] == pytest.approx(metrics[metric], abs=1e-6) and again["total"] == 128
     rescored, _ = evaluate_predictions(task, {k: v for k, v in predictions.items()}, valid)
@@ -621,12 +732,12 @@ def _short_checkpoint(tokenizer_dir: Path, out: Path, seed: int = 0) -> Path:
     from transformers import AutoTokenizer
 
     import bigbird_ja
-    from bigbird_ja.configuration import load_model_config
+    from bigbird_ja.configuration import build_model_config
 
     from conftest import randomize_
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    config = load_model_config(REPO / "configs" / "model" / "tiny-cpu.yaml")
+    config = build_model_config(REPO / "configs" / "model" / "tiny-cpu.yaml")
     config.vocab_size, config.max_position_embeddings = len(tok), 256
     torch.manual_seed(seed)
     model = randomize_(bigbird_ja.BigBirdJaForMaskedLM(config), seed)
@@ -731,7 +842,8 @@ def test_two_deepspeed_processes_train_and_predict_as_one_plain_process_with_the
 
     from conftest import cli_command, subprocess_env
 
-    common = ["finetune", "jnli", "--train", str(JNLI / "test-v1.3.json"), "--valid", str(JNLI / "valid-v1.3.json"),
+    common = ["finetune", "jnli", "--train-file", str(JNLI / "test-v1.3.json"),
+              "--valid-file", str(JNLI / "valid-v1.3.json"),
               *TINY_MODEL, f"--model.tokenizer={tokenizer_dir}", "--model.overrides.hidden_dropout_prob=0.0",
               "--model.overrides.attention_probs_dropout_prob=0.0", "--model.overrides.pooler_dropout=0.0",
               "--data.max_length=64", "--data.max_train_examples=96", "--data.max_valid_examples=101",
@@ -802,6 +914,37 @@ def test_the_last_step_of_an_epoch_is_filled_from_its_first_batches(tmp_path):
     assert sorted(set(firsts)) == list(range(10))  # every example once ...
     assert seen[5] == seen[0]  # ... and the sixth micro-batch is the epoch's first again
     assert len(_read_jsonl(tmp_path / "log.jsonl")) == 3
+
+
+def test_dropout_differs_between_ranks_and_one_process_keeps_its_seed(monkeypatch):
+    """train_model seeds the global RNG (dropout) per rank; the batch order has its own generator (train.seed)."""
+    import torch
+
+    from bigbird_ja.finetune import trainer
+    from bigbird_ja.finetune.config import TrainSection
+
+    class Seeded(Exception):
+        pass
+
+    class StopAtDevice:  # stops train_model right after it seeded the global RNG
+        def to(self, device):
+            raise Seeded
+
+    def global_rng_of(rank: int, world: int) -> tuple[int, list[float]]:
+        # a process group that is already up (as under a launcher), seen through torch.distributed alone
+        monkeypatch.setattr(torch.distributed, "is_initialized", lambda: world > 1)
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: rank)
+        monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: world)
+        cfg = TrainSection(seed=5, device="cpu", deepspeed=world > 1, progress_bar=False)
+        with torch.random.fork_rng(devices=[]):
+            with pytest.raises(Seeded):
+                trainer.train_model(StopAtDevice(), [object()], None, cfg)
+            return torch.initial_seed(), torch.rand(3).tolist()
+
+    one_process = global_rng_of(0, 1)
+    ranks = [global_rng_of(rank, 4) for rank in range(4)]
+    assert one_process[0] == 5  # a one-process run is unchanged
+    assert len({seed for seed, _ in ranks}) == len({tuple(draw) for _, draw in ranks}) == 4
 
 
 def test_missing_and_broken_files_name_the_file(tmp_path):

@@ -10,6 +10,7 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
 )
+from transformers.utils import ModelOutput
 
 import bigbird_ja
 from conftest import random_batch, randomize_, tiny_config
@@ -28,8 +29,9 @@ def inputs_for(model_class, config, seed=0, length=45):
     ids, mask = random_batch(3, length, config.vocab_size, seed)
     gen = torch.Generator().manual_seed(seed)
     if model_class is bigbird_ja.BigBirdJaForMultipleChoice:
-        return dict(input_ids=ids.view(3, 1, length).expand(3, 2, length).contiguous(),
-                    attention_mask=mask.view(3, 1, length).expand(3, 2, length).contiguous(),
+        # two different choices: equal ones would score equally whatever the weights, leaving nothing to learn
+        other_ids, other_mask = random_batch(3, length, config.vocab_size, seed + 1)
+        return dict(input_ids=torch.stack([ids, other_ids], 1), attention_mask=torch.stack([mask, other_mask], 1),
                     labels=torch.tensor([0, 1, 1]))
     batch = dict(input_ids=ids, attention_mask=mask)
     if model_class is bigbird_ja.BigBirdJaForMaskedLM:
@@ -89,17 +91,75 @@ def test_sequence_classification_regression():
     torch.testing.assert_close(out.loss, torch.nn.functional.mse_loss(out.logits.squeeze(-1), labels))
 
 
-def test_every_head_trains_one_step():
-    for model_class in AUTO_CLASSES.values():
-        if model_class is bigbird_ja.BigBirdJaModel:
-            continue
-        config = tiny_config(num_labels=3)
-        model = model_class(config)
-        batch = inputs_for(model_class, config)
-        loss = model(**batch).loss
-        loss.backward()
-        grads = [p.grad for p in model.parameters() if p.requires_grad]
-        assert all(g is not None for g in grads), model_class.__name__
+HEADS = [c for c in AUTO_CLASSES.values() if c is not bigbird_ja.BigBirdJaModel]
+# Biases a softmax ignores: one shift shared by every position (start/end logits) or every choice. Their gradient
+# is zero up to rounding, so they need not move.
+SHIFT_INVARIANT = {bigbird_ja.BigBirdJaForQuestionAnswering: {"qa_outputs.bias"},
+                   bigbird_ja.BigBirdJaForMultipleChoice: {"classifier.bias"}}
+
+
+@pytest.mark.parametrize("model_class", HEADS, ids=lambda c: c.__name__)
+def test_every_head_trains_one_step(model_class):
+    config = tiny_config(num_labels=3)  # no dropout: both losses are of the same function
+    torch.manual_seed(0)  # the initial weights
+    model = model_class(config).train()
+    batch = inputs_for(model_class, config)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    loss = model(**batch).loss
+    loss.backward()
+    # Adam's first step moves every parameter with a non-zero gradient by about lr, however small the gradient
+    # (at initialisation some are below float32's resolution for SGD); without weight decay, nothing else moves.
+    torch.optim.Adam(model.parameters(), lr=1e-3).step()
+    unchanged = [name for name, p in model.named_parameters()
+                 if torch.equal(p, before[name]) and name not in SHIFT_INVARIANT.get(model_class, ())]
+    assert not unchanged, f"parameters the step did not move: {unchanged}"
+    with torch.no_grad():
+        after = model(**batch).loss
+    print(f"{model_class.__name__}: loss {loss.item():.5f} -> {after.item():.5f}")
+    assert after < loss.detach()
+
+
+OUTPUT_FIELDS = {bigbird_ja.BigBirdJaModel: ("last_hidden_state",),
+                 bigbird_ja.BigBirdJaForQuestionAnswering: ("start_logits", "end_logits")}
+
+
+@pytest.mark.parametrize("model_class", list(AUTO_CLASSES.values()), ids=lambda c: c.__name__)
+@pytest.mark.parametrize("with_labels", [False, True], ids=["no_labels", "labels"])
+@pytest.mark.parametrize("hidden_states", [False, True], ids=["last", "hidden_states"])
+def test_return_dict_false_gives_loss_outputs_and_hidden_states_in_order(model_class, with_labels, hidden_states):
+    config = tiny_config(num_labels=3)
+    model = randomize_(model_class(config), seed=2).eval()
+    batch = inputs_for(model_class, config)
+    if not with_labels:
+        batch = {key: batch[key] for key in ("input_ids", "attention_mask")}
+    has_loss = with_labels and model_class is not bigbird_ja.BigBirdJaModel
+    expected = (("loss",) if has_loss else ()) + OUTPUT_FIELDS.get(model_class, ("logits",)) \
+        + (("hidden_states",) if hidden_states else ())
+    with torch.no_grad():
+        as_dict = model(**batch, output_hidden_states=hidden_states)
+        as_tuples = [model(**batch, output_hidden_states=hidden_states, return_dict=False)]
+        model.config.return_dict = False  # the config's setting is the default...
+        as_tuples.append(model(**batch, output_hidden_states=hidden_states))
+        # ...which an explicit return_dict=True overrides
+        assert isinstance(model(**batch, output_hidden_states=hidden_states, return_dict=True), ModelOutput)
+    for as_tuple in as_tuples:
+        assert isinstance(as_tuple, tuple) and len(as_tuple) == len(expected), (expected, len(as_tuple))
+        for name, value in zip(expected, as_tuple):
+            if name == "hidden_states":
+                assert len(value) == config.num_hidden_layers + 1
+                for layer, state in enumerate(value):
+                    torch.testing.assert_close(state, as_dict.hidden_states[layer], rtol=0, atol=0)
+            else:
+                torch.testing.assert_close(value, as_dict[name], rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+
+
+def test_config_edited_before_the_model_is_built_is_checked_by_the_model():
+    config = tiny_config()
+    config.num_window_blocks = 2  # transformers does not validate a subclass's fields on assignment
+    with pytest.raises(ValueError, match="num_window_blocks=2.*odd"):
+        bigbird_ja.BigBirdJaModel(config)
+    with pytest.raises(ValueError, match="num_window_blocks"):
+        bigbird_ja.BigBirdJaForMaskedLM(config)
 
 
 def test_blocked_and_reference_models_agree_in_float64_with_gradients():

@@ -55,7 +55,7 @@ TINY = [
 def test_every_preset_parses_and_gives_a_deepspeed_config(preset):
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    from bigbird_ja.training.trainer import build_model_config
+    from bigbird_ja.training.trainer import resolve_model_config
 
     text = preset.read_text(encoding="utf-8")
     assert text.startswith("#") and "Hardware" in text.split("\n\n")[0], "the header must name the hardware"
@@ -71,8 +71,22 @@ def test_every_preset_parses_and_gives_a_deepspeed_config(preset):
     assert parsed.zero_optimization_stage == cfg.zero.stage
     assert parsed.train_batch_size == cfg.batch.global_batch_size
     assert parsed.gradient_clipping == cfg.optim.grad_clip
-    model = build_model_config(cfg, vocab_size=32000, seq_len=cfg.prepare.seq_len)
+    model = resolve_model_config(cfg, vocab_size=32000, seq_len=cfg.prepare.seq_len)
     assert model.max_position_embeddings >= cfg.prepare.seq_len
+
+
+def test_every_field_of_every_section_is_documented_in_its_section():
+    """Each section's docstring has a `field: meaning` line per field, so the documentation cannot drift."""
+    import dataclasses
+    import re
+    import typing
+
+    from bigbird_ja.training.config import PretrainConfig
+
+    for name, section in typing.get_type_hints(PretrainConfig).items():
+        undocumented = [f.name for f in dataclasses.fields(section)
+                        if not re.search(rf"^\s*{f.name}:", section.__doc__ or "", re.M)]
+        assert not undocumented, f"{section.__name__} ({name}) does not document {undocumented}"
 
 
 def test_unknown_keys_are_errors_that_list_the_valid_ones(tmp_path):
@@ -216,6 +230,68 @@ def test_preflight_reports_missing_shards_tokenizer_mismatch_files_and_disk(tiny
         f"--data.dir={copy}", f"--data.tokenizer={tok}", "--zero.stage=2", "--zero.offload_optimizer=cpu"])
     warned = run_preflight(offload, rank=0, world_size=16, num_nodes=2, tokenizer=tokenizer)
     assert any("offload" in w for w in warned.warnings)
+
+
+def test_the_open_file_error_names_the_peers_not_the_descriptor_estimate():
+    """Regression: the message said "sockets to <descriptor estimate> peers" instead of the world size."""
+    from bigbird_ja.training.preflight import raise_open_file_limit
+
+    _, _, problem = raise_open_file_limit(10 ** 9, raise_soft=False, world_size=64)
+    assert "sockets to 64 peers" in problem and "1000000000 peers" not in problem
+
+
+def test_the_disk_check_counts_checkpoints_already_there(tmp_path):
+    """One disk check (`check_checkpoint_disk`), run by the trainer and by `run_preflight`: with keep_last
+    checkpoints on disk already only one more is needed at the peak."""
+    from bigbird_ja.training.preflight import check_checkpoint_disk, checkpoint_bytes
+
+    cfg = load_pretrain_config(REPO / "configs/pretrain/tiny-cpu.yaml", [
+        f"--run.output_dir={tmp_path / 'run'}", "--checkpoint.keep_last=2"])
+    free = shutil.disk_usage(tmp_path).free
+    params = int(free / checkpoint_bytes(1, cfg) / 2)  # one checkpoint: about half the free space
+    problem, size = check_checkpoint_disk(cfg, params)
+    assert problem is not None and "disk: checkpoints under" in problem  # keep_last + 1 = 3 new ones do not fit
+    for step in (1, 2, 3):
+        _fake_checkpoint(cfg.checkpoint_dir, step)
+    assert check_checkpoint_disk(cfg, params) == (None, size)  # none more needed beyond keep_last + 1
+
+
+def test_a_killed_universal_conversion_leaves_nothing_behind(tmp_path, monkeypatch):
+    """Regression: the conversion's temporary folder (a full copy of weights and optimizer state) was named so that
+    neither `remove_stale` nor pruning ever deleted it."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    root = tmp_path / "checkpoints"
+    step = _fake_checkpoint(root, 4)
+
+    def killed(args):  # the converter dies half-way through writing its output
+        out = Path(args.output_folder)
+        out.mkdir(parents=True)
+        (out / "mp_rank_00_model_states.pt").write_bytes(b"y" * 1000)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ds_to_universal, "main", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt_mod.convert_to_universal(step)
+    assert len(list(root.iterdir())) == 2  # the step folder and the conversion's leftover
+    ckpt_mod.CheckpointWriter(root, keep_last=2, rank=0, barrier=lambda: None).remove_stale()
+    assert sorted(p.name for p in root.iterdir()) == [step.name]
+    # a finished conversion whose checkpoint has been deleted goes too
+    (root / f"{ckpt_mod.UNIVERSAL_PREFIX}step-00000002" / "engine").mkdir(parents=True)
+    ckpt_mod.CheckpointWriter(root, keep_last=2, rank=0, barrier=lambda: None).remove_stale()
+    assert sorted(p.name for p in root.iterdir()) == [step.name]
+
+
+def test_grad_norm_of_a_module_without_gradients_is_unknown_not_zero():
+    """Regression: a module holding no gradients (DeepSpeed keeps them in its own buffers under ZeRO) gave a norm of
+    0.0, which read as a real value and kept the trainer from asking DeepSpeed for its norm."""
+    from bigbird_ja.training.trainer import module_grad_norm
+
+    layer = torch.nn.Linear(3, 2)
+    assert module_grad_norm(layer) is None
+    layer(torch.ones(1, 3)).sum().backward()
+    expected = torch.cat([layer.weight.grad.flatten(), layer.bias.grad]).norm()
+    assert module_grad_norm(layer) == pytest.approx(float(expected))
 
 
 def test_flops_count_the_sparse_pattern():
@@ -481,6 +557,19 @@ def test_export_loads_with_automodel_and_gives_the_engines_eval_loss(two_root, t
 
 
 @pytest.mark.slow
+def test_bf16_without_zero_logs_deepspeeds_grad_norm(tiny_data, tmp_path):
+    """bf16 without ZeRO: the logged norm is DeepSpeed's own (the one it clips with), never a norm over nothing."""
+    data, tok = tiny_data
+    out = tmp_path / "bf16"
+    _run(_command(1, out, data, tok, ["--train.precision=bf16", "--zero.stage=0", "--train.max_steps=3",
+                                      "--eval.every_steps=0", "--log.sample_log=false"]))
+    norms = [json.loads(line)["grad_norm"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["event"] == "train"]
+    print(f"bf16, ZeRO 0: grad norms {norms}")
+    assert len(norms) == 3 and all(norm is not None and norm > 0 for norm in norms)
+
+
+@pytest.mark.slow
 def test_sigterm_finishes_the_step_saves_and_stops(tiny_data, tmp_path):
     data, tok = tiny_data
     out = tmp_path / "preempted"
@@ -514,7 +603,7 @@ def test_sigterm_finishes_the_step_saves_and_stops(tiny_data, tmp_path):
     ({"SLURM_PROCID": "0", "SLURM_NTASKS": "16"}, ("single", "0", "1", "0", "1")),  # the batch script, not a step
 ])
 def test_one_entry_point_reads_every_launcher(monkeypatch, variables, expected):
-    from bigbird_ja.training.distributed import fill_env_from_launcher
+    from bigbird_ja.common.distributed import fill_env_from_launcher
 
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
@@ -528,11 +617,11 @@ def test_one_entry_point_reads_every_launcher(monkeypatch, variables, expected):
 
 
 def test_a_launcher_without_a_rendezvous_address_is_a_clear_error(monkeypatch):
-    from bigbird_ja.training.distributed import fill_env_from_launcher
+    from bigbird_ja.common.distributed import fill_env_from_launcher
 
     for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "0")
     monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "8")
-    with pytest.raises(RuntimeError, match="export MASTER_ADDR=<first host>"):
+    with pytest.raises(ValueError, match="export MASTER_ADDR=<first host>"):
         fill_env_from_launcher()

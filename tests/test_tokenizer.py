@@ -14,15 +14,12 @@ import sys
 import unicodedata
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from bigbird_ja import cli
-from bigbird_ja.tokenization import (
-    SPECIAL_TOKENS,
-    VocabSizeError,
-    answer_boundary_rate,
-    train_tokenizer,
-)
+from bigbird_ja import cli, tokenization
+from bigbird_ja.finetune.answer_coverage import answer_boundary_rate
+from bigbird_ja.tokenization import SPECIAL_TOKENS, VocabSizeError, train_tokenizer
 
 JGLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "jglue"
 JSQUAD = JGLUE / "jsquad-v1.3" / "valid-v1.3.json"
@@ -100,6 +97,15 @@ def trained(jglue, tmp_path_factory):
     from transformers import AutoTokenizer
 
     return {"dir": work / "tok", "report": report, "tok": AutoTokenizer.from_pretrained(str(work / "tok"))}
+
+
+def _prepared_ids(data_dir: Path) -> list[int]:
+    from bigbird_ja.data import read_manifest
+    from bigbird_ja.data.format import shard_infos
+
+    manifest = read_manifest(data_dir)
+    return [int(i) for info in shard_infos(manifest)
+            for i in np.fromfile(data_dir / info.tokens_file, dtype=manifest["dtype"])]
 
 
 def _small_corpus(path: Path, n: int = 1500) -> Path:
@@ -268,33 +274,31 @@ def test_bad_input_is_counted_with_file_and_line(tmp_path, jglue):
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"\n".join([
         "正しい行です。".encode(),                       # 1 fine
-        b"\xff\xfe\x80 broken " + "行".encode(),         # 2 invalid UTF-8: skipped
+        b"\xff\xfe\x80 broken " + "行".encode(),         # 2 invalid UTF-8: the 3 bad bytes dropped
         b"",                                               # 3 empty: skipped
         "NUL\x00と\x07ベル".encode(),                      # 4 control characters: removed
         "絵文字😀です".encode(),                            # 5 emoji: kept
         "ｶﾀｶﾅとＡＢＣ".encode(),                            # 6 width variants: normalised
-        b"   \t  ",                                        # 7 whitespace only: skipped (after the tab is counted)
+        b"   \t  ",                                        # 7 whitespace only (a tab is whitespace): skipped
         "最後の行".encode() + b"\r",                        # 8 Windows line end: not an issue
     ]) + b"\n")
     report = train_tokenizer([bad, _small_corpus(tmp_path / "ok.txt")], tmp_path / "tok", vocab_size=2500,
                              shrink_vocab=True)
-    where = {(i.kind, i.line) for i in report.issues if i.file == str(bad)}
-    assert ("invalid_utf8", 2) in where
-    assert ("empty_line", 3) in where and ("empty_line", 7) in where
-    assert ("control_characters", 4) in where
-    assert ("emoji", 5) in where
-    assert ("nfkc_normalised", 6) in where
-    assert not any(i.line in (1, 8) for i in report.issues if i.file == str(bad))
-    assert report.files[0] == {"path": str(bad), "lines": 8, "lines_used": 5}
+    # The issues file has the format of prepare's issues.jsonl (the same `cleaning.IssueLog` writes both).
+    every = [json.loads(line) for line in (tmp_path / "tok" / "input_issues.jsonl").read_text().splitlines()]
+    count = {(r["kind"], r["line"]): r["count"] for r in every if r["file"] == str(bad)}
+    assert count == {("invalid_utf8", 2): 3, ("empty_line", 3): 1, ("control_characters", 4): 2, ("emoji", 5): 1,
+                     ("nfkc_normalized", 6): 1, ("empty_line", 7): 1}
+    assert every[0] == {"kind": "invalid_utf8", "file": str(bad), "line": 2, "count": 3,
+                        "action": "invalid bytes dropped"}
+    assert report.files[0] == {"path": str(bad), "lines": 8, "lines_used": 6}
     assert report.lines_read == report.lines_used + report.lines_skipped
-    control = next(i for i in report.issues if i.kind == "control_characters" and i.file == str(bad))
-    assert "U+0000" in control.detail and "U+0007" in control.detail
+    assert report.issue_examples["control_characters"] == [f"{bad}:4"]
     saved = json.loads((tmp_path / "tok" / "training_report.json").read_text(encoding="utf-8"))
     assert saved["issue_counts"] == report.issue_counts
-    every = [json.loads(line) for line in (tmp_path / "tok" / "input_issues.jsonl").read_text().splitlines()]
-    assert len(every) == sum(report.issue_counts.values())
-    assert {"file": str(bad), "line": 2, "kind": "invalid_utf8"}.items() <= every[0].items()
-    assert f"{bad}:2: invalid_utf8" in report.summary()
+    for kind in ("invalid_utf8", "control_characters", "empty_line"):  # text lost: every instance is listed
+        assert sum(r["count"] for r in every if r["kind"] == kind) == report.issue_counts[kind]
+    assert f"invalid_utf8: 3 (invalid bytes dropped), e.g. {bad}:2" in report.summary()
 
 
 def test_long_lines_are_split_and_sampling_caps_memory(tmp_path):
@@ -401,3 +405,100 @@ def test_fuzz_the_project_tokenizer_through_prepare_and_the_collator(trained, tm
         batches += 1
     assert batches > 0
     collator([torch.randint(0, len(tok), (rng.randint(1, 40),)) for _ in range(64)])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The trainer cleans its text exactly as `prepare` does
+
+
+# One line each (bytes, so invalid UTF-8 can be written): what the cleaning policy decides about.
+TRICKY_LINES = [
+    "列1\t列2\t\t列3".encode(),  # tabs: kept
+    "前\ufffe中\uffff後".encode(),  # the noncharacters U+FFFE/U+FFFF: removed
+    "絵文字😀👨\u200d👩\u200d👧❤\ufe0f🇯🇵です".encode(),  # emoji with ZWJ and VS16: kept
+    "NUL\x00BEL\x07US\x1fDEL\x7fNEL\x85C1\x9f".encode(),  # C0, DEL, C1 controls: removed
+    "\x0b縦タブ\x0c改ページ".encode(),
+    "ＡＢＣ１２３ｶﾞｷﾞ㍻①\u3000全角".encode(),  # NFKC
+    "e\u0301te\u0301 café".encode(),  # decomposed accents: composed by NFKC
+    "行中の\r復帰".encode(),  # a lone CR inside a line
+    "ゼロ\u200b幅\u200c非\u200d結合\u2060語\ufeffBOM".encode(),  # zero-width characters, a BOM inside text
+    "行\u2028区切り\u2029段落".encode(),
+    "<0x09> と <0xE3> は文字列".encode(),
+    b"\xff\xfe broken " + "文字".encode() + b" \xc3",  # invalid UTF-8
+    b"\xed\xa0\x80 surrogate " + "字".encode(),  # an encoded lone surrogate (invalid UTF-8)
+    "  先頭と末尾の空白  ".encode(),
+    "\x00\x01\t".encode(),  # nothing left but a tab: empty for both
+]
+
+
+class _Captured(Exception):
+    pass
+
+
+def _trainer_sentences(path: Path, out: Path, monkeypatch) -> list[str]:
+    """The sentences `train_tokenizer` hands to SentencePiece (word delimiters removed)."""
+    seen: list[str] = []
+
+    def capture(sentences, *args, **kwargs):
+        seen.extend(s.replace(tokenization._WORD_DELIMITER, "") for s in sentences)
+        raise _Captured
+
+    monkeypatch.setattr(tokenization, "_train_spm", capture)
+    with pytest.raises(_Captured):
+        train_tokenizer([path], out, pretokenize="none")
+    return seen
+
+
+def _prepared_texts(path: Path, out: Path, chars: set[str]) -> list[str]:
+    """The documents `prepare` packs, spelled back through a tokenizer with one id per character and no normaliser
+    (so the ids are exactly the text prepare cleaned; a character it should have removed shows as itself)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from bigbird_ja.data import prepare
+
+    vocab = dict(SPECIAL_TOKENS)
+    vocab.update({c: len(SPECIAL_TOKENS) + i for i, c in enumerate(sorted(chars))})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                            sep_token="[SEP]", mask_token="[MASK]").save_pretrained(str(out / "chars"))
+    prepare(out / "chars", [path], out / "data", seq_len=16, num_workers=0, progress=False)
+    by_id = {i: c for c, i in vocab.items()}
+    stream = [i for n, i in enumerate(_prepared_ids(out / "data")) if n % 16 and i != SPECIAL_TOKENS["[PAD]"]]
+    return "".join(by_id[i] if i != SPECIAL_TOKENS["[SEP]"] else "\n" for i in stream).split("\n")[:-1]
+
+
+def test_trainer_and_prepare_clean_every_tricky_line_identically(tmp_path, monkeypatch):
+    """Tabs, controls, noncharacters, emoji, NFKC cases, CRLF, zero-width characters, invalid UTF-8: the text
+    SentencePiece learns from is the text `prepare` packs, character for character."""
+    # The same lines, Windows line ends: one a line for the trainer, one document each for prepare.
+    (tmp_path / "lines.txt").write_bytes(b"\r\n".join(TRICKY_LINES) + b"\r\n")
+    (tmp_path / "docs.txt").write_bytes(b"\r\n\r\n".join(TRICKY_LINES) + b"\r\n")
+    trained_on = _trainer_sentences(tmp_path / "lines.txt", tmp_path / "tok", monkeypatch)
+    decoded = [line.decode("utf-8", "ignore") for line in TRICKY_LINES]
+    chars = {c for text in decoded for c in text + unicodedata.normalize("NFKC", text)}
+    packed = _prepared_texts(tmp_path / "docs.txt", tmp_path, chars)
+    assert trained_on == packed
+    assert "列1\t列2\t\t列3" in trained_on and "前中後" in trained_on  # the policy: tabs kept, U+FFFE/FFFF not
+    assert len(trained_on) == len(TRICKY_LINES) - 1
+
+
+def test_a_tokenizer_trained_on_tabs_keeps_them_as_a_piece_through_prepare(tmp_path):
+    """Tab-separated training text teaches the tokenizer a tab piece, so `prepare` packs a tab as that piece and
+    never as the byte piece <0x09> (the trainer once turned tabs into spaces that prepare never sees)."""
+    from transformers import AutoTokenizer
+
+    from bigbird_ja.data import prepare
+
+    sentences = _sentences(JGLUE / "jsts-v1.3" / "valid-v1.3.json", ["sentence1", "sentence2"])[:2000]
+    lines = [f"{a}\t{b}" for a, b in zip(sentences[0::2], sentences[1::2])]
+    (tmp_path / "train.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    train_tokenizer([tmp_path / "train.txt"], tmp_path / "tok", vocab_size=2000, shrink_vocab=True)
+    (tmp_path / "docs.txt").write_text("\n\n".join(lines[:50]) + "\n", encoding="utf-8")
+    prepare(tmp_path / "tok", [tmp_path / "docs.txt"], tmp_path / "data", seq_len=64, num_workers=0, progress=False)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    ids = _prepared_ids(tmp_path / "data")
+    assert tok.convert_tokens_to_ids("<0x09>") not in ids
+    tab = tok.convert_tokens_to_ids("\t")
+    assert tab != tok.unk_token_id and ids.count(tab) == 50

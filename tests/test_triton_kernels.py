@@ -106,6 +106,40 @@ def test_model_on_triton_runs_under_torch_compile():
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_input_precision_is_ieee_for_float32_and_accepted_by_every_triton_backend(dtype):
+    from triton.backends.amd.compiler import HIPOptions
+    from triton.backends.nvidia.compiler import CUDAOptions
+
+    from bigbird_ja_kernels.block_sparse import input_precision
+
+    precision = input_precision(dtype)
+    if dtype == torch.float32:
+        assert precision == "ieee"  # the exactness path: the float64-referenced tests hold it to float32's budget
+    for options in (CUDAOptions, HIPOptions):  # tl.dot rejects a precision its target does not list
+        assert precision in options.allowed_dot_input_precisions, (options.__name__, precision)
+
+
+@pytest.mark.parametrize("kernel", ["forward", "backward_dq", "backward_dkdv"])
+@pytest.mark.parametrize("tiles, message", [(dict(BLOCK_M=32, BLOCK_N=16), "query tiles"),
+                                            (dict(BLOCK_M=16, BLOCK_N=32), "key tiles")], ids=["m32", "n32"])
+def test_every_kernel_refuses_tiles_that_straddle_layout_blocks(kernel, tiles, message):
+    from bigbird_ja_kernels import KERNELS
+    from bigbird_ja_kernels.aot import _POINTER_ARGS, _SCALAR_ARGS
+
+    # The check is static: it fires before any argument is read, so placeholders will do.
+    args = {name: torch.zeros(1, device=DEVICE) for name in _POINTER_ARGS[kernel]}
+    args.update({name: 0.0 if kind == "fp32" else 1 for name, kind in _SCALAR_ARGS.items()})
+    consts = dict(HEAD_DIM=16, LAYOUT_BLOCK=16, HAS_C2P=True, HAS_P2C=True, HAS_DROPOUT=False,
+                  INPUT_PRECISION="ieee", **tiles)
+    with pytest.raises(Exception) as info:
+        KERNELS[kernel][(1, 1)](**args, **consts)
+    error = info.value
+    while error.__cause__ is not None:  # a compiled kernel wraps the assertion in a CompilationError
+        error = error.__cause__
+    assert str(error).strip().splitlines()[-1] == f"{message} must not straddle layout blocks"
+
+
 def test_unsupported_shapes_name_the_blocked_backend():
     config = triton_config(hidden_size=24, num_attention_heads=2)  # head dim 12
     inputs = to_dtype(make_inputs(config, 1, 20, seed=1), torch.float32)

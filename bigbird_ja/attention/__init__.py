@@ -38,10 +38,10 @@ def resolve_backend(requested: str, device: torch.device) -> str:
         return "blocked"
     if requested == "triton":
         if not kernels_importable():
-            raise RuntimeError("attention_backend='triton' needs triton and the bigbird_ja_kernels package (pip "
+            raise ImportError("attention_backend='triton' needs triton and the bigbird_ja_kernels package (pip "
                                "install -e '.[triton]'); use attention_backend='blocked' (pure PyTorch, any device).")
         if device.type != "cuda" and not interpreting():
-            raise RuntimeError(f"attention_backend='triton' runs on CUDA devices, not {device.type} (set "
+            raise ValueError(f"attention_backend='triton' runs on CUDA devices, not {device.type} (set "
                                "TRITON_INTERPRET=1 only to test the kernels); use attention_backend='blocked'.")
         return "triton"
     if requested not in ("reference", "blocked"):

@@ -12,8 +12,6 @@ gradients on to q, k and the relative embeddings.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
@@ -30,7 +28,11 @@ def kernels_importable() -> bool:
 
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """`bigbird_ja_kernels.interpreting()`, imported when asked (importing bigbird_ja must not import triton), so
+    call it after `kernels_importable()`."""
+    from bigbird_ja_kernels import interpreting
+
+    return interpreting()
 
 
 def layout_csr(layout: BlockLayout, device: torch.device) -> tuple[torch.Tensor, ...]:

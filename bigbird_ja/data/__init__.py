@@ -8,7 +8,7 @@ Modules, one concept each:
 * `format`         the shard format, atomic writes, the manifest
 * `fingerprint`    `tokenizer_fingerprint` / `check_tokenizer`: shards are only read with their own tokenizer
 * `dataset`        `PackedDataset`: lazy O(1)-descriptor loading, global shuffle, rank sharding, resume cursor
-* `masking`        `MLMCollator`: span / whole-word masking for Japanese, deterministic
+* `masking`        `MLMCollator`: span masking, deterministic
 * `corpus`         the bundled sample corpus
 
 Importing this package imports torch and numpy but neither `datasets` nor `pyarrow` (only Arrow/Parquet inputs
@@ -20,13 +20,13 @@ from .corpus import sample_corpus_path, sample_documents
 from .dataset import FeistelPermutation, PackedDataset
 from .fingerprint import TokenizerMismatchError, check_tokenizer, tokenizer_fingerprint
 from .format import FORMAT_VERSION, read_manifest
-from .masking import IGNORE_INDEX, MaskingOptions, MLMCollator, WordBoundaries
+from .masking import IGNORE_INDEX, MaskingOptions, MLMCollator
 from .preparation import PrepareOptions, PrepareReport, prepare
 from .sources import SourceOptions
 
 __all__ = [
     "CleaningOptions", "FORMAT_VERSION", "FeistelPermutation", "IGNORE_INDEX", "MLMCollator", "MaskingOptions",
     "PackedDataset", "PrepareOptions", "PrepareReport", "SourceOptions", "TokenizerMismatchError",
-    "WordBoundaries", "check_tokenizer", "prepare", "read_manifest", "sample_corpus_path", "sample_documents",
+    "check_tokenizer", "prepare", "read_manifest", "sample_corpus_path", "sample_documents",
     "tokenizer_fingerprint",
 ]

@@ -1,5 +1,8 @@
 """Turning raw input bytes into clean text, counting every change with its file and line.
 
+The one cleaning policy of the project: `prepare` cleans the text it packs with it and `train_tokenizer` the text a
+tokenizer learns from, so a tokenizer has seen every character exactly as it will meet it in the packed data.
+
 Web-scale Japanese text is full of things a tokenizer should not see or that a crash must not be made of: invalid
 UTF-8, NUL and other control characters, lone surrogates (from JSON ``\\ud800`` escapes), full-width ASCII and
 half-width katakana, emoji. The policy here is never to crash and never to lose anything silently:
@@ -19,18 +22,19 @@ nfkc_normalized        the line changed under NFKC (full-width ASCII to         
 emoji                  emoji and pictographs: kept as they are, counted         first N
 =====================  =======================================================  ==============
 
-Further kinds are counted where they arise (`prepare`): empty documents, unknown tokens, malformed JSON lines.
-Each issue is ``(kind, file_index, line, count)``: ``line`` is the 1-based line of a text or JSON-lines file or the
-0-based row of an Arrow/Parquet data set; ``count`` is how many characters, byte sequences or tokens on that line.
+Further kinds are counted where they arise (`prepare`: empty documents, unknown tokens, malformed JSON lines; the
+tokenizer trainer: empty and long lines). Each is an `Issue`, and `IssueLog` counts them and writes them to a
+JSON-lines file (every instance of a loss kind, the first ones of a kept kind).
 """
 
 from __future__ import annotations
 
 import codecs
+import json
 import re
 import unicodedata
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 # Kinds whose instances are all logged (something was removed or skipped) and kinds only sampled (text was kept,
 # perhaps normalised): on a real corpus nearly every line holds a full-width parenthesis that NFKC rewrites.
@@ -48,13 +52,23 @@ ACTIONS = {
 }
 
 # C0 controls except \t and \n, DEL, C1 controls, BOM/ZWNBSP inside text, the noncharacters U+FFFE/U+FFFF.
+# A tab is kept, not made a space, for training and packing alike: the tokenizer itself (NFKC, then " " -> "▁")
+# keeps tabs, so fine-tuning and inference text reaches it with them; a tokenizer trained on text whose tabs had
+# been made spaces has never seen one and spells each as the byte piece <0x09>.
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ufeff\ufffe\uffff]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 # Emoji and pictographs (counted, not removed): the emoji blocks, dingbats and misc symbols, regional indicators,
 # variation selector 16 and the zero-width joiner that glue emoji sequences.
 _EMOJI = re.compile("[\U0001F000-\U0001FAFF\u2600-\u27BF\u2B00-\u2BFF\uFE0F\u200D\U000E0020-\U000E007F]")
 
-Issue = tuple  # (kind: str, file_index: int, line: int, count: int)
+
+class Issue(NamedTuple):
+    """``count`` instances of ``kind`` (characters, byte sequences, tokens; 1 for a whole line or document)."""
+
+    kind: str
+    file_index: int  # index into the run's input files
+    line: int  # 1-based line of a text or JSON-lines file, or 0-based row of an Arrow/Parquet data set
+    count: int
 
 
 @dataclass(frozen=True)
@@ -106,7 +120,7 @@ def decode_utf8(data: bytes, options: CleaningOptions, file_index: int, line: in
         _BAD_BYTES.count = 0
         out.append(part.decode("utf-8", errors="bigbird_ja_count"))
         if _BAD_BYTES.count:
-            issues.append(("invalid_utf8", file_index, line + offset, _BAD_BYTES.count))
+            issues.append(Issue("invalid_utf8", file_index, line + offset, _BAD_BYTES.count))
     return "\n".join(out)
 
 
@@ -128,24 +142,24 @@ def clean_text(text: str, options: CleaningOptions, file_index: int, line: int, 
         if multiline:
             for offset, part in enumerate(text.split("\n")):
                 if not unicodedata.is_normalized(options.normalization, part):
-                    _log_kept(("nfkc_normalized", file_index, line + offset, 1), issues, kept_budget)
+                    log_kept(Issue("nfkc_normalized", file_index, line + offset, 1), issues, kept_budget)
         else:
-            _log_kept(("nfkc_normalized", file_index, line, 1), issues, kept_budget)
+            log_kept(Issue("nfkc_normalized", file_index, line, 1), issues, kept_budget)
         text = unicodedata.normalize(options.normalization, text)
     if _EMOJI.search(text) is not None:
         _count_by_line(_EMOJI, text, "emoji", file_index, line, multiline, issues, kept_budget)
     return text
 
 
-def _log_kept(issue: Issue, issues: list, kept_budget: dict) -> None:
+def log_kept(issue: Issue, issues: list, kept_budget: dict) -> None:
     """Log a kept-kind issue while the budget lasts; beyond it, add its count to an unlogged tally."""
-    kind = issue[0]
+    kind = issue.kind
     if kept_budget.get(kind, 0) > 0:
         kept_budget[kind] -= 1
         issues.append(issue)
     else:
         unlogged = kept_budget.setdefault("_unlogged", {})
-        unlogged[kind] = unlogged.get(kind, 0) + issue[3]
+        unlogged[kind] = unlogged.get(kind, 0) + issue.count
 
 
 def _count_by_line(pattern: re.Pattern, text: str, kind: str, file_index: int, line: int, multiline: bool,
@@ -162,8 +176,48 @@ def _count_by_line(pattern: re.Pattern, text: str, kind: str, file_index: int, l
     else:
         counts[line] = sum(1 for _ in pattern.finditer(text))
     for at, n in counts.items():
-        issue = (kind, file_index, at, n)
+        issue = Issue(kind, file_index, at, n)
         if kept_budget is None:
             issues.append(issue)
         else:
-            _log_kept(issue, issues, kept_budget)
+            log_kept(issue, issues, kept_budget)
+
+
+class IssueLog:
+    """Counts every issue and writes it, with its file and line, to a JSON-lines file opened for binary writing:
+    every instance of a loss kind, the first ``max_logged_kept`` of each kept kind (the counts stay exact).
+
+    ``counts`` (kind -> total count) and ``examples`` (kind -> the first 20 locations, "file:line") feed the
+    caller's report. ``units`` names each file's ``line`` field ("line", or "row" for Arrow/Parquet); ``actions``
+    and ``kept_kinds`` default to this module's kinds, to which a caller adds its own.
+    """
+
+    def __init__(self, f, paths: list[str], units: list[str], max_logged_kept: int,
+                 actions: dict[str, str] = ACTIONS, kept_kinds: tuple[str, ...] = KEPT_KINDS):
+        self.f = f
+        self.paths = paths
+        self.units = units
+        self.actions = actions
+        self.max_logged_kept = max_logged_kept
+        self.kept_left = {kind: max_logged_kept for kind in kept_kinds}
+        self.counts: dict[str, int] = {}
+        self.examples: dict[str, list[str]] = {}
+
+    def add(self, issues, unlogged: dict | None = None) -> None:
+        """Record ``issues``; ``unlogged``: counts of kept kinds beyond a worker's budget (counted, not listed)."""
+        for issue in issues:
+            kind = issue.kind
+            self.counts[kind] = self.counts.get(kind, 0) + issue.count
+            if kind in self.kept_left:
+                if self.kept_left[kind] <= 0:
+                    continue
+                self.kept_left[kind] -= 1
+            path = self.paths[issue.file_index]
+            examples = self.examples.setdefault(kind, [])
+            if len(examples) < 20:
+                examples.append(f"{path}:{issue.line}")
+            record = {"kind": kind, "file": path, self.units[issue.file_index]: issue.line, "count": issue.count,
+                      "action": self.actions[kind]}
+            self.f.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+        for kind, count in (unlogged or {}).items():
+            self.counts[kind] = self.counts.get(kind, 0) + count

@@ -1,4 +1,4 @@
-"""The on-disk format of packed pretraining data, and the atomic writes that keep it consistent.
+"""The on-disk format of packed pretraining data (written through `bigbird_ja.common.atomic_io`).
 
 Why a format of our own: a 4,096-token encoder pretrained on hundreds of GPUs needs fixed-length samples that every
 rank can read at random, without parsing, from a handful of large files. So a prepared data folder is:
@@ -12,9 +12,7 @@ rank can read at random, without parsing, from a handful of large files. So a pr
       shard-00000.json     this shard's metadata (counts, dtype, seq_len, tokenizer fingerprint, seed, sha256).
       issues.jsonl         every input problem found (file, line or row, kind, action), one JSON object a line.
 
-Every file is written to a hidden temporary name (``.NAME.tmp-PID``), flushed, fsync'ed and renamed with
-``os.replace`` (atomic on POSIX), then the folder is fsync'ed (the fsyncs can be turned off with ``durable=False``
-for throwaway output; the renames alone already protect against a killed process). The manifest is renamed into
+Every file is written atomically (`bigbird_ja.common.atomic_io`: a hidden temporary name, fsync, rename). The manifest is renamed into
 place after all shards, so a run killed at any point leaves either no ``manifest.json`` (the loader refuses the
 folder) or a complete data set; never a partial shard that a loader would read. Temporary files of a killed run are
 removed by the next run.
@@ -22,14 +20,12 @@ removed by the next run.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterator
 
 import numpy as np
 
@@ -90,55 +86,6 @@ class ShardInfo:
     @classmethod
     def from_json(cls, obj: dict) -> "ShardInfo":
         return cls(**{key: obj[key] for key in cls.__dataclass_fields__})
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Atomic writes
-
-
-def fsync_dir(path: Path) -> None:
-    # The rename is only durable once the directory entry is on disk.
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def temp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-@contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, durable: bool = True) -> Iterator[IO[bytes]]:
-    """Write ``path`` through a temporary file; it appears under its name only if the block completes.
-
-    durable: fsync the file before the rename and the folder after it, so that a power cut cannot leave the new
-    name pointing at unwritten data. (Without it the rename is still atomic for a killed process.)
-    """
-    path = Path(path)
-    tmp = temp_path(path)
-    f = open(tmp, "wb")
-    try:
-        yield f
-        f.flush()
-        if durable:
-            os.fsync(f.fileno())
-        f.close()
-        os.replace(tmp, path)
-        if durable:
-            fsync_dir(path.parent)
-    except BaseException:
-        f.close()
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, durable: bool = True) -> None:
-    with atomic_open(path, durable) as f:
-        f.write(data)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -36,13 +36,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .cleaning import ACTIONS, ISSUE_KINDS, KEPT_KINDS, CleaningOptions, clean_text, decode_utf8
+from .cleaning import (
+    ACTIONS, ISSUE_KINDS, KEPT_KINDS, CleaningOptions, Issue, IssueLog, clean_text, decode_utf8, log_kept,
+)
 from .fingerprint import load_tokenizer, special_token_ids, tokenizer_fingerprint
+from ..common.atomic_io import atomic_open, atomic_write_bytes, fsync_dir, temp_path
 from .format import (
     FORMAT_NAME, FORMAT_VERSION, ISSUES_NAME, MANIFEST_NAME, OWN_FILE, SHARD_STEM, TEMP_FILE, ShardInfo,
-    atomic_open, atomic_write_bytes, canonical_json, dtype_name, fsync_dir, temp_path, token_dtype,
+    canonical_json, dtype_name, token_dtype,
 )
-from .sources import JSON_LINE, RAW_TEXT, SKIPPED, STRING, RecordReader, SourceOptions, discover_inputs
+from .sources import JSON_LINE, RAW_TEXT, SKIPPED, STRING, Record, RecordReader, SourceOptions, discover_inputs
 
 DEFAULT_SHARD_TOKENS = 1 << 29  # 512 Mi tokens: 1 GiB per shard in uint16, a few hundred shards per TB of text
 
@@ -135,7 +138,7 @@ def _init_worker(tokenizer_json: str, unk_id: int | None, cleaning: CleaningOpti
     _worker_state.update(tokenizer=tokenizer, unk_id=unk_id, cleaning=cleaning, text_field=text_field)
 
 
-def _encode_chunk(records: list) -> tuple:
+def _encode_chunk(records: list[Record]) -> tuple:
     """-> (ids uint32, per-record token counts, per-record 'already reported' flags, issues, unlogged counts)."""
     st = _worker_state
     options: CleaningOptions = st["cleaning"]
@@ -144,24 +147,25 @@ def _encode_chunk(records: list) -> tuple:
     texts: list[str] = []
     slots: list[int] = []  # record index of each text
     reported = np.zeros(len(records), dtype=bool)
-    for i, (file_index, line, kind, payload, _new) in enumerate(records):
-        if kind == SKIPPED:
-            issues.append((payload, file_index, line, 1))
+    for i, record in enumerate(records):
+        file_index, line = record.file_index, record.line
+        if record.kind == SKIPPED:
+            issues.append(Issue(record.payload, file_index, line, 1))
             reported[i] = True
             continue
-        if kind == RAW_TEXT:
-            text = decode_utf8(payload, options, file_index, line, True, issues)
+        if record.kind == RAW_TEXT:
+            text = decode_utf8(record.payload, options, file_index, line, True, issues)
             text = clean_text(text, options, file_index, line, True, issues, kept_budget)
-        elif kind == JSON_LINE:
-            text = _json_text(payload, options, file_index, line, issues, st["text_field"])
+        elif record.kind == JSON_LINE:
+            text = _json_text(record.payload, options, file_index, line, issues, st["text_field"])
             if text is None:
                 reported[i] = True
                 continue
             text = clean_text(text, options, file_index, line, False, issues, kept_budget)
-        elif kind == STRING:
-            text = clean_text(payload, options, file_index, line, False, issues, kept_budget)
+        elif record.kind == STRING:
+            text = clean_text(record.payload, options, file_index, line, False, issues, kept_budget)
         else:  # pragma: no cover - a reader bug, not bad input
-            raise AssertionError(f"unknown record kind {kind}")
+            raise AssertionError(f"unknown record kind {record.kind}")
         if text.strip():
             texts.append(text)
             slots.append(i)
@@ -177,14 +181,8 @@ def _encode_chunk(records: list) -> tuple:
         for slot, id_list in zip(slots, id_lists):
             n = id_list.count(unk)
             if n:
-                file_index, line = records[slot][0], records[slot][1]
-                issue = ("unknown_tokens", file_index, line, n)
-                if kept_budget["unknown_tokens"] > 0:
-                    kept_budget["unknown_tokens"] -= 1
-                    issues.append(issue)
-                else:
-                    unlogged = kept_budget.setdefault("_unlogged", {})
-                    unlogged["unknown_tokens"] = unlogged.get("unknown_tokens", 0) + n
+                log_kept(Issue("unknown_tokens", records[slot].file_index, records[slot].line, n), issues,
+                         kept_budget)
     return ids, lengths, reported, issues, kept_budget.get("_unlogged", {})
 
 
@@ -194,11 +192,11 @@ def _json_text(payload: bytes, options: CleaningOptions, file_index: int, line: 
     try:
         obj = json.loads(raw)
     except ValueError:
-        issues.append(("invalid_json", file_index, line, 1))
+        issues.append(Issue("invalid_json", file_index, line, 1))
         return None
     value = obj.get(text_field) if isinstance(obj, dict) else None
     if not isinstance(value, str):
-        issues.append(("missing_text_field", file_index, line, 1))
+        issues.append(Issue("missing_text_field", file_index, line, 1))
         return None
     return value
 
@@ -348,7 +346,10 @@ def prepare(tokenizer_dir, inputs, out_dir, seq_len: int = 4096, seed: int = 0, 
     started = time.perf_counter()
     try:
         with atomic_open(out / ISSUES_NAME, options.durable) as issues_file:
-            log = _IssueLog(issues_file, files, options.cleaning.max_logged_kept, report)
+            log = IssueLog(issues_file, [item.path for item in files],
+                           ["row" if item.format in ("parquet", "arrow") else "line" for item in files],
+                           options.cleaning.max_logged_kept)
+            report.issue_counts, report.issue_examples = log.counts, log.examples
             reader = RecordReader(files, options.source)
             init_args = (tokenizer.backend_tokenizer.to_str(), specials["unk"], options.cleaning,
                          options.source.text_field)
@@ -435,8 +436,7 @@ def _chunks(reader, chunk_bytes: int):
     chunk, size = [], 0
     for record in reader:
         chunk.append(record)
-        payload = record[3]
-        size += len(payload) + 64
+        size += len(record.payload) + 64
         if size >= chunk_bytes:
             yield chunk
             chunk, size = [], 0
@@ -455,35 +455,6 @@ def _ordered(pool, chunks, max_in_flight: int):
     while pending:
         done_chunk, result = pending.popleft()
         yield done_chunk, result.get()
-
-
-class _IssueLog:
-    """Counts every issue; writes loss issues always and kept issues up to a budget to issues.jsonl."""
-
-    def __init__(self, f, files, max_logged_kept: int, report: PrepareReport):
-        self.f = f
-        self.paths = [item.path for item in files]
-        self.units = ["row" if item.format in ("parquet", "arrow") else "line" for item in files]
-        self.kept_left = {kind: max_logged_kept for kind in KEPT_KINDS}
-        self.report = report
-
-    def add(self, issues, unlogged: dict | None = None) -> None:
-        counts = self.report.issue_counts
-        for kind, file_index, line, count in issues:
-            counts[kind] = counts.get(kind, 0) + count
-            if kind in self.kept_left:
-                if self.kept_left[kind] <= 0:
-                    continue
-                self.kept_left[kind] -= 1
-            where = f"{self.paths[file_index]}:{line}"
-            examples = self.report.issue_examples.setdefault(kind, [])
-            if len(examples) < 20:
-                examples.append(where)
-            record = {"kind": kind, "file": self.paths[file_index], self.units[file_index]: line, "count": count,
-                      "action": ACTIONS[kind]}
-            self.f.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
-        for kind, count in (unlogged or {}).items():
-            counts[kind] = counts.get(kind, 0) + count
 
 
 class _Packer:
@@ -519,12 +490,12 @@ class _Packer:
         pieces = []
         added = 0  # tokens in `pieces`
         for i, record in enumerate(records):
-            if record[4]:  # a new document begins
+            if record.new_document:
                 sep = self._end_document(log)
                 pieces.extend(sep)
                 added += len(sep)
                 self.in_doc = True
-                self.doc_loc = (record[0], record[1])
+                self.doc_loc = (record.file_index, record.line)
                 self.doc_split = False
                 self.doc_reported = False
             else:
@@ -555,10 +526,10 @@ class _Packer:
             return []
         self.in_doc = False
         if self.doc_split:
-            log.add([("long_document_split", self.doc_loc[0], self.doc_loc[1], 1)])
+            log.add([Issue("long_document_split", *self.doc_loc, 1)])
         if self.doc_tokens == 0:
             if not self.doc_reported:
-                log.add([("empty_document", self.doc_loc[0], self.doc_loc[1], 1)])
+                log.add([Issue("empty_document", *self.doc_loc, 1)])
             return []
         self.doc_tokens = 0
         self.report.num_separator_tokens += 1

@@ -21,9 +21,7 @@ separately and packs them back to back as one document. A JSON line longer than 
 parsed in pieces: it is skipped in bounded reads and counted (``line_too_long``). Strings from Arrow/Parquet are
 cut into pieces of at most ``piece_bytes`` characters the same way.
 
-Records are tuples ``(file_index, line, kind, payload, new_document)`` (cheap to pickle to the workers):
-``kind`` says what ``payload`` is (`RAW_TEXT` bytes of consecutive lines, `JSON_LINE` bytes, `STRING` a str, or
-`SKIPPED` the name of an issue kind), ``new_document`` is False for the later pieces of a long document.
+Each document, piece or skipped line is a `Record` (a named tuple: cheap to pickle to the workers).
 """
 
 from __future__ import annotations
@@ -32,14 +30,22 @@ import gzip
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 RAW_TEXT, JSON_LINE, STRING, SKIPPED = 0, 1, 2, 3
 FORMATS = ("text", "jsonl", "parquet", "arrow")
 _EXTENSIONS = {".txt": "text", ".text": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 _JA_FULL_STOP = "。".encode("utf-8")
 
-Record = tuple  # (file_index, line, kind, payload, new_document)
+
+class Record(NamedTuple):
+    """One document, one piece of a long document, or a line that could not be read."""
+
+    file_index: int  # index into the run's input files
+    line: int  # where it starts: 1-based line of a text or JSON-lines file, 0-based row of Arrow/Parquet
+    kind: int  # what `payload` is: RAW_TEXT, JSON_LINE, STRING or SKIPPED
+    payload: bytes | str  # bytes of consecutive lines or of a JSON line, a str, or the issue kind of a skip
+    new_document: bool  # False for the later pieces of a long document
 
 
 @dataclass(frozen=True)
@@ -217,7 +223,7 @@ class RecordReader:
                     line += 1
                     if chunk.endswith(b"\n") and not chunk.strip():  # a blank line ends the document
                         if buf:
-                            yield (index, buf_line, RAW_TEXT, _last_piece(buf), new_doc)
+                            yield Record(index, buf_line, RAW_TEXT, _last_piece(buf), new_doc)
                             buf, buf_len = [], 0
                         new_doc = True
                         continue
@@ -229,13 +235,13 @@ class RecordReader:
                 if buf_len >= limit:  # a long document: hand over a piece, keep the tail for the next one
                     data = b"".join(buf)
                     cut = cut_point(data)
-                    yield (index, buf_line, RAW_TEXT, data[:cut], new_doc)
+                    yield Record(index, buf_line, RAW_TEXT, data[:cut], new_doc)
                     new_doc = False
                     buf_line += data.count(b"\n", 0, cut)
                     rest = data[cut:]
                     buf, buf_len = ([rest], len(rest)) if rest else ([], 0)
         if buf:
-            yield (index, buf_line, RAW_TEXT, _last_piece(buf), new_doc)
+            yield Record(index, buf_line, RAW_TEXT, _last_piece(buf), new_doc)
 
     # -- JSON lines ------------------------------------------------------------------------------------------
     def _jsonl(self, index: int, path: str) -> Iterator[Record]:
@@ -254,11 +260,11 @@ class RecordReader:
                         self.bytes_read += len(more)
                         if not more or more.endswith(b"\n"):
                             break
-                    yield (index, line, SKIPPED, "line_too_long", True)
+                    yield Record(index, line, SKIPPED, "line_too_long", True)
                     continue
                 if not chunk.strip():
                     continue
-                yield (index, line, JSON_LINE, chunk, True)
+                yield Record(index, line, JSON_LINE, chunk, True)
 
     # -- Arrow / Parquet -------------------------------------------------------------------------------------
     def _parquet(self, index: int, path: str) -> Iterator[Record]:
@@ -293,12 +299,12 @@ class RecordReader:
         for column in columns:
             for value in column.to_pylist():
                 if not isinstance(value, str):
-                    yield (index, row, SKIPPED, "missing_text_field", True)
+                    yield Record(index, row, SKIPPED, "missing_text_field", True)
                 else:
                     self.bytes_read += len(value)
                     if len(value) <= limit:
-                        yield (index, row, STRING, value, True)
+                        yield Record(index, row, STRING, value, True)
                     else:
                         for k, piece in enumerate(split_string(value, limit)):
-                            yield (index, row, STRING, piece, k == 0)
+                            yield Record(index, row, STRING, piece, k == 0)
                 row += 1

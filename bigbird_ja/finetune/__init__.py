@@ -9,6 +9,7 @@ Modules, one concept each:
 * `qa_features`     question-first windows with doc stride; answer token positions from character offsets
 * `qa_prediction`   best span over all windows, mapped back to the exact characters of the context
 * `metrics`         the JSQuAD metric as JGLUE defines it; accuracy, Pearson, Spearman
+* `answer_coverage` how many answers a tokenizer lets a span predictor recover exactly (token boundaries)
 * `classification`  sentence-pair and multiple-choice inputs
 * `longrange`       the generated long-range QA task and its word-level tokenizer
 * `tasks`           per task: reader, head, prediction, metric

@@ -1,11 +1,12 @@
 """The run configuration of `bigbird-ja finetune`: typed sections loaded strictly from YAML, with overrides.
 
-A preset (`configs/finetune/*.yaml`) is a mapping of the sections below; each dataclass docstring says what every
-field means. Loading is strict (an unknown section or key is an error listing the valid ones; a wrong type names
-the key, the expected type and the value) and `--section.key=value` overrides (values parsed as YAML) go through
-the same code. The loader itself is the project's generic one (`bigbird_ja.training.config`); this module only
-declares the fine-tuning sections. The resolved config is printed at start and saved as `config.yaml` in the
-output folder.
+A preset (`configs/finetune/*.yaml`) is a mapping of the sections below; each section's docstring has one entry
+per field (`name: meaning`, as the pretraining sections in `bigbird_ja.training.config`), and a test checks that
+every field has one and every entry names a field. Loading is strict (an unknown section or key is an error
+listing the valid ones; a wrong type names the key, the expected type and the value) and `--section.key=value`
+overrides (values parsed as YAML) go through the same code. The loader itself is the project's generic one
+(`bigbird_ja.training.config`); this module only declares the fine-tuning sections. The resolved config is printed
+at start and saved as `config.yaml` in the output folder.
 """
 
 from __future__ import annotations
@@ -16,9 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from ..training.config import ConfigError, load_config, to_dict
-
-TASK_NAMES = ("jsquad", "jnli", "jsts", "jcommonsenseqa", "marc-ja", "longrange")
+from ..common.config_io import ConfigError, load_config, to_dict
 
 
 def _require(ok: bool, message: str) -> None:
@@ -66,8 +65,8 @@ class ModelSection:
 class DataSection:
     """The data files and how they become model inputs.
 
-    train, valid: data files in the task's JGLUE format (`--train`, `--valid`). The long-range task generates its
-        own when they are null (see `synthetic`).
+    train, valid: data files in the task's JGLUE format (`--train-file`, `--valid-file`). The long-range task
+        generates its own when they are null (see `synthetic`).
     max_train_examples, max_valid_examples: keep the first N examples (questions for QA) of each file (0: all).
     max_length: tokens per model input (QA: per window, question included; others: truncation).
     doc_stride: QA: tokens shared by consecutive windows of a long document.
@@ -78,6 +77,9 @@ class DataSection:
         training labels ("skip"); either way it is reported by id.
     windows_without_answer: QA training: a window without the answer points at [CLS] ("cls") or is dropped ("drop").
     truncate: QA: keep only the first window of each document (no sliding windows).
+    train_articles, valid_articles: QA (jsquad, longrange): a slice "start:stop:step" of the file's articles to
+        read (e.g. "0::2" and "1::2" split one file into disjoint training and validation articles; a bare "N" is
+        the first N); null: all. Applied before max_train_examples / max_valid_examples.
     """
 
     train: str | None = None
@@ -114,10 +116,14 @@ class TrainSection:
 
     epochs: passes over the training features (fractions allowed) when max_steps is 0.
     max_steps: optimizer steps (0: from epochs).
-    batch_size: features per forward/backward; grad_accum_steps of them make an optimizer step.
-    lr, weight_decay (not on biases and LayerNorm weights), warmup_ratio (of all steps), grad_clip (0: off).
+    batch_size: features per forward/backward (a micro-batch).
+    grad_accum_steps: micro-batches (per process) whose gradients are averaged into one optimizer step.
+    lr: peak learning rate of AdamW.
+    weight_decay: AdamW's, not on biases, LayerNorm weights and the relative-position embeddings.
+    warmup_ratio: share of all optimizer steps spent in the linear warmup from 0.
+    grad_clip: clip the global gradient norm to this (0: off).
     lr_schedule: after the linear warmup, "linear" decay to 0 at the last step or "constant".
-    seed: model initialisation, data order and dropout.
+    seed: model initialisation and data order (the same on every rank) and dropout (offset by the rank).
     device: "auto" (cuda when available), "cpu" or "cuda".
     precision: "fp32", or "bf16" (autocast on CUDA; fp32 weights).
     num_threads: torch CPU threads (0: torch's default).
@@ -192,8 +198,13 @@ class EvalSection:
 
 @dataclass
 class OutputSection:
-    """Where the run writes: config.yaml, train_log.jsonl, metrics.json, predictions.json, data_report.txt and
-    (save_model) model/ (save_pretrained with the tokenizer). A non-empty folder is refused unless overwrite."""
+    """Where the run writes.
+
+    dir: the output folder (`--out`): config.yaml (the resolved config), train_log.jsonl, metrics.json,
+        predictions.json, data_report.txt and, with save_model, model/.
+    save_model: write the fine-tuned model to dir/model (save_pretrained, with the tokenizer).
+    overwrite: write into a non-empty dir (refused otherwise).
+    """
 
     dir: str = "runs/finetune"
     save_model: bool = True
@@ -243,15 +254,25 @@ class SyntheticSection:
 
 @dataclass
 class FinetuneConfig:
-    """Everything `bigbird-ja finetune` is told; each component reads only its own section."""
+    """Everything `bigbird-ja finetune` is told; each component reads only its own section.
 
-    task: Literal["jsquad", "jnli", "jsts", "jcommonsenseqa", "marc-ja", "longrange"] = "jsquad"
+    task: the task (`bigbird_ja.finetune.tasks.TASKS` is the list); `bigbird-ja finetune TASK` sets it, and a
+        preset that names another task is refused.
+    model, data, train, eval, output, synthetic: the sections above.
+    """
+
+    task: str = "jsquad"
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
     output: OutputSection = field(default_factory=OutputSection)
     synthetic: SyntheticSection = field(default_factory=SyntheticSection)
+
+    def __post_init__(self):
+        from .tasks import TASKS  # the task registry; imported here because it imports this module
+
+        _require(self.task in TASKS, f"task={self.task!r} is not a fine-tuning task; the tasks are {list(TASKS)}")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(to_dict(self), sort_keys=False, allow_unicode=True, width=120)
@@ -266,5 +287,5 @@ def load_finetune_config(path=None, overrides: list[str] | dict | None = None) -
 
 __all__ = [
     "ConfigError", "DataSection", "EvalSection", "FinetuneConfig", "ModelSection", "OutputSection",
-    "SyntheticSection", "TASK_NAMES", "TrainSection", "load_finetune_config", "parse_slice",
+    "SyntheticSection", "TrainSection", "load_finetune_config", "parse_slice",
 ]

@@ -43,7 +43,7 @@ class DocumentTokens:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def span_text(self, context: str, first: int, last: int) -> tuple[int, int]:
+    def span_text(self, first: int, last: int) -> tuple[int, int]:
         """Character span [start, end) of tokens first..last (inclusive) in the context."""
         return self.offsets[first][0], self.ends[last]
 

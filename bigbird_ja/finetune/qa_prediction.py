@@ -76,7 +76,7 @@ def predict_answers(examples: list[QAExample], features: list[QAFeature], docs: 
             out[example.id] = SpanPrediction("", 0, 0, float("-inf"))
             continue
         score, first, last = best[index]
-        start, end = docs[example.document_id].span_text(example.context, first, last)
+        start, end = docs[example.document_id].span_text(first, last)
         out[example.id] = SpanPrediction(example.context[start:end], start, end, score)
     return out
 

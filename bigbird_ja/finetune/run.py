@@ -29,13 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..training.checkpoint import atomic_write_text
-from ..training.config import load_yaml_text
-from ..training.distributed import broadcast_object
+from ..common.atomic_io import atomic_write_text
+from ..common.config_io import read_yaml
+from ..common.distributed import broadcast_object, rank_and_world_size
 from .config import ConfigError, FinetuneConfig, load_finetune_config
 from .jglue import read_json_file
 from .tasks import QATask, Task, get_task
-from .trainer import distributed_rank_and_size, start_deepspeed
+from .trainer import start_deepspeed
 
 
 @dataclass
@@ -105,7 +105,7 @@ def load_model(cfg: FinetuneConfig, task: Task, tokenizer, *, verbose: bool = Tr
     """The task's model: from model.init_from (new head where the checkpoint has none) or model.preset (random)."""
     import transformers
 
-    from ..configuration import BigBirdJaConfig, load_model_config
+    from ..configuration import build_model_config
 
     m = cfg.model
     if (m.init_from is None) == (m.preset is None):
@@ -116,37 +116,27 @@ def load_model(cfg: FinetuneConfig, task: Task, tokenizer, *, verbose: bool = Tr
     if task.head == "sequence" and task.num_labels == 1:
         head_kwargs["problem_type"] = "regression"
     extra = {**head_kwargs, **m.overrides}
-    if m.preset is not None and str(m.preset).endswith((".yaml", ".yml")):
-        # Built in one go from the preset's values and the overrides, so derived fields (pooler_hidden_size,
-        # embedding_size) follow an overridden hidden_size.
-        base = load_model_config(m.preset)  # strict: an unknown key in the preset is an error
-        values = load_yaml_text(Path(m.preset).read_text(encoding="utf-8")) or {}
-        _check_override_keys(extra, base)
-        config = BigBirdJaConfig(**{**values, **extra})
-    else:
-        folder = m.init_from if m.init_from is not None else m.preset
-        if not Path(folder).is_dir():
-            raise FileNotFoundError(f"model folder {folder} does not exist (a save_pretrained checkpoint, or a "
+    source = m.init_from if m.init_from is not None else m.preset
+    if m.init_from is not None or Path(source).is_dir():
+        # a checkpoint's weights fix its sizes; what may change is how far it reads (see _extend_positions)
+        if not Path(source).is_dir():
+            raise FileNotFoundError(f"model folder {source} does not exist (a save_pretrained checkpoint, or a "
                                     f"folder with config.json)")
-        config = BigBirdJaConfig.from_pretrained(folder)
-        _check_override_keys(extra, config)
         sizes = sorted(set(extra) & {"hidden_size", "embedding_size", "intermediate_size", "num_attention_heads",
                                      "num_hidden_layers", "vocab_size"})
         if sizes:
-            raise ConfigError(f"model.overrides {sizes} change the shapes of {folder}'s weights; give sizes in a "
+            raise ConfigError(f"model.overrides {sizes} change the shapes of {source}'s weights; give sizes in a "
                               f"model preset (configs/model/*.yaml) trained from scratch instead")
-        _extend_positions(config, extra, folder)
-        for key, value in extra.items():
-            setattr(config, key, value)
+        extra = _extend_positions(build_model_config(source), extra, source)
     if m.preset is not None:
-        config.vocab_size = len(tokenizer)
-    elif config.vocab_size < len(tokenizer):
+        extra["vocab_size"] = len(tokenizer)
+    config = build_model_config(source, extra)
+    if m.init_from is not None and config.vocab_size < len(tokenizer):
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model only {config.vocab_size} "
                          f"embeddings; use the checkpoint's own tokenizer")
     if cfg.data.max_length > config.max_position_embeddings:
         raise ValueError(f"data.max_length={cfg.data.max_length} exceeds the model's max_position_embeddings="
                          f"{config.max_position_embeddings}; lower data.max_length (QA documents are windowed)")
-    config.validate_bigbird_ja()
     if m.init_from is not None:
         model, info = auto.from_pretrained(m.init_from, config=config, output_loading_info=True)
         if verbose:
@@ -161,37 +151,30 @@ def load_model(cfg: FinetuneConfig, task: Task, tokenizer, *, verbose: bool = Tr
     return model
 
 
-def _extend_positions(config, overrides: dict, folder) -> None:
+def _extend_positions(config, overrides: dict, folder) -> dict:
     """Let a checkpoint read longer inputs than it was trained on (`model.overrides.max_position_embeddings`).
 
     With relative positions only (no absolute position embeddings) nothing has the length's shape; what must not
     change is the relative-bucket function, which DeBERTa derives from max_position_embeddings when
     max_relative_positions < 1. It is pinned to the checkpoint's value, so every distance the checkpoint knew keeps
-    its bucket and longer ones share the last (as in `bigbird-ja convert --max-length`).
+    its bucket and longer ones share the last (as in `bigbird-ja convert --max-length`). Returns the overrides to
+    build the config with.
     """
     new = overrides.get("max_position_embeddings")
     if new is None or new == config.max_position_embeddings:
-        return
+        return dict(overrides)
     if config.position_biased_input:
         raise ConfigError(f"model.overrides.max_position_embeddings={new}: {folder} adds absolute position "
                           f"embeddings ({config.max_position_embeddings} of them), which cannot change length "
                           f"without retraining; keep data.max_length <= {config.max_position_embeddings} (long "
                           f"documents are windowed)")
     if config.relative_attention and config.max_relative_positions < 1 and "max_relative_positions" not in overrides:
-        config.max_relative_positions = config.max_position_embeddings
-
-
-def _check_override_keys(overrides: dict, config) -> None:
-    allowed = {f.name for f in dataclasses.fields(config)} | {"num_labels", "problem_type", "cls_dropout"}
-    unknown = sorted(set(overrides) - allowed)
-    if unknown:
-        raise ConfigError(f"model.overrides: unknown BigBirdJaConfig field(s) {unknown}")
+        return {**overrides, "max_relative_positions": config.max_position_embeddings}
+    return dict(overrides)
 
 
 def _names_task(preset) -> bool:
-    from ..training.config import read_yaml
-
-    return "task" in read_yaml(preset)
+    return "task" in read_yaml(preset, "fine-tune config", "configs/finetune/")
 
 
 def _resolve_inputs(task: str, cfg: FinetuneConfig, model: str | None, train: str | None, valid: str | None,
@@ -217,7 +200,7 @@ def finetune(task: str, config: FinetuneConfig | str | Path | None = None, *, ov
     """Fine-tune on `task` and evaluate on the validation file; see the module docstring for the steps.
 
     config: a `FinetuneConfig`, a preset path, or None (defaults). A preset's `task` must agree with `task`.
-    model / train / valid / output: the command line's --model, --train, --valid, --out (they win over the config).
+    model / train / valid / output: the command line's --model, --train-file, --valid-file, --out (they win over the config).
     """
     from .trainer import seed_everything, train_model
 
@@ -237,7 +220,7 @@ def finetune(task: str, config: FinetuneConfig | str | Path | None = None, *, ov
                           f"--train.deepspeed=true, or run one process")
     if cfg.train.deepspeed:  # every rank joins before anything is written; rank 0 writes, the others wait
         start_deepspeed(cfg.train)
-    main = distributed_rank_and_size()[0] == 0
+    main = rank_and_world_size()[0] == 0
     verbose = verbose and main
     out = Path(cfg.output.dir)
     files = {"config": out / "config.yaml", "log": out / "train_log.jsonl", "metrics": out / "metrics.json",
@@ -259,7 +242,7 @@ def finetune(task: str, config: FinetuneConfig | str | Path | None = None, *, ov
         cfg.data.valid = cfg.data.valid or generated["valid"]
         cfg.model.tokenizer = generated["tokenizer"]
     if cfg.data.train is None or cfg.data.valid is None:
-        raise ConfigError(f"task {task}: give the training and validation files (--train FILE --valid FILE, or "
+        raise ConfigError(f"task {task}: give the training and validation files (--train-file FILE --valid-file FILE, or "
                           f"data.train / data.valid)")
     if main:
         files["config"].write_text(cfg.to_yaml(), encoding="utf-8")
@@ -309,7 +292,7 @@ def finetune(task: str, config: FinetuneConfig | str | Path | None = None, *, ov
 
 def _main_first(work: Callable[[], Any]) -> Any:
     """Run `work` on rank 0 only (everything in one process); every rank gets its result, or its error."""
-    rank, world = distributed_rank_and_size()
+    rank, world = rank_and_world_size()
     if world == 1:
         return work()
     result, error = None, None

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from ..training.trainer import parameter_groups, seed_everything
+from ..common.distributed import rank_and_world_size
+from ..common.optim import parameter_groups, rank_seed, seed_everything
 from .config import TrainSection
 
 
@@ -29,7 +30,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
+        raise ValueError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
     return torch.device(name)
 
 
@@ -104,18 +105,13 @@ class _DeepSpeedStepper:
     def __init__(self, model, cfg: TrainSection, lr_factor, world_size: int, cuda: bool):
         import deepspeed
 
-        ds_config = {
-            "train_micro_batch_size_per_gpu": cfg.batch_size,
-            "gradient_accumulation_steps": cfg.grad_accum_steps,
-            "train_batch_size": cfg.batch_size * cfg.grad_accum_steps * world_size,
-            "gradient_clipping": cfg.grad_clip,
-            # fp32 weights and gradients; bf16 runs under torch.autocast in the loop, so the saved model is fp32
-            "bf16": {"enabled": False}, "fp16": {"enabled": False},
-            "zero_optimization": {"stage": cfg.zero_stage},
-            "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay,
-                                                      "torch_adam": True, "adam_w_mode": True, "fused": cuda}},
-            "steps_per_print": 1 << 62, "wall_clock_breakdown": False,
-        }
+        from ..common.deepspeed_json import deepspeed_json
+
+        # fp32 weights and gradients; bf16 runs under torch.autocast in the loop, so the saved model is fp32. The
+        # schedule is the plain loop's, passed to initialize as a client scheduler.
+        ds_config = deepspeed_json(micro_batch_size=cfg.batch_size, grad_accum_steps=cfg.grad_accum_steps,
+                                   world_size=world_size, grad_clip=cfg.grad_clip, bf16=False,
+                                   zero={"stage": cfg.zero_stage}, lr=cfg.lr, weight_decay=cfg.weight_decay, cuda=cuda)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=_parameter_groups(model, cfg.weight_decay), config=ds_config,
             lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor))
@@ -140,29 +136,18 @@ def start_deepspeed(cfg: TrainSection) -> torch.device:
     device = resolve_device(cfg.device)
     if dist.is_available() and dist.is_initialized():
         return torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" else device
-    try:
-        import deepspeed  # noqa: F401
-    except ImportError as err:
-        raise ImportError(f"train.deepspeed=true needs DeepSpeed ({err}): pip install 'bigbird-ja[train]'") from None
-    from ..training.distributed import init_process_group
-    from ..training.trainer import _no_jit_ops_on_cpu
+    from ..common.distributed import import_deepspeed, init_process_group, no_jit_ops_on_cpu
+
+    import_deepspeed("train.deepspeed=true")
 
     cuda = device.type == "cuda"
     if not cuda:
-        _no_jit_ops_on_cpu()
+        no_jit_ops_on_cpu()
     env = init_process_group(cuda)
     if cuda:
         torch.cuda.set_device(env.local_rank)
         device = torch.device("cuda", env.local_rank)
     return device
-
-
-def distributed_rank_and_size() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _mean_over_ranks(total: float, count: int, world: int, device) -> float:
@@ -192,12 +177,14 @@ def train_model(model: torch.nn.Module, dataset: list, collate: Callable, cfg: T
     rank, world = 0, 1
     if cfg.deepspeed:
         device = start_deepspeed(cfg)
-        rank, world = distributed_rank_and_size()
+        rank, world = rank_and_world_size()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    seed_everything(cfg.seed)
+    # dropout: one process keeps train.seed (its runs are unchanged); data-parallel ranks get distinct streams. The
+    # batch order has its own generator, seeded with train.seed on every rank, so the ranks agree on it.
+    seed_everything(cfg.seed if world == 1 else rank_seed(cfg.seed, rank))
     model.to(device)
-    order = torch.Generator().manual_seed(cfg.seed)
+    order = torch.Generator().manual_seed(cfg.seed)  # the batch order: the same on every rank
     lengths = [_input_length(f) for f in dataset]
     batches_per_epoch = -(-len(dataset) // cfg.batch_size)
     micro_per_step = cfg.grad_accum_steps * world
@@ -285,7 +272,7 @@ def predict_outputs(model: torch.nn.Module, dataset: list, collate: Callable, *,
     dev = resolve_device(device)
     if dev.type == "cuda" and torch.cuda.is_initialized():
         dev = torch.device("cuda", torch.cuda.current_device())
-    rank, world = distributed_rank_and_size()
+    rank, world = rank_and_world_size()
     if world > 1:
         bounds = [len(dataset) * r // world for r in range(world + 1)]
         dataset = dataset[bounds[rank]:bounds[rank + 1]]
@@ -294,7 +281,7 @@ def predict_outputs(model: torch.nn.Module, dataset: list, collate: Callable, *,
     outputs = _predict_share(model, dataset, collate, batch_size, dev, precision, show, desc)
     if world == 1:
         return outputs
-    from ..training.distributed import all_gather_object
+    from ..common.distributed import all_gather_object
 
     return [out for share in all_gather_object(outputs) for out in share]
 
@@ -317,5 +304,5 @@ def _predict_share(model, dataset, collate, batch_size, dev, precision, show_pro
     return outputs
 
 
-__all__ = ["batch_order", "distributed_rank_and_size", "predict_outputs", "resolve_device", "seed_everything",
+__all__ = ["batch_order", "predict_outputs", "resolve_device", "seed_everything",
            "start_deepspeed", "train_model"]

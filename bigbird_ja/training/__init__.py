@@ -2,13 +2,13 @@
 
 Modules, one concept each:
 
-* `config`       typed run-config sections, the strict YAML loader, `--section.key=value` overrides, the batch
-                 identity and the generated DeepSpeed JSON
+* `config`       typed run-config sections, the batch identity and the DeepSpeed JSON of a run (loading, overrides
+                 and the JSON builder are shared with fine-tuning in `bigbird_ja.common`)
 * `preflight`    fail-fast checks every rank runs before training (open files, shards, tokenizer, disk, offload)
-* `distributed`  one entry point for one process, deepspeed / torchrun / mpirun / srun; small collectives
 * `checkpoint`   atomic checkpoints (temporary folder, rename, `latest` last, keep last k), `--resume auto`
 * `flops`        model FLOPs counted for the block-sparse pattern; peak TFLOP/s of known GPUs (MFU)
-* `trainer`      `pretrain`: the loop
+* `reporting`    rank 0's console lines, metrics.jsonl and TensorBoard
+* `trainer`      `pretrain`: a `Pretraining` whose methods are the phases of a run, with a typed `TrainState`
 * `export`       a checkpoint as a save_pretrained folder
 
 Importing this package imports neither deepspeed nor the trainer's heavy dependencies; `pretrain` and

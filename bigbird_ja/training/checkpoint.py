@@ -28,7 +28,6 @@ per parameter and state) once, on rank 0, and the engine loads that.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -39,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.format import fsync_dir
+from ..common.atomic_io import atomic_write_text, fsync_dir, fsync_tree
 
 FORMAT = "bigbird-ja-pretrain-checkpoint"
 VERSION = 1
@@ -169,30 +168,6 @@ def resolve_resume(spec: str | None, root: Path) -> Path | None:
 # Writing
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` through a synced temporary file and a rename: readers see the old file or the new."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with contextlib.suppress(OSError):
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-    for sub in [folder, *[p for p in folder.rglob("*") if p.is_dir()]]:
-        fsync_dir(sub)
-
-
 class CheckpointWriter:
     """Saves checkpoints as described in the module docstring. Every rank calls `save`; rank 0 commits."""
 
@@ -203,11 +178,14 @@ class CheckpointWriter:
         self.barrier = barrier
 
     def remove_stale(self) -> list[str]:
-        """Rank 0, at start: delete what killed runs left (temporary and half-deleted folders)."""
+        """Rank 0, at start: delete what killed runs left: temporary and half-deleted folders (a killed universal
+        conversion's included) and universal copies whose checkpoint is gone."""
         removed = []
         if self.rank == 0 and self.root.is_dir():
+            steps = {p.name for p in list_checkpoints(self.root)}
             for path in self.root.iterdir():
-                if path.name.startswith((TMP_PREFIX, DELETE_PREFIX)):
+                orphan = path.name.startswith(UNIVERSAL_PREFIX) and path.name[len(UNIVERSAL_PREFIX):] not in steps
+                if path.name.startswith((TMP_PREFIX, DELETE_PREFIX)) or orphan:
                     shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
                     removed.append(path.name)
         self.barrier()
@@ -237,7 +215,7 @@ class CheckpointWriter:
             meta = {"format": FORMAT, "version": VERSION, "step": step, "world_size": world_size,
                     "trainer": trainer_state, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "files": _listing(tmp)}
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             atomic_write_text(tmp / META, json.dumps(meta, indent=1, sort_keys=True) + "\n")
             if final.exists():  # a checkpoint of the same step from an earlier attempt: replace it
                 doomed = self.root / f"{DELETE_PREFIX}{final.name}-{os.getpid()}"
@@ -286,7 +264,8 @@ def convert_to_universal(path: Path) -> Path:
     done = out / ENGINE_TAG / "zero"
     if done.is_dir() and (out / "complete").is_file():
         return out
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    # named like the writer's temporary folders, so `remove_stale` deletes what a killed conversion leaves
+    tmp = out.with_name(f"{TMP_PREFIX}{out.name.lstrip('.')}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     args = argparse.Namespace(input_folder=str(engine_load_dir(path) / ENGINE_TAG),
                               output_folder=str(tmp / ENGINE_TAG), num_extract_workers=1, num_merge_workers=1,

@@ -11,230 +11,21 @@ The DeepSpeed JSON is generated from the config by `deepspeed_config`, never wri
 
 Relative paths in a preset are relative to the current working directory: run from the repository root.
 
-The loader (`load_config`, `from_dict`, `parse_overrides`) knows nothing of pretraining; any dataclass tree works.
+The loader (`load_config`, `from_dict`, `parse_overrides`) is `bigbird_ja.common.config_io`, shared with fine-tuning.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config that cannot be loaded or is inconsistent; the message names the key, the rule and the fix."""
-
-
-class _ConfigLoader(yaml.SafeLoader):
-    """PyYAML's safe loader without YAML 1.1's base-60 numbers: "3:4" stays the text "3:4" (as in YAML 1.2)
-    instead of becoming 184, so slices and times written in a preset or an override mean what they say."""
-
-
-def _number_or_text(constructor):
-    def construct(loader, node):
-        text = loader.construct_scalar(node)
-        return text if ":" in text else constructor(loader, node)
-    return construct
-
-
-_ConfigLoader.add_constructor("tag:yaml.org,2002:int", _number_or_text(yaml.SafeLoader.construct_yaml_int))
-_ConfigLoader.add_constructor("tag:yaml.org,2002:float", _number_or_text(yaml.SafeLoader.construct_yaml_float))
-
-
-def load_yaml_text(text: str):
-    """YAML as every config of the project reads it (safe, no base-60 numbers)."""
-    return yaml.load(text, Loader=_ConfigLoader)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Generic strict loading of dataclass trees
-
-
-def _type_name(tp) -> str:
-    if isinstance(tp, type):
-        return tp.__name__
-    return str(tp).replace("typing.", "")
-
-
-def _coerce(value, tp, where: str):
-    """``value`` as type ``tp`` (a resolved annotation), or a `ConfigError` naming ``where``."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{where}: {value!r} is not a {_type_name(tp)}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, where)
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ConfigError(f"{where}: expected {len(args)} values, got {list(value)!r}")
-            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-        item = args[0] if args else Any
-        items = [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        # YAML 1.1 reads 5e8 as a string and 5.0e8 as a float: accept both when the number is a whole one.
-        try:
-            number = float(str(value).replace("_", ""))
-        except ValueError:
-            number = math.nan
-        if math.isfinite(number) and number.is_integer():
-            return int(number)
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        try:  # PyYAML reads 1e-4 (no dot) as a string
-            return float(str(value))
-        except ValueError:
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{where}: unsupported field type {_type_name(tp)}")  # pragma: no cover - a config bug
-
-
-def from_dict(cls, data, where: str = "config"):
-    """Build dataclass ``cls`` from a mapping, strictly: unknown keys and wrong types raise `ConfigError`."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping of {sorted(f.name for f in dataclasses.fields(cls))}, got "
-                          f"{data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys are {names}")
-    values = {name: _coerce(data[name], hints[name], f"{where}.{name}") for name in names if name in data}
-    try:
-        return cls(**values)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{where}: {err}") from None
-
-
-def to_dict(obj) -> dict:
-    """A dataclass tree as plain YAML/JSON-ready data (tuples become lists)."""
-
-    def plain(x):
-        if isinstance(x, dict):
-            return {k: plain(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [plain(v) for v in x]
-        return x
-
-    return plain(dataclasses.asdict(obj))
-
-
-def parse_overrides(args: list[str] | None) -> dict:
-    """``["--train.max_steps=10", "--optim.lr", "3e-4"]`` -> ``{"train": {"max_steps": 10}, "optim": {...}}``.
-
-    Values are parsed as YAML (``10`` is an int, ``[0.9,0.98]`` a list, ``null`` None); a key may go deeper than a
-    section (``--model.overrides.hidden_size=64``).
-    """
-    result: dict = {}
-    args = list(args or [])
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--") or len(arg) == 2:
-            raise ConfigError(f"override {arg!r}: expected --section.key=value")
-        key, eq, text = arg[2:].partition("=")
-        if not eq:
-            if i + 1 >= len(args) or args[i + 1].startswith("--"):
-                raise ConfigError(f"override {arg!r} has no value: write --{key}=VALUE")
-            text = args[i + 1]
-            i += 1
-        i += 1
-        parts = key.replace("-", "_").split(".")
-        if len(parts) < 2 or not all(parts):
-            raise ConfigError(f"override {arg!r}: expected --section.key=value (e.g. --train.max_steps=100)")
-        try:
-            value = load_yaml_text(text) if text != "" else ""
-        except yaml.YAMLError as err:
-            raise ConfigError(f"override {arg!r}: the value is not valid YAML ({err})") from None
-        node = result
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {arg!r} conflicts with an earlier override of {part!r}")
-        node[parts[-1]] = value
-    return result
-
-
-def merge(base: dict, overrides: dict) -> dict:
-    """``overrides`` laid over ``base`` (mappings merged key by key, everything else replaced)."""
-    out = dict(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def read_yaml(path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config {str(path)!r} does not exist (presets live in configs/pretrain/)")
-    try:
-        data = load_yaml_text(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
-    return data
-
-
-def load_config(cls, path=None, overrides: list[str] | dict | None = None):
-    """Read ``path`` (YAML; None: the defaults), lay ``overrides`` over it, build ``cls`` strictly."""
-    data = read_yaml(path) if path is not None else {}
-    if overrides:
-        data = merge(data, overrides if isinstance(overrides, dict) else parse_overrides(overrides))
-    return from_dict(cls, data, where=str(path) if path is not None else "config")
-
+from ..common.deepspeed_json import deepspeed_json
+from ..common.config_io import (  # noqa: F401  (ConfigError, load_config, parse_overrides, to_dict: public here too)
+    ConfigError, load_config, parse_overrides, to_dict,
+)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Sections
@@ -339,7 +130,8 @@ class MaskingSection:
     span_length: "geometric" (SpanBERT) or "fixed"; max_span 1 is BERT's token masking.
     span_p: geometric parameter (mean span 1/p before clipping).
     max_span: longest span in tokens.
-    mask_token_prob / random_token_prob: a chosen token becomes [MASK] / a random token with these probabilities.
+    mask_token_prob: probability that a chosen token becomes [MASK].
+    random_token_prob: probability that a chosen token becomes a random token (otherwise it is kept).
     seed: masks are a function of (seed, the sample's place in the stream): identical after a resume.
     """
 
@@ -391,7 +183,9 @@ class OptimSection:
     """AdamW (torch's implementation: fused on CUDA, foreach on CPU; nothing to compile) and its schedule.
 
     lr: peak learning rate.
-    betas, eps, weight_decay: AdamW's (no weight decay on 1-D parameters: biases and LayerNorm weights).
+    betas: AdamW's moment decay rates.
+    eps: AdamW's denominator term.
+    weight_decay: decoupled weight decay (none on 1-D parameters: biases and LayerNorm weights).
     schedule: "linear" (DeepSpeed WarmupDecayLR: linear warmup, then linear decay to 0 at train.max_steps) or
         "cosine" (WarmupCosineLR: linear warmup, then cosine decay to min_lr_ratio x lr).
     warmup_steps: optimizer steps of linear warmup from 0. (DeepSpeed's schedulers count from the first step(): the
@@ -456,7 +250,9 @@ class ZeroSection:
     reduce_bucket_size: elements reduced per collective (stages 1-3). Larger: fewer, more efficient collectives;
         memory ~ 2-4 x size bytes per buffer with overlap_comm.
     allgather_bucket_size: elements gathered per collective when updated weights are shared (stages 1-2).
-    stage3_prefetch_bucket_size, stage3_param_persistence_threshold, stage3_max_live_parameters: ZeRO-3 knobs.
+    stage3_prefetch_bucket_size: ZeRO-3: elements of upcoming weights gathered ahead of use.
+    stage3_param_persistence_threshold: ZeRO-3: weights smaller than this stay whole on every rank (no gathers).
+    stage3_max_live_parameters: ZeRO-3: gathered weight elements kept alive at once (bounds memory).
     offload_optimizer: "none" or "cpu". Off by default: at scale it was a source of failures. Allowed when asked
         for, with a warning on more than one node; torch's AdamW runs on the CPU (no DeepSpeed op to compile).
     """
@@ -582,7 +378,7 @@ class PretrainConfig:
 
 def load_pretrain_config(path=None, overrides: list[str] | dict | None = None) -> PretrainConfig:
     """A `PretrainConfig` from a preset and ``--section.key=value`` overrides (strict; see the module docstring)."""
-    return load_config(PretrainConfig, path, overrides)
+    return load_config(PretrainConfig, path, overrides, what="pretraining config", presets="configs/pretrain/")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -646,10 +442,6 @@ def deepspeed_config(cfg: PretrainConfig, plan: BatchPlan, *, cuda: bool, load_u
                     stage3_gather_16bit_weights_on_model_save=False)
     if z.offload_optimizer == "cpu":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cuda}
-    adam: dict[str, Any] = {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
-                            "torch_adam": True, "adam_w_mode": True}
-    if cuda and z.offload_optimizer == "none":
-        adam["fused"] = True
     max_steps = cfg.train.max_steps
     if o.schedule == "linear":
         scheduler = {"type": "WarmupDecayLR", "params": {
@@ -659,21 +451,7 @@ def deepspeed_config(cfg: PretrainConfig, plan: BatchPlan, *, cuda: bool, load_u
         scheduler = {"type": "WarmupCosineLR", "params": {
             "total_num_steps": max_steps, "warmup_min_ratio": 0.0, "warmup_num_steps": o.warmup_steps,
             "cos_min_ratio": o.min_lr_ratio, "warmup_type": "linear"}}
-    ds = {
-        "train_batch_size": plan.global_batch_size,
-        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
-        "gradient_accumulation_steps": plan.grad_accum_steps,
-        "gradient_clipping": o.grad_clip,
-        "bf16": {"enabled": cfg.train.precision == "bf16"},
-        "fp16": {"enabled": False},
-        "zero_optimization": zero,
-        "optimizer": {"type": "AdamW", "params": adam},
-        "scheduler": scheduler,
-        "steps_per_print": 1 << 62,  # the trainer logs; DeepSpeed's own step prints would interleave with it
-        "wall_clock_breakdown": False,
-        "zero_allow_untested_optimizer": False,
-        "checkpoint": {"load_universal": load_universal},
-    }
-    if z.offload_optimizer == "cpu":
-        ds["zero_force_ds_cpu_optimizer"] = False  # torch AdamW on the CPU: DeepSpeedCPUAdam would be a JIT build
-    return ds
+    return deepspeed_json(micro_batch_size=plan.micro_batch_size, grad_accum_steps=plan.grad_accum_steps,
+                          world_size=plan.world_size, grad_clip=o.grad_clip, bf16=cfg.train.precision == "bf16",
+                          zero=zero, lr=o.lr, weight_decay=o.weight_decay, betas=o.betas, eps=o.eps, cuda=cuda,
+                          scheduler=scheduler, load_universal=load_universal)

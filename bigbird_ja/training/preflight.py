@@ -16,7 +16,6 @@ and stop every rank together with each rank's message, instead of leaving the he
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,8 +46,9 @@ def estimate_open_files(cfg: PretrainConfig, world_size: int) -> int:
             + cfg.preflight.extra_open_files)
 
 
-def raise_open_file_limit(needed: int, raise_soft: bool = True) -> tuple[int, int, str | None]:
-    """Raise the soft limit to the hard one (if allowed); returns (soft, hard, problem or None)."""
+def raise_open_file_limit(needed: int, raise_soft: bool = True, world_size: int = 1) -> tuple[int, int, str | None]:
+    """Raise the soft limit to the hard one (if allowed); returns (soft, hard, problem or None). ``world_size``
+    (the number of peers) only goes into the message."""
     try:
         import resource
     except ImportError:  # not POSIX: nothing to check
@@ -63,8 +63,8 @@ def raise_open_file_limit(needed: int, raise_soft: bool = True) -> tuple[int, in
             pass
     if soft != resource.RLIM_INFINITY and soft < needed:
         return soft, hard, (
-            f"open files: this process may need about {needed} descriptors (shards, sockets to {needed} peers' "
-            f"share, checkpoints; see preflight.estimate_open_files) but its limit is soft={soft}, hard={hard}. "
+            f"open files: this process may need about {needed} descriptors (shards, sockets to {world_size} peers, "
+            f"checkpoints; see preflight.estimate_open_files) but its limit is soft={soft}, hard={hard}. "
             f"Raise it before launching (`ulimit -n {needed}` in the job script; on SLURM also "
             f"`srun --propagate=NOFILE`), lower data.max_open_shards, or ask the administrators for a higher hard "
             f"limit")
@@ -76,12 +76,6 @@ def checkpoint_bytes(num_params: int, cfg: PretrainConfig) -> int:
     weights in the training precision (4 or 2 B/param), plus 5%."""
     per_param = 12 + (2 if cfg.train.precision == "bf16" else 4)
     return int(num_params * per_param * 1.05)
-
-
-def existing_checkpoints(root: Path) -> int:
-    if not root.is_dir():
-        return 0
-    return sum(1 for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
 
 
 def check_free_disk(root: Path, needed: int) -> str | None:
@@ -96,6 +90,17 @@ def check_free_disk(root: Path, needed: int) -> str | None:
     return None
 
 
+def check_checkpoint_disk(cfg: PretrainConfig, num_params: int) -> tuple[str | None, int]:
+    """(problem or None, bytes of one checkpoint): room for the checkpoints the run will add to checkpoint.dir
+    (keep_last + 1 at the peak, minus the complete ones already there)."""
+    from .checkpoint import list_checkpoints
+
+    root = cfg.checkpoint_dir
+    size = checkpoint_bytes(num_params, cfg)
+    more = max(0, cfg.checkpoint.keep_last + 1 - len(list_checkpoints(root))) * size
+    return check_free_disk(root, more), size
+
+
 def run_preflight(cfg: PretrainConfig, *, rank: int, world_size: int, num_nodes: int, tokenizer,
                   num_params: int | None = None) -> PreflightReport:
     """Every check of the module docstring for this process; problems and warnings as messages."""
@@ -105,7 +110,7 @@ def run_preflight(cfg: PretrainConfig, *, rank: int, world_size: int, num_nodes:
     report = PreflightReport()
 
     needed = estimate_open_files(cfg, world_size)
-    soft, hard, problem = raise_open_file_limit(needed, cfg.preflight.raise_open_file_limit)
+    soft, hard, problem = raise_open_file_limit(needed, cfg.preflight.raise_open_file_limit, world_size)
     report.notes.append(f"open files: limit {soft} (hard {hard}), estimated need {needed}")
     if problem:
         report.problems.append(problem)
@@ -130,10 +135,7 @@ def run_preflight(cfg: PretrainConfig, *, rank: int, world_size: int, num_nodes:
             report.problems.append(f"tokenizer: {err}")
 
     if cfg.preflight.check_disk and num_params is not None:
-        root = cfg.checkpoint_dir
-        size = checkpoint_bytes(num_params, cfg)
-        more = max(0, cfg.checkpoint.keep_last + 1 - existing_checkpoints(root)) * size
-        problem = check_free_disk(root, more)
+        problem, size = check_checkpoint_disk(cfg, num_params)
         report.notes.append(f"disk: one checkpoint is about {size / 2**20:,.0f} MiB")
         if problem:
             report.problems.append(problem)
@@ -152,11 +154,3 @@ def format_problems(problems_by_rank: dict[int, list[str]]) -> str:
         for problem in problems_by_rank[rank]:
             lines.append(f"  [rank {rank}] {problem}")
     return "\n".join(lines)
-
-
-def local_world_size() -> int:
-    for var in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE"):
-        value = os.environ.get(var, "")
-        if value.isdigit() and int(value) > 0:
-            return int(value)
-    return 1

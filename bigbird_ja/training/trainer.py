@@ -1,52 +1,53 @@
 """`pretrain`: masked-language-model pretraining of BigBird-ja on DeepSpeed, resumable exactly.
 
 The same function runs as one process, under the `deepspeed` launcher, `torchrun`, `mpirun` or `srun` (see
-`distributed`). The phases, in the order of the comments in `_pretrain`:
+`bigbird_ja.common.distributed`). `pretrain` starts the process group and hands over to a `Pretraining`, whose
+methods are the phases of a run, in order:
 
-0. Process group (gloo on CPU, NCCL on CUDA). No DeepSpeed op is JIT-compiled: the optimizer is torch's AdamW
-   (fused on CUDA), and on CPU DeepSpeed's shared-memory all-reduce op (a C++ build at start, used only for
-   inference) is switched off unless it was installed prebuilt.
-1. Data: if data.dir does not exist and prepare.inputs are given, rank 0 trains a tokenizer (if needed) and runs
-   `prepare`; every rank then runs the preflight checks (`preflight`). Any failure on any rank stops every rank.
-2. Model: the preset + overrides, vocab_size from the tokenizer, initialised from run.seed on every rank.
-3. Resume: `--resume auto` takes the newest complete checkpoint; at another world size (or ZeRO stage) it will be
-   converted to DeepSpeed's universal format.
-4. Data streams: training reads all but the last data.eval_shards shards from the checkpoint's cursor; evaluation
-   reads the first eval.samples of the held-out shards.
-5. Engine (DeepSpeed JSON from the config), then the checkpoint's weights, optimizer, scheduler and RNG states.
-6. The loop: accumulation, logging, evaluation, checkpoints every N steps, at the end and on SIGTERM.
+1. `prepare_data`: if data.dir does not exist and prepare.inputs are given, rank 0 trains a tokenizer (if needed)
+   and runs `prepare`; every rank then runs the preflight checks (`preflight`). Any failure on any rank stops every
+   rank, each rank's message printed.
+2. `build_model`: the preset + overrides, vocab_size from the tokenizer, initialised from run.seed on every rank;
+   then the disk check, which needs the parameter count.
+3. `choose_checkpoint`: `--resume auto` takes the newest complete checkpoint; at another world size (or ZeRO stage)
+   it will be converted to DeepSpeed's universal format.
+4. `open_data_streams`: training reads all but the last data.eval_shards shards from the checkpoint's cursor;
+   evaluation reads the first eval.samples of the held-out shards.
+5. `write_run_files` (the resolved config, the DeepSpeed JSON generated from it, the model config; printed only
+   with --dry-run), then `start_engine`: the engine, then the checkpoint's weights, optimizer, scheduler and RNG.
+6. `train`: `train_step` (accumulation over micro-batches), `log`, `evaluate`, `save`: every N steps, at the end
+   and on SIGTERM.
 
-The trainer's state (step, samples, tokens, data cursor, each rank's RNG) is saved in every checkpoint and
-restored on resume: a run killed after its checkpoint at step k and resumed repeats steps k+1.. exactly.
+The trainer's state (`TrainState`: step, samples, tokens; with the data cursor and each rank's RNG) is saved in
+every checkpoint and restored on resume: a run killed after its checkpoint at step k and resumed repeats steps
+k+1.. exactly.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import random
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from ..common.distributed import (
+    DistEnv, agree, any_rank, barrier, broadcast_object, import_deepspeed, init_process_group, no_jit_ops_on_cpu,
+)
+from ..common.optim import parameter_groups, rank_seed, seed_everything
 from .checkpoint import (
     ENGINE_TAG, CheckpointWriter, convert_to_universal, engine_load_dir, list_checkpoints, load_rng, read_meta,
     resolve_resume, set_rng_state, universal_dir,
 )
-from .config import ConfigError, PretrainConfig, deepspeed_config, load_yaml_text, resolve_batch, to_dict
-from .distributed import DistEnv, agree, any_rank, barrier, broadcast_object, init_process_group
+from .config import ConfigError, PretrainConfig, deepspeed_config, resolve_batch, to_dict
 from .flops import peak_tflops, training_flops
-from .preflight import PreflightError, checkpoint_bytes, check_free_disk, existing_checkpoints, format_problems, \
-    run_preflight
+from .preflight import PreflightError, check_checkpoint_disk, format_problems, run_preflight
+from .reporting import Reporter, fmt, peak_memory_gib
 
 BUNDLED_CORPUS = "bundled:ja_sample"
-INSTALL_HINT = "pip install 'bigbird-ja[train]'"
 
 
 @dataclass
@@ -63,27 +64,39 @@ class PretrainResult:
     eval_losses: dict[int, float] = field(default_factory=dict)
 
 
+@dataclass
+class TrainState:
+    """What the loop has done, saved in every checkpoint (with the data cursor, `PackedDataset.state_dict`)."""
+
+    step: int = 0  # optimizer steps taken
+    samples: int = 0  # sequences consumed, over all ranks
+    tokens: int = 0  # tokens consumed, over all ranks
+
+    def advance(self, global_batch_size: int, seq_len: int) -> None:
+        self.step += 1
+        self.samples += global_batch_size
+        self.tokens += global_batch_size * seq_len
+
+
+@dataclass
+class LogWindow:
+    """The steps since the last log line: their summed micro-batch losses and the wall time they took."""
+
+    loss: torch.Tensor  # float64 sum of micro-batch losses on this rank
+    steps: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    @classmethod
+    def new(cls, device) -> "LogWindow":
+        return cls(torch.zeros((), dtype=torch.float64, device=device))
+
+    def restart_clock(self) -> None:
+        """Evaluation and checkpoint time is not training throughput."""
+        self.started = time.perf_counter()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Set-up helpers
-
-
-def _import_deepspeed():
-    try:
-        import deepspeed
-    except ImportError as err:
-        raise ImportError(f"bigbird-ja pretrain needs DeepSpeed ({err}): {INSTALL_HINT}") from None
-    return deepspeed
-
-
-def _no_jit_ops_on_cpu() -> None:
-    """On the CPU accelerator DeepSpeed builds a shared-memory all-reduce op (C++, about a minute, into a shared
-    cache) when the process group starts. Training never uses it (it serves inference_all_reduce), so unless it was
-    installed prebuilt it is marked incompatible, which DeepSpeed honours by not loading it."""
-    import deepspeed.ops
-    from deepspeed.git_version_info import installed_ops
-
-    if not installed_ops.get("deepspeed_shm_comm", False):
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def _cpu_threads(requested: int | None) -> int:
@@ -124,46 +137,18 @@ def ensure_data(cfg: PretrainConfig, log=print) -> None:
     log(report.summary())
 
 
-def build_model_config(cfg: PretrainConfig, vocab_size: int, seq_len: int):
-    """The resolved BigBirdJaConfig: preset (YAML or config.json folder) + overrides + the tokenizer's vocab."""
-    from ..configuration import BigBirdJaConfig
+def resolve_model_config(cfg: PretrainConfig, vocab_size: int, seq_len: int):
+    """The run's BigBirdJaConfig: model.preset (or model.init_from's config) + model.overrides + the tokenizer's
+    vocab, through the one builder (`bigbird_ja.configuration.build_model_config`); checked against the data."""
+    from ..configuration import build_model_config
 
-    valid = {f.name for f in dataclasses.fields(BigBirdJaConfig)}
-    source = cfg.model.preset or cfg.model.init_from
-    path = Path(source)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"model: {str(path)!r} has no config.json")
-        values = {k: v for k, v in json.loads((path / "config.json").read_text()).items() if k in valid}
-    elif path.is_file():
-        values = load_yaml_text(path.read_text(encoding="utf-8")) or {}
-        unknown = sorted(set(values) - valid)
-        if unknown:
-            raise ConfigError(f"model preset {path}: unknown keys {unknown}; valid keys are {sorted(valid)}")
-    else:
-        raise FileNotFoundError(f"model preset {str(path)!r} does not exist (presets live in configs/model/)")
-    unknown = sorted(set(cfg.model.overrides) - valid)
-    if unknown:
-        raise ConfigError(f"model.overrides: unknown keys {unknown}; valid keys are {sorted(valid)}")
-    values.update(cfg.model.overrides)
-    values["vocab_size"] = vocab_size
-    config = BigBirdJaConfig(**values)
+    config = build_model_config(cfg.model.preset or cfg.model.init_from,
+                                {**cfg.model.overrides, "vocab_size": vocab_size})
     if config.max_position_embeddings < seq_len:
         raise ConfigError(f"model: max_position_embeddings={config.max_position_embeddings} is below the data's "
                           f"seq_len={seq_len}; set model.overrides.max_position_embeddings >= {seq_len} or prepare "
                           f"shorter sequences")
     return config
-
-
-def parameter_groups(model, weight_decay: float, no_decay_names: tuple[str, ...] = ()) -> list[dict]:
-    """AdamW groups: weight decay on matrices and embeddings, none on biases and LayerNorm weights (1-D) nor on
-    parameters whose name contains one of `no_decay_names`."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            exempt = param.dim() < 2 or any(part in name for part in no_decay_names)
-            (no_decay if exempt else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def _model_config_differences(saved: dict, current: dict) -> list[str]:
@@ -173,6 +158,7 @@ def _model_config_differences(saved: dict, current: dict) -> list[str]:
 
 
 def _stop_if_problems(problems: list[str], what: str) -> None:
+    """Every rank's problems on every rank: all stop together, each rank's message printed (nobody left hanging)."""
     by_rank = agree(problems)
     if by_rank:
         raise PreflightError(format_problems(by_rank) if what == "preflight" else
@@ -180,10 +166,15 @@ def _stop_if_problems(problems: list[str], what: str) -> None:
                                                             for m in ms))
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
+def _on_main(env: DistEnv, action) -> list[str]:
+    """Run ``action`` on rank 0; its exception as a problem message (for `_stop_if_problems`), else []."""
+    if not env.is_main:
+        return []
+    try:
+        action()
+    except Exception as err:  # reported by every rank
+        return [f"{type(err).__name__}: {err}"]
+    return []
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -213,85 +204,11 @@ def eval_batches(dataset, collator, micro_batch_size: int, num_batches: int):
         yield collator(samples)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Observability
-
-
-class _Reporter:
-    """Rank 0's outputs: console lines (through the progress bar), metrics.jsonl, TensorBoard."""
-
-    def __init__(self, cfg: PretrainConfig, env: DistEnv, start_step: int):
-        self.enabled = env.is_main
-        self.bar = None
-        self.tb = None
-        self.metrics = None
-        if not self.enabled:
-            return
-        out = Path(cfg.run.output_dir)
-        self.metrics = open(out / "metrics.jsonl", "a", encoding="utf-8")
-        show = sys.stderr.isatty() if cfg.log.progress_bar is None else cfg.log.progress_bar
-        if show:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=cfg.train.max_steps, initial=start_step, desc=cfg.run.name, unit="step",
-                            dynamic_ncols=True)
-        if cfg.log.tensorboard is not False:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(log_dir=str(out / "tensorboard"))
-            except ImportError:
-                if cfg.log.tensorboard:
-                    raise ImportError("log.tensorboard=true but tensorboard is not installed: pip install "
-                                      "tensorboard (or log.tensorboard=null: use it when installed)") from None
-
-    def line(self, text: str) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.write(text)
-        else:
-            print(text, flush=True)
-
-    def record(self, event: str, **values) -> None:
-        if not self.enabled:
-            return
-        self.metrics.write(json.dumps({"event": event, **values}, sort_keys=False) + "\n")
-        self.metrics.flush()
-        if self.tb is not None and event in ("train", "eval"):
-            step = values["step"]
-            for key, value in values.items():
-                if key != "step" and isinstance(value, (int, float)) and value is not None:
-                    self.tb.add_scalar(f"{event}/{key}", value, step)
-
-    def advance(self, n: int = 1) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
-        if self.metrics is not None:
-            self.metrics.close()
-
-
-def _peak_memory_gib(cuda: bool) -> float:
-    if cuda:
-        return torch.cuda.max_memory_allocated() / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux: the process's peak RSS
-
-
-def _grad_norm(module) -> float:
+def module_grad_norm(module) -> float | None:
+    """The global L2 norm of the gradients held in ``module``'s parameters, or None when none holds one (DeepSpeed's
+    bf16 and ZeRO optimizers keep gradients in their own buffers: a norm over nothing is not 0)."""
     norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
-
-
-def _fmt(value, spec: str, missing: str = "n/a") -> str:
-    return missing if value is None else format(value, spec)
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -305,341 +222,392 @@ def pretrain(cfg: PretrainConfig, *, resume: str | None = None, dry_run: bool = 
         or a checkpoint path.
     dry_run: stop after the preflight checks, printing the resolved config and the DeepSpeed JSON.
     """
-    # -- 0. process group ---------------------------------------------------------------------------------------
-    deepspeed = _import_deepspeed()
+    deepspeed = import_deepspeed()
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     else:
-        _no_jit_ops_on_cpu()
+        no_jit_ops_on_cpu()
     env = init_process_group(cuda)
     try:
-        return _pretrain(cfg, deepspeed, env, cuda, resume, dry_run)
+        return Pretraining(cfg, deepspeed, env, cuda).run(resume, dry_run)
     finally:  # every way out, errors included: without it the interpreter can abort at exit (ZeRO-3 threads)
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
-def _pretrain(cfg: PretrainConfig, deepspeed, env: DistEnv, cuda: bool, resume, dry_run: bool):
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    threads = None if cuda else _cpu_threads(cfg.train.cpu_threads)
-    plan = resolve_batch(cfg.batch, env.world_size)  # the same on every rank: all raise together
-    say = (lambda text: print(text, flush=True)) if env.is_main else (lambda text: None)
+class Pretraining:
+    """One pretraining run on this process; each method is a phase of the module docstring, called in order by
+    `run`. Attributes are set by the phase that makes them and read by the later ones."""
 
-    # -- 1. data: build it if asked (rank 0), then every rank checks what kills large jobs --------------------------
-    problems = []
-    if env.is_main:
+    def __init__(self, cfg: PretrainConfig, deepspeed, env: DistEnv, cuda: bool):
+        self.cfg, self.deepspeed, self.env, self.cuda = cfg, deepspeed, env, cuda
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        self.threads = None if cuda else _cpu_threads(cfg.train.cpu_threads)
+        self.plan = resolve_batch(cfg.batch, env.world_size)  # the same on every rank: all raise together
+        self.out = Path(cfg.run.output_dir)
+        self.state = TrainState()
+
+    def say(self, text: str) -> None:
+        if self.env.is_main:
+            print(text, flush=True)
+
+    def run(self, resume, dry_run: bool) -> PretrainResult | None:
+        self.prepare_data()
+        self.build_model()
+        self.choose_checkpoint(resume)
+        self.open_data_streams()
+        self.write_run_files(dry_run)
+        if dry_run:
+            barrier()
+            return None
+        self.start_engine()
+        return self.train()
+
+    # -- 1. data: build it if asked (rank 0), then every rank checks what kills large jobs -----------------------
+    def prepare_data(self) -> None:
+        cfg = self.cfg
+        _stop_if_problems(_on_main(self.env, lambda: ensure_data(cfg, log=self.say)), "preparing the data")
+        from ..data.fingerprint import load_tokenizer
+
+        self.tokenizer, problems = None, []
         try:
-            ensure_data(cfg, log=say)
-        except Exception as err:  # reported by every rank below
-            problems.append(f"{type(err).__name__}: {err}")
-    _stop_if_problems(problems, "preparing the data")
+            self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        except (OSError, ValueError) as err:
+            problems.append(f"tokenizer: {err}")
+        report = run_preflight(cfg, rank=self.env.rank, world_size=self.env.world_size,
+                               num_nodes=self.env.num_nodes, tokenizer=self.tokenizer)
+        _stop_if_problems(problems + report.problems, "preflight")
+        for warning in report.warnings:
+            self.say(f"warning: {warning}")
+        self.preflight_notes = report.notes
+        self.manifest = report.manifest
+        self.seq_len = int(self.manifest["seq_len"])
 
-    from ..data import MLMCollator, PackedDataset
-    from ..data.fingerprint import load_tokenizer
+    # -- 2. model, and the disk it will need ----------------------------------------------------------------------
+    def build_model(self) -> None:
+        from ..modeling import BigBirdJaForMaskedLM
 
-    tokenizer, problems = None, []
-    try:
-        tokenizer = load_tokenizer(cfg.data.tokenizer)
-    except (OSError, ValueError) as err:
-        problems.append(f"tokenizer: {err}")
-    report = run_preflight(cfg, rank=env.rank, world_size=env.world_size, num_nodes=env.num_nodes,
-                           tokenizer=tokenizer)
-    _stop_if_problems(problems + report.problems, "preflight")
-    for warning in report.warnings:
-        say(f"warning: {warning}")
-    manifest = report.manifest
-    seq_len = int(manifest["seq_len"])
-
-    # -- 2. model --------------------------------------------------------------------------------------------------
-    from ..modeling import BigBirdJaForMaskedLM
-
-    model_config = build_model_config(cfg, len(tokenizer), seq_len)
-    seed_everything(cfg.run.seed)  # identical initial weights on every rank
-    if cfg.model.init_from:
-        model = BigBirdJaForMaskedLM.from_pretrained(cfg.model.init_from, config=model_config)
-    else:
-        model = BigBirdJaForMaskedLM(model_config)
-    if cfg.train.activation_checkpointing:
-        model.activation_checkpointing_enable()
-    num_params = sum(p.numel() for p in model.parameters())
-    if cfg.preflight.check_disk:
-        root = cfg.checkpoint_dir
-        needed = max(0, cfg.checkpoint.keep_last + 1 - existing_checkpoints(root)) * checkpoint_bytes(num_params, cfg)
-        problem = check_free_disk(root, needed)
-        _stop_if_problems([problem] if problem else [], "preflight")
+        cfg = self.cfg
+        self.model_config = resolve_model_config(cfg, len(self.tokenizer), self.seq_len)
+        seed_everything(cfg.run.seed)  # identical initial weights on every rank
+        if cfg.model.init_from:
+            self.model = BigBirdJaForMaskedLM.from_pretrained(cfg.model.init_from, config=self.model_config)
+        else:
+            self.model = BigBirdJaForMaskedLM(self.model_config)
+        if cfg.train.activation_checkpointing:
+            self.model.activation_checkpointing_enable()
+        self.num_params = sum(p.numel() for p in self.model.parameters())
+        if cfg.preflight.check_disk:
+            problem, _ = check_checkpoint_disk(cfg, self.num_params)
+            _stop_if_problems([problem] if problem else [], "preflight")
 
     # -- 3. what to resume from (rank 0 decides, everyone follows) ------------------------------------------------
-    root = cfg.checkpoint_dir
-    writer = CheckpointWriter(root, cfg.checkpoint.keep_last, env.rank, barrier)
-    problems, ckpt = [], None
-    if env.is_main:
-        try:
+    def choose_checkpoint(self, resume) -> None:
+        cfg, env = self.cfg, self.env
+        root = cfg.checkpoint_dir
+        self.writer = CheckpointWriter(root, cfg.checkpoint.keep_last, env.rank, barrier)
+        chosen = []
+
+        def choose():
             ckpt = resolve_resume(resume, root)
             if ckpt is None and resume in (None, "none") and list_checkpoints(root):
                 raise ValueError(f"{str(root)!r} already holds checkpoints ({list_checkpoints(root)[-1].name} is "
                                  f"the newest): pass --resume auto to continue that run, or set run.output_dir / "
                                  f"checkpoint.dir to a new folder")
-        except (OSError, ValueError) as err:
-            problems.append(str(err))
-    _stop_if_problems(problems, "resume")
-    ckpt = broadcast_object(str(ckpt) if ckpt else None)
-    meta = read_meta(Path(ckpt)) if ckpt else None
-    universal = False
-    if meta is not None:
-        saved_cfg = meta["trainer"]["config"]
-        saved_stage = int(saved_cfg["zero"]["stage"])
-        diffs = _model_config_differences(meta["trainer"]["model_config"],
-                                          json.loads(json.dumps(model_config.to_dict())))  # as JSON stored it
+            chosen.append(ckpt)
+
+        problems = []
+        if env.is_main:
+            try:
+                choose()
+            except (OSError, ValueError) as err:
+                problems.append(str(err))
+        _stop_if_problems(problems, "resume")
+        self.ckpt = broadcast_object(str(chosen[0]) if chosen and chosen[0] else None)
+        self.meta = read_meta(Path(self.ckpt)) if self.ckpt else None
+        self.universal = False
+        self.saved_stage = None
+        if self.meta is None:
+            return
+        self.saved_stage = int(self.meta["trainer"]["config"]["zero"]["stage"])
+        diffs = _model_config_differences(self.meta["trainer"]["model_config"],
+                                          json.loads(json.dumps(self.model_config.to_dict())))  # as JSON stored it
         if diffs:
-            raise ConfigError(f"--resume {ckpt}: the model differs from the checkpoint's ({'; '.join(diffs)})")
-        if meta["world_size"] != env.world_size or saved_stage != cfg.zero.stage:
-            if saved_stage == 0 and cfg.zero.stage == 0:
+            raise ConfigError(f"--resume {self.ckpt}: the model differs from the checkpoint's ({'; '.join(diffs)})")
+        if self.meta["world_size"] != env.world_size or self.saved_stage != cfg.zero.stage:
+            if self.saved_stage == 0 and cfg.zero.stage == 0:
                 pass  # the optimizer state is whole in the module file: loads at any world size
-            elif saved_stage == 0 or cfg.zero.stage == 0:
-                raise ConfigError(f"--resume {ckpt}: saved with zero.stage={saved_stage}, now zero.stage="
+            elif self.saved_stage == 0 or cfg.zero.stage == 0:
+                raise ConfigError(f"--resume {self.ckpt}: saved with zero.stage={self.saved_stage}, now zero.stage="
                                   f"{cfg.zero.stage}; DeepSpeed cannot move optimizer state between ZeRO and "
-                                  f"non-ZeRO layouts. Resume with zero.stage={saved_stage}")
+                                  f"non-ZeRO layouts. Resume with zero.stage={self.saved_stage}")
             else:
-                universal = True
+                self.universal = True
 
     # -- 4. data streams -----------------------------------------------------------------------------------------
-    n_shards = len(manifest["shards"])
-    n_eval = cfg.data.eval_shards
-    train_shards = list(range(n_shards - n_eval)) if n_eval else None
-    train_data = PackedDataset(cfg.data.dir, seed=cfg.data.shuffle_seed, rank=env.rank, world_size=env.world_size,
-                               shuffle=True, max_open_shards=cfg.data.max_open_shards, shards=train_shards)
-    if meta is not None:
-        train_data.load_state_dict(meta["trainer"]["data"])  # the cursor: samples of the global stream consumed
-    collator = MLMCollator.from_tokenizer(tokenizer, options=cfg.masking.options(), seed=cfg.masking.seed)
-    eval_data, eval_per_rank = None, 0
-    if n_eval:
-        eval_data = PackedDataset(cfg.data.dir, rank=env.rank, world_size=env.world_size, shuffle=False,
-                                  num_epochs=1, drop_last=True, max_open_shards=cfg.data.max_open_shards,
-                                  shards=list(range(n_shards - n_eval, n_shards)))
+    def open_data_streams(self) -> None:
+        from ..data import MLMCollator, PackedDataset
+
+        cfg, env, plan = self.cfg, self.env, self.plan
+        n_shards = len(self.manifest["shards"])
+        n_eval = cfg.data.eval_shards
+        train_shards = list(range(n_shards - n_eval)) if n_eval else None
+        self.train_data = PackedDataset(cfg.data.dir, seed=cfg.data.shuffle_seed, rank=env.rank,
+                                        world_size=env.world_size, shuffle=True,
+                                        max_open_shards=cfg.data.max_open_shards, shards=train_shards)
+        if self.meta is not None:
+            self.train_data.load_state_dict(self.meta["trainer"]["data"])  # the cursor: global samples consumed
+        self.collator = MLMCollator.from_tokenizer(self.tokenizer, options=cfg.masking.options(),
+                                                   seed=cfg.masking.seed)
+        self.eval_data, self.eval_per_rank = None, 0
+        if not n_eval:
+            return
+        self.eval_data = PackedDataset(cfg.data.dir, rank=env.rank, world_size=env.world_size, shuffle=False,
+                                       num_epochs=1, drop_last=True, max_open_shards=cfg.data.max_open_shards,
+                                       shards=list(range(n_shards - n_eval, n_shards)))
         # the first eval.samples of the held-out stream, whatever the world size (rounded down to whole batches)
         per_round = env.world_size * plan.micro_batch_size
-        eval_per_rank = min(cfg.eval.samples, eval_data.num_samples) // per_round
-        if eval_per_rank == 0:
-            raise ConfigError(f"eval.samples={cfg.eval.samples} (the held-out shards hold {eval_data.num_samples}) "
-                              f"is less than one micro-batch ({plan.micro_batch_size}) per rank x {env.world_size} "
-                              f"ranks = {per_round}; raise eval.samples, hold out more shards (data.eval_shards) or "
-                              f"set data.eval_shards=0")
+        self.eval_per_rank = min(cfg.eval.samples, self.eval_data.num_samples) // per_round
+        if self.eval_per_rank == 0:
+            raise ConfigError(f"eval.samples={cfg.eval.samples} (the held-out shards hold "
+                              f"{self.eval_data.num_samples}) is less than one micro-batch ({plan.micro_batch_size}) "
+                              f"per rank x {env.world_size} ranks = {per_round}; raise eval.samples, hold out more "
+                              f"shards (data.eval_shards) or set data.eval_shards=0")
+        self.eval_start = self.eval_data.state_dict()
 
-    ds_config = deepspeed_config(cfg, plan, cuda=cuda, load_universal=universal)
-    config_yaml = cfg.to_yaml()
-    if env.is_main:
-        out = Path(cfg.run.output_dir)
-        say(f"resolved config ({cfg.run.name}):\n{config_yaml}")
-        device_text = torch.cuda.get_device_name() if cuda else f"CPU, {threads} thread(s) each"
-        say(f"world: {env.world_size} process(es) on {env.num_nodes} node(s) ({device_text}), {env.backend}; batch: "
-            f"{plan.micro_batch_size} x {plan.grad_accum_steps} accumulation x {env.world_size} = "
-            f"{plan.global_batch_size} sequences of {seq_len} tokens; model: {num_params / 1e6:,.1f} M parameters")
-        for note in report.notes:
-            say(f"preflight: {note}")
+    # -- 5a. the resolved config, the DeepSpeed JSON and the model config: printed, and saved beside the run --------
+    def write_run_files(self, dry_run: bool) -> None:
+        cfg, env, plan = self.cfg, self.env, self.plan
+        self.ds_config = deepspeed_config(cfg, plan, cuda=self.cuda, load_universal=self.universal)
+        self.config_yaml = cfg.to_yaml()
+        if not env.is_main:
+            return
+        self.say(f"resolved config ({cfg.run.name}):\n{self.config_yaml}")
+        device_text = torch.cuda.get_device_name() if self.cuda else f"CPU, {self.threads} thread(s) each"
+        self.say(f"world: {env.world_size} process(es) on {env.num_nodes} node(s) ({device_text}), {env.backend}; "
+                 f"batch: {plan.micro_batch_size} x {plan.grad_accum_steps} accumulation x {env.world_size} = "
+                 f"{plan.global_batch_size} sequences of {self.seq_len} tokens; model: {self.num_params / 1e6:,.1f} "
+                 f"M parameters")
+        for note in self.preflight_notes:
+            self.say(f"preflight: {note}")
         if dry_run:
-            say("deepspeed config:\n" + json.dumps(ds_config, indent=1))
-        else:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "config.yaml").write_text(config_yaml, encoding="utf-8")
-            (out / "ds_config.json").write_text(json.dumps(ds_config, indent=1) + "\n", encoding="utf-8")
-            model_config.to_json_file(str(out / "model_config.json"))
-    if dry_run:
-        barrier()
-        return None
+            self.say("deepspeed config:\n" + json.dumps(self.ds_config, indent=1))
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.yaml").write_text(self.config_yaml, encoding="utf-8")
+        (self.out / "ds_config.json").write_text(json.dumps(self.ds_config, indent=1) + "\n", encoding="utf-8")
+        self.model_config.to_json_file(str(self.out / "model_config.json"))
 
-    # -- 5. engine, then the checkpoint's state ---------------------------------------------------------------------
-    writer.remove_stale()
-    load_dir = None
-    if ckpt:
-        load_dir = engine_load_dir(Path(ckpt))
-        if universal:
-            problems = []
-            if env.is_main:
-                try:
-                    say(f"converting {ckpt} (world size {meta['world_size']}, ZeRO-{saved_stage}) to DeepSpeed's "
-                        f"universal format for world size {env.world_size}, ZeRO-{cfg.zero.stage}")
+    # -- 5b. engine, then the checkpoint's state ---------------------------------------------------------------------
+    def start_engine(self) -> None:
+        cfg, env, ckpt = self.cfg, self.env, self.ckpt
+        self.writer.remove_stale()
+        load_dir = None
+        if ckpt:
+            load_dir = engine_load_dir(Path(ckpt))
+            if self.universal:
+                def convert():
+                    self.say(f"converting {ckpt} (world size {self.meta['world_size']}, ZeRO-{self.saved_stage}) "
+                             f"to DeepSpeed's universal format for world size {env.world_size}, ZeRO-"
+                             f"{cfg.zero.stage}")
                     convert_to_universal(Path(ckpt))
-                except Exception as err:
-                    problems.append(f"{type(err).__name__}: {err}")
-            _stop_if_problems(problems, "checkpoint conversion")
-            load_dir = universal_dir(Path(ckpt))
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=parameter_groups(
-        model, cfg.optim.weight_decay), config=ds_config)
 
-    step, samples, tokens = 0, 0, 0
-    if ckpt:
-        path, _ = engine.load_checkpoint(str(load_dir), tag=ENGINE_TAG, load_module_strict=True,
-                                         load_optimizer_states=True, load_lr_scheduler_states=True)
+                _stop_if_problems(_on_main(env, convert), "checkpoint conversion")
+                load_dir = universal_dir(Path(ckpt))
+        self.engine, _, _, _ = self.deepspeed.initialize(
+            model=self.model, model_parameters=parameter_groups(self.model, cfg.optim.weight_decay),
+            config=self.ds_config)
+        if not ckpt:
+            seed_everything(rank_seed(cfg.run.seed, env.rank))  # dropout differs between ranks
+            return
+        path, _ = self.engine.load_checkpoint(str(load_dir), tag=ENGINE_TAG, load_module_strict=True,
+                                              load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {load_dir}")
-        trainer = meta["trainer"]
-        step, samples, tokens = trainer["step"], trainer["samples"], trainer["tokens"]
-        rng = load_rng(Path(ckpt), env.rank) if meta["world_size"] == env.world_size else None
+        saved = self.meta["trainer"]
+        self.state = TrainState(step=saved["step"], samples=saved["samples"], tokens=saved["tokens"])
+        rng = load_rng(Path(ckpt), env.rank) if self.meta["world_size"] == env.world_size else None
         if rng is not None:
             set_rng_state(rng)
         else:  # another world size: fresh per-rank dropout streams, still a function of (seed, step, rank)
-            seed_everything(cfg.run.seed * 1_000_003 + step * 7919 + env.rank + 1)
-        say(f"resumed from {ckpt} at step {step} ({samples:,} samples, data cursor "
-            f"{trainer['data']['global_position']:,})")
-    else:
-        seed_everything(cfg.run.seed * 1_000_003 + env.rank + 1)  # dropout differs between ranks
+            seed_everything(rank_seed(cfg.run.seed, env.rank, self.state.step))
+        self.say(f"resumed from {ckpt} at step {self.state.step} ({self.state.samples:,} samples, data cursor "
+                 f"{saved['data']['global_position']:,})")
 
-    eval_start = eval_data.state_dict() if eval_data is not None else None
+    # -- 6. the loop ----------------------------------------------------------------------------------------------
+    def train(self) -> PretrainResult:
+        cfg, env, plan = self.cfg, self.env, self.plan
+        self.reporter = Reporter(cfg, env, self.state.step)
+        self.sample_log = None
+        if cfg.log.sample_log:  # {"start": step} opens each session, then one record per step
+            self.sample_log = open(self.out / f"samples-rank{env.rank}.jsonl", "a", encoding="utf-8")
+            self.sample_log.write(json.dumps({"start": self.state.step}) + "\n")
+        self.peak = cfg.log.peak_tflops or peak_tflops(torch.cuda.get_device_name() if self.cuda else None,
+                                                       cfg.train.precision)
+        self.flops_per_step = training_flops(self.model_config, self.seq_len, plan.micro_batch_size,
+                                             plan.grad_accum_steps)
+        self.reporter.record("start", step=self.state.step, resumed_from=self.ckpt, world_size=env.world_size,
+                             global_batch_size=plan.global_batch_size, grad_accum_steps=plan.grad_accum_steps,
+                             seq_len=self.seq_len, num_params=self.num_params,
+                             flops_per_step_per_device=self.flops_per_step,
+                             data_cursor=self.train_data.state_dict()["global_position"])
+        self.sigterm = False
+        previous_handler = None
+        if cfg.checkpoint.save_on_sigterm:
+            def on_sigterm(signum, frame):
+                self.sigterm = True
 
-    def evaluate() -> tuple[float, int]:
-        eval_data.load_state_dict(eval_start)  # the same held-out samples (and masks) every time
-        engine.eval()
+            previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
+        self.result = PretrainResult(output_dir=str(self.out), final_step=self.state.step, stop_reason="max_steps",
+                                     resumed_from=self.ckpt, last_checkpoint=self.ckpt)
+        self.train_iter = iter(self.train_data)
+        self.engine.train()
+        self.window = LogWindow.new(self.device)
+        saved_at = self.state.step if self.ckpt else None
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            while self.state.step < cfg.train.max_steps:
+                logging_now = self._due(cfg.log.every_steps, self.state.step + 1) or \
+                    self.state.step + 1 == cfg.train.max_steps
+                lr, grad_norm = self.train_step(logging_now)
+                if logging_now:
+                    self.log(lr, grad_norm)
+                last = self.state.step == cfg.train.max_steps
+                if self.eval_data is not None and (self._due(cfg.eval.every_steps, self.state.step) or last):
+                    self.evaluate()
+                # checkpoint every N steps, at the end, and when any rank got SIGTERM
+                sigterm = any_rank(self.sigterm, self.device) if cfg.checkpoint.save_on_sigterm else False
+                if self._due(cfg.checkpoint.every_steps, self.state.step) or last or sigterm:
+                    self.save()
+                    saved_at = self.state.step
+                if sigterm:
+                    self.result.stop_reason = "sigterm"
+                    self.reporter.line(f"stopped by SIGTERM after step {self.state.step}; resume with --resume auto")
+                    break
+            if self.state.step >= cfg.train.max_steps and saved_at != self.state.step:
+                self.save()
+        finally:
+            self.result.final_step = self.state.step
+            self.reporter.record("end", step=self.state.step, reason=self.result.stop_reason)
+            self.reporter.close()
+            if self.sample_log is not None:
+                self.sample_log.close()
+            self.train_data.close()
+            if self.eval_data is not None:
+                self.eval_data.close()
+            if previous_handler is not None:
+                signal.signal(signal.SIGTERM, previous_handler)
+        barrier()
+        self.engine.destroy()  # ZeRO-3's hooks and prefetch threads, before the process group goes
+        self.say(f"pretrain: stopped at step {self.result.final_step} ({self.result.stop_reason}); last checkpoint "
+                 f"{self.result.last_checkpoint}")
+        return self.result
+
+    @staticmethod
+    def _due(every: int | None, step: int) -> bool:
+        """Whether an action done every ``every`` steps (0 or None: never) falls on ``step``."""
+        return bool(every) and step % every == 0
+
+    def train_step(self, logging_now: bool) -> tuple[float, float | None]:
+        """One optimizer step over grad_accum_steps micro-batches; returns (its learning rate, grad norm or None).
+
+        DeepSpeed scales each loss by 1/accumulation, averages gradients over the data-parallel ranks and steps
+        the optimizer on the last micro-batch."""
+        plan, engine = self.plan, self.engine
+        positions = []
+        lr = own_norm = None
+        for micro in range(plan.grad_accum_steps):
+            samples = [next(self.train_iter) for _ in range(plan.micro_batch_size)]
+            if self.sample_log is not None:
+                positions.extend((s["position"], s["index"]) for s in samples)
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in self.collator(samples).items()}
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            if micro == plan.grad_accum_steps - 1:
+                lr = engine.get_lr()[0]  # the rate this optimizer step uses (the scheduler moves after it)
+                if logging_now:  # gradients are all-reduced by now and are zeroed by the step
+                    own_norm = module_grad_norm(engine.module)
+            engine.step()
+            self.window.loss += loss.detach().double()
+        self.state.advance(plan.global_batch_size, self.seq_len)
+        self.window.steps += 1
+        self.reporter.advance()
+        if self.sample_log is not None:
+            self.sample_log.write(json.dumps({"step": self.state.step, "positions": [p for p, _ in positions],
+                                              "indices": [i for _, i in positions]}) + "\n")
+            self.sample_log.flush()
+        grad_norm = None
+        if logging_now:
+            # DeepSpeed's norm where its optimizer computes one (ZeRO, bf16); the module's gradients otherwise
+            engine_norm = engine.get_global_grad_norm()
+            grad_norm = float(engine_norm) if engine_norm is not None else own_norm
+        return lr, grad_norm
+
+    def log(self, lr: float, grad_norm: float | None) -> None:
+        """The mean loss over the window, over every micro-batch of every rank, and throughput."""
+        cfg, env, plan, window, step = self.cfg, self.env, self.plan, self.window, self.state.step
+        loss_sum = window.loss.clone()
+        if env.world_size > 1:
+            torch.distributed.all_reduce(loss_sum)
+        mean_loss = float(loss_sum) / (window.steps * plan.grad_accum_steps * env.world_size)
+        elapsed = time.perf_counter() - window.started
+        tflops = self.flops_per_step * window.steps / elapsed / 1e12
+        mfu = tflops / self.peak if self.peak else None
+        values = dict(step=step, loss=mean_loss, lr=lr, grad_norm=grad_norm,
+                      tokens_per_s=plan.global_batch_size * self.seq_len * window.steps / elapsed,
+                      samples_per_s=plan.global_batch_size * window.steps / elapsed,
+                      tflops_per_device=tflops, mfu=mfu, peak_memory_gib=peak_memory_gib(self.cuda),
+                      step_time_s=elapsed / window.steps, samples=self.state.samples, tokens=self.state.tokens)
+        self.reporter.record("train", **values)
+        self.reporter.line(
+            f"step {step}/{cfg.train.max_steps} | loss {mean_loss:.4f} | lr {lr:.3e} | grad norm "
+            f"{fmt(grad_norm, '.3f')} | {values['tokens_per_s']:,.0f} tok/s | {values['samples_per_s']:,.1f} "
+            f"samples/s | {tflops:,.3f} TFLOP/s/device | MFU {fmt(mfu, '.1%')} | peak mem "
+            f"{values['peak_memory_gib']:.2f} GiB")
+        self.result.losses[step] = mean_loss
+        self.window = LogWindow.new(self.device)
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+
+    def evaluate(self) -> float:
+        """The token-mean MLM loss over the held-out samples, the same samples and masks every time."""
+        plan, env, device = self.plan, self.env, self.device
+        self.eval_data.load_state_dict(self.eval_start)
+        self.engine.eval()
         with torch.no_grad():
             def forward(batch):
-                batch = {k: v.to(device) for k, v in batch.items()}
-                return engine(**batch).loss
+                return self.engine(**{k: v.to(device) for k, v in batch.items()}).loss
 
-            total, count = mlm_loss_sums(forward, eval_batches(eval_data, collator, plan.micro_batch_size,
-                                                               eval_per_rank), device)
-        engine.train()
+            total, count = mlm_loss_sums(forward, eval_batches(self.eval_data, self.collator,
+                                                               plan.micro_batch_size, self.eval_per_rank), device)
+        self.engine.train()
         sums = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
         if env.world_size > 1:
             torch.distributed.all_reduce(sums)
-        return float(sums[0] / sums[1]), eval_per_rank * plan.micro_batch_size * env.world_size
+        eval_loss = float(sums[0] / sums[1])
+        eval_samples = self.eval_per_rank * plan.micro_batch_size * env.world_size
+        step = self.state.step
+        self.result.eval_losses[step] = eval_loss
+        self.reporter.record("eval", step=step, eval_loss=eval_loss, eval_samples=eval_samples)
+        self.reporter.line(f"step {step} | eval loss {eval_loss:.4f} on {eval_samples} held-out samples")
+        self.window.restart_clock()
+        return eval_loss
 
-    # -- 6. the loop ----------------------------------------------------------------------------------------------
-    out = Path(cfg.run.output_dir)
-    reporter = _Reporter(cfg, env, step)
-    sample_log = None
-    if cfg.log.sample_log:  # {"start": step} opens each session, then one record per step
-        sample_log = open(out / f"samples-rank{env.rank}.jsonl", "a", encoding="utf-8")
-        sample_log.write(json.dumps({"start": step}) + "\n")
-    peak = cfg.log.peak_tflops or peak_tflops(torch.cuda.get_device_name() if cuda else None, cfg.train.precision)
-    flops_per_step = training_flops(model_config, seq_len, plan.micro_batch_size, plan.grad_accum_steps)
-    reporter.record("start", step=step, resumed_from=ckpt, world_size=env.world_size,
-                    global_batch_size=plan.global_batch_size, grad_accum_steps=plan.grad_accum_steps,
-                    seq_len=seq_len, num_params=num_params, flops_per_step_per_device=flops_per_step,
-                    data_cursor=train_data.state_dict()["global_position"])
-    stop = {"sigterm": False}
-    previous_handler = None
-    if cfg.checkpoint.save_on_sigterm:
-        def on_sigterm(signum, frame):
-            stop["sigterm"] = True
-
-        previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
-
-    result = PretrainResult(output_dir=str(out), final_step=step, stop_reason="max_steps", resumed_from=ckpt,
-                            last_checkpoint=ckpt)
-
-    def save(step_now: int) -> None:
-        trainer_state = {"step": step_now, "samples": samples, "tokens": tokens, "data": train_data.state_dict(),
-                         "world_size": env.world_size, "grad_accum_steps": plan.grad_accum_steps,
-                         "micro_batch_size": plan.micro_batch_size, "config": to_dict(cfg),
-                         "model_config": model_config.to_dict()}
-        path = writer.save(engine, step_now, trainer_state=trainer_state, config_yaml=config_yaml,
-                           model_config=model_config, tokenizer=tokenizer, world_size=env.world_size)
-        result.last_checkpoint = str(path)
-        reporter.record("checkpoint", step=step_now, path=str(path), seconds=round(writer.last_seconds, 3),
-                        data_cursor=trainer_state["data"]["global_position"])
-        reporter.line(f"saved checkpoint {path.name} ({writer.last_seconds:.1f} s)")
-
-    train_iter = iter(train_data)
-    engine.train()
-    window = {"loss": torch.zeros((), dtype=torch.float64, device=device), "steps": 0,
-              "start": time.perf_counter()}
-    saved_at = step if ckpt else None
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    try:
-        while step < cfg.train.max_steps:
-            # forward / backward over grad_accum_steps micro-batches; DeepSpeed scales each loss by 1/accum,
-            # averages gradients over the data-parallel ranks and steps the optimizer on the last micro-batch.
-            step_positions = []
-            lr = grad_norm = None
-            logging_now = (step + 1) % cfg.log.every_steps == 0 or step + 1 == cfg.train.max_steps
-            for micro in range(plan.grad_accum_steps):
-                samples_now = [next(train_iter) for _ in range(plan.micro_batch_size)]
-                if sample_log is not None:
-                    step_positions.extend((s["position"], s["index"]) for s in samples_now)
-                batch = {k: v.to(device, non_blocking=True) for k, v in collator(samples_now).items()}
-                loss = engine(**batch).loss
-                engine.backward(loss)
-                if micro == plan.grad_accum_steps - 1:
-                    lr = engine.get_lr()[0]  # the rate this optimizer step uses (the scheduler moves after it)
-                    if cfg.zero.stage == 0 and logging_now:
-                        # DeepSpeed reports no norm without ZeRO; the gradients are all-reduced by now
-                        grad_norm = _grad_norm(engine.module)
-                engine.step()
-                window["loss"] += loss.detach().double()
-            step += 1
-            samples += plan.global_batch_size
-            tokens += plan.global_batch_size * seq_len
-            window["steps"] += 1
-            reporter.advance()
-            if sample_log is not None:
-                sample_log.write(json.dumps({"step": step, "positions": [p for p, _ in step_positions],
-                                             "indices": [i for _, i in step_positions]}) + "\n")
-                sample_log.flush()
-
-            # log: the mean loss over the window, over every micro-batch of every rank
-            if step % cfg.log.every_steps == 0 or step == cfg.train.max_steps:
-                loss_sum = window["loss"].clone()
-                if env.world_size > 1:
-                    torch.distributed.all_reduce(loss_sum)
-                mean_loss = float(loss_sum) / (window["steps"] * plan.grad_accum_steps * env.world_size)
-                elapsed = time.perf_counter() - window["start"]
-                if grad_norm is None and engine.get_global_grad_norm() is not None:
-                    grad_norm = float(engine.get_global_grad_norm())
-                tflops = flops_per_step * window["steps"] / elapsed / 1e12
-                mfu = tflops / peak if peak else None
-                values = dict(step=step, loss=mean_loss, lr=lr, grad_norm=grad_norm,
-                              tokens_per_s=plan.global_batch_size * seq_len * window["steps"] / elapsed,
-                              samples_per_s=plan.global_batch_size * window["steps"] / elapsed,
-                              tflops_per_device=tflops, mfu=mfu, peak_memory_gib=_peak_memory_gib(cuda),
-                              step_time_s=elapsed / window["steps"], samples=samples, tokens=tokens)
-                reporter.record("train", **values)
-                reporter.line(
-                    f"step {step}/{cfg.train.max_steps} | loss {mean_loss:.4f} | lr {lr:.3e} | grad norm "
-                    f"{_fmt(grad_norm, '.3f')} | {values['tokens_per_s']:,.0f} tok/s | "
-                    f"{values['samples_per_s']:,.1f} samples/s | {tflops:,.3f} TFLOP/s/device | MFU "
-                    f"{_fmt(mfu, '.1%')} | peak mem {values['peak_memory_gib']:.2f} GiB")
-                result.losses[step] = mean_loss
-                window = {"loss": torch.zeros((), dtype=torch.float64, device=device), "steps": 0,
-                          "start": time.perf_counter()}
-                if cuda:
-                    torch.cuda.reset_peak_memory_stats()
-
-            # evaluate on the held-out shards
-            last = step == cfg.train.max_steps
-            if eval_data is not None and ((cfg.eval.every_steps and step % cfg.eval.every_steps == 0) or last):
-                eval_loss, eval_samples = evaluate()
-                result.eval_losses[step] = eval_loss
-                reporter.record("eval", step=step, eval_loss=eval_loss, eval_samples=eval_samples)
-                reporter.line(f"step {step} | eval loss {eval_loss:.4f} on {eval_samples} held-out samples")
-                window["start"] = time.perf_counter()  # evaluation time is not training throughput
-
-            # checkpoint every N steps, at the end, and when any rank got SIGTERM
-            sigterm = any_rank(stop["sigterm"], device) if cfg.checkpoint.save_on_sigterm else False
-            every = cfg.checkpoint.every_steps
-            if (every and step % every == 0) or last or sigterm:
-                save(step)
-                saved_at = step
-                window["start"] = time.perf_counter()
-            if sigterm:
-                result.stop_reason = "sigterm"
-                reporter.line(f"stopped by SIGTERM after step {step}; resume with --resume auto")
-                break
-        if step >= cfg.train.max_steps and saved_at != step:
-            save(step)
-    finally:
-        result.final_step = step
-        reporter.record("end", step=step, reason=result.stop_reason)
-        reporter.close()
-        if sample_log is not None:
-            sample_log.close()
-        train_data.close()
-        if eval_data is not None:
-            eval_data.close()
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
-    barrier()
-    engine.destroy()  # ZeRO-3's hooks and prefetch threads, before the process group goes
-    say(f"pretrain: stopped at step {result.final_step} ({result.stop_reason}); last checkpoint "
-        f"{result.last_checkpoint}")
-    return result
+    def save(self) -> Path:
+        """A checkpoint of the engine and the trainer's state (`checkpoint.CheckpointWriter`)."""
+        step = self.state.step
+        trainer_state = {**vars(self.state), "data": self.train_data.state_dict(),
+                         "world_size": self.env.world_size, "grad_accum_steps": self.plan.grad_accum_steps,
+                         "micro_batch_size": self.plan.micro_batch_size, "config": to_dict(self.cfg),
+                         "model_config": self.model_config.to_dict()}
+        path = self.writer.save(self.engine, step, trainer_state=trainer_state, config_yaml=self.config_yaml,
+                                model_config=self.model_config, tokenizer=self.tokenizer,
+                                world_size=self.env.world_size)
+        self.result.last_checkpoint = str(path)
+        self.reporter.record("checkpoint", step=step, path=str(path), seconds=round(self.writer.last_seconds, 3),
+                             data_cursor=trainer_state["data"]["global_position"])
+        self.reporter.line(f"saved checkpoint {path.name} ({self.writer.last_seconds:.1f} s)")
+        self.window.restart_clock()
+        return path

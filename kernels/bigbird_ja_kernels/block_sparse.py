@@ -31,12 +31,51 @@ SUPPORTED_LAYOUT_BLOCKS = (16, 32, 64, 128)
 
 
 def interpreting() -> bool:
+    """Whether Triton's interpreter runs the kernels (TRITON_INTERPRET=1, read when triton decorates them): then they
+    run on CPU tensors, one tile choice instead of autotuning. The one definition; bigbird_ja asks it from here."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Helpers
+# Helpers (Triton inlines them)
 # --------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _check_tiles(LAYOUT_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # A tile takes its block list from one layout block, and the loops over a listed block step by whole tiles.
+    tl.static_assert(LAYOUT_BLOCK % BLOCK_M == 0, "query tiles must not straddle layout blocks")
+    tl.static_assert(LAYOUT_BLOCK % BLOCK_N == 0, "key tiles must not straddle layout blocks")
+
+
+@triton.jit
+def _program_tile(ROW_PTR, H, N_PAD, NUM_BLOCKS, HEAD_DIM: tl.constexpr, LAYOUT_BLOCK: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """What this program owns: BLOCK rows (queries, or keys for dk/dv) of one batch*head, and their block list.
+
+    Returns bh (batch*head, int64), b (batch), offs [BLOCK] row indices, offs_d [HEAD_DIM], base (where this
+    batch*head starts in a [B, H, Np, D] tensor) and [start, end): the rows' layout block's entries of the CSR list.
+    """
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    row = (bh % H) * NUM_BLOCKS + (pid * BLOCK) // LAYOUT_BLOCK
+    start = tl.load(ROW_PTR + row)
+    end = tl.load(ROW_PTR + row + 1)
+    return bh, bh // H, offs, tl.arange(0, HEAD_DIM), bh * N_PAD * HEAD_DIM, start, end
+
+
+@triton.jit
+def _rows(X, base, offs, offs_d, HEAD_DIM: tl.constexpr):
+    """[len(offs), HEAD_DIM] pointers to rows offs of the batch*head at `base` of a [B, H, Np, D] tensor."""
+    return X + base + offs[:, None] * HEAD_DIM + offs_d[None, :]
+
+
+@triton.jit
+def _buckets(P, bh, rows, rel, N_PAD, TWO_S):
+    """Pointers to P[bh, rows, rel] of a [B, H, Np, 2S] tensor: rows [M, 1] (per query) or [1, N] (per key),
+    broadcast against the [M, N] bucket indices rel."""
+    return P + bh * N_PAD * TWO_S + rows * TWO_S + rel
+
+
 @triton.jit
 def _scores(q, k, offs_m, offs_n, bh, b, QP, KP, REL_TABLE, KEY_VALID, N_PAD, TWO_S, TABLE_OFFSET,
             HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr, INPUT_PRECISION: tl.constexpr):
@@ -50,9 +89,9 @@ def _scores(q, k, offs_m, offs_n, bh, b, QP, KP, REL_TABLE, KEY_VALID, N_PAD, TW
     else:
         rel = offs_m[:, None] - offs_n[None, :]  # unused
     if HAS_C2P:
-        s += tl.load(QP + bh * N_PAD * TWO_S + offs_m[:, None] * TWO_S + rel).to(tl.float32)
+        s += tl.load(_buckets(QP, bh, offs_m[:, None], rel, N_PAD, TWO_S)).to(tl.float32)
     if HAS_P2C:
-        s += tl.load(KP + bh * N_PAD * TWO_S + offs_n[None, :] * TWO_S + rel).to(tl.float32)
+        s += tl.load(_buckets(KP, bh, offs_n[None, :], rel, N_PAD, TWO_S)).to(tl.float32)
     valid = tl.load(KEY_VALID + b * N_PAD + offs_n) != 0
     s = tl.where(valid[None, :], s, float("-inf"))
     return s, rel
@@ -134,20 +173,10 @@ def _fwd_kernel(Q, K, V, QP, KP, REL_TABLE, KEY_VALID, ROW_PTR, COL_IDX, OUT, LS
                 HEAD_DIM: tl.constexpr, LAYOUT_BLOCK: tl.constexpr, HAS_C2P: tl.constexpr, HAS_P2C: tl.constexpr,
                 HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr):
-    tl.static_assert(LAYOUT_BLOCK % BLOCK_M == 0, "query tiles must not straddle layout blocks")
-    tl.static_assert(LAYOUT_BLOCK % BLOCK_N == 0, "key tiles must not straddle layout blocks")
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    base = bh * N_PAD * HEAD_DIM
-    q = tl.load(Q + base + offs_m[:, None] * HEAD_DIM + offs_d[None, :])
-
-    row = h * NUM_BLOCKS + (pid_m * BLOCK_M) // LAYOUT_BLOCK
-    start = tl.load(ROW_PTR + row)
-    end = tl.load(ROW_PTR + row + 1)
+    _check_tiles(LAYOUT_BLOCK, BLOCK_M, BLOCK_N)
+    bh, b, offs_m, offs_d, base, start, end = _program_tile(ROW_PTR, H, N_PAD, NUM_BLOCKS, HEAD_DIM, LAYOUT_BLOCK,
+                                                            BLOCK_M)
+    q = tl.load(_rows(Q, base, offs_m, offs_d, HEAD_DIM))
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -155,8 +184,8 @@ def _fwd_kernel(Q, K, V, QP, KP, REL_TABLE, KEY_VALID, ROW_PTR, COL_IDX, OUT, LS
         key_block = tl.load(COL_IDX + e)
         for n0 in tl.static_range(0, LAYOUT_BLOCK, BLOCK_N):
             offs_n = key_block * LAYOUT_BLOCK + n0 + tl.arange(0, BLOCK_N)
-            k = tl.load(K + base + offs_n[:, None] * HEAD_DIM + offs_d[None, :])
-            v = tl.load(V + base + offs_n[:, None] * HEAD_DIM + offs_d[None, :])
+            k = tl.load(_rows(K, base, offs_n, offs_d, HEAD_DIM))
+            v = tl.load(_rows(V, base, offs_n, offs_d, HEAD_DIM))
             s, rel = _scores(q, k, offs_m, offs_n, bh, b, QP, KP, REL_TABLE, KEY_VALID, N_PAD, TWO_S, TABLE_OFFSET,
                              HAS_C2P, HAS_P2C, INPUT_PRECISION)
             # Online softmax; a row that has seen only padding keeps m = -inf and contributes nothing.
@@ -172,7 +201,7 @@ def _fwd_kernel(Q, K, V, QP, KP, REL_TABLE, KEY_VALID, ROW_PTR, COL_IDX, OUT, LS
             m_i = m_new
     has_any = l_i > 0
     out = acc / tl.where(has_any, l_i, 1.0)[:, None]
-    tl.store(OUT + base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], out.to(OUT.dtype.element_ty))
+    tl.store(_rows(OUT, base, offs_m, offs_d, HEAD_DIM), out.to(OUT.dtype.element_ty))
     lse = tl.where(has_any, m_i + tl.log(tl.where(has_any, l_i, 1.0)), 0.0)
     tl.store(LSE + bh * N_PAD + offs_m, lse)
 
@@ -186,28 +215,20 @@ def _bwd_dq_kernel(Q, K, V, QP, KP, REL_TABLE, KEY_VALID, ROW_PTR, COL_IDX, DO, 
                    HEAD_DIM: tl.constexpr, LAYOUT_BLOCK: tl.constexpr, HAS_C2P: tl.constexpr,
                    HAS_P2C: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    base = bh * N_PAD * HEAD_DIM
-    q = tl.load(Q + base + offs_m[:, None] * HEAD_DIM + offs_d[None, :])
-    do = tl.load(DO + base + offs_m[:, None] * HEAD_DIM + offs_d[None, :])
+    _check_tiles(LAYOUT_BLOCK, BLOCK_M, BLOCK_N)
+    bh, b, offs_m, offs_d, base, start, end = _program_tile(ROW_PTR, H, N_PAD, NUM_BLOCKS, HEAD_DIM, LAYOUT_BLOCK,
+                                                            BLOCK_M)
+    q = tl.load(_rows(Q, base, offs_m, offs_d, HEAD_DIM))
+    do = tl.load(_rows(DO, base, offs_m, offs_d, HEAD_DIM))
     lse = tl.load(LSE + bh * N_PAD + offs_m)
     delta = tl.load(DELTA + bh * N_PAD + offs_m)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-
-    row = h * NUM_BLOCKS + (pid_m * BLOCK_M) // LAYOUT_BLOCK
-    start = tl.load(ROW_PTR + row)
-    end = tl.load(ROW_PTR + row + 1)
     for e in range(start, end):
         key_block = tl.load(COL_IDX + e)
         for n0 in tl.static_range(0, LAYOUT_BLOCK, BLOCK_N):
             offs_n = key_block * LAYOUT_BLOCK + n0 + tl.arange(0, BLOCK_N)
-            k = tl.load(K + base + offs_n[:, None] * HEAD_DIM + offs_d[None, :])
-            v = tl.load(V + base + offs_n[:, None] * HEAD_DIM + offs_d[None, :])
+            k = tl.load(_rows(K, base, offs_n, offs_d, HEAD_DIM))
+            v = tl.load(_rows(V, base, offs_n, offs_d, HEAD_DIM))
             s, rel = _scores(q, k, offs_m, offs_n, bh, b, QP, KP, REL_TABLE, KEY_VALID, N_PAD, TWO_S, TABLE_OFFSET,
                              HAS_C2P, HAS_P2C, INPUT_PRECISION)
             p = tl.exp(s - lse[:, None])
@@ -219,8 +240,8 @@ def _bwd_dq_kernel(Q, K, V, QP, KP, REL_TABLE, KEY_VALID, ROW_PTR, COL_IDX, DO, 
             dq += tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION)
             if HAS_C2P:
                 # Several keys of one row can share a bucket: accumulate with atomics.
-                tl.atomic_add(DQP + bh * N_PAD * TWO_S + offs_m[:, None] * TWO_S + rel, ds)
-    tl.store(DQ + base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq.to(DQ.dtype.element_ty))
+                tl.atomic_add(_buckets(DQP, bh, offs_m[:, None], rel, N_PAD, TWO_S), ds)
+    tl.store(_rows(DQ, base, offs_m, offs_d, HEAD_DIM), dq.to(DQ.dtype.element_ty))
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -229,27 +250,19 @@ def _bwd_dkdv_kernel(Q, K, V, QP, KP, REL_TABLE, KEY_VALID, T_ROW_PTR, T_COL_IDX
                      HEAD_DIM: tl.constexpr, LAYOUT_BLOCK: tl.constexpr, HAS_C2P: tl.constexpr,
                      HAS_P2C: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    base = bh * N_PAD * HEAD_DIM
-    k = tl.load(K + base + offs_n[:, None] * HEAD_DIM + offs_d[None, :])
-    v = tl.load(V + base + offs_n[:, None] * HEAD_DIM + offs_d[None, :])
+    _check_tiles(LAYOUT_BLOCK, BLOCK_M, BLOCK_N)
+    bh, b, offs_n, offs_d, base, start, end = _program_tile(T_ROW_PTR, H, N_PAD, NUM_BLOCKS, HEAD_DIM,
+                                                            LAYOUT_BLOCK, BLOCK_N)
+    k = tl.load(_rows(K, base, offs_n, offs_d, HEAD_DIM))
+    v = tl.load(_rows(V, base, offs_n, offs_d, HEAD_DIM))
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-
-    row = h * NUM_BLOCKS + (pid_n * BLOCK_N) // LAYOUT_BLOCK
-    start = tl.load(T_ROW_PTR + row)
-    end = tl.load(T_ROW_PTR + row + 1)
     for e in range(start, end):
         query_block = tl.load(T_COL_IDX + e)
         for m0 in tl.static_range(0, LAYOUT_BLOCK, BLOCK_M):
             offs_m = query_block * LAYOUT_BLOCK + m0 + tl.arange(0, BLOCK_M)
-            q = tl.load(Q + base + offs_m[:, None] * HEAD_DIM + offs_d[None, :])
-            do = tl.load(DO + base + offs_m[:, None] * HEAD_DIM + offs_d[None, :])
+            q = tl.load(_rows(Q, base, offs_m, offs_d, HEAD_DIM))
+            do = tl.load(_rows(DO, base, offs_m, offs_d, HEAD_DIM))
             lse = tl.load(LSE + bh * N_PAD + offs_m)
             delta = tl.load(DELTA + bh * N_PAD + offs_m)
             s, rel = _scores(q, k, offs_m, offs_n, bh, b, QP, KP, REL_TABLE, KEY_VALID, N_PAD, TWO_S, TABLE_OFFSET,
@@ -266,9 +279,9 @@ def _bwd_dkdv_kernel(Q, K, V, QP, KP, REL_TABLE, KEY_VALID, T_ROW_PTR, T_COL_IDX
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=INPUT_PRECISION)
             if HAS_P2C:
-                tl.atomic_add(DKP + bh * N_PAD * TWO_S + offs_n[None, :] * TWO_S + rel, ds)
-    tl.store(DK + base + offs_n[:, None] * HEAD_DIM + offs_d[None, :], dk.to(DK.dtype.element_ty))
-    tl.store(DV + base + offs_n[:, None] * HEAD_DIM + offs_d[None, :], dv.to(DV.dtype.element_ty))
+                tl.atomic_add(_buckets(DKP, bh, offs_n[None, :], rel, N_PAD, TWO_S), ds)
+    tl.store(_rows(DK, base, offs_n, offs_d, HEAD_DIM), dk.to(DK.dtype.element_ty))
+    tl.store(_rows(DV, base, offs_n, offs_d, HEAD_DIM), dv.to(DV.dtype.element_ty))
 
 
 _fwd_tuned = triton.autotune(_configs(), key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune})(_fwd_kernel)
@@ -290,8 +303,14 @@ def _interpreter_tiles(layout_block: int) -> dict:
 
 
 def input_precision(dtype: torch.dtype) -> str:
-    """float32 inputs multiply in full precision (TF32 would miss the float32 error budget); 16-bit ones natively."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """tl.dot's input_precision for q, k, v of `dtype`: "ieee" for each.
+
+    float32 is the exactness path (held to a float64 reference within twice float32 PyTorch's error): TF32 would
+    round its inputs to 10 mantissa bits and miss that budget. 16-bit products are exact in the float32 accumulator
+    whatever is asked, and "ieee" is the one setting every Triton backend accepts (AMD's takes "tf32" only on
+    gfx942, so asking it of 16-bit inputs failed to compile there).
+    """
+    return "ieee"
 
 
 def _dummy(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:

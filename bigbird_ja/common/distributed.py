@@ -1,4 +1,4 @@
-"""Process-group setup for every way the trainer is started, and the few collectives the trainer needs.
+"""Process-group setup for every way a run is started, and the few collectives the loops need.
 
 One entry point, whatever starts it:
 
@@ -87,8 +87,28 @@ def fill_env_from_launcher() -> str:
 def _require_master(launcher: str) -> None:
     missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
     if missing:
-        raise RuntimeError(f"started by {launcher} without {' and '.join(missing)}: export MASTER_ADDR=<first host> "
+        raise ValueError(f"started by {launcher} without {' and '.join(missing)}: export MASTER_ADDR=<first host> "
                            f"and MASTER_PORT=<free port> in the job script (see configs/launch/)")
+
+
+def import_deepspeed(what: str = "bigbird-ja pretrain"):
+    """deepspeed, or an ImportError that says which extra installs it."""
+    try:
+        import deepspeed
+    except ImportError as err:
+        raise ImportError(f"{what} needs DeepSpeed ({err}): pip install 'bigbird-ja[train]'") from None
+    return deepspeed
+
+
+def no_jit_ops_on_cpu() -> None:
+    """On the CPU accelerator DeepSpeed builds a shared-memory all-reduce op (C++, about a minute, into a shared
+    cache) when the process group starts. Training never uses it (it serves inference_all_reduce), so unless it was
+    installed prebuilt it is marked incompatible, which DeepSpeed honours by not loading it."""
+    import deepspeed.ops
+    from deepspeed.git_version_info import installed_ops
+
+    if not installed_ops.get("deepspeed_shm_comm", False):
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def init_process_group(cuda: bool) -> DistEnv:
@@ -116,6 +136,15 @@ def _count_local(world: int) -> int:
     names = [None] * world
     dist.all_gather_object(names, socket.gethostname())
     return names.count(socket.gethostname())
+
+
+def rank_and_world_size() -> tuple[int, int]:
+    """(rank, world size) of the started process group, (0, 1) without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def barrier() -> None:
