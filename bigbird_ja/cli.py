@@ -65,7 +65,8 @@ def cmd_train_tokenizer(args) -> int:
     report = train_tokenizer(
         args.input, args.out, args.vocab_size, pretokenize=args.pretokenize, shrink_vocab=args.shrink_vocab,
         input_sentence_size=args.input_sentence_size, character_coverage=args.character_coverage,
-        model_max_length=args.model_max_length, seed=args.seed, overwrite=args.overwrite,
+        model_max_length=args.model_max_length, seed=args.seed, overwrite=args.overwrite, encoding=args.encoding,
+        max_invalid_fraction=args.max_invalid_fraction,
     )
     print(report.summary())
     return 0
@@ -78,7 +79,8 @@ def cmd_prepare(args) -> int:
 
     options = PrepareOptions(
         source=SourceOptions(input_format=args.format, text_field=args.text_field),
-        cleaning=CleaningOptions(normalization=None if args.normalization == "none" else args.normalization),
+        cleaning=CleaningOptions(normalization=None if args.normalization == "none" else args.normalization,
+                                 encoding=args.encoding, max_invalid_fraction=args.max_invalid_fraction),
     )
     report = prepare(args.tokenizer, args.input, args.out, seq_len=args.seq_len, seed=args.seed,
                      num_workers=args.num_workers, shard_tokens=args.shard_tokens, options=options,
@@ -156,6 +158,17 @@ class _TaskNames:
         return iter(self._names())
 
 
+def _encoding_arguments(parser: argparse.ArgumentParser) -> None:
+    """--encoding and --max-invalid-fraction of prepare and train-tokenizer (`data.cleaning.CleaningOptions`)."""
+    parser.add_argument("--encoding", default="utf-8", help="encoding of the text / JSON-lines inputs (default "
+                        "utf-8; e.g. utf-16, cp932 (Windows Shift-JIS), euc-jp, latin-1): decoded, then cleaned as "
+                        "usual. Read as UTF-8, a file in another encoding is refused with a message saying what it "
+                        "looks like")
+    parser.add_argument("--max-invalid-fraction", type=float, default=0.01, metavar="F", help="refuse a file "
+                        "with invalid bytes on more than this share of its lines (default 0.01: a wrong encoding, "
+                        "not a few damaged bytes; 1 accepts any, the bytes dropped and counted)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bigbird-ja", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -189,8 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     _sparsity_arguments(p)
     p.set_defaults(func=cmd_layout)
 
-    p = sub.add_parser("train-tokenizer", help="train the Japanese tokenizer on UTF-8 text files (one line each)")
-    p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="UTF-8 text files, read line by line")
+    p = sub.add_parser("train-tokenizer", help="train the Japanese tokenizer on text files (one line each)")
+    p.add_argument("--input", nargs="+", required=True, metavar="FILE", help="text files (UTF-8 unless --encoding "
+                   "says otherwise), read line by line")
     p.add_argument("--out", required=True, help="output folder (AutoTokenizer.from_pretrained loads it)")
     p.add_argument("--vocab-size", type=int, default=32000)
     p.add_argument("--shrink-vocab", action="store_true", help="train with the largest vocabulary size the "
@@ -203,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-max-length", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace the tokenizer files in a non-empty --out")
+    _encoding_arguments(p)
     p.set_defaults(func=cmd_train_tokenizer)
 
     p = sub.add_parser("prepare", help="tokenise and pack documents into fixed-length pretraining shards")
@@ -219,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input format for every input (default: by extension)")
     p.add_argument("--text-field", default="text", help="JSON field / column holding the text")
     p.add_argument("--normalization", default="NFKC", choices=["NFKC", "none"])
+    _encoding_arguments(p)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier prepare output in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prepare)
@@ -287,10 +303,13 @@ def _refuse_unknown_options(parser: argparse.ArgumentParser, command: str, extra
 def _user_errors() -> tuple[type[BaseException], ...]:
     """What `main` reports in one line with exit status 2: conditions the user fixes (the message names the fix).
     A RuntimeError is not one of them (CUDA out of memory, NCCL failures and bugs keep their traceback), except the
-    preflight checks' own PreflightError."""
+    preflight checks' own PreflightError, the trainer's TrainingStopped (non-finite values, out of memory) and a full
+    disk while checkpointing: their messages say what happened and what to change."""
+    from .training.checkpoint import CheckpointDiskFullError
     from .training.preflight import PreflightError
+    from .training.trainer import TrainingStopped
 
-    return ValueError, FileNotFoundError, ImportError, PreflightError
+    return ValueError, FileNotFoundError, ImportError, PreflightError, TrainingStopped, CheckpointDiskFullError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,10 +30,13 @@ What `train_tokenizer` builds, and why:
 * **Cleaned as `prepare` cleans.** Every line is decoded and cleaned by `bigbird_ja.data.cleaning`, the policy
   `prepare` applies to the text it packs (invalid UTF-8 bytes dropped, control characters and U+FFFE/U+FFFF
   removed, tabs kept, NFKC, emoji kept), so the tokenizer learns each character as it will meet it in the packed
-  data. Empty lines are skipped and long lines split. Bad input is never fatal and never silent: every case is
-  counted and located by file and line in the returned report, in `training_report.json` (counts and the first
-  locations per kind) and in `input_issues.jsonl` (the format of prepare's issues.jsonl: every instance where text
-  was lost, the first ones of the kinds that keep it).
+  data. Empty lines are skipped and long lines split. Bad input is never silent: every case is counted and
+  located by file and line in the returned report, in `training_report.json` (counts and the first locations per
+  kind) and in `input_issues.jsonl` (the format of prepare's issues.jsonl: every instance where text was lost, the
+  first ones of the kinds that keep it). As in `prepare`, a file in another encoding is refused rather than
+  learnt from as mojibake (a UTF-16/32 byte-order mark or NUL pattern before reading, more than
+  `max_invalid_fraction` of its lines with invalid bytes once read): name its encoding with `encoding`
+  (``--encoding``). Input without a single usable line is an error.
 
 Known limits. Round trip: a literal "▁" (U+2581) in the input decodes as a space, as in SentencePiece. Offsets:
 where NFKC composes several original characters into one (half-width "ｶﾞ" -> "ガ", "e" + U+0301 -> "é"), the
@@ -64,7 +67,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .data.cleaning import ACTIONS, KEPT_KINDS, CleaningOptions, Issue, IssueLog, clean_text, decode_utf8
+from .data.cleaning import (
+    ACTIONS, HEAD_BYTES, KEPT_KINDS, CleaningOptions, Issue, IssueLog, check_head, clean_text, decode_utf8,
+    invalid_share_error, invalid_share_exceeded, utf8_stream,
+)
 
 # Ids are fixed by the trainer options below; tests and model configs rely on them.
 SPECIAL_TOKENS: dict[str, int] = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "[MASK]": 4}
@@ -180,18 +186,26 @@ def _split_long(text: str, limit: int) -> list[str]:
     return [c for c in chunks if c.strip()]
 
 
-def _read_sentences(paths: list[Path], log: IssueLog, stats: list[dict[str, Any]]
-                    ) -> Iterator[tuple[str, int, int]]:
+def _read_head(path: Path) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read(HEAD_BYTES)
+
+
+def _read_sentences(paths: list[Path], log: IssueLog, stats: list[dict[str, Any]],
+                    options: CleaningOptions | None = None) -> Iterator[tuple[str, int, int]]:
     """(sentence, file index, line number) for every usable line of every file, read lazily.
 
-    Each line is cleaned as `prepare` cleans the text it packs (`cleaning`, with prepare's default options).
+    Each line is cleaned as `prepare` cleans the text it packs (`cleaning`, with prepare's default options and
+    ``options.encoding``); a file with more than ``options.max_invalid_fraction`` of its lines holding invalid bytes
+    is refused (`cleaning.invalid_share_error`) once read.
     """
-    options = CleaningOptions()
+    options = options or CleaningOptions()
     kept_budget = {kind: log.max_logged_kept for kind in KEPT_KINDS}
     for file_idx, path in enumerate(paths):
         entry = {"path": str(path), "lines": 0, "lines_used": 0}
         stats.append(entry)
-        with open(path, "rb") as handle:
+        content_lines = 0  # lines holding more than whitespace: the share of invalid ones is checked
+        with utf8_stream(open(path, "rb"), options) as handle:
             for line_no, raw in enumerate(handle, start=1):
                 entry["lines"] = line_no
                 if line_no == 1 and raw.startswith(codecs.BOM_UTF8):  # encoding metadata, as prepare reads it
@@ -199,6 +213,8 @@ def _read_sentences(paths: list[Path], log: IssueLog, stats: list[dict[str, Any]
                 raw = raw.rstrip(b"\n")
                 if raw.endswith(b"\r"):  # a Windows line end, not content
                     raw = raw[:-1]
+                if raw.strip():
+                    content_lines += 1
                 issues: list[Issue] = []
                 text = decode_utf8(raw, options, file_idx, line_no, False, issues)
                 text = clean_text(text, options, file_idx, line_no, False, issues, kept_budget)
@@ -216,6 +232,9 @@ def _read_sentences(paths: list[Path], log: IssueLog, stats: list[dict[str, Any]
                 log.add(issues, kept_budget.pop("_unlogged", None))
                 for chunk in chunks:
                     yield chunk, file_idx, line_no
+        bad = log.invalid_lines.get(file_idx, 0)
+        if invalid_share_exceeded(bad, content_lines, options):
+            raise invalid_share_error(str(path), bad, content_lines, options, _read_head(path))
 
 
 class _Reservoir:
@@ -458,8 +477,10 @@ def train_tokenizer(
     overwrite: bool = False,
     max_issue_examples: int = 100,
     spm_options: dict[str, Any] | None = None,
+    encoding: str = "utf-8",
+    max_invalid_fraction: float = CleaningOptions.max_invalid_fraction,
 ) -> TokenizerTrainingReport:
-    """Train the Japanese unigram tokenizer on UTF-8 text files (one sentence or paragraph a line).
+    """Train the Japanese unigram tokenizer on text files (one sentence or paragraph a line), UTF-8 by default.
 
     Args:
         input_files: text files; read lazily, one line at a time.
@@ -477,6 +498,10 @@ def train_tokenizer(
         max_issue_examples: input_issues.jsonl lists the first this many instances of each kind that keeps the
             text (NFKC, emoji, ...); their counts and every instance of a kind that loses text are complete.
         spm_options: further SentencePieceTrainer options, applied last (for example `split_digits=True`).
+        encoding: the files' encoding ("utf-8", or e.g. "utf-16", "cp932", "euc-jp", "latin-1"), as `prepare`'s
+            ``CleaningOptions.encoding``. Read as UTF-8, a file that is certainly UTF-16/32 is refused at once.
+        max_invalid_fraction: refuse a file with invalid bytes on more than this share of its non-blank lines
+            (default 1%: a wrong encoding, not a few damaged bytes).
 
     Returns the `TokenizerTrainingReport` (also saved as training_report.json).
     """
@@ -487,6 +512,9 @@ def train_tokenizer(
     for path in paths:
         if not path.is_file():
             raise FileNotFoundError(f"input file {path} does not exist or is not a file")
+    cleaning = CleaningOptions(encoding=encoding, max_invalid_fraction=max_invalid_fraction)
+    for path in paths:  # before anything is read or trained: a UTF-16 file is refused at once
+        check_head(str(path), _read_head(path), cleaning)
     pretokenize = "none" if pretokenize is None else str(pretokenize)
     if pretokenize not in PRETOKENIZERS:
         raise ValueError(f"pretokenize={pretokenize!r} is not one of {PRETOKENIZERS}")
@@ -510,11 +538,12 @@ def train_tokenizer(
                            actions=_ISSUE_ACTIONS, kept_kinds=_KEPT_KINDS)
             file_stats: list[dict[str, Any]] = []
             reservoir = _Reservoir(input_sentence_size, seed)
-            for sentence, file_idx, line_no in _read_sentences(paths, log, file_stats):
+            for sentence, file_idx, line_no in _read_sentences(paths, log, file_stats, cleaning):
                 reservoir.offer(sentence, file_idx, line_no)
             if not reservoir.sentences:
                 raise ValueError(f"no usable text in {[str(p) for p in paths]}: every line was empty or invalid "
-                                 f"({dict(log.counts)}); give UTF-8 text, one sentence or paragraph a line")
+                                 f"({dict(log.counts)}); give text, one sentence or paragraph a line (UTF-8, or "
+                                 f"name its encoding with --encoding)")
 
             characters = sum(map(len, reservoir.sentences))
             final_size = vocab_size

@@ -261,7 +261,9 @@ def test_bad_input_is_counted_with_file_and_line(tmp_path, tok_dir):
     jpath = tmp_path / "bad.jsonl"
     jpath.write_text('{"text": "普通"}\n{"text": \n\n{"other": 1}\n{"text": "孤立\\ud800サロゲート"}\n{"text": 5}\n'
                      + json.dumps({"text": "長" * 3000}) + "\n", encoding="utf-8")
-    opts = PrepareOptions(source=SourceOptions(piece_bytes=1000, max_json_line_bytes=4000))
+    # 1 of bad.txt's 6 lines has invalid bytes: above the default share that refuses a file (1%), so allowed here.
+    opts = PrepareOptions(source=SourceOptions(piece_bytes=1000, max_json_line_bytes=4000),
+                          cleaning=CleaningOptions(max_invalid_fraction=1.0))
     report = prepare(tok_dir, [path, jpath], tmp_path / "out", seq_len=32, num_workers=0, progress=False,
                      options=opts)
     counts = report.issue_counts
@@ -580,7 +582,9 @@ def test_fuzz_prepare_and_collator(tmp_path, tok_dir, tokenizer):
             f.write(json.dumps({"text": text}, ensure_ascii=i % 2 == 0) + "\n")
     with open(tmp_path / "fuzz.jsonl", "ab") as f:
         f.write(b'{"text": "\xff\xfe"}\n{"text": [1, 2]}\nnot json\n')
-    opts = PrepareOptions(source=SourceOptions(piece_bytes=4096), chunk_bytes=8192)
+    # Every 7th line is invalid on purpose, far above the share that refuses a file by default (1%).
+    opts = PrepareOptions(source=SourceOptions(piece_bytes=4096), chunk_bytes=8192,
+                          cleaning=CleaningOptions(max_invalid_fraction=1.0))
     report = prepare(tok_dir, [tmp_path / "fuzz.txt", tmp_path / "fuzz.jsonl"], tmp_path / "out", seq_len=128,
                      num_workers=2, progress=False, options=opts)
     totals = read_manifest(tmp_path / "out")["totals"]

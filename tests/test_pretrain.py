@@ -625,3 +625,95 @@ def test_a_launcher_without_a_rendezvous_address_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "8")
     with pytest.raises(ValueError, match="export MASTER_ADDR=<first host>"):
         fill_env_from_launcher()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Numerical guards, honest exits, dry runs, changed settings on resume
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--optim.lr=.inf", "optim.lr: inf is not a finite number"),
+    ("--optim.lr=.nan", "optim.lr: nan is not a finite number"),
+    ("--masking.mask_rate=0", "mask_rate=0.0: must be in \\(0, 1\\]"),
+])
+def test_settings_that_make_every_loss_nan_are_config_errors(override, message):
+    """Regression: both were accepted and every step logged `loss nan`, then NaN weights were saved."""
+    with pytest.raises(ConfigError, match=message):
+        load_pretrain_config(REPO / "configs/pretrain/tiny-cpu.yaml", [override])
+
+
+def test_every_sequence_predicts_at_least_one_token_at_a_tiny_mask_rate(tiny_data):
+    """A rate whose expected count rounds to 0 would leave batches without targets (a NaN loss)."""
+    from bigbird_ja.data import MaskingOptions, MLMCollator, PackedDataset
+    from bigbird_ja.data.fingerprint import load_tokenizer
+
+    data, tok = tiny_data
+    collator = MLMCollator.from_tokenizer(load_tokenizer(tok), options=MaskingOptions(mask_rate=1e-4), seed=0)
+    samples = [sample for _, sample in zip(range(16), PackedDataset(data, shuffle=False))]
+    labels = collator(samples)["labels"]
+    assert ((labels != -100).sum(dim=1) >= 1).all()
+
+
+def test_out_of_memory_is_named_with_what_to_change():
+    from bigbird_ja.training.trainer import TrainingStopped, out_of_memory_error
+
+    cfg = load_pretrain_config(REPO / "configs/pretrain/tiny-cpu.yaml")
+    for err in (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")):
+        named = out_of_memory_error(err, cfg, 7, 256, "runs/x/checkpoints/step-00000004")
+        assert isinstance(named, TrainingStopped)
+        assert "out of memory in step 7" in str(named) and "batch.micro_batch_size" in str(named)
+        assert "step-00000004" in str(named)
+    assert out_of_memory_error(RuntimeError("NCCL error"), cfg, 7, 256, None) is None
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_stops_the_run_before_anything_is_saved(tiny_data, tmp_path):
+    """Regression: a diverging run logged `loss nan` at every step, saved NaN weights as a complete checkpoint and
+    exited 0 with an `end` record that said max_steps."""
+    data, tok = tiny_data
+    out = tmp_path / "diverged"
+    cmd = _command(1, out, data, tok, ["--optim.lr=1e30", "--optim.warmup_steps=1", "--train.max_steps=8",
+                                       "--checkpoint.every_steps=2", "--eval.every_steps=0", "--log.sample_log=false"])
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output[-4000:]
+    assert "is not finite on at least one rank; nothing from this step was saved" in output
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    end = records[-1]
+    print(f"stopped: {end}")
+    assert end["event"] == "end" and end["reason"] == "error" and "not finite" in end["error"]
+    saved = [ckpt_mod.step_of(p) for p in ckpt_mod.list_checkpoints(out / "checkpoints")]
+    assert all(step < end["step"] for step in saved)  # the non-finite step was not saved
+    for path in ckpt_mod.list_checkpoints(out / "checkpoints"):
+        state = torch.load(next(path.glob("engine/engine/mp_rank_00_model_states.pt")), weights_only=False)
+        assert all(torch.isfinite(t).all() for t in state["module"].values())
+
+
+@pytest.mark.slow
+def test_dry_run_writes_nothing_even_when_the_data_is_still_to_be_made(tmp_path):
+    """Regression: --dry-run trained a tokenizer and packed the data when the preset listed prepare.inputs."""
+    out, data, tok = tmp_path / "run", tmp_path / "data", tmp_path / "tokenizer"
+    output = _run(_command(1, out, data, tok, ["--dry-run"]))
+    assert "dry run:" in output and "would first train a tokenizer" in output and "deepspeed config:" in output
+    assert sorted(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_a_changed_lr_takes_effect_at_the_first_resumed_step(tiny_data, tmp_path):
+    """Regression: the first step after a resume ran at the checkpoint's learning rate, whatever optim.lr said."""
+    data, tok = tiny_data
+    short = ["--train.max_steps=8", "--checkpoint.every_steps=6", "--eval.every_steps=0", "--log.sample_log=false"]
+    reference = tmp_path / "reference"
+    _run(_command(1, reference, data, tok, short))
+    lrs = {r["step"]: r["lr"] for r in map(json.loads, (reference / "metrics.jsonl").read_text().splitlines())
+           if r["event"] == "train"}
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(reference / "checkpoints" / "step-00000006", resumed / "checkpoints" / "step-00000006")
+    output = _run(_command(1, resumed, data, tok, [*short, "--optim.lr=4e-3", "--resume", "auto"]))
+    assert "resumed with changed settings, in effect from step 7: optim.lr: 0.002 -> 0.004" in output
+    new = {r["step"]: r["lr"] for r in map(json.loads, (resumed / "metrics.jsonl").read_text().splitlines())
+           if r["event"] == "train"}
+    print(f"lr at steps 7, 8: before {lrs[7]:.3e}, {lrs[8]:.3e}; resumed at twice the peak {new[7]:.3e}, {new[8]:.3e}")
+    assert new[7] == pytest.approx(2 * lrs[7]) and new[8] == pytest.approx(2 * lrs[8])

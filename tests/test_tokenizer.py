@@ -282,8 +282,9 @@ def test_bad_input_is_counted_with_file_and_line(tmp_path, jglue):
         b"   \t  ",                                        # 7 whitespace only (a tab is whitespace): skipped
         "最後の行".encode() + b"\r",                        # 8 Windows line end: not an issue
     ]) + b"\n")
+    # 1 of bad.txt's 6 non-blank lines has invalid bytes: more than the default share that refuses a file (1%).
     report = train_tokenizer([bad, _small_corpus(tmp_path / "ok.txt")], tmp_path / "tok", vocab_size=2500,
-                             shrink_vocab=True)
+                             shrink_vocab=True, max_invalid_fraction=1.0)
     # The issues file has the format of prepare's issues.jsonl (the same `cleaning.IssueLog` writes both).
     every = [json.loads(line) for line in (tmp_path / "tok" / "input_issues.jsonl").read_text().splitlines()]
     count = {(r["kind"], r["line"]): r["count"] for r in every if r["file"] == str(bad)}
@@ -381,7 +382,7 @@ def test_fuzz_the_project_tokenizer_through_prepare_and_the_collator(trained, tm
     import torch
     from torch.utils.data import DataLoader
 
-    from bigbird_ja.data import MLMCollator, PackedDataset, prepare
+    from bigbird_ja.data import CleaningOptions, MLMCollator, PackedDataset, PrepareOptions, prepare
     from test_data import _random_string
 
     tok = trained["tok"]
@@ -395,8 +396,9 @@ def test_fuzz_the_project_tokenizer_through_prepare_and_the_collator(trained, tm
         tok.decode(encoded["input_ids"])
     raw = b"\n".join(t.encode("utf-8") + (b"\xff\xfe" if i % 11 == 0 else b"") for i, t in enumerate(texts))
     (tmp_path / "fuzz.txt").write_bytes(raw)
+    # Every 11th line invalid on purpose: more than the default share that refuses a file (1%).
     report = prepare(trained["dir"], [tmp_path / "fuzz.txt"], tmp_path / "data", seq_len=64, num_workers=0,
-                     progress=False)
+                     progress=False, options=PrepareOptions(cleaning=CleaningOptions(max_invalid_fraction=1.0)))
     assert report.issue_counts.get("invalid_utf8", 0) > 0
     collator = MLMCollator.from_tokenizer(tok)
     batches = 0
@@ -444,8 +446,8 @@ def _trainer_sentences(path: Path, out: Path, monkeypatch) -> list[str]:
         raise _Captured
 
     monkeypatch.setattr(tokenization, "_train_spm", capture)
-    with pytest.raises(_Captured):
-        train_tokenizer([path], out, pretokenize="none")
+    with pytest.raises(_Captured):  # 2 of the 15 TRICKY_LINES are invalid UTF-8: more than the default 1% share
+        train_tokenizer([path], out, pretokenize="none", max_invalid_fraction=1.0)
     return seen
 
 
@@ -455,7 +457,7 @@ def _prepared_texts(path: Path, out: Path, chars: set[str]) -> list[str]:
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from bigbird_ja.data import prepare
+    from bigbird_ja.data import CleaningOptions, PrepareOptions, prepare
 
     vocab = dict(SPECIAL_TOKENS)
     vocab.update({c: len(SPECIAL_TOKENS) + i for i, c in enumerate(sorted(chars))})
@@ -463,7 +465,8 @@ def _prepared_texts(path: Path, out: Path, chars: set[str]) -> list[str]:
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
                             sep_token="[SEP]", mask_token="[MASK]").save_pretrained(str(out / "chars"))
-    prepare(out / "chars", [path], out / "data", seq_len=16, num_workers=0, progress=False)
+    prepare(out / "chars", [path], out / "data", seq_len=16, num_workers=0, progress=False,
+            options=PrepareOptions(cleaning=CleaningOptions(max_invalid_fraction=1.0)))  # as in _trainer_sentences
     by_id = {i: c for c, i in vocab.items()}
     stream = [i for n, i in enumerate(_prepared_ids(out / "data")) if n % 16 and i != SPECIAL_TOKENS["[PAD]"]]
     return "".join(by_id[i] if i != SPECIAL_TOKENS["[SEP]"] else "\n" for i in stream).split("\n")[:-1]

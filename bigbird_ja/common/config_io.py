@@ -113,12 +113,13 @@ def _coerce(value, tp, where: str):
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
         try:  # PyYAML reads 1e-4 (no dot) as a string
-            return float(str(value))
+            number = float(value) if isinstance(value, (int, float)) else float(str(value))
         except ValueError:
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):  # .inf / .nan in YAML: no setting of the project means that
+            raise ConfigError(f"{where}: {value!r} is not a finite number")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")

@@ -182,11 +182,16 @@ def agree(problems: list[str]) -> dict[int, list[str]]:
 
 def any_rank(flag: bool, device) -> bool:
     """True on every rank if ``flag`` is True on any (one small all-reduce)."""
+    return any_rank_flags([flag], device)[0]
+
+
+def any_rank_flags(flags: list[bool], device) -> list[bool]:
+    """Each flag True on every rank if it is True on any: several questions in one small all-reduce."""
     import torch
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+        return [bool(f) for f in flags]
+    t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return [bool(x) for x in t.tolist()]

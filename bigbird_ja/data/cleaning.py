@@ -10,8 +10,9 @@ half-width katakana, emoji. The policy here is never to crash and never to lose 
 =====================  =======================================================  ==============
 kind                   what happens                                             logged
 =====================  =======================================================  ==============
-invalid_utf8           bytes that are not UTF-8 are dropped (or replaced by     every line
-                       U+FFFD with ``invalid_utf8="replace"``)
+invalid_utf8           bytes that are not UTF-8 (not valid in ``encoding``      every line
+                       when one is given) are dropped (or replaced by U+FFFD
+                       with ``invalid_utf8="replace"``)
 control_characters     C0/C1 controls except tab and newline, DEL, a BOM or     every line
                        U+FFFE/U+FFFF inside text: removed (CRLF becomes LF)
 invalid_unicode        lone surrogates (only JSON escapes can make them):       every line
@@ -22,6 +23,20 @@ nfkc_normalized        the line changed under NFKC (full-width ASCII to         
 emoji                  emoji and pictographs: kept as they are, counted         first N
 =====================  =======================================================  ==============
 
+Encodings. Input is UTF-8 unless ``CleaningOptions.encoding`` (``--encoding``) says otherwise; a UTF-8 byte-order
+mark at the start of a file is dropped. Input in another encoding is never read as UTF-8 and packed as mojibake:
+
+* a file whose first bytes are certainly something else (a UTF-16/UTF-32 byte-order mark, or NUL bytes in the
+  pattern of UTF-16/32 text) is refused before it is read (`check_head`);
+* a file more than ``max_invalid_fraction`` (default 1%) of whose lines hold invalid bytes is refused once read
+  (`invalid_share_error`): a wrong encoding shows as invalid bytes on most lines, a damaged UTF-8 file on a few.
+  The message says what the file looks like (UTF-16 LE/BE, a legacy Japanese encoding that decodes it, or "not
+  UTF-8") and names the fix: ``--encoding``, or a higher ``--max-invalid-fraction`` for damaged bytes.
+
+With an explicit encoding, `utf8_stream` decodes the file and hands the readers UTF-8 bytes; bytes invalid in that
+encoding become the byte 0xFF (never valid UTF-8), so they are counted and dropped per line exactly as invalid UTF-8
+is. Everything after decoding (the table above) is the same for every encoding.
+
 Further kinds are counted where they arise (`prepare`: empty documents, unknown tokens, malformed JSON lines; the
 tokenizer trainer: empty and long lines). Each is an `Issue`, and `IssueLog` counts them and writes them to a
 JSON-lines file (every instance of a loss kind, the first ones of a kept kind).
@@ -30,11 +45,14 @@ JSON-lines file (every instance of a loss kind, the first ones of a kept kind).
 from __future__ import annotations
 
 import codecs
+import io
 import json
 import re
 import unicodedata
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
+
+import numpy as np
 
 # Kinds whose instances are all logged (something was removed or skipped) and kinds only sampled (text was kept,
 # perhaps normalised): on a real corpus nearly every line holds a full-width parenthesis that NFKC rewrites.
@@ -73,12 +91,20 @@ class Issue(NamedTuple):
 
 @dataclass(frozen=True)
 class CleaningOptions:
-    """How text is cleaned before tokenisation (recorded in the manifest)."""
+    """How text is decoded and cleaned before tokenisation (recorded in the manifest, but for
+    ``max_invalid_fraction``, a guard, and ``encoding`` when it is UTF-8)."""
 
     normalization: Literal["NFKC"] | None = "NFKC"
     invalid_utf8: Literal["drop", "replace"] = "drop"
     # Log only the first N instances per chunk of "kept" kinds (their counts stay exact).
     max_logged_kept: int = 1000
+    # The encoding of the input files: "utf-8", or e.g. "utf-16", "cp932" (Windows Shift-JIS), "euc-jp", "latin-1",
+    # decoded explicitly (`utf8_stream`) before the same cleaning.
+    encoding: str = "utf-8"
+    # A file with invalid bytes on more than this share of its lines (those holding more than whitespace) is
+    # refused: that many means a wrong encoding, not a few damaged bytes. 1% lets a web crawl's rare broken line
+    # through and stops any file in another encoding (which breaks nearly every line with non-ASCII text).
+    max_invalid_fraction: float = 0.01
 
     def __post_init__(self):
         if self.normalization not in ("NFKC", None):
@@ -88,6 +114,21 @@ class CleaningOptions:
                              f"'replace' (U+FFFD)")
         if self.max_logged_kept < 0:
             raise ValueError(f"max_logged_kept={self.max_logged_kept}: must be >= 0")
+        try:
+            known = codecs.lookup(self.encoding)
+        except (LookupError, TypeError):
+            known = None
+        if known is None or not getattr(known, "_is_text_encoding", True):
+            raise ValueError(f"encoding={self.encoding!r} is not a text encoding Python knows: use e.g. 'utf-8' "
+                             f"(the default), 'utf-16', 'cp932' (Windows Shift-JIS), 'shift_jis', 'euc-jp' or "
+                             f"'latin-1'")
+        if not 0.0 <= self.max_invalid_fraction <= 1.0:
+            raise ValueError(f"max_invalid_fraction={self.max_invalid_fraction}: must be between 0 (refuse any "
+                             f"invalid byte) and 1 (refuse nothing); the default is 0.01")
+
+    @property
+    def is_utf8(self) -> bool:
+        return codecs.lookup(self.encoding).name == "utf-8"
 
 
 class _BadBytes:
@@ -104,6 +145,206 @@ class _BadBytes:
 
 _BAD_BYTES = _BadBytes()
 codecs.register_error("bigbird_ja_count", _BAD_BYTES)
+
+
+def _mark_bad_bytes(err):
+    # Decoding another encoding: an invalid sequence becomes U+DCFF; encoding that to UTF-8 (this handler again)
+    # gives the byte 0xFF, which `decode_utf8` then counts and drops like any invalid UTF-8.
+    if isinstance(err, UnicodeDecodeError):
+        return "\udcff", err.end
+    if isinstance(err, UnicodeEncodeError):
+        return b"\xff" * (err.end - err.start), err.end
+    raise err
+
+
+codecs.register_error("bigbird_ja_mark", _mark_bad_bytes)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Encodings: refusing input that is not in the encoding it is read with, decoding the one that is named
+
+
+HEAD_BYTES = 1 << 16  # how much of a file `check_head` and the error messages look at
+
+
+class EncodingError(ValueError):
+    """An input file that is not in the encoding it is read with (UTF-8 unless ``encoding`` says otherwise)."""
+
+
+class EncodingGuess(NamedTuple):
+    description: str  # "UTF-16 LE (byte-order mark FF FE)"
+    encoding: str  # what to pass as --encoding
+    certain: bool  # a byte-order mark or an unmistakable NUL pattern (refused before reading); else a hint only
+
+
+_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32 LE", "utf-32"), (codecs.BOM_UTF32_BE, "UTF-32 BE", "utf-32"),
+         (codecs.BOM_UTF16_LE, "UTF-16 LE", "utf-16"), (codecs.BOM_UTF16_BE, "UTF-16 BE", "utf-16"))
+
+
+def sniff_encoding(head: bytes) -> EncodingGuess | None:
+    """UTF-16 or UTF-32 recognised in the first bytes of a file, by byte-order mark or by where its NULs are.
+
+    UTF-16 text puts a NUL beside every ASCII character (after it in LE, before it in BE); UTF-32 two or three NULs
+    in every 4 bytes. UTF-8 text has no NULs except as stray control characters (removed by cleaning), so a NUL
+    pattern is certain only when NULs are at least 10% of the bytes, or follow most newlines (Japanese UTF-16,
+    whose only ASCII may be the newlines); fewer make it a hint for the message of `invalid_share_error`.
+    """
+    for bom, name, encoding in _BOMS:  # UTF-32 LE first: its mark starts with UTF-16 LE's
+        if head.startswith(bom):
+            return EncodingGuess(f"{name} (byte-order mark {bom.hex(' ').upper()})", encoding, True)
+    nuls = head.count(0)
+    if nuls < 2:
+        return None
+    units = len(head) // 4
+    if units >= 2:
+        zeros = [head[i:units * 4:4].count(0) for i in range(4)]
+        if min(zeros[2], zeros[3]) >= 0.9 * units and zeros[0] < 0.5 * units:
+            return EncodingGuess("UTF-32 LE (NUL bytes in the pattern of UTF-32 text)", "utf-32-le", True)
+        if min(zeros[0], zeros[1]) >= 0.9 * units and zeros[3] < 0.5 * units:
+            return EncodingGuess("UTF-32 BE (NUL bytes in the pattern of UTF-32 text)", "utf-32-be", True)
+    even, odd = head[0::2].count(0), head[1::2].count(0)
+    if max(even, odd) >= 0.9 * nuls and (nuls >= 8 or nuls >= 0.1 * len(head)):
+        order, where = ("LE", "odd") if odd > even else ("BE", "even")
+        return EncodingGuess(f"UTF-16 {order} (NUL bytes at {where} offsets, as UTF-16 text without a byte-order "
+                             f"mark has them)", f"utf-16-{order.lower()}", nuls >= 4 and nuls >= 0.1 * len(head))
+    # Japanese UTF-16 has few ASCII characters, but its newlines are 0A 00 (LE) or 00 0A (BE) at even offsets;
+    # in UTF-8 text a NUL after most newlines does not happen.
+    units = np.frombuffer(head, dtype=np.uint8, count=len(head) // 2 * 2).reshape(-1, 2)
+    le = int(((units[:, 0] == 10) & (units[:, 1] == 0)).sum())
+    be = int(((units[:, 0] == 0) & (units[:, 1] == 10)).sum())
+    for order, hits, other in (("LE", le, be), ("BE", be, le)):
+        if hits >= 4 and other <= 0.1 * hits and hits >= 0.5 * head.count(b"\n"):
+            return EncodingGuess(f"UTF-16 {order} (its newlines are {'0A 00' if order == 'LE' else '00 0A'}, as in "
+                                 f"UTF-16 text without a byte-order mark)", f"utf-16-{order.lower()}", True)
+    return None
+
+
+HEAD_MIN_LINES = 20  # `check_head` judges the share of invalid lines only on at least this many
+
+
+def check_head(path: str, head: bytes, options: CleaningOptions) -> None:
+    """Refuse, before it is read, a file read as UTF-8 whose first bytes are certainly UTF-16 or UTF-32 (see
+    `sniff_encoding`), or whose first lines are mostly invalid UTF-8 (more than half of at least `HEAD_MIN_LINES`
+    lines, and more than ``max_invalid_fraction`` allows): a wrong encoding is then found in milliseconds, not after
+    the whole file was read. The exact share over the whole file is checked as it is read."""
+    if not options.is_utf8:
+        return
+    guess = sniff_encoding(head)
+    if guess is not None and guess.certain:
+        raise EncodingError(
+            f"input {path!r} looks like {guess.description}, not UTF-8: read as UTF-8 its text would be mojibake. "
+            f"Pass --encoding {guess.encoding} (CleaningOptions(encoding={guess.encoding!r})), or convert it first "
+            f"(iconv -f {guess.encoding} -t utf-8)")
+    complete = head if len(head) < HEAD_BYTES else head[:head.rfind(b"\n") + 1]  # no line cut off at the end
+    lines = [line for line in complete.split(b"\n") if line.strip()]
+    bad = sum(1 for line in lines if not _is_utf8(line))
+    if len(lines) >= HEAD_MIN_LINES and bad > 0.5 * len(lines) and invalid_share_exceeded(bad, len(lines), options):
+        partial = len(head) == HEAD_BYTES  # else the head is the whole file
+        raise invalid_share_error(path, bad, len(lines), options, head, scope=" of its first" if partial else "")
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _decodes_as(head: bytes, encoding: str) -> bool:
+    """``head`` (perhaps cut inside a character) decodes strictly in ``encoding`` and is not plain ASCII."""
+    if head.isascii():
+        return False
+    try:
+        codecs.getincrementaldecoder(encoding)().decode(head, final=False)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def encoding_advice(head: bytes, options: CleaningOptions) -> str:
+    """What a file refused for invalid bytes looks like and which --encoding to try (from its first bytes)."""
+    current = codecs.lookup(options.encoding).name
+    guess = sniff_encoding(head)
+    if guess is not None and codecs.lookup(guess.encoding).name != current:
+        return f"it looks like {guess.description}: pass --encoding {guess.encoding}"
+    if current != "utf-8" and _decodes_as(head, "utf-8"):
+        return f"it is UTF-8, not {options.encoding}: leave out --encoding (UTF-8 is the default)"
+    if current == "utf-8":
+        # Damaged UTF-8 still holds many valid multi-byte characters; text in another encoding almost none.
+        text = head.decode("utf-8", "replace")
+        bad = text.count("\ufffd")
+        good = sum(1 for c in text if c > "\x7f") - bad
+        if good >= 4 * bad:
+            return (f"its first {len(head):,} bytes are mostly UTF-8 ({good:,} characters beyond ASCII decode, "
+                    f"{bad:,} byte sequences do not), so the file looks damaged rather than in another encoding")
+    label = "not UTF-8" if current == "utf-8" else f"not {options.encoding}"
+    # EUC-JP first: Shift-JIS bytes fail it at once, while EUC-JP text often passes as cp932 too.
+    for candidate, name in (("euc_jp", "euc-jp"), ("cp932", "cp932")):
+        if candidate != current and _decodes_as(head, candidate):
+            return f"it is {label} and decodes as {name}: pass --encoding {name} if that is its encoding"
+    return (f"it is {label}: pass --encoding with the file's encoding (e.g. cp932 for Windows Shift-JIS, euc-jp, "
+            f"utf-16, latin-1)")
+
+
+def invalid_share_exceeded(invalid_lines: int, lines: int, options: CleaningOptions) -> bool:
+    """More than ``options.max_invalid_fraction`` of the ``lines`` holding text had invalid bytes."""
+    return invalid_lines > options.max_invalid_fraction * lines
+
+
+def invalid_share_error(path: str, invalid_lines: int, lines: int, options: CleaningOptions, head: bytes,
+                        scope: str = "") -> EncodingError:
+    """The error refusing ``path`` (see `invalid_share_exceeded`); ``head``: its first bytes, for the advice;
+    ``scope``: which lines were counted (" of its first": of the first lines only), all by default."""
+    encoding = "UTF-8" if options.is_utf8 else options.encoding
+    return EncodingError(
+        f"input {path!r}: {invalid_lines:,}{scope or ' of'} {lines:,} lines ({invalid_lines / max(lines, 1):.1%}) "
+        f"hold bytes that are not valid {encoding}, more than max_invalid_fraction="
+        f"{options.max_invalid_fraction:.1%} allows, so the file is refused; {encoding_advice(head, options)}. If "
+        f"the encoding is right and those bytes are damaged, raise --max-invalid-fraction "
+        f"(CleaningOptions.max_invalid_fraction) to read the file with them dropped")
+
+
+class _Utf8Stream:
+    """A binary file in another encoding, read as UTF-8 bytes: ``readline(limit)`` and line iteration, as a binary
+    file offers them. Lines end at "\\n" only (a lone "\\r" stays inside its line, as in UTF-8 input)."""
+
+    def __init__(self, raw, encoding: str):
+        self._text = io.TextIOWrapper(raw, encoding=encoding, errors="bigbird_ja_mark", newline="\n")
+        self._pending = b""
+
+    def readline(self, limit: int = -1) -> bytes:
+        while True:
+            end = self._pending.find(b"\n") + 1
+            if end and (limit < 0 or end <= limit):
+                line, self._pending = self._pending[:end], self._pending[end:]
+                return line
+            if 0 <= limit <= len(self._pending):
+                line, self._pending = self._pending[:limit], self._pending[limit:]
+                return line
+            more = self._text.readline(limit if limit > 0 else -1)
+            if not more:
+                line, self._pending = self._pending, b""
+                return line
+            self._pending += more.encode("utf-8", "bigbird_ja_mark")
+
+    def __iter__(self):
+        while line := self.readline():
+            yield line
+
+    def close(self) -> None:
+        self._text.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def utf8_stream(raw, options: CleaningOptions):
+    """``raw`` (a binary file) as UTF-8 bytes: itself for UTF-8 input, else decoded from ``options.encoding``."""
+    return raw if options.is_utf8 else _Utf8Stream(raw, options.encoding)
 
 
 def decode_utf8(data: bytes, options: CleaningOptions, file_index: int, line: int, multiline: bool,
@@ -188,8 +429,9 @@ class IssueLog:
     every instance of a loss kind, the first ``max_logged_kept`` of each kept kind (the counts stay exact).
 
     ``counts`` (kind -> total count) and ``examples`` (kind -> the first 20 locations, "file:line") feed the
-    caller's report. ``units`` names each file's ``line`` field ("line", or "row" for Arrow/Parquet); ``actions``
-    and ``kept_kinds`` default to this module's kinds, to which a caller adds its own.
+    caller's report; ``invalid_lines`` (file index -> lines with invalid bytes) the `invalid_share_exceeded`
+    check. ``units`` names each file's ``line`` field ("line", or "row" for Arrow/Parquet); ``actions`` and
+    ``kept_kinds`` default to this module's kinds, to which a caller adds its own.
     """
 
     def __init__(self, f, paths: list[str], units: list[str], max_logged_kept: int,
@@ -202,12 +444,15 @@ class IssueLog:
         self.kept_left = {kind: max_logged_kept for kind in kept_kinds}
         self.counts: dict[str, int] = {}
         self.examples: dict[str, list[str]] = {}
+        self.invalid_lines: dict[int, int] = {}  # file index -> lines with invalid bytes (one issue a line)
 
     def add(self, issues, unlogged: dict | None = None) -> None:
         """Record ``issues``; ``unlogged``: counts of kept kinds beyond a worker's budget (counted, not listed)."""
         for issue in issues:
             kind = issue.kind
             self.counts[kind] = self.counts.get(kind, 0) + issue.count
+            if kind == "invalid_utf8":
+                self.invalid_lines[issue.file_index] = self.invalid_lines.get(issue.file_index, 0) + 1
             if kind in self.kept_left:
                 if self.kept_left[kind] <= 0:
                     continue

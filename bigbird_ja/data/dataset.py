@@ -25,6 +25,11 @@ enough. Each sample is yielded as ``{"input_ids": LongTensor[seq_len], "position
 ``position`` is unique over the whole run, and `masking.MLMCollator` derives each sample's masks from it, so masks
 too are identical after a resume at any world size.
 
+**Integrity.** Construction runs `format.check_shard_files` (the manifest against every shard's ``.json`` and
+sizes: a lie is a `format.CorruptDataError`; ``verify_checksums`` hashes the shards too). Every sample read is
+checked for ids outside the vocabulary and, when prepare packed with [CLS], for a [CLS] first: a cost of one max
+over ``seq_len`` ids, and a flipped byte is then named as corruption of that shard, never as "another tokenizer".
+
 **DataLoader workers.** Use ``DataLoader(dataset, batch_size=B, num_workers=0)``. Reading a sample is a copy of
 8 KiB from the page cache, not worth a worker, and a worker holds its own copy of the cursor that the main process
 never sees, so ``state_dict()`` would be wrong: iterating inside a worker raises an error that says so. Masking
@@ -43,7 +48,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .fingerprint import check_tokenizer
-from .format import check_shard_files, dtype_from_name, read_manifest, shard_infos
+from .format import CorruptDataError, check_shard_files, dtype_from_name, read_manifest, shard_infos
 
 STATE_VERSION = 1
 _MASK64 = (1 << 64) - 1
@@ -199,6 +204,11 @@ class PackedDataset(IterableDataset):
         self.seq_len = int(self.manifest["seq_len"])
         self.dtype = dtype_from_name(self.manifest["dtype"])
         self.special_token_ids = dict(self.manifest["special_token_ids"])
+        self.vocab_size = int(self.manifest["vocab_size"])
+        # Every row prepare writes starts with [CLS] when it packs with cls_at_start: a row that does not is read
+        # at the wrong offset (a seq_len that is not the shards') or corrupt.
+        packing = self.manifest.get("packing", {})
+        self._row_start = self.special_token_ids.get("cls") if packing.get("cls_at_start") else None
         infos = shard_infos(self.manifest)
         if shards is not None:
             shards = [int(i) for i in shards]
@@ -227,7 +237,30 @@ class PackedDataset(IterableDataset):
             raise IndexError(f"sample {index} outside [0, {self.num_samples})")
         shard = int(np.searchsorted(self._shard_end, index, side="right"))
         rows = self._maps.rows(shard)
-        return rows[index - int(self._shard_start[shard])].astype(np.int64)
+        row = int(index - self._shard_start[shard])
+        ids = rows[row]
+        # Exact and cheap (one max over seq_len ids, about 3 us for 4,096): every sample read is checked, instead
+        # of a pass over all shards at start-up.
+        top = int(ids.max())
+        if top >= self.vocab_size or (self._row_start is not None and ids.item(0) != self._row_start):
+            self._corrupt(shard, row, index, ids, top)
+        return ids.astype(np.int64)
+
+    def _corrupt(self, shard: int, row: int, index: int, ids: np.ndarray, top: int):
+        path = str(self._paths[shard])
+        where = f"shard {path!r} row {row} (sample {index})"
+        check = ("Check every shard with verify_checksums=True (data.verify_checksums=true), then copy the folder "
+                 "again or re-run prepare")
+        if top >= self.vocab_size:
+            position = int(np.argmax(ids >= self.vocab_size))
+            raise CorruptDataError(
+                f"{where} holds token id {top} at position {position}, outside the vocabulary of {self.vocab_size} "
+                f"ids its manifest records: the shard is corrupt (its bytes changed after prepare; no tokenizer "
+                f"can have written that id, and a tokenizer mismatch is the fingerprint check's error). {check}")
+        raise CorruptDataError(
+            f"{where} starts with id {int(ids[0])}, not [CLS] ({self._row_start}), though prepare starts every row "
+            f"with it: the rows are read at the wrong offset (the manifest's seq_len={self.seq_len} is not the one "
+            f"the shards were packed with) or the shard is corrupt. {check}")
 
     def permutation(self, epoch: int) -> FeistelPermutation | None:
         if not self.shuffle:

@@ -12,6 +12,12 @@ rank can read at random, without parsing, from a handful of large files. So a pr
       shard-00000.json     this shard's metadata (counts, dtype, seq_len, tokenizer fingerprint, seed, sha256).
       issues.jsonl         every input problem found (file, line or row, kind, action), one JSON object a line.
 
+The manifest and the per-shard ``shard-*.json`` say the same things twice on purpose: `check_shard_files` (run by
+the loader and by pretraining's preflight) compares them, and each shard's size with its counts, so a folder whose
+manifest was edited, or whose shards come from several runs, is refused as corrupt or mixed (re-run prepare) rather
+than read with the wrong sequence length. It reads only metadata; the loader checks the ids of every sample it reads
+against the vocabulary (an id outside it is corruption: `CorruptDataError`), and ``checksums`` hashes the shards.
+
 Every file is written atomically (`bigbird_ja.common.atomic_io`: a hidden temporary name, fsync, rename). The manifest is renamed into
 place after all shards, so a run killed at any point leaves either no ``manifest.json`` (the loader refuses the
 folder) or a complete data set; never a partial shard that a loader would read. Temporary files of a killed run are
@@ -29,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..common.checksums import file_sha256
+
 FORMAT_NAME = "bigbird-ja-packed"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -39,6 +47,17 @@ OWN_FILE = re.compile(r"^(manifest\.json|issues\.jsonl|shard-\d{5,}\.(bin|idx|js
 TEMP_FILE = re.compile(r"^\..+\.tmp-\d+$")
 
 UINT16_VOCAB_LIMIT = 1 << 16
+
+
+class CorruptDataError(ValueError):
+    """A prepared folder whose files disagree with each other or hold ids outside the vocabulary: corrupt, or
+    mixed from different prepare runs. The fix is never another tokenizer: copy the folder again or re-run prepare."""
+
+
+# What every shard-*.json repeats from the manifest (the shard's own entry, `ShardInfo`, is compared too).
+SHARED_KEYS = ("format", "format_version", "seq_len", "dtype", "vocab_size", "tokenizer_fingerprint", "seed")
+_REQUIRED_KEYS = {"seq_len": int, "dtype": str, "vocab_size": int, "tokenizer_fingerprint": str, "seed": int,
+                  "special_token_ids": dict, "shards": list}
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -116,20 +135,51 @@ def read_manifest(data_dir: str | os.PathLike) -> dict:
     if version != FORMAT_VERSION:
         raise ValueError(f"{str(path)!r} has format_version {version!r}; this bigbird-ja reads version "
                          f"{FORMAT_VERSION}: re-run prepare with this version, or install the version that wrote it")
+    for key, kind in _REQUIRED_KEYS.items():
+        value = manifest.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise CorruptDataError(f"{str(path)!r}: {key} is {value!r} ({type(value).__name__}), expected "
+                                   f"{kind.__name__}: the manifest is corrupt or was edited; re-run prepare")
+    if manifest["seq_len"] < 2 or manifest["vocab_size"] < 1:
+        raise CorruptDataError(f"{str(path)!r}: seq_len={manifest['seq_len']}, vocab_size={manifest['vocab_size']} "
+                               f"cannot be: the manifest is corrupt or was edited; re-run prepare")
     manifest["_sha256"] = hashlib.sha256(raw).hexdigest()
     return manifest
 
 
 def shard_infos(manifest: dict) -> list[ShardInfo]:
-    return [ShardInfo.from_json(obj) for obj in manifest["shards"]]
+    try:
+        return [ShardInfo.from_json(obj) for obj in manifest["shards"]]
+    except (KeyError, TypeError) as err:
+        raise CorruptDataError(f"a shard entry of the manifest lacks {err} or is not an object: the manifest is "
+                               f"corrupt or was edited; re-run prepare") from None
+
+
+_MIXED = "the data is corrupt or mixed from different prepare runs (a file edited, or copied in from another folder)"
 
 
 def check_shard_files(data_dir: str | os.PathLike, manifest: dict, checksums: bool = False) -> None:
-    """Every shard the manifest lists exists with the right size (and, with ``checksums``, the right sha256)."""
+    """Every shard the manifest lists exists, agrees with it and has the size its counts give (and, with
+    ``checksums``, the right sha256). Reads each shard's small ``.json`` and sizes, never its tokens (but for
+    ``checksums``); a disagreement is a `CorruptDataError` naming the file and both values."""
     data_dir = Path(data_dir)
+    manifest_path = str(data_dir / MANIFEST_NAME)
     itemsize = dtype_from_name(manifest["dtype"]).itemsize
     seq_len = int(manifest["seq_len"])
-    for info in shard_infos(manifest):
+    infos = shard_infos(manifest)
+    totals = manifest.get("totals", {})
+    for key in ("num_sequences", "num_tokens"):
+        listed = sum(getattr(info, key) for info in infos)
+        if key in totals and totals[key] != listed:
+            raise CorruptDataError(f"{manifest_path!r}: totals.{key}={totals[key]} but its shards add up to "
+                                   f"{listed}: {_MIXED}; re-run prepare into a new folder")
+    for info in infos:
+        if info.num_tokens != info.num_sequences * seq_len:
+            raise CorruptDataError(
+                f"{manifest_path!r}: shard {info.index} has num_tokens={info.num_tokens}, but num_sequences="
+                f"{info.num_sequences} x seq_len={seq_len} = {info.num_sequences * seq_len}: {_MIXED}; re-run "
+                f"prepare into a new folder")
+        _check_shard_meta(data_dir, manifest, info)
         path = data_dir / info.tokens_file
         expected = info.num_sequences * seq_len * itemsize
         try:
@@ -138,22 +188,44 @@ def check_shard_files(data_dir: str | os.PathLike, manifest: dict, checksums: bo
             raise FileNotFoundError(f"shard {str(path)!r} listed in the manifest is missing: the folder was "
                                     f"copied incompletely; copy it again or re-run prepare") from None
         if size != expected:
-            raise ValueError(f"shard {str(path)!r} has {size} bytes, the manifest says {info.num_sequences} "
-                             f"sequences x {seq_len} tokens x {itemsize} B = {expected}: the file is truncated or "
-                             f"from another run; copy it again or re-run prepare")
+            raise CorruptDataError(f"shard {str(path)!r} has {size} bytes, the manifest says {info.num_sequences} "
+                                   f"sequences x {seq_len} tokens x {itemsize} B = {expected}: the file is truncated "
+                                   f"or from another run; copy it again or re-run prepare")
+        index_path = data_dir / info.index_file
+        try:
+            index_size = index_path.stat().st_size
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{str(index_path)!r} listed in the manifest is missing: the folder was copied "
+                                    f"incompletely; copy it again or re-run prepare") from None
+        if index_size != 8 * info.num_documents:
+            raise CorruptDataError(f"{str(index_path)!r} has {index_size} bytes, the manifest says "
+                                   f"{info.num_documents} documents x 8 B = {8 * info.num_documents}: {_MIXED}; "
+                                   f"copy it again or re-run prepare")
         if checksums:
             digest = file_sha256(path)
             if digest != info.tokens_sha256:
-                raise ValueError(f"shard {str(path)!r} has sha256 {digest}, the manifest says "
-                                 f"{info.tokens_sha256}: the file is corrupt; copy it again or re-run prepare")
+                raise CorruptDataError(f"shard {str(path)!r} has sha256 {digest}, the manifest says "
+                                       f"{info.tokens_sha256}: the file is corrupt; copy it again or re-run prepare")
 
 
-def file_sha256(path: str | os.PathLike, block: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
+def _check_shard_meta(data_dir: Path, manifest: dict, info: ShardInfo) -> None:
+    """The shard's own ``.json`` says what the manifest says about it (see `SHARED_KEYS`)."""
+    path = data_dir / info.meta_file
+    try:
+        meta = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{str(path)!r} listed in the manifest is missing: the folder was copied "
+                                f"incompletely; copy it again or re-run prepare") from None
+    except ValueError as err:
+        raise CorruptDataError(f"{str(path)!r} is not valid JSON ({err}): {_MIXED}; re-run prepare") from None
+    expected = {key: manifest.get(key) for key in SHARED_KEYS}
+    expected.update(info.to_json())
+    for key, value in expected.items():
+        if not isinstance(meta, dict) or meta.get(key) != value:
+            found = meta.get(key) if isinstance(meta, dict) else meta
+            raise CorruptDataError(
+                f"{str(path)!r} says {key}={found!r}, the manifest {str(data_dir / MANIFEST_NAME)!r} says "
+                f"{key}={value!r}: {_MIXED}; re-run prepare into a new folder (or copy the whole folder again)")
 
 
 def read_document_starts(data_dir: str | os.PathLike, info: ShardInfo) -> np.ndarray:

@@ -44,8 +44,9 @@ class MaskingOptions:
     random_token_prob: float = 0.1
 
     def __post_init__(self):
-        if not 0.0 <= self.mask_rate <= 1.0:
-            raise ValueError(f"mask_rate={self.mask_rate}: must be in [0, 1] (0.15 is BERT's)")
+        if not 0.0 < self.mask_rate <= 1.0:
+            raise ValueError(f"mask_rate={self.mask_rate}: must be in (0, 1] (0.15 is BERT's); at 0 nothing is "
+                             f"predicted and the MLM loss is undefined (NaN)")
         if self.span_length not in ("geometric", "fixed"):
             raise ValueError(f"span_length={self.span_length!r}: expected 'geometric' or 'fixed'")
         if not 0.0 < self.span_p <= 1.0:
@@ -133,8 +134,10 @@ class MLMCollator:
         for i, r in enumerate(rows):
             ids[i, :len(r)] = r
         if ids.size and (int(ids.max()) >= self.vocab_size or int(ids.min()) < 0):
-            raise ValueError(f"token id outside [0, {self.vocab_size}) in the batch: the samples were made with "
-                             f"another tokenizer (check_tokenizer tells)")
+            bad = int(ids.max()) if int(ids.max()) >= self.vocab_size else int(ids.min())
+            raise ValueError(f"token id {bad} outside [0, {self.vocab_size}) in the batch: the ids are corrupt or "
+                             f"were made with another tokenizer (`bigbird_ja.data.check_tokenizer` compares the "
+                             f"fingerprints; `bigbird-ja prepare` again if they match)")
         return ids, (positions if any(p is not None for p in positions) else None)
 
     def choose(self, ids, gen: torch.Generator) -> np.ndarray:
@@ -150,12 +153,11 @@ class MLMCollator:
         length = len(ids)
         maskable = ~self.is_special[ids]
         n_maskable = int(maskable.sum())
-        if n_maskable == 0 or opt.mask_rate == 0:
+        if n_maskable == 0:
             return np.zeros(length, dtype=bool)
-        # Stochastic rounding keeps the expected rate exact for short sequences too.
-        budget = int(math.floor(opt.mask_rate * n_maskable + float(torch.rand((), generator=gen))))
-        if budget == 0:
-            return np.zeros(length, dtype=bool)
+        # Stochastic rounding keeps the expected rate exact, except that every sequence predicts at least one token:
+        # a batch with no target has an undefined (NaN) loss.
+        budget = max(1, int(math.floor(opt.mask_rate * n_maskable + float(torch.rand((), generator=gen)))))
         positions = np.flatnonzero(maskable)  # spans are drawn over indices u into these
         # seg_end[u]: first index after the run of adjacent maskable tokens holding u (specials separate runs).
         bounds = np.concatenate([np.flatnonzero(positions[:-1] + 1 != positions[1:]) + 1, [n_maskable]])

@@ -14,8 +14,14 @@ Pipeline, in constant memory:
 4. Sequences go to shards of about ``shard_tokens`` tokens, each written through a temporary file, fsync'ed and
    renamed; the manifest is written last (see `format`).
 
-Input problems are never fatal and never silent: `cleaning` lists what is removed, normalised or skipped; each
-instance goes to ``issues.jsonl`` with its file and line, the counts to the manifest and the returned report.
+Input problems are never silent: `cleaning` lists what is removed, normalised or skipped; each instance goes to
+``issues.jsonl`` with its file and line, the counts to the manifest and the returned report. A few are fatal,
+because packing on would give a silently wrong data set; the run then stops before the manifest is written:
+
+* a file in another encoding than ``options.cleaning.encoding`` (UTF-8 by default): refused before it is read when
+  its first bytes are certainly UTF-16/32, or once read when more than ``cleaning.max_invalid_fraction`` (1%) of
+  its lines hold invalid bytes; the message names the file, what it looks like and ``--encoding``;
+* input without a single document after cleaning: the error names the inputs (``issues.jsonl`` says why).
 
 ``seed`` does not change the packed order (documents stay in input order, so the output can be checked against the
 input); it is recorded in the manifest as the default shuffle seed of the loader (`dataset.PackedDataset`).
@@ -37,7 +43,8 @@ from pathlib import Path
 import numpy as np
 
 from .cleaning import (
-    ACTIONS, ISSUE_KINDS, KEPT_KINDS, CleaningOptions, Issue, IssueLog, clean_text, decode_utf8, log_kept,
+    ACTIONS, ISSUE_KINDS, KEPT_KINDS, CleaningOptions, Issue, IssueLog, check_head, clean_text, decode_utf8,
+    invalid_share_error, invalid_share_exceeded, log_kept,
 )
 from .fingerprint import load_tokenizer, special_token_ids, tokenizer_fingerprint
 from ..common.atomic_io import atomic_open, atomic_write_bytes, fsync_dir, temp_path
@@ -45,7 +52,9 @@ from .format import (
     FORMAT_NAME, FORMAT_VERSION, ISSUES_NAME, MANIFEST_NAME, OWN_FILE, SHARD_STEM, TEMP_FILE, ShardInfo,
     canonical_json, dtype_name, token_dtype,
 )
-from .sources import JSON_LINE, RAW_TEXT, SKIPPED, STRING, Record, RecordReader, SourceOptions, discover_inputs
+from .sources import (
+    JSON_LINE, RAW_TEXT, SKIPPED, STRING, Record, RecordReader, SourceOptions, discover_inputs, read_head,
+)
 
 DEFAULT_SHARD_TOKENS = 1 << 29  # 512 Mi tokens: 1 GiB per shard in uint16, a few hundred shards per TB of text
 
@@ -331,6 +340,9 @@ def prepare(tokenizer_dir, inputs, out_dir, seq_len: int = 4096, seed: int = 0, 
     dtype = token_dtype(vocab_size)
     fingerprint = tokenizer_fingerprint(tokenizer)
     files = discover_inputs(inputs, options.source.input_format)
+    for item in files:  # before any output: a UTF-16 file is refused in milliseconds, not after a long run
+        if item.format in ("text", "jsonl"):
+            check_head(item.path, read_head(item.path), options.cleaning)
 
     out = Path(out_dir)
     _prepare_out_dir(out, overwrite)
@@ -350,7 +362,7 @@ def prepare(tokenizer_dir, inputs, out_dir, seq_len: int = 4096, seed: int = 0, 
                            ["row" if item.format in ("parquet", "arrow") else "line" for item in files],
                            options.cleaning.max_logged_kept)
             report.issue_counts, report.issue_examples = log.counts, log.examples
-            reader = RecordReader(files, options.source)
+            reader = RecordReader(files, options.source, options.cleaning)
             init_args = (tokenizer.backend_tokenizer.to_str(), specials["unk"], options.cleaning,
                          options.source.text_field)
             if num_workers == 0:
@@ -361,20 +373,27 @@ def prepare(tokenizer_dir, inputs, out_dir, seq_len: int = 4096, seed: int = 0, 
                 pool = ctx.Pool(num_workers, initializer=_init_worker, initargs=init_args)
                 results = _ordered(pool, _chunks(reader, options.chunk_bytes), 2 * num_workers + 2)
             bar = _progress_bar(files, progress)
+            checked = 0  # files [0, checked) passed the invalid-bytes check
             try:
                 for chunk, (ids, lengths, reported, issues, unlogged) in results:
                     log.add(issues, unlogged)
+                    # Records come in file order: every file before this chunk's last one is complete.
+                    checked = _check_invalid_share(files, reader, log, options.cleaning, checked,
+                                                   chunk[-1].file_index)
                     packer.add_chunk(chunk, ids, lengths, reported, log)
                     _update_bar(bar, reader.bytes_read, report, started)
             finally:
                 if bar is not None:
                     bar.close()
+            _check_invalid_share(files, reader, log, options.cleaning, checked, len(files))
             packer.finish(log)
             shards = writer.finish()
         if pool is not None:
             pool.close()
             pool.join()
             pool = None
+        if report.num_documents == 0:
+            raise ValueError(_no_documents_message(files, report, out, options))
         report.num_shards = len(shards)
         report.num_input_bytes = reader.bytes_read
         report.seconds = time.perf_counter() - started
@@ -404,6 +423,26 @@ def prepare(tokenizer_dir, inputs, out_dir, seq_len: int = 4096, seed: int = 0, 
     return report
 
 
+def _check_invalid_share(files, reader: RecordReader, log: IssueLog, cleaning: CleaningOptions, start: int,
+                         stop: int) -> int:
+    """Refuse the first of files [start, stop) with too many lines of invalid bytes; returns the new ``checked``."""
+    for index in range(start, stop):
+        bad, lines = log.invalid_lines.get(index, 0), reader.content_lines[index]
+        if invalid_share_exceeded(bad, lines, cleaning):
+            raise invalid_share_error(files[index].path, bad, lines, cleaning, read_head(files[index].path))
+    return max(start, stop)
+
+
+def _no_documents_message(files, report: PrepareReport, out: Path, options: PrepareOptions) -> str:
+    names = [f.path for f in files[:5]] + ([f"... ({len(files) - 5} more)"] if len(files) > 5 else [])
+    found = {kind: n for kind, n in report.issue_counts.items() if n}
+    why = (f"; what was found: {found} (every instance in {str(out / ISSUES_NAME)!r})" if found else
+           " (the files hold only blank lines)")
+    return (f"no documents in {names}: after cleaning, nothing was left to pack{why}. No manifest was written "
+            f"(the folder is no data set). Give input with text: plain-text documents separated by blank lines, or "
+            f"JSON lines / Parquet with the text in the field {options.source.text_field!r} (--text-field)")
+
+
 def _prepare_out_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ValueError(f"output {str(out)!r} exists and is not a folder: choose another --out")
@@ -428,6 +467,11 @@ def _options_json(options: PrepareOptions) -> dict:
     data = asdict(options)
     for how in ("mp_start_method", "durable"):  # how, not what: must not change the bytes of the output
         data.pop(how)
+    # A guard, not a setting of what is packed; and the encoding only when it is not the default UTF-8, so the
+    # manifests of UTF-8 input stay byte-identical to those written before the option existed.
+    data["cleaning"].pop("max_invalid_fraction")
+    if options.cleaning.is_utf8:
+        data["cleaning"].pop("encoding")
     return data
 
 

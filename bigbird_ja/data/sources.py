@@ -21,6 +21,11 @@ separately and packs them back to back as one document. A JSON line longer than 
 parsed in pieces: it is skipped in bounded reads and counted (``line_too_long``). Strings from Arrow/Parquet are
 cut into pieces of at most ``piece_bytes`` characters the same way.
 
+Text and JSON-lines files are UTF-8 unless ``CleaningOptions.encoding`` names another encoding; then they are decoded
+here (`cleaning.utf8_stream`) and reach the workers as UTF-8 bytes (``bytes_read`` then counts those bytes). A UTF-8
+byte-order mark at the start of a file is dropped. ``content_lines`` counts, per file, the lines that hold more than
+whitespace: the denominator of the invalid-line share `prepare` refuses a file over (see `cleaning`).
+
 Each document, piece or skipped line is a `Record` (a named tuple: cheap to pickle to the workers).
 """
 
@@ -31,6 +36,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, NamedTuple
+
+from .cleaning import HEAD_BYTES, CleaningOptions, utf8_stream
 
 RAW_TEXT, JSON_LINE, STRING, SKIPPED = 0, 1, 2, 3
 FORMATS = ("text", "jsonl", "parquet", "arrow")
@@ -130,6 +137,12 @@ def _open_binary(path: str):
     return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb", buffering=1 << 20)
 
 
+def read_head(path: str) -> bytes:
+    """The first bytes of a text or JSON-lines input (decompressed), for the encoding checks of `cleaning`."""
+    with _open_binary(path) as f:
+        return f.read(HEAD_BYTES)
+
+
 def cut_point(data: bytes) -> int:
     """Where to cut a piece of a long document: after a newline, "。" or space in its second half, else at the
     last complete UTF-8 character. Never 0 for non-empty data."""
@@ -188,10 +201,12 @@ def split_string(text: str, limit: int) -> list[str]:
 class RecordReader:
     """Iterate over the records of all inputs in order; ``bytes_read`` grows as input is consumed."""
 
-    def __init__(self, files: list[InputFile], options: SourceOptions):
+    def __init__(self, files: list[InputFile], options: SourceOptions, cleaning: CleaningOptions | None = None):
         self.files = files
         self.options = options
+        self.cleaning = cleaning or CleaningOptions()
         self.bytes_read = 0
+        self.content_lines = [0] * len(files)  # per text / JSON-lines file: lines holding more than whitespace
 
     def __iter__(self) -> Iterator[Record]:
         for index, item in enumerate(self.files):
@@ -209,7 +224,7 @@ class RecordReader:
         line = 0
         at_line_start = True
         first = True
-        with _open_binary(path) as f:
+        with utf8_stream(_open_binary(path), self.cleaning) as f:
             while True:
                 chunk = f.readline(limit)
                 if not chunk:
@@ -221,12 +236,14 @@ class RecordReader:
                         chunk = chunk[3:]
                 if at_line_start:
                     line += 1
-                    if chunk.endswith(b"\n") and not chunk.strip():  # a blank line ends the document
+                    blank = not chunk.strip()
+                    if blank and chunk.endswith(b"\n"):  # a blank line ends the document
                         if buf:
                             yield Record(index, buf_line, RAW_TEXT, _last_piece(buf), new_doc)
                             buf, buf_len = [], 0
                         new_doc = True
                         continue
+                    self.content_lines[index] += not blank
                 at_line_start = chunk.endswith(b"\n")
                 if not buf:
                     buf_line = line
@@ -247,7 +264,7 @@ class RecordReader:
     def _jsonl(self, index: int, path: str) -> Iterator[Record]:
         limit = self.options.max_json_line_bytes
         line = 0
-        with _open_binary(path) as f:
+        with utf8_stream(_open_binary(path), self.cleaning) as f:
             while True:
                 chunk = f.readline(limit)
                 if not chunk:
@@ -262,8 +279,11 @@ class RecordReader:
                             break
                     yield Record(index, line, SKIPPED, "line_too_long", True)
                     continue
+                if line == 1 and chunk.startswith(b"\xef\xbb\xbf"):  # a UTF-8 BOM, not part of the first record
+                    chunk = chunk[3:]
                 if not chunk.strip():
                     continue
+                self.content_lines[index] += 1
                 yield Record(index, line, JSON_LINE, chunk, True)
 
     # -- Arrow / Parquet -------------------------------------------------------------------------------------

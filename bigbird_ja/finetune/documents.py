@@ -9,9 +9,10 @@ original JSQuAD) is the same code with one paragraph per document (`long_documen
 Every answer is checked: `context[start:start + len(text)] == text`. A mismatch is never dropped silently: with
 `on_mismatch="error"` (the default) building stops with a message listing the mismatches by question id; with
 "skip" the bad answer is left out of the training labels and listed in the report, while its text still counts
-as a gold answer for the metric (the metric compares texts, not offsets). Empty contexts are reported by article
-and paragraph; in a long document they add nothing (no separator), as a paragraph their questions are kept and
-their answers, which cannot match, are mismatches.
+as a gold answer for the metric (the metric compares texts, not offsets). An answer whose text is not a string or
+whose answer_start is not an integer ("0") is a `DataFormatError` naming the question id, never a mismatch to skip.
+Empty contexts are reported by article and paragraph; in a long document they add nothing (no separator), as a
+paragraph their questions are kept and their answers, which cannot match, are mismatches.
 """
 
 from __future__ import annotations
@@ -121,10 +122,16 @@ def build_qa_examples(articles: list[SquadArticle], *, long_document: bool = Tru
                 checked = []
                 for raw in q.answers:
                     text, start = raw["text"], raw["answer_start"]
+                    # A type error is the file's format, not an offset that misses: never a "mismatch" to skip.
+                    for name, value in (("text", text), ("answer_start", start)):
+                        kind = str if name == "text" else int
+                        if not isinstance(value, kind) or isinstance(value, bool):
+                            raise DataFormatError(
+                                f"question id {q.id!r} ({doc_id}): {name} is {value!r} ({type(value).__name__}), "
+                                f"expected {'a string' if kind is str else 'an integer character offset'}")
                     report.answers_checked += 1
-                    found = paragraph.context[start:start + len(text)] if isinstance(start, int) and start >= 0 \
-                        else ""
-                    if not isinstance(start, int) or start < 0 or found != text:
+                    found = paragraph.context[start:start + len(text)] if start >= 0 else ""
+                    if start < 0 or found != text:
                         report.mismatches.append(OffsetMismatch(q.id, doc_id, text, start, found))
                         continue
                     answer = Answer(text, offset + start)

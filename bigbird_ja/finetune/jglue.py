@@ -8,7 +8,9 @@
 | jcommonsenseqa | JSON lines: q_id, question, choice0..choice4, label (0-4) | `ChoiceExample` |
 | marc-ja | JSON lines: review_id (optional), sentence, label (positive / negative) | `TextExample` |
 
-A row that lacks a field or has an unknown label is an error naming the file, line and field: a reader never guesses.
+A row that lacks a field, has one of the wrong type or an unknown label is an error naming the file, line (or the
+question id) and field, with the value and its type: a reader never guesses (an ``answer_start`` of "0", a string,
+is not read as the offset 0).
 """
 
 from __future__ import annotations
@@ -160,32 +162,69 @@ def read_json_file(path: str | Path, what: str, expected: str):
         raise DataFormatError(f"{path}: not JSON ({err.msg} at line {err.lineno}); expected {expected}") from None
 
 
+_SQUAD_TYPES = {  # field -> (accepted types, what the message calls them)
+    "paragraphs": ((list,), "a list of paragraphs"), "qas": ((list,), "a list of questions"),
+    "context": ((str,), "a string"), "id": ((str, int), "a string"), "question": ((str,), "a string"),
+    "answers": ((list,), "a list of {\"text\", \"answer_start\"} objects"), "text": ((str,), "a string"),
+    "answer_start": ((int,), "an integer (the character offset of the answer in the context, e.g. 0, not \"0\")"),
+}
+
+
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 4] + " ..."
+
+
+def _typed(obj: dict, name: str, where: str, default=None):
+    """``obj[name]`` of the type JSQuAD gives it (see `_SQUAD_TYPES`); ``default`` for an optional field."""
+    if default is not None and name not in obj:
+        return default
+    value = _field(obj, name, where)
+    types, expected = _SQUAD_TYPES[name]
+    if not isinstance(value, types) or isinstance(value, bool):  # bool is an int to Python, not to JSON
+        raise DataFormatError(f"{where}: {name} is {_short(value)} ({type(value).__name__}), expected {expected}")
+    return value
+
+
+def _object(value, where: str, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise DataFormatError(f"{where}: expected {what} object, got {_short(value)} ({type(value).__name__})")
+    return value
+
+
 def read_squad(path: str | Path) -> list[SquadArticle]:
-    """A SQuAD v1.1-format file (JSQuAD) as articles -> paragraphs -> questions, in file order."""
+    """A SQuAD v1.1-format file (JSQuAD) as articles -> paragraphs -> questions, in file order.
+
+    Every field is type-checked: an error names where it is (with the question id), the field, its value and type.
+    """
     data = read_json_file(path, "data", "one SQuAD v1.1 JSON object (JSQuAD's format)")
     if not isinstance(data, dict) or not isinstance(data.get("data"), list):
         raise DataFormatError(f"{path}: expected a SQuAD v1.1 object {{\"data\": [articles]}}")
     articles = []
     for a_idx, article in enumerate(data["data"]):
         where = f"{path}: data[{a_idx}]"
+        article = _object(article, where, "an article")
         paragraphs = []
-        for p_idx, paragraph in enumerate(_field(article, "paragraphs", where)):
+        for p_idx, paragraph in enumerate(_typed(article, "paragraphs", where)):
             p_where = f"{where}.paragraphs[{p_idx}]"
-            context = _field(paragraph, "context", p_where)
-            if not isinstance(context, str):
-                raise DataFormatError(f"{p_where}: context is {type(context).__name__}, not a string")
+            paragraph = _object(paragraph, p_where, "a paragraph")
+            context = _typed(paragraph, "context", p_where)
             questions = []
-            for q_idx, qa in enumerate(paragraph.get("qas", [])):
-                q_where = f"{p_where}.qas[{q_idx}]"
+            for q_idx, qa in enumerate(_typed(paragraph, "qas", p_where, default=[])):
+                qa = _object(qa, f"{p_where}.qas[{q_idx}]", "a question")
+                q_id = _typed(qa, "id", f"{p_where}.qas[{q_idx}]")
+                q_where = f"{p_where}.qas[{q_idx}] (question id {q_id!r})"
                 if qa.get("is_impossible"):
-                    raise DataFormatError(f"{q_where} (id {qa.get('id')}): is_impossible questions (SQuAD 2.0) "
-                                          f"are not supported; JSQuAD has none")
-                answers = _field(qa, "answers", q_where)
-                for answer in answers:
-                    _field(answer, "text", q_where)
-                    _field(answer, "answer_start", q_where)
-                questions.append(SquadQuestion(id=str(_field(qa, "id", q_where)),
-                                               question=_field(qa, "question", q_where), answers=list(answers)))
+                    raise DataFormatError(f"{q_where}: is_impossible questions (SQuAD 2.0) are not supported; "
+                                          f"JSQuAD has none")
+                question = _typed(qa, "question", q_where)
+                answers = _typed(qa, "answers", q_where)
+                for k, answer in enumerate(answers):
+                    a_where = f"{q_where}.answers[{k}]"
+                    answer = _object(answer, a_where, "an answer")
+                    _typed(answer, "text", a_where)
+                    _typed(answer, "answer_start", a_where)
+                questions.append(SquadQuestion(id=str(q_id), question=question, answers=list(answers)))
             paragraphs.append(SquadParagraph(context=context, questions=questions))
         articles.append(SquadArticle(title=str(article.get("title", f"article-{a_idx}")), paragraphs=paragraphs))
     return articles

@@ -8,7 +8,7 @@
   4. read and featurise the training and validation files; the data report goes to data_report.txt;
   5. train (train_log.jsonl), predict the validation file, write predictions.json and metrics.json (with the
      training summary and, when eval.truncated_max_length is set, the metrics of truncated inputs);
-  6. save the model and tokenizer to <out>/model (output.save_model).
+  6. save the model and tokenizer to <out>/model (output.save_model), checksums.json last (`save_model`).
 With train.deepspeed the command runs on every process of its launcher: rank 0 alone writes files, the ranks
 share the training batches and the prediction features, and an error on rank 0 stops every rank.
 
@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..common.atomic_io import atomic_write_text
+from ..common.checksums import verify_listing, write_listing
 from ..common.config_io import read_yaml
 from ..common.distributed import broadcast_object, rank_and_world_size
 from .config import ConfigError, FinetuneConfig, load_finetune_config
@@ -84,6 +85,28 @@ def _prepare_output(cfg: FinetuneConfig) -> Path:
     return out
 
 
+def save_model(net, tokenizer, folder: str | Path) -> None:
+    """The model and its tokenizer as a save_pretrained folder, written beside ``folder`` and renamed into place
+    once complete, with checksums.json (every file's size and sha256) written last (`verify_model_folder`)."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    net.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    write_listing(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+def verify_model_folder(folder: str | Path) -> None:
+    """Check a model folder against its checksums.json, naming each damaged file; a folder without one (saved by
+    another tool or an earlier version) is taken as it is."""
+    problems = verify_listing(folder)
+    if problems:
+        raise ValueError(f"model folder {folder} is damaged: {'; '.join(problems)}. Copy it again from where it "
+                         f"came from, or re-run the fine-tuning that saved it")
+
+
 def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
@@ -101,8 +124,9 @@ _HEADS = {"qa": "AutoModelForQuestionAnswering", "sequence": "AutoModelForSequen
           "choice": "AutoModelForMultipleChoice"}
 
 
-def load_model(cfg: FinetuneConfig, task: Task, tokenizer, *, verbose: bool = True):
-    """The task's model: from model.init_from (new head where the checkpoint has none) or model.preset (random)."""
+def load_model(cfg: FinetuneConfig, task: Task, tokenizer, *, verbose: bool = True, verify: bool = True):
+    """The task's model: from model.init_from (new head where the checkpoint has none) or model.preset (random).
+    ``verify``: check model.init_from against its checksums.json first (`verify_model_folder`)."""
     import transformers
 
     from ..configuration import build_model_config
@@ -138,6 +162,8 @@ def load_model(cfg: FinetuneConfig, task: Task, tokenizer, *, verbose: bool = Tr
         raise ValueError(f"data.max_length={cfg.data.max_length} exceeds the model's max_position_embeddings="
                          f"{config.max_position_embeddings}; lower data.max_length (QA documents are windowed)")
     if m.init_from is not None:
+        if verify:
+            verify_model_folder(m.init_from)
         model, info = auto.from_pretrained(m.init_from, config=config, output_loading_info=True)
         if verbose:
             new = sorted(info.get("missing_keys", []))
@@ -280,8 +306,7 @@ def finetune(task: str, config: FinetuneConfig | str | Path | None = None, *, ov
         _write_json(files["predictions"], predictions)
         _write_json(files["metrics"], metrics)
         if cfg.output.save_model:
-            net.save_pretrained(str(files["model"]))
-            tokenizer.save_pretrained(str(files["model"]))
+            save_model(net, tokenizer, files["model"])
 
     _main_first(write_results)
     if verbose:
@@ -344,7 +369,8 @@ def evaluate_predictions(task: str, predictions: str | Path | dict, data: str | 
 def evaluate_model(task: str, model: str | Path, data: str | Path, config: FinetuneConfig | str | Path | None = None,
                    *, overrides: list[str] | None = None, output: str | Path | None = None,
                    predictions_out: str | Path | None = None) -> dict[str, Any]:
-    """Run a fine-tuned model (a save_pretrained folder with its tokenizer) over `data` and score it.
+    """Run a fine-tuned model (a save_pretrained folder with its tokenizer) over `data` and score it. A folder with a
+    checksums.json (`finetune` and `export` write one) is checked against it first: a damaged file is an error.
 
     config: the data and eval settings; None: the config.yaml of the run that saved the model (`<run>/model`'s
     parent) when there is one, else the defaults. `overrides` apply on top. The model and its tokenizer are the
@@ -360,8 +386,9 @@ def evaluate_model(task: str, model: str | Path, data: str | Path, config: Finet
     # The model is the checkpoint as saved (its config.json); the config's model section is not used.
     cfg.model.overrides, cfg.model.tokenizer = {}, None
     spec = get_task(task)
+    verify_model_folder(model)  # before anything in it is read
     tokenizer = load_tokenizer(model)
-    net = load_model(cfg, spec, tokenizer, verbose=False)
+    net = load_model(cfg, spec, tokenizer, verbose=False, verify=False)
     prepared = spec.prepare(str(data), tokenizer, cfg.data, training=False, max_examples=cfg.data.max_valid_examples)
     predictions, metrics = spec.predict(net, prepared, cfg.eval, cfg.train)
     if output is not None:
@@ -372,4 +399,4 @@ def evaluate_model(task: str, model: str | Path, data: str | Path, config: Finet
 
 
 __all__ = ["FinetuneResult", "PredictionCheck", "check_prediction_ids", "evaluate_model", "evaluate_predictions",
-           "finetune", "load_model", "load_tokenizer"]
+           "finetune", "load_model", "load_tokenizer", "save_model", "verify_model_folder"]

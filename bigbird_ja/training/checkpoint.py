@@ -1,4 +1,4 @@
-"""Training checkpoints that are either complete or invisible, and `--resume auto`.
+"""Training checkpoints that are either complete or invisible, verified before they are used, and `--resume auto`.
 
 Layout under checkpoint.dir::
 
@@ -10,16 +10,25 @@ Layout under checkpoint.dir::
       model/config.json        the resolved model config (vocab_size from the tokenizer)
       tokenizer/               a copy of the tokenizer, so the checkpoint exports on its own
       checkpoint.json          written last: step, trainer state (data cursor, samples, tokens), world size, and
-                               every file above with its size
-    latest                     "step-00001000", replaced atomically after the rename
+                               every file above with its size and sha256
+    latest                     "step-00001000", replaced atomically after the rename and the read-back
 
-Writing: every rank writes into ``.tmp-step-00001000``; after a barrier rank 0 writes checkpoint.json, fsyncs,
-renames the folder to ``step-00001000`` (atomic), then replaces ``latest``, then deletes all but the newest
-keep_last (each renamed to a hidden name before it is removed). A process killed at any point leaves either a
-hidden temporary folder, which nothing reads and the next run deletes, or a complete checkpoint.
+Writing: every rank writes into ``.tmp-step-00001000``; the ranks then checksum the files between them (rank r takes
+every world-size-th file), rank 0 writes checkpoint.json, fsyncs, renames the folder to ``step-00001000``
+(atomic), reads every file back from the storage and checks it against checkpoint.json, then replaces ``latest``,
+then deletes all but the newest keep_last (each renamed to a hidden name before it is removed). A process killed at
+any point leaves either a hidden temporary folder, which nothing reads and the next run deletes, or a complete
+checkpoint. A checkpoint that fails the read-back is reported and deletes nothing (``latest`` stays on the one
+before). A write that fails (a full disk above all) removes the temporary folder on every rank's word and raises
+`CheckpointDiskFullError` (or the error itself) on every rank: the earlier checkpoints and ``latest`` are untouched.
 
-Reading: a checkpoint is complete when checkpoint.json parses and every file it lists exists with its size.
-`find_latest_complete` returns the newest complete one by step (`latest` is for people and tools).
+Reading (`verify_checkpoint`): a checkpoint is usable when checkpoint.json parses, every file it lists exists with
+its size and sha256, and every rank's rng file unpickles. It is checked on rank 0 before the engine is built, so a
+damaged checkpoint is skipped, never half-loaded. `--resume auto` (`resolve_resume`) takes the newest usable
+checkpoint by step, naming each newer one it skipped and why; when step folders exist and none is usable it
+refuses, listing each, rather than start from step 0 over them. `latest` is for people and tools. Checkpoints of
+the first format (sizes, no checksums) are accepted with a warning: their sizes and rng files are checked, the
+contents of the weights cannot be.
 
 Resuming at another world size: ZeRO partitions the optimizer state by rank, and DeepSpeed refuses to load it at
 another data-parallel size; `convert_to_universal` turns the checkpoint into DeepSpeed's universal format (one file
@@ -28,20 +37,24 @@ per parameter and state) once, on rank 0, and the engine loads that.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import shutil
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..common.atomic_io import atomic_write_text, fsync_dir, fsync_tree
+from ..common.checksums import check_file, files_under, listing
 
 FORMAT = "bigbird-ja-pretrain-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: every file with its size and sha256; 1: sizes only (still read, see `verify_checkpoint`)
 META = "checkpoint.json"
 LATEST = "latest"
 ENGINE_DIR = "engine"
@@ -83,10 +96,23 @@ def set_rng_state(state: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Completeness and discovery
+# Completeness, verification and discovery
+
+
+class CheckpointError(ValueError):
+    """No checkpoint can be used where one was asked for; the message lists what is wrong with each and the way on."""
+
+
+class CheckpointDiskFullError(OSError):
+    """Writing a checkpoint failed for want of disk space; the message names the folder and the free space."""
+
+
+def warn(text: str) -> None:
+    print(f"warning: {text}", file=sys.stderr, flush=True)
 
 
 def _listing(folder: Path) -> dict[str, int]:
+    """Every file's size (the first format's listing; the writer now records `checksums.listing`)."""
     files = {}
     for path in sorted(folder.rglob("*")):
         if path.is_file() and path.name != META:
@@ -94,27 +120,83 @@ def _listing(folder: Path) -> dict[str, int]:
     return files
 
 
+def _size(entry) -> int:
+    return entry if isinstance(entry, int) else entry.get("size")
+
+
 def check_complete(path: Path) -> str | None:
-    """None if ``path`` is a complete checkpoint, else why not."""
+    """None if ``path`` is a complete checkpoint (marker, format, every listed file at its size), else why not.
+    Cheap: no file is read; `verify_checkpoint` reads them."""
     path = Path(path)
     meta_path = path / META
     if not meta_path.is_file():
-        return f"{META} is missing (the write did not finish)"
+        return (f"{META} is missing (the write did not finish, or the folder was copied or edited without it; the "
+                f"marker is written last)")
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except ValueError:
         return f"{META} is not valid JSON"
     if meta.get("format") != FORMAT:
         return f"{META} has format {meta.get('format')!r}, expected {FORMAT!r}"
-    for rel, size in meta.get("files", {}).items():
+    for rel, entry in meta.get("files", {}).items():
         f = path / rel
         if not f.is_file():
             return f"{rel} is missing"
-        if f.stat().st_size != size:
-            return f"{rel} has {f.stat().st_size} bytes, {META} says {size}"
+        if f.stat().st_size != _size(entry):
+            return f"{rel} has {f.stat().st_size} bytes, {META} says {_size(entry)}"
     if not meta.get("files"):
         return f"{META} lists no files"
     return None
+
+
+@dataclass
+class Verification:
+    """What `verify_checkpoint` found: ``problem`` (why it cannot be used; None: usable) and ``warning`` (usable,
+    but checked less than fully)."""
+
+    problem: str | None = None
+    warning: str | None = None
+
+
+def _has_checksums(entry) -> bool:
+    return isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+
+
+def verify_checkpoint(path: Path, *, from_disk: bool = False) -> Verification:
+    """Whether checkpoint ``path`` can be resumed from or exported: `check_complete`, then every file against its
+    sha256 (stopping at the first that differs), then every rank's rng file unpickled.
+
+    The rng files are the first thing a resumed rank unpickles; loading them here, on rank 0 before any engine
+    exists, means that a bad one makes the checkpoint skipped rather than the run crash. A checkpoint of the first
+    format (sizes only) cannot have its weights checked: it is usable, with a warning saying so.
+    ``from_disk``: read what the storage holds, not the page cache (the writer's read-back; see `file_sha256`).
+    """
+    path = Path(path)
+    problem = check_complete(path)
+    if problem:
+        return Verification(problem)
+    meta = json.loads((path / META).read_text(encoding="utf-8"))
+    files = meta["files"]
+    checksummed = all(_has_checksums(entry) for entry in files.values())
+    if checksummed:
+        for rel, entry in files.items():
+            problem = check_file(path, rel, entry, META, from_disk=from_disk)
+            if problem:
+                return Verification(problem)
+    for rel in files:
+        if rel.startswith("rng/"):
+            try:
+                state = torch.load(path / rel, map_location="cpu", weights_only=False)
+                missing = {"python", "numpy", "torch"} - set(state)
+            except Exception as err:  # any unpickling failure means the same: this file cannot be restored
+                return Verification(f"{rel} does not load ({type(err).__name__}: {str(err)[:200]})")
+            if missing:
+                return Verification(f"{rel} holds no {sorted(missing)} RNG state")
+    if checksummed:
+        return Verification()
+    return Verification(warning=f"{path.name} was written without checksums (checkpoint format version "
+                                f"{meta.get('version')}): its file sizes and rng files are checked, the contents of "
+                                f"its weights cannot be")
 
 
 def read_meta(path: Path) -> dict:
@@ -134,48 +216,118 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 
 def find_latest_complete(root: Path) -> Path | None:
-    """The newest complete checkpoint under ``root``, by step. The `latest` pointer is for people and tools; it is
-    not consulted, so a stale pointer or one naming a damaged folder cannot lead a resume astray."""
+    """The newest complete checkpoint under ``root``, by step, checking sizes only (`newest_usable` verifies). The
+    `latest` pointer is not consulted, so a stale pointer or one naming a damaged folder cannot lead astray."""
     for path in reversed(list_checkpoints(Path(root))):
         if check_complete(path) is None:
             return path
     return None
 
 
-def resolve_resume(spec: str | None, root: Path) -> Path | None:
-    """``--resume``: None / "none" (start fresh), "auto" (newest complete under root, or fresh), or a path (a step
-    folder, or a checkpoint root whose newest complete checkpoint is taken)."""
+def newest_usable(root: Path, log=warn) -> tuple[Path | None, list[tuple[str, str]]]:
+    """(the newest checkpoint under ``root`` that `verify_checkpoint` passes, or None; the newer ones it skipped, as
+    (name, problem)). Each skipped one, and a usable one's warning, goes to ``log``; with none usable the caller
+    decides (`unusable_message` lists them)."""
+    rejected = []
+    for path in reversed(list_checkpoints(Path(root))):
+        verdict = verify_checkpoint(path)
+        if verdict.problem is None:
+            for name, problem in rejected:
+                log(f"skipping {name}: {problem}; {path.name} is the newest checkpoint that verifies")
+            if verdict.warning:
+                log(verdict.warning)
+            return path, rejected
+        rejected.append((path.name, verdict.problem))
+    return None, rejected
+
+
+def unusable_message(root: Path, rejected: list[tuple[str, str]]) -> str:
+    """Every step folder under ``root`` and why it cannot be used, one a line."""
+    lines = "\n".join(f"    {name}: {problem}" for name, problem in rejected)
+    return f"no usable checkpoint in {str(root)!r}; its {len(rejected)} step folder(s):\n{lines}"
+
+
+def resolve_resume(spec: str | None, root: Path, log=warn) -> Path | None:
+    """``--resume``: None / "none" (start fresh), "auto" (the newest usable checkpoint under root, or fresh when
+    there are no step folders), or a path (a step folder, verified; or a checkpoint root, as auto). Skipped
+    checkpoints and warnings go to ``log``.
+
+    Raises `CheckpointError` when step folders exist but none is usable: starting from step 0 would overwrite them,
+    and an older one may be recoverable by hand."""
     if spec is None or spec == "none":
         return None
-    if spec == "auto":
-        return find_latest_complete(root)
-    path = Path(spec)
-    if not path.exists():
-        raise FileNotFoundError(f"--resume {spec}: no such checkpoint folder")
-    if step_of(path) is None and (path / META).exists() is False:
-        latest = find_latest_complete(path)
-        if latest is None:
-            raise ValueError(f"--resume {spec}: no complete checkpoint in this folder")
-        return latest
-    problem = check_complete(path)
-    if problem:
-        raise ValueError(f"--resume {spec}: not a complete checkpoint ({problem}); use --resume auto to take the "
-                         f"newest complete one")
-    return path
+    path = Path(root) if spec == "auto" else Path(spec)
+    if spec != "auto":
+        if not path.exists():
+            raise FileNotFoundError(f"--resume {spec}: no such checkpoint folder")
+        if step_of(path) is not None or (path / META).exists():
+            verdict = verify_checkpoint(path)
+            if verdict.problem:
+                raise CheckpointError(f"--resume {spec}: not a complete checkpoint, or a damaged one: "
+                                      f"{verdict.problem}. Use --resume auto to take the newest one that verifies, "
+                                      f"or name another step folder")
+            if verdict.warning:
+                log(verdict.warning)
+            return path
+    chosen, rejected = newest_usable(path, log)
+    if chosen is None and rejected:
+        raise CheckpointError(
+            f"{unusable_message(path, rejected)}\nNot starting from step 0 over them: that would overwrite them, and "
+            f"one may be recoverable. To start afresh, move them away (mv {path} {path}.damaged) or pass --resume "
+            f"none with a new run.output_dir / checkpoint.dir; to resume one you have repaired, pass --resume "
+            f"<its step folder>")
+    if chosen is None and spec != "auto":
+        raise CheckpointError(f"--resume {spec}: no checkpoint (step-NNNNNNNN folder) in this folder")
+    return chosen
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Writing
 
 
-class CheckpointWriter:
-    """Saves checkpoints as described in the module docstring. Every rank calls `save`; rank 0 commits."""
+DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+# torch's zip writer reports a failed write without its errno: "unexpected pos" (the file stopped growing) or
+# "failed writing file" / "file write failed"; on a full disk these are what one sees
+DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "unexpected pos", "failed writing file",
+                   "file write failed")
 
-    def __init__(self, root: Path, keep_last: int, rank: int, barrier):
+
+def is_disk_full(err: BaseException) -> bool:
+    """Whether ``err`` (or what it was raised from) is a write refused for want of space."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
+            return True
+        if any(text in str(err) for text in DISK_FULL_TEXTS):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _amount(n: int) -> str:
+    return f"{n / 2**30:,.2f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
+
+
+def _tree_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+class CheckpointWriter:
+    """Saves checkpoints as described in the module docstring. Every rank calls `save`; rank 0 commits.
+
+    barrier: waits for every rank. gather(obj) -> every rank's obj, in rank order (default: one process).
+    log: where rank 0 reports a checkpoint that failed its read-back (default: stderr).
+    """
+
+    def __init__(self, root: Path, keep_last: int, rank: int, barrier, gather=None, log=None):
         self.root = Path(root)
         self.keep_last = keep_last
         self.rank = rank
         self.barrier = barrier
+        self.gather = gather or (lambda obj: [obj])
+        self.log = log or warn
+        self.failed_readback: set[str] = set()  # written this session, then read back wrong: never counted as kept
 
     def remove_stale(self) -> list[str]:
         """Rank 0, at start: delete what killed runs left: temporary and half-deleted folders (a killed universal
@@ -202,36 +354,125 @@ class CheckpointWriter:
                 shutil.rmtree(tmp)
             (tmp / "rng").mkdir(parents=True)
         self.barrier()
-        # 1. every rank: its ZeRO partition (DeepSpeed barriers inside), its RNG states
-        engine.save_checkpoint(str(tmp / ENGINE_DIR), tag=ENGINE_TAG, save_latest=False)
-        torch.save(rng_state(), tmp / "rng" / f"rank-{self.rank:05d}.pt")
-        self.barrier()
-        # 2. rank 0: config, model config, tokenizer, then checkpoint.json last, then the rename and the pointer
+
+        # 1. every rank: its ZeRO partition (DeepSpeed barriers inside), its RNG states; then every rank learns
+        #    whether all succeeded (a rank that raised alone would leave the others waiting at the next barrier)
+        def write_own():
+            engine.save_checkpoint(str(tmp / ENGINE_DIR), tag=ENGINE_TAG, save_latest=False)
+            torch.save(rng_state(), tmp / "rng" / f"rank-{self.rank:05d}.pt")
+
+        world = self._all_or_none(self._attempt(write_own), final, tmp)
+
+        # 2. every rank: the checksums of every world-th file (the ranks read the checkpoint between them)
+        hashed = {}
+
+        def hash_share():
+            names = files_under(tmp)
+            hashed.update(listing(tmp, names[self.rank::world]))
+
+        outcome = self._attempt(hash_share)
+        shares = self.gather((outcome[0] if outcome else None, hashed))
+        if any(problem for problem, _ in shares):
+            self._all_or_none(outcome, final, tmp, known=[problem for problem, _ in shares])
+
+        # 3. rank 0: config, model config, tokenizer, checkpoint.json last, the rename, the read-back, `latest`,
+        #    pruning; the other ranks wait for its outcome
+        commit = None
         if self.rank == 0:
-            (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
-            (tmp / "model").mkdir()
-            model_config.to_json_file(str(tmp / "model" / "config.json"))
-            tokenizer.save_pretrained(str(tmp / "tokenizer"))
-            meta = {"format": FORMAT, "version": VERSION, "step": step, "world_size": world_size,
-                    "trainer": trainer_state, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "files": _listing(tmp)}
-            fsync_tree(tmp)
-            atomic_write_text(tmp / META, json.dumps(meta, indent=1, sort_keys=True) + "\n")
-            if final.exists():  # a checkpoint of the same step from an earlier attempt: replace it
-                doomed = self.root / f"{DELETE_PREFIX}{final.name}-{os.getpid()}"
-                os.replace(final, doomed)
-                shutil.rmtree(doomed, ignore_errors=True)
-            os.replace(tmp, final)
-            fsync_dir(self.root)
-            atomic_write_text(self.root / LATEST, final.name + "\n")
-            self._prune()
-        self.barrier()
+            merged = {rel: entry for _, part in shares for rel, entry in part.items()}
+            commit = self._attempt(lambda: self._commit(tmp, final, merged, step=step, world_size=world_size,
+                                                        trainer_state=trainer_state, config_yaml=config_yaml,
+                                                        model_config=model_config, tokenizer=tokenizer))
+        self._all_or_none(commit, final, tmp)
         self.last_seconds = time.perf_counter() - started
         return final
 
-    def _prune(self) -> None:
-        complete = [p for p in list_checkpoints(self.root) if check_complete(p) is None]
-        for path in complete[:-self.keep_last]:
+    def _commit(self, tmp: Path, final: Path, hashed: dict, *, step, world_size, trainer_state, config_yaml,
+                model_config, tokenizer) -> None:
+        (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
+        (tmp / "model").mkdir()
+        model_config.to_json_file(str(tmp / "model" / "config.json"))
+        tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        # what the other ranks hashed, plus rank 0's own files and any a rank's listing missed
+        names = files_under(tmp, exclude=(META,))
+        files = {rel: hashed[rel] if rel in hashed else listing(tmp, [rel])[rel] for rel in names}
+        meta = {"format": FORMAT, "version": VERSION, "step": step, "world_size": world_size,
+                "trainer": trainer_state, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "files": files}
+        fsync_tree(tmp)
+        atomic_write_text(tmp / META, json.dumps(meta, indent=1, sort_keys=True) + "\n")
+        if final.exists():  # a checkpoint of the same step from an earlier attempt: replace it
+            doomed = self.root / f"{DELETE_PREFIX}{final.name}-{os.getpid()}"
+            os.replace(final, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+        os.replace(tmp, final)
+        fsync_dir(self.root)
+        # read back from the storage (not the page cache) before anything older is deleted
+        verdict = verify_checkpoint(final, from_disk=True)
+        if verdict.problem:
+            self.failed_readback.add(final.name)
+            kept = [p.name for p in list_checkpoints(self.root) if p != final]
+            pointer = self.root / LATEST
+            latest = pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else "nothing"
+            self.log(f"checkpoint {final.name} failed verification right after it was written ({verdict.problem}): "
+                     f"the storage under {str(self.root)!r} returned other bytes than were written. Nothing was "
+                     f"deleted: the older checkpoints are kept ({', '.join(kept) or 'none'}) and `latest` still "
+                     f"names {latest}; --resume auto skips {final.name}. Check the disk (dmesg, SMART, the file "
+                     f"system's health) before trusting more checkpoints on it")
+            return
+        atomic_write_text(self.root / LATEST, final.name + "\n")
+        self._prune(final)
+
+    def _attempt(self, work) -> tuple[dict, BaseException] | None:
+        """None if ``work()`` succeeds, else (what every rank needs to know, the error)."""
+        try:
+            work()
+        except Exception as err:  # reported to every rank, then raised on every rank (`_all_or_none`)
+            probe = self.root if self.root.exists() else self.root.parent
+            return {"rank": self.rank, "error": f"{type(err).__name__}: {err}", "disk_full": is_disk_full(err),
+                    "free": shutil.disk_usage(probe).free}, err
+        return None
+
+    def _all_or_none(self, outcome, final: Path, tmp: Path, known: list | None = None) -> int:
+        """Every rank's ``outcome`` of the same phase (gathered, unless ``known``); returns the world size if none
+        failed. Otherwise rank 0 removes the temporary folder and every rank raises: `CheckpointDiskFullError`
+        when a rank ran out of space, else this rank's own error (or one naming the rank that failed)."""
+        problems = known if known is not None else self.gather(outcome[0] if outcome else None)
+        failed = [p for p in problems if p]
+        if not failed:
+            return len(problems)
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # frees the space it took; nothing reads it
+        own = outcome[1] if outcome else None
+        full = [p for p in failed if p["disk_full"]]
+        if full:
+            pointer = self.root / LATEST
+            latest = pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
+            newest = find_latest_complete(self.root)
+            size = f"; the newest checkpoint, {newest.name}, takes {_amount(_tree_bytes(newest))}" if newest else ""
+            kept = (f"the earlier checkpoints and `latest` ({latest}) are intact" if latest else
+                    "no earlier checkpoint was touched")
+            error = CheckpointDiskFullError(
+                f"disk full: writing checkpoint {final.name} under {str(self.root)!r} failed on rank(s) "
+                f"{', '.join(str(p['rank']) for p in full)} ({full[0]['error'][:300]}); the file system had "
+                f"{_amount(min(p['free'] for p in full))} free{size}. Its temporary folder is removed and {kept}. "
+                f"Free space or point checkpoint.dir at a larger disk (or lower checkpoint.keep_last), then continue "
+                f"with --resume auto")
+            error.errno = errno.ENOSPC
+            raise error from own
+        if own is not None:
+            raise own
+        first = failed[0]
+        raise RuntimeError(f"checkpoint {final.name}: rank {first['rank']} failed writing it ({first['error']}); its "
+                           f"temporary folder is removed, the earlier checkpoints are intact")
+
+    def _prune(self, newest: Path) -> None:
+        """Keep ``newest`` (just verified) and the keep_last - 1 complete checkpoints before it. Newer step folders
+        (ones a resume skipped as damaged) and ones that failed their read-back are not this run's to count or
+        delete: `--resume auto` names them until the run overwrites them or the user moves them."""
+        older = [p for p in list_checkpoints(self.root) if step_of(p) < step_of(newest)
+                 and p.name not in self.failed_readback and check_complete(p) is None]
+        for path in older[:max(0, len(older) - (self.keep_last - 1))]:
             doomed = self.root / f"{DELETE_PREFIX}{path.name}"
             os.replace(path, doomed)  # first out of sight, then deleted: never a half-deleted "complete" folder
             shutil.rmtree(doomed, ignore_errors=True)

@@ -3,8 +3,9 @@
 The weights are the fp32 master weights: gathered from the ZeRO partitions with DeepSpeed's `zero_to_fp32` (stages
 1-3), or the module weights of a stage-0 checkpoint (cast to fp32). Every key of the model must be found (the MLM
 decoder is tied to the word embeddings and may be absent); anything left over is an error. The folder appears under
-its name only when complete (written beside it, then renamed). `AutoModelForMaskedLM.from_pretrained(OUT)` loads it
-after `import bigbird_ja`.
+its name only when complete (written beside it, then renamed), with checksums.json (every file's size and sha256)
+written last. The checkpoint is verified before anything is read (a damaged one is refused, naming the file).
+`AutoModelForMaskedLM.from_pretrained(OUT)` loads it after `import bigbird_ja`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import ENGINE_TAG, engine_load_dir, find_latest_complete, read_meta, step_of
+from ..common.checksums import write_listing
+from .checkpoint import (
+    ENGINE_TAG, META, engine_load_dir, list_checkpoints, newest_usable, read_meta, step_of, unusable_message,
+    verify_checkpoint, warn,
+)
 
 
 @dataclass
@@ -31,15 +36,25 @@ class ExportReport:
                 f"{self.out_dir} (safetensors + tokenizer; AutoModelForMaskedLM loads it after `import bigbird_ja`)")
 
 
-def _find_checkpoint(path: Path) -> Path:
-    """A step folder itself, or the newest complete one under a checkpoint folder or a run folder."""
-    if step_of(path) is not None or (path / "checkpoint.json").exists():
+def _find_checkpoint(path: Path, log) -> Path:
+    """A step folder itself, verified; or the newest one that verifies under a checkpoint folder or a run folder
+    (each newer one skipped is named to ``log``). Raises naming what is wrong with each when none can be used."""
+    if step_of(path) is not None or (path / META).exists():
+        verdict = verify_checkpoint(path)
+        if verdict.problem:
+            raise ValueError(f"{str(path)!r} cannot be exported: {verdict.problem}. Export an older checkpoint of the "
+                             f"run (the step-NNNNNNNN folders beside it), or give the run folder to take the newest "
+                             f"one that verifies")
+        if verdict.warning:
+            log(verdict.warning)
         return path
     for root in (path, path / "checkpoints"):
-        found = find_latest_complete(root)
-        if found is not None:
-            return found
-    raise FileNotFoundError(f"{str(path)!r} is not a checkpoint (step-NNNNNNNN folder) and holds no complete one")
+        if list_checkpoints(root):
+            chosen, rejected = newest_usable(root, log)
+            if chosen is None:
+                raise ValueError(f"{unusable_message(root, rejected)}\nnothing to export")
+            return chosen
+    raise FileNotFoundError(f"{str(path)!r} is not a checkpoint (step-NNNNNNNN folder) and holds none")
 
 
 def consolidated_state_dict(ckpt: Path, zero_stage: int) -> dict[str, torch.Tensor]:
@@ -59,14 +74,17 @@ def consolidated_state_dict(ckpt: Path, zero_stage: int) -> dict[str, torch.Tens
     return {k: v.float() for k, v in state.items()}
 
 
-def export_checkpoint(ckpt, out, *, overwrite: bool = False) -> ExportReport:
-    """Write checkpoint ``ckpt`` (a step folder, a checkpoint folder or a run folder) to ``out``."""
+def export_checkpoint(ckpt, out, *, overwrite: bool = False, log=warn) -> ExportReport:
+    """Write checkpoint ``ckpt`` (a step folder, a checkpoint folder or a run folder) to ``out``.
+
+    The checkpoint is verified first (`checkpoint.verify_checkpoint`): a damaged step folder is refused; under a run
+    or checkpoint folder the newest one that verifies is taken, each newer one skipped named to ``log``."""
     from transformers import AutoTokenizer
 
     from ..configuration import BigBirdJaConfig
     from ..modeling import BigBirdJaForMaskedLM
 
-    ckpt = _find_checkpoint(Path(ckpt))
+    ckpt = _find_checkpoint(Path(ckpt), log)
     meta = read_meta(ckpt)
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -90,6 +108,7 @@ def export_checkpoint(ckpt, out, *, overwrite: bool = False) -> ExportReport:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
+    write_listing(tmp)  # last: what `bigbird-ja finetune --model` checks the folder against
     if out.exists():
         shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)

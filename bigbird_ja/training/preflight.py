@@ -4,8 +4,10 @@
   estimate of what this process will open (`estimate_open_files`): memory-mapped shards (one descriptor each on
   Python < 3.13), communication sockets (up to a few per peer), checkpoint and log files, and a base for the
   interpreter and drivers. A hard limit below the estimate is an error that says what to ask for.
-* **Data.** Every shard the manifest lists is present with the right size (sha256 too with
-  data.verify_checksums, on rank 0), and the tokenizer's fingerprint matches the one the data was prepared with.
+* **Data.** Every shard the manifest lists is present, agrees with its own ``shard-*.json`` (seq_len, dtype, counts,
+  fingerprint) and has the size its counts give (`data.format.check_shard_files`: metadata only; sha256 too with
+  data.verify_checksums, on rank 0); the data holds sequences; and the tokenizer's fingerprint matches the one the
+  data was prepared with. Ids are checked against the vocabulary as samples are read (`PackedDataset`).
 * **Disk.** The checkpoint folder's file system has room for keep_last + 1 checkpoints (the newest is written before
   the oldest is deleted), estimated from the parameter count (`checkpoint_bytes`).
 * **Offload.** CPU offload runs only when asked for, and draws a warning on more than one node.
@@ -121,7 +123,11 @@ def run_preflight(cfg: PretrainConfig, *, rank: int, world_size: int, num_nodes:
         check_shard_files(data_dir, manifest, checksums=cfg.data.verify_checksums and rank == 0)
         report.manifest = manifest
         shards = len(manifest["shards"])
-        if cfg.data.eval_shards >= shards:
+        if shards == 0:  # a folder from before prepare refused empty input: eval_shards is not the problem
+            report.problems.append(
+                f"data: {str(data_dir)!r} holds no sequences (its input had no text after cleaning): re-run "
+                f"`bigbird-ja prepare` on input with text")
+        elif cfg.data.eval_shards >= shards:
             report.problems.append(
                 f"data: data.eval_shards={cfg.data.eval_shards} would hold out all {shards} shard(s) of "
                 f"{str(data_dir)!r}, leaving none to train on. Lower data.eval_shards (0: no evaluation) or re-run "

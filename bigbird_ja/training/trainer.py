@@ -9,8 +9,9 @@ methods are the phases of a run, in order:
    rank, each rank's message printed.
 2. `build_model`: the preset + overrides, vocab_size from the tokenizer, initialised from run.seed on every rank;
    then the disk check, which needs the parameter count.
-3. `choose_checkpoint`: `--resume auto` takes the newest complete checkpoint; at another world size (or ZeRO stage)
-   it will be converted to DeepSpeed's universal format.
+3. `choose_checkpoint`: `--resume auto` takes the newest checkpoint that verifies (sizes, sha256, rng files),
+   skipping damaged ones with a warning and refusing when step folders exist but none is usable; at another world
+   size (or ZeRO stage) it will be converted to DeepSpeed's universal format.
 4. `open_data_streams`: training reads all but the last data.eval_shards shards from the checkpoint's cursor;
    evaluation reads the first eval.samples of the held-out shards.
 5. `write_run_files` (the resolved config, the DeepSpeed JSON generated from it, the model config; printed only
@@ -26,6 +27,7 @@ k+1.. exactly.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import time
@@ -35,7 +37,7 @@ from pathlib import Path
 import torch
 
 from ..common.distributed import (
-    DistEnv, agree, any_rank, barrier, broadcast_object, import_deepspeed, init_process_group, no_jit_ops_on_cpu,
+    DistEnv, agree, any_rank_flags, barrier, broadcast_object, import_deepspeed, init_process_group, no_jit_ops_on_cpu,
 )
 from ..common.optim import parameter_groups, rank_seed, seed_everything
 from .checkpoint import (
@@ -44,7 +46,9 @@ from .checkpoint import (
 )
 from .config import ConfigError, PretrainConfig, deepspeed_config, resolve_batch, to_dict
 from .flops import peak_tflops, training_flops
-from .preflight import PreflightError, check_checkpoint_disk, format_problems, run_preflight
+from .preflight import (
+    PreflightError, check_checkpoint_disk, estimate_open_files, format_problems, raise_open_file_limit, run_preflight,
+)
 from .reporting import Reporter, fmt, peak_memory_gib
 
 BUNDLED_CORPUS = "bundled:ja_sample"
@@ -211,6 +215,52 @@ def module_grad_norm(module) -> float | None:
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else None
 
 
+def apply_changed_optimizer_settings(engine, cfg: PretrainConfig, saved_config: dict) -> list[str]:
+    """After a resume, make changed optim settings take effect at the first resumed step; returns what changed.
+
+    The checkpoint brings back the optimizer's param groups (lr, betas, eps, weight decay) and the scheduler's step
+    count; the scheduler's shape (peak lr, warmup, total steps) comes from the current config. Without this the
+    first resumed step would run at the checkpoint's lr (the scheduler writes the new one only after it) and the
+    checkpoint's betas, eps and weight decay would stay for good.
+    """
+    saved, current = saved_config.get("optim", {}), to_dict(cfg)["optim"]
+    changed = [f"optim.{key}: {saved.get(key)!r} -> {current[key]!r}" for key in current
+               if saved.get(key) != current[key]]
+    if saved_config.get("train", {}).get("max_steps") != cfg.train.max_steps:
+        changed.append(f"train.max_steps: {saved_config.get('train', {}).get('max_steps')!r} -> "
+                       f"{cfg.train.max_steps!r} (the schedule's length)")
+    if not changed:
+        return []
+    groups = engine.optimizer.param_groups
+    for index, group in enumerate(groups):  # `parameter_groups`: [decayed, not decayed]
+        group["betas"], group["eps"] = tuple(cfg.optim.betas), cfg.optim.eps
+        group["weight_decay"] = cfg.optim.weight_decay if index == 0 else 0.0
+    scheduler = engine.lr_scheduler
+    scheduler.step(scheduler.last_batch_iteration)  # the current step again: writes its lr, does not advance
+    return changed
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on a condition it explains (non-finite loss or gradients, out of memory); nothing from the
+    failing step was saved, and the message names the last checkpoint and what to change."""
+
+
+def out_of_memory_error(err: BaseException, cfg: PretrainConfig, step: int, seq_len: int,
+                        last_checkpoint: str | None) -> TrainingStopped | None:
+    """A `TrainingStopped` naming an out-of-memory failure (CUDA's, or the CPU allocator's) and what to change, or
+    None for any other error."""
+    text = str(err)
+    oom = isinstance(err, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(err, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower()))
+    if not oom:
+        return None
+    return TrainingStopped(
+        f"out of memory in step {step} (micro_batch_size={cfg.batch.micro_batch_size} x {seq_len} tokens, "
+        f"zero.stage={cfg.zero.stage}, activation_checkpointing={cfg.train.activation_checkpointing}): lower "
+        f"batch.micro_batch_size (the accumulation keeps the global batch), set train.activation_checkpointing=true "
+        f"or raise zero.stage; the last checkpoint is {last_checkpoint} ({type(err).__name__}: {text[:300]})")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # pretrain
 
@@ -218,7 +268,7 @@ def module_grad_norm(module) -> float | None:
 def pretrain(cfg: PretrainConfig, *, resume: str | None = None, dry_run: bool = False) -> PretrainResult | None:
     """Run (or continue) the pretraining described by ``cfg``; see the module docstring.
 
-    resume: None / "none" (fresh; an error if checkpoints exist), "auto" (the newest complete checkpoint, or fresh),
+    resume: None / "none" (fresh; an error if checkpoints exist), "auto" (the newest checkpoint that verifies, or fresh),
         or a checkpoint path.
     dry_run: stop after the preflight checks, printing the resolved config and the DeepSpeed JSON.
     """
@@ -253,10 +303,11 @@ class Pretraining:
             print(text, flush=True)
 
     def run(self, resume, dry_run: bool) -> PretrainResult | None:
-        self.prepare_data()
+        self.prepare_data(dry_run)
         self.build_model()
         self.choose_checkpoint(resume)
-        self.open_data_streams()
+        if self.manifest is not None:  # a dry run whose data is still to be made has no streams to check
+            self.open_data_streams()
         self.write_run_files(dry_run)
         if dry_run:
             barrier()
@@ -265,11 +316,15 @@ class Pretraining:
         return self.train()
 
     # -- 1. data: build it if asked (rank 0), then every rank checks what kills large jobs -----------------------
-    def prepare_data(self) -> None:
+    def prepare_data(self, dry_run: bool = False) -> None:
         cfg = self.cfg
-        _stop_if_problems(_on_main(self.env, lambda: ensure_data(cfg, log=self.say)), "preparing the data")
         from ..data.fingerprint import load_tokenizer
 
+        if dry_run and not (Path(cfg.data.dir) / "manifest.json").is_file() and cfg.prepare.inputs:
+            self.plan_data()
+            return
+        if not dry_run:  # a dry run writes nothing
+            _stop_if_problems(_on_main(self.env, lambda: ensure_data(cfg, log=self.say)), "preparing the data")
         self.tokenizer, problems = None, []
         try:
             self.tokenizer = load_tokenizer(cfg.data.tokenizer)
@@ -283,13 +338,39 @@ class Pretraining:
         self.preflight_notes = report.notes
         self.manifest = report.manifest
         self.seq_len = int(self.manifest["seq_len"])
+        self.vocab_size = len(self.tokenizer)
+
+    def plan_data(self) -> None:
+        """--dry-run when data.dir is still to be made from prepare.inputs: nothing is trained or written; the model
+        is sized from the prepare section and the checks that need the data are left to the real run."""
+        from ..data.fingerprint import load_tokenizer
+
+        cfg, env = self.cfg, self.env
+        tokenizer_dir = Path(cfg.data.tokenizer)
+        self.tokenizer, self.manifest, self.seq_len = None, None, cfg.prepare.seq_len
+        if (tokenizer_dir / "tokenizer.json").is_file():
+            self.tokenizer = load_tokenizer(tokenizer_dir)
+            self.vocab_size = len(self.tokenizer)
+            plan = f"tokenise {cfg.prepare.inputs} with {str(tokenizer_dir)!r}"
+        else:  # an upper bound: the tokenizer trainer shrinks the vocabulary to what the corpus supports
+            self.vocab_size = cfg.prepare.tokenizer_vocab_size
+            plan = (f"train a tokenizer (at most {self.vocab_size:,} pieces) into {str(tokenizer_dir)!r} and "
+                    f"tokenise {cfg.prepare.inputs}")
+        needed = estimate_open_files(cfg, env.world_size)
+        soft, hard, problem = raise_open_file_limit(needed, cfg.preflight.raise_open_file_limit, env.world_size)
+        _stop_if_problems([problem] if problem else [], "preflight")
+        self.preflight_notes = [
+            f"open files: limit {soft} (hard {hard}), estimated need {needed}",
+            f"dry run: {str(cfg.data.dir)!r} does not exist; a real run would first {plan} into "
+            f"{cfg.prepare.seq_len}-token sequences there. The data checks (shards, tokenizer fingerprint, held-out "
+            f"samples) run then"]
 
     # -- 2. model, and the disk it will need ----------------------------------------------------------------------
     def build_model(self) -> None:
         from ..modeling import BigBirdJaForMaskedLM
 
         cfg = self.cfg
-        self.model_config = resolve_model_config(cfg, len(self.tokenizer), self.seq_len)
+        self.model_config = resolve_model_config(cfg, self.vocab_size, self.seq_len)
         seed_everything(cfg.run.seed)  # identical initial weights on every rank
         if cfg.model.init_from:
             self.model = BigBirdJaForMaskedLM.from_pretrained(cfg.model.init_from, config=self.model_config)
@@ -304,13 +385,22 @@ class Pretraining:
 
     # -- 3. what to resume from (rank 0 decides, everyone follows) ------------------------------------------------
     def choose_checkpoint(self, resume) -> None:
+        from ..common.distributed import all_gather_object
+
         cfg, env = self.cfg, self.env
         root = cfg.checkpoint_dir
-        self.writer = CheckpointWriter(root, cfg.checkpoint.keep_last, env.rank, barrier)
+
+        def warn(text: str) -> None:  # skipped checkpoints, and one written that fails its read-back
+            self.say(f"warning: {text}")
+
+        self.writer = CheckpointWriter(root, cfg.checkpoint.keep_last, env.rank, barrier, gather=all_gather_object,
+                                       log=warn)
         chosen = []
 
         def choose():
-            ckpt = resolve_resume(resume, root)
+            # Rank 0 verifies (sizes, every file's sha256, every rank's rng file) before any engine exists: a damaged
+            # checkpoint is skipped for the next older one, never half-loaded; none usable is an error, not step 0.
+            ckpt = resolve_resume(resume, root, log=warn)
             if ckpt is None and resume in (None, "none") and list_checkpoints(root):
                 raise ValueError(f"{str(root)!r} already holds checkpoints ({list_checkpoints(root)[-1].name} is "
                                  f"the newest): pass --resume auto to continue that run, or set run.output_dir / "
@@ -421,16 +511,30 @@ class Pretraining:
         if not ckpt:
             seed_everything(rank_seed(cfg.run.seed, env.rank))  # dropout differs between ranks
             return
-        path, _ = self.engine.load_checkpoint(str(load_dir), tag=ENGINE_TAG, load_module_strict=True,
-                                              load_optimizer_states=True, load_lr_scheduler_states=True)
-        if path is None:
-            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {load_dir}")
+        # The files were verified before the engine was built (choose_checkpoint), so a failure here is not damage
+        # on disk but a checkpoint this run cannot take (DeepSpeed version, settings); the engine may be partly
+        # loaded by then, so every rank stops instead of trying an older checkpoint in it.
+        problems, rng = [], None
+        try:
+            path, _ = self.engine.load_checkpoint(str(load_dir), tag=ENGINE_TAG, load_module_strict=True,
+                                                  load_optimizer_states=True, load_lr_scheduler_states=True)
+            if path is None:
+                raise RuntimeError(f"DeepSpeed found no checkpoint to load in {load_dir}")
+            rng = load_rng(Path(ckpt), env.rank) if self.meta["world_size"] == env.world_size else None
+            if rng is not None:
+                set_rng_state(rng)
+        except Exception as err:  # every rank stops together, each one's message printed
+            problems.append(
+                f"loading {ckpt} failed ({type(err).__name__}: {str(err)[:500]}). Its files passed the checks made "
+                f"before the engine was built (sizes, rng files, and every sha256 checkpoint.json lists), so this is "
+                f"most likely a checkpoint this run cannot load (another DeepSpeed version, other ZeRO or model "
+                f"settings) rather than damage on disk. The engine may be partly loaded, so the run stops here "
+                f"rather than try an older checkpoint in it: name one with --resume <step folder>, or start afresh "
+                f"in a new run.output_dir")
+        _stop_if_problems(problems, "resume")
         saved = self.meta["trainer"]
         self.state = TrainState(step=saved["step"], samples=saved["samples"], tokens=saved["tokens"])
-        rng = load_rng(Path(ckpt), env.rank) if self.meta["world_size"] == env.world_size else None
-        if rng is not None:
-            set_rng_state(rng)
-        else:  # another world size: fresh per-rank dropout streams, still a function of (seed, step, rank)
+        if rng is None:  # another world size: fresh per-rank dropout streams, still a function of (seed, step, rank)
             seed_everything(rank_seed(cfg.run.seed, env.rank, self.state.step))
         self.say(f"resumed from {ckpt} at step {self.state.step} ({self.state.samples:,} samples, data cursor "
                  f"{saved['data']['global_position']:,})")
@@ -461,24 +565,35 @@ class Pretraining:
             previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
         self.result = PretrainResult(output_dir=str(self.out), final_step=self.state.step, stop_reason="max_steps",
                                      resumed_from=self.ckpt, last_checkpoint=self.ckpt)
+        if self.meta is not None:
+            changed = apply_changed_optimizer_settings(self.engine, cfg, self.meta["trainer"]["config"])
+            if changed:
+                self.reporter.line(f"resumed with changed settings, in effect from step {self.state.step + 1}: "
+                                   + "; ".join(changed))
+                self.reporter.record("settings_changed", step=self.state.step, changes=changed)
         self.train_iter = iter(self.train_data)
         self.engine.train()
         self.window = LogWindow.new(self.device)
         saved_at = self.state.step if self.ckpt else None
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
+        error = None
         try:
             while self.state.step < cfg.train.max_steps:
                 logging_now = self._due(cfg.log.every_steps, self.state.step + 1) or \
                     self.state.step + 1 == cfg.train.max_steps
-                lr, grad_norm = self.train_step(logging_now)
+                lr, grad_norm, finite = self.train_step(logging_now)
+                # one small all-reduce: did any rank get SIGTERM, or see a non-finite loss or gradient norm?
+                sigterm, nonfinite = any_rank_flags([self.sigterm, not finite], self.device)
+                if nonfinite:
+                    self.stop_nonfinite(grad_norm)
                 if logging_now:
                     self.log(lr, grad_norm)
                 last = self.state.step == cfg.train.max_steps
                 if self.eval_data is not None and (self._due(cfg.eval.every_steps, self.state.step) or last):
                     self.evaluate()
                 # checkpoint every N steps, at the end, and when any rank got SIGTERM
-                sigterm = any_rank(self.sigterm, self.device) if cfg.checkpoint.save_on_sigterm else False
+                sigterm = sigterm and cfg.checkpoint.save_on_sigterm
                 if self._due(cfg.checkpoint.every_steps, self.state.step) or last or sigterm:
                     self.save()
                     saved_at = self.state.step
@@ -488,9 +603,17 @@ class Pretraining:
                     break
             if self.state.step >= cfg.train.max_steps and saved_at != self.state.step:
                 self.save()
+        except BaseException as err:
+            self.result.stop_reason = "error"
+            error = f"{type(err).__name__}: {err}"
+            named = out_of_memory_error(err, cfg, self.state.step + 1, self.seq_len, self.result.last_checkpoint)
+            if named is not None:
+                raise named from err
+            raise
         finally:
             self.result.final_step = self.state.step
-            self.reporter.record("end", step=self.state.step, reason=self.result.stop_reason)
+            extra = {"error": error} if error is not None else {}
+            self.reporter.record("end", step=self.state.step, reason=self.result.stop_reason, **extra)
             self.reporter.close()
             if self.sample_log is not None:
                 self.sample_log.close()
@@ -510,8 +633,9 @@ class Pretraining:
         """Whether an action done every ``every`` steps (0 or None: never) falls on ``step``."""
         return bool(every) and step % every == 0
 
-    def train_step(self, logging_now: bool) -> tuple[float, float | None]:
-        """One optimizer step over grad_accum_steps micro-batches; returns (its learning rate, grad norm or None).
+    def train_step(self, logging_now: bool) -> tuple[float, float | None, bool]:
+        """One optimizer step over grad_accum_steps micro-batches; returns (its learning rate, the gradient norm or
+        None, whether this rank's losses and the norm were finite).
 
         DeepSpeed scales each loss by 1/accumulation, averages gradients over the data-parallel ranks and steps
         the optimizer on the last micro-batch."""
@@ -527,7 +651,7 @@ class Pretraining:
             engine.backward(loss)
             if micro == plan.grad_accum_steps - 1:
                 lr = engine.get_lr()[0]  # the rate this optimizer step uses (the scheduler moves after it)
-                if logging_now:  # gradients are all-reduced by now and are zeroed by the step
+                if self.cfg.zero.stage == 0:  # all-reduced by now, zeroed by the step; DeepSpeed may not report one
                     own_norm = module_grad_norm(engine.module)
             engine.step()
             self.window.loss += loss.detach().double()
@@ -538,12 +662,25 @@ class Pretraining:
             self.sample_log.write(json.dumps({"step": self.state.step, "positions": [p for p, _ in positions],
                                               "indices": [i for _, i in positions]}) + "\n")
             self.sample_log.flush()
-        grad_norm = None
-        if logging_now:
-            # DeepSpeed's norm where its optimizer computes one (ZeRO, bf16); the module's gradients otherwise
-            engine_norm = engine.get_global_grad_norm()
-            grad_norm = float(engine_norm) if engine_norm is not None else own_norm
-        return lr, grad_norm
+        # DeepSpeed's norm where its optimizer computes one (ZeRO, bf16); the module's gradients otherwise
+        engine_norm = engine.get_global_grad_norm()
+        grad_norm = float(engine_norm) if engine_norm is not None else own_norm
+        # the window's loss sum is non-finite as soon as one micro-batch loss is (the run stops at the first): one sync
+        finite = bool(torch.isfinite(self.window.loss)) and (grad_norm is None or math.isfinite(grad_norm))
+        return lr, grad_norm, finite
+
+    def stop_nonfinite(self, grad_norm: float | None) -> None:
+        """Stop before anything of this step is logged as progress or saved: its update may have made the weights
+        non-finite. DeepSpeed has no safe way to skip a bf16 or ZeRO step (only fp16 loss scaling skips), so the
+        run stops and names the last checkpoint to resume from."""
+        step = self.state.step
+        loss = float(self.window.loss) / max(1, self.window.steps * self.plan.grad_accum_steps)
+        message = (f"step {step}: the loss (this rank's mean since the last log line: {loss}) or the gradient norm "
+                   f"({grad_norm}) is not finite on at least one rank; nothing from this step was saved. The last "
+                   f"checkpoint is {self.result.last_checkpoint}: resume from it with --resume auto after lowering "
+                   f"optim.lr (or raising optim.warmup_steps), or check the data near this step")
+        self.reporter.line(f"error: {message}")
+        raise TrainingStopped(message)
 
     def log(self, lr: float, grad_norm: float | None) -> None:
         """The mean loss over the window, over every micro-batch of every rank, and throughput."""
