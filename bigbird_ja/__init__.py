@@ -1,7 +1,9 @@
 """bigbird-ja: long-context Japanese encoders (BigBird block-sparse x DeBERTa-v2 disentangled attention).
 
-`import bigbird_ja` registers `BigBirdJaConfig` and the models with transformers' `Auto*` classes. It imports
-neither triton nor deepspeed.
+`import bigbird_ja` registers `BigBirdJaConfig` and the models with transformers' `Auto*` classes (the same heads
+as DeBERTa-v2, including `AutoModelForPreTraining` -> the masked-LM model and `AutoModelForTextEncoding` -> the
+encoder) and the "long-document-question-answering" pipeline (`bigbird_ja.pipelines`). It imports neither triton
+nor deepspeed.
 """
 
 from transformers import (
@@ -9,8 +11,10 @@ from transformers import (
     AutoModel,
     AutoModelForMaskedLM,
     AutoModelForMultipleChoice,
+    AutoModelForPreTraining,
     AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
+    AutoModelForTextEncoding,
     AutoModelForTokenClassification,
 )
 
@@ -25,6 +29,7 @@ from .modeling import (
     BigBirdJaModel,
     BigBirdJaPreTrainedModel,
 )
+from .pipelines import QA_TASK, LongDocumentQuestionAnsweringPipeline, register_pipeline
 
 __version__ = "0.1.0"
 
@@ -32,15 +37,19 @@ AutoConfig.register(BigBirdJaConfig.model_type, BigBirdJaConfig, exist_ok=True)
 for _auto, _model in (
     (AutoModel, BigBirdJaModel),
     (AutoModelForMaskedLM, BigBirdJaForMaskedLM),
+    (AutoModelForPreTraining, BigBirdJaForMaskedLM),  # as DeBERTa-v2: pretraining is masked-LM
+    (AutoModelForTextEncoding, BigBirdJaModel),
     (AutoModelForQuestionAnswering, BigBirdJaForQuestionAnswering),
     (AutoModelForSequenceClassification, BigBirdJaForSequenceClassification),
     (AutoModelForMultipleChoice, BigBirdJaForMultipleChoice),
     (AutoModelForTokenClassification, BigBirdJaForTokenClassification),
 ):
     _auto.register(BigBirdJaConfig, _model, exist_ok=True)
+register_pipeline()
 
 __all__ = [
     "BigBirdJaConfig", "BigBirdJaForMaskedLM", "BigBirdJaForMultipleChoice", "BigBirdJaForQuestionAnswering",
     "BigBirdJaForSequenceClassification", "BigBirdJaForTokenClassification", "BigBirdJaModel",
-    "BigBirdJaPreTrainedModel", "attention_mask", "disentangled_attention",
+    "BigBirdJaPreTrainedModel", "LongDocumentQuestionAnsweringPipeline", "QA_TASK", "attention_mask",
+    "disentangled_attention",
 ]

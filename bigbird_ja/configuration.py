@@ -8,6 +8,8 @@ combination raises a `ValueError` naming the field, the rule and the fix.
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import os
 from pathlib import Path
 
 from transformers import PreTrainedConfig
@@ -41,6 +43,10 @@ class BigBirdJaConfig(PreTrainedConfig):
         num_random_blocks: extra key blocks per query block, drawn per layer and head from
             (random_seed, layer, head, number of blocks), never from the window or the global blocks.
         random_seed: seed of the random blocks.
+        random_block_span: positions over which each query block's random blocks are drawn (None: the model's
+            max_position_embeddings). An input keeps the drawn blocks that fall inside it, so a sequence sees the same
+            blocks whatever its batch is padded to. Pinned to a checkpoint's length when the checkpoint is made to
+            read longer inputs, so it keeps its random blocks on the lengths it knew.
         attention_backend: "auto" (triton on CUDA when available, otherwise blocked), "reference" (dense O(n^2),
             the truth for tests), "blocked" (pure PyTorch, memory linear in length) or "triton".
     """
@@ -84,6 +90,7 @@ class BigBirdJaConfig(PreTrainedConfig):
     num_global_blocks: int = 2
     num_random_blocks: int = 3
     random_seed: int = 0
+    random_block_span: int | None = None
     attention_backend: str = "auto"
 
     def __post_init__(self, **kwargs):
@@ -99,6 +106,19 @@ class BigBirdJaConfig(PreTrainedConfig):
             self.pooler_hidden_size = self.hidden_size
         super().__post_init__(**kwargs)
         self.validate_bigbird_ja()
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs):
+        """transformers' `save_pretrained`, and the folder loads where bigbird_ja is not installed:
+        `AutoModel.from_pretrained(folder, trust_remote_code=True)` finds `auto_map` in config.json and the model's
+        code beside it, generated from the package (`bigbird_ja.hub.write_remote_code`). Every model's
+        `save_pretrained` comes through here."""
+        if __name__ == "bigbird_ja.configuration" and not os.path.isfile(save_directory):
+            # Only the package generates. A copy of this file in a saved folder is saved by transformers itself
+            # (`custom_object_save` copies the folder's files as they are) and has no hub module beside it: the
+            # module is imported by name, so that neither transformers' scan of a copy's imports nor the
+            # generator takes it for part of the model's code.
+            importlib.import_module(".hub", __package__).write_remote_code(self, save_directory)
+        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     # --- derived quantities, one definition each -------------------------------------------------------------
     @property
@@ -152,16 +172,20 @@ class BigBirdJaConfig(PreTrainedConfig):
         w = self.num_window_blocks
         if not isinstance(w, int) or w < 1 or w % 2 == 0:
             fail("num_window_blocks", "must be a positive odd number: the window is centred on the query block.")
+        if self.random_block_span is not None and (not isinstance(self.random_block_span, int)
+                                                   or self.random_block_span < 1):
+            fail("random_block_span", "must be a positive number of positions, or None for max_position_embeddings.")
         for field in ("num_global_blocks", "num_random_blocks", "random_seed"):
             if not isinstance(getattr(self, field), int) or getattr(self, field) < 0:
                 fail(field, "must be a non-negative integer.")
-        blocks_at_max_length = -(-self.max_position_embeddings // bs)
+        span = min(self.max_position_embeddings, self.random_block_span or self.max_position_embeddings)
+        blocks_in_span = -(-span // bs)
         used = w + self.num_global_blocks + self.num_random_blocks
-        if self.attention_type == "block_sparse" and used > blocks_at_max_length:
+        if self.attention_type == "block_sparse" and used > blocks_in_span:
             fail("num_random_blocks", f"window ({w}) + global ({self.num_global_blocks}) + random "
-                 f"({self.num_random_blocks}) blocks = {used}, but a max_position_embeddings="
-                 f"{self.max_position_embeddings} sequence has only {blocks_at_max_length} blocks of {bs}; use fewer "
-                 f"random blocks or attention_type='full'.")
+                 f"({self.num_random_blocks}) blocks = {used}, but a {span}-token sequence (max_position_embeddings="
+                 f"{self.max_position_embeddings}, random_block_span={self.random_block_span}) has only "
+                 f"{blocks_in_span} blocks of {bs}; use fewer random blocks or attention_type='full'.")
 
 
 # Keys a preset or overrides may set beside the dataclass fields: transformers' head settings (PreTrainedConfig

@@ -8,6 +8,9 @@ Shapes: B batch, N tokens, E hidden size, H heads, D head dim, S relative span (
 
 from __future__ import annotations
 
+import difflib
+import functools
+import inspect
 import math
 
 import torch
@@ -248,6 +251,34 @@ def _check_inputs(config, input_ids, inputs_embeds, attention_mask):
     return shape
 
 
+def _known_keywords_only(forward):
+    """An unknown keyword argument to `forward` is a `TypeError` that names every unknown one (and the argument a
+    misspelt one was probably meant to be), instead of being swallowed by `**kwargs`: `attention_maks=` would leave
+    the padding attended to, `head_mask=` would be silently ignored.
+
+    The forwards take no `**kwargs`. `return_dict` is `@can_return_tuple`'s (it is removed before the call), and
+    transformers' Trainer passes `num_items_in_batch` only to a forward with `**kwargs`, trusting such a model to
+    divide its loss by it (and no longer dividing by the gradient-accumulation steps itself); these models average
+    their losses over the batch, so they must not look as if they took it.
+    """
+    names = [name for name in inspect.signature(forward).parameters if name != "self"]
+
+    @functools.wraps(forward)
+    def checked(self, *args, **kwargs):
+        unknown = [key for key in kwargs if key not in names]
+        if unknown:
+            described = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, names, n=1, cutoff=0.8)
+                described.append(repr(key) + (f" (did you mean {close[0]!r}?)" if close else ""))
+            raise TypeError(f"{type(self).__name__}.forward() got unexpected keyword argument"
+                            f"{'s' if len(unknown) > 1 else ''} {', '.join(described)}; it takes {', '.join(names)} "
+                            f"and return_dict")
+        return forward(self, *args, **kwargs)
+
+    return checked
+
+
 class BigBirdJaModel(BigBirdJaPreTrainedModel):
     """The encoder. Every forward returns a `BaseModelOutput`; `@can_return_tuple` turns it into a tuple (its
     fields in order, None left out) when return_dict=False is passed or set in the config, here and in the heads."""
@@ -268,8 +299,9 @@ class BigBirdJaModel(BigBirdJaPreTrainedModel):
         self.embeddings.word_embeddings = value
 
     @can_return_tuple
+    @_known_keywords_only
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                inputs_embeds=None, output_attentions=None, output_hidden_states=None, **kwargs) -> BaseModelOutput:
+                inputs_embeds=None, output_attentions=None, output_hidden_states=None) -> BaseModelOutput:
         if output_attentions:
             raise ValueError("output_attentions is not available for block-sparse attention (no N x N matrix is "
                              "formed); bigbird_ja.attention_mask(config, seq_len, layer) gives the pattern.")
@@ -335,8 +367,9 @@ class BigBirdJaForMaskedLM(BigBirdJaPreTrainedModel):
         self.cls.predictions.decoder = new_embeddings
 
     @can_return_tuple
+    @_known_keywords_only
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                inputs_embeds=None, labels=None, output_attentions=None, output_hidden_states=None, **kwargs):
+                inputs_embeds=None, labels=None, output_attentions=None, output_hidden_states=None):
         outputs = self.bigbird_ja(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                                   position_ids=position_ids, inputs_embeds=inputs_embeds,
                                   output_attentions=output_attentions, output_hidden_states=output_hidden_states,
@@ -379,8 +412,9 @@ class BigBirdJaForSequenceClassification(BigBirdJaPreTrainedModel):
         self.post_init()
 
     @can_return_tuple
+    @_known_keywords_only
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                inputs_embeds=None, labels=None, output_attentions=None, output_hidden_states=None, **kwargs):
+                inputs_embeds=None, labels=None, output_attentions=None, output_hidden_states=None):
         outputs = self.bigbird_ja(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                                   position_ids=position_ids, inputs_embeds=inputs_embeds,
                                   output_attentions=output_attentions, output_hidden_states=output_hidden_states,
@@ -418,8 +452,9 @@ class BigBirdJaForMultipleChoice(BigBirdJaPreTrainedModel):
         self.post_init()
 
     @can_return_tuple
+    @_known_keywords_only
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                inputs_embeds=None, labels=None, output_attentions=None, output_hidden_states=None, **kwargs):
+                inputs_embeds=None, labels=None, output_attentions=None, output_hidden_states=None):
         num_choices = (input_ids if input_ids is not None else inputs_embeds).shape[1]
 
         def flat(x):  # [B, C, ...] -> [B*C, ...]
@@ -444,8 +479,9 @@ class BigBirdJaForTokenClassification(BigBirdJaPreTrainedModel):
         self.post_init()
 
     @can_return_tuple
+    @_known_keywords_only
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                inputs_embeds=None, labels=None, output_attentions=None, output_hidden_states=None, **kwargs):
+                inputs_embeds=None, labels=None, output_attentions=None, output_hidden_states=None):
         outputs = self.bigbird_ja(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                                   position_ids=position_ids, inputs_embeds=inputs_embeds,
                                   output_attentions=output_attentions, output_hidden_states=output_hidden_states,
@@ -467,9 +503,10 @@ class BigBirdJaForQuestionAnswering(BigBirdJaPreTrainedModel):
         self.post_init()
 
     @can_return_tuple
+    @_known_keywords_only
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, start_positions=None, end_positions=None, output_attentions=None,
-                output_hidden_states=None, **kwargs):
+                output_hidden_states=None):
         outputs = self.bigbird_ja(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                                   position_ids=position_ids, inputs_embeds=inputs_embeds,
                                   output_attentions=output_attentions, output_hidden_states=output_hidden_states,

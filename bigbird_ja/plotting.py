@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .attention import layout_for
+from .attention import layout_for, num_blocks_for
 
 CATEGORY_NAMES = ("not attended", "global", "window", "random")
 CATEGORY_COLOURS = ("#f4f4f4", "#d1495b", "#00798c", "#edae49")
@@ -46,7 +46,7 @@ def draw_layout(config, seq_len: int, out, layer_idx: int = 0, head: int | None 
     heads = [head] if head is not None else list(range(H))
     cols = min(4, len(heads))
     rows = -(-len(heads) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows + 0.6), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(3.2 * cols, 5.6), 3.2 * rows + 0.8), squeeze=False)
     cmap = ListedColormap(CATEGORY_COLOURS)
     for ax in axes.flat:
         ax.axis("off")
@@ -59,9 +59,11 @@ def draw_layout(config, seq_len: int, out, layer_idx: int = 0, head: int | None 
         ax.set_xlabel("key block", fontsize=8)
         ax.set_ylabel("query block", fontsize=8)
     nb = categories.shape[-1]
+    horizon = num_blocks_for(config.random_block_span or config.max_position_embeddings, config.block_size)
+    # random blocks are drawn over the model's whole length: a shorter input shows those that fall inside it
     fig.suptitle(f"{config.attention_type} layout, layer {layer_idx}: {seq_len} tokens = {nb} blocks of "
-                 f"{config.block_size} (window {config.num_window_blocks}, global {config.num_global_blocks}, "
-                 f"random {config.num_random_blocks})", fontsize=9)
+                 f"{config.block_size}\n(window {config.num_window_blocks}, global {config.num_global_blocks}, "
+                 f"random {config.num_random_blocks} drawn over {horizon} blocks)", fontsize=9)
     fig.legend(handles=[Patch(color=c, label=n) for c, n in zip(CATEGORY_COLOURS, CATEGORY_NAMES)],
                loc="lower center", ncol=4, fontsize=8)
     fig.tight_layout(rect=(0, 0.08 if rows == 1 else 0.04, 1, 0.95))

@@ -54,6 +54,23 @@ def test_blocked_matches_reference_in_float64(length, sparsity):
             torch.testing.assert_close(g, ref_g, rtol=0, atol=1e-10, msg=lambda m: f"grad {name}: {m}")
 
 
+@pytest.mark.parametrize("length", [65, 131])
+@pytest.mark.parametrize("sparsity", [dict(), dict(num_window_blocks=1, num_global_blocks=0, num_random_blocks=3)])
+def test_blocked_matches_reference_in_float64_with_every_random_block_live(length, sparsity):
+    # At its own max_position_embeddings a model's layout holds every drawn random block (shorter inputs hold some)
+    config = tiny_config(max_position_embeddings=length, **sparsity)
+    for layer in range(config.num_hidden_layers):
+        layout = layout_for(config, layer, length)
+        assert layout.key_valid[..., -config.num_random_blocks:].all()
+        inputs = make_inputs(config, 3, length, seed=length * 10 + layer)
+        ref_out, ref_grads = run("reference", config, layer, inputs)
+        out, grads = run("blocked", config, layer, inputs)
+        print(f"layer {layer}: max |blocked - reference| = {(out - ref_out).abs().max().item():.2e}")
+        torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-10)
+        for name, g, ref_g in zip("q k v pos_key pos_query".split(), grads, ref_grads):
+            torch.testing.assert_close(g, ref_g, rtol=0, atol=1e-10, msg=lambda m: f"grad {name}: {m}")
+
+
 @pytest.mark.parametrize("terms", [(True, False), (False, True), (False, False)])
 def test_each_relative_term_alone(terms):
     config = tiny_config()
@@ -139,3 +156,99 @@ def test_triton_backend_refusal_names_blocked(monkeypatch):
     with pytest.raises(ValueError, match="blocked"):
         resolve_backend("triton", torch.device("cpu"))
     assert resolve_backend("auto", torch.device("cpu")) == "blocked"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batch invariance: a sequence's outputs and gradients do not depend on the other sequences of its batch, nor on
+# how far the batch is padded (random blocks included).
+
+# (length, padded length, block size): lengths that cross block boundaries, padded over several more blocks
+INVARIANCE_CASES = [(37, 120, 16), (83, 177, 16), (83, 200, 32), (300, 611, 32)]
+
+
+def alone_and_in_batch(backend, config, layer, length, padded_length, seed, dtype=torch.float64, device="cpu"):
+    """([out, dq, dk, dv, dpos_key, dpos_query] of one sequence of `length` tokens run alone, the same padded to
+    `padded_length` in a batch with a full-length sequence): outputs and q/k/v gradients on its own tokens.
+
+    The loss reads only that sequence's outputs, so the relative embeddings' gradients are its own in both runs."""
+    gen = torch.Generator().manual_seed(seed)
+    H, D, S = config.num_attention_heads, config.attention_head_size, config.relative_span
+    q, k, v = (torch.randn(2, H, padded_length, D, generator=gen, dtype=torch.float64) for _ in range(3))
+    pos_key, pos_query = (torch.randn(H, 2 * S, D, generator=gen, dtype=torch.float64) for _ in range(2))
+    weights = torch.randn(H, length, D, generator=gen, dtype=torch.float64).to(device, dtype)
+    padding = torch.ones(2, padded_length, dtype=torch.bool, device=device)
+    padding[0, length:] = False
+
+    def one(batch, n, key_padding_mask):
+        leaves = [t[:batch, :, :n] for t in (q, k, v)] + [pos_key, pos_query]
+        leaves = [t.to(device, dtype).requires_grad_(True) for t in leaves]
+        out = disentangled_attention(*leaves[:3], layout_for(config, layer, n), key_padding_mask, scale=0.37,
+                                     pos_key=leaves[3], pos_query=leaves[4],
+                                     rel_spec=RelativePositionSpec.from_config(config), backend=backend)
+        mine = out[0, :, :length]
+        grads = torch.autograd.grad((mine * weights).sum(), leaves)
+        return [mine] + [g[0, :, :length] for g in grads[:3]] + list(grads[3:])
+
+    return one(1, length, None), one(2, padded_length, padding)
+
+
+def max_batch_difference(alone, batched):
+    """{name: max |alone - batched|} over the output and every gradient."""
+    names = "out dq dk dv dpos_key dpos_query".split()
+    return {name: (a - b).abs().max().item() for name, a, b in zip(names, alone, batched)}
+
+
+def invariance_config(block_size, padded_length, **overrides):
+    """A model exactly as long as the batch, so every random block is live in it (random blocks are drawn over the
+    model's length and fall inside a shorter sequence only now and then)."""
+    return tiny_config(block_size=block_size, num_random_blocks=3, max_position_embeddings=padded_length,
+                       **overrides)
+
+
+@pytest.mark.parametrize("backend", ["reference", "blocked"])
+@pytest.mark.parametrize("length, padded_length, block_size", INVARIANCE_CASES)
+def test_a_sequence_alone_equals_it_padded_in_a_batch_in_float64(backend, length, padded_length, block_size):
+    config = invariance_config(block_size, padded_length)
+    for layer in range(config.num_hidden_layers):
+        errors = max_batch_difference(*alone_and_in_batch(backend, config, layer, length, padded_length, seed=layer))
+        print(f"layer {layer}: max |alone - in batch| {errors}")
+        assert max(errors.values()) <= 1e-10, errors
+
+
+def _model_alone_and_in_batch(config, length, padded_length, seed):
+    """(outputs, input-embedding gradients, parameter gradients) of a sequence's tokens through the whole model in
+    float32: alone, and padded in a batch with a full-length sequence. The loss reads that sequence's outputs only."""
+    from conftest import randomize_
+
+    import bigbird_ja
+
+    model = randomize_(bigbird_ja.BigBirdJaModel(config), seed=seed).eval()
+    gen = torch.Generator().manual_seed(seed)
+    embeds = 0.5 * torch.randn(2, padded_length, config.embedding_size, generator=gen)
+    weights = torch.randn(length, config.hidden_size, generator=gen)
+    mask = torch.ones(2, padded_length, dtype=torch.long)
+    mask[0, length:] = 0
+    results = []
+    for batch, n, attention_mask in ((1, length, None), (2, padded_length, mask)):
+        model.zero_grad()
+        leaf = embeds[:batch, :n].clone().requires_grad_(True)
+        out = model(inputs_embeds=leaf, attention_mask=attention_mask).last_hidden_state[0, :length]
+        (out * weights).sum().backward()
+        results.append((out.detach(), leaf.grad[0, :length], {n: p.grad.clone() for n, p in model.named_parameters()
+                                                             if p.grad is not None}))
+    return results
+
+
+@pytest.mark.parametrize("backend", ["reference", "blocked"])
+@pytest.mark.parametrize("length, padded_length, block_size", [(37, 150, 8), (83, 300, 16), (300, 611, 32)])
+def test_model_outputs_and_gradients_of_a_sequence_do_not_depend_on_its_batch(backend, length, padded_length,
+                                                                               block_size):
+    config = invariance_config(block_size, padded_length, num_hidden_layers=2, attention_backend=backend)
+    (out, grad, params), (out_b, grad_b, params_b) = _model_alone_and_in_batch(config, length, padded_length, seed=3)
+    print(f"max |alone - in batch|: outputs {(out - out_b).abs().max():.2e}, input gradients "
+          f"{(grad - grad_b).abs().max():.2e}")
+    torch.testing.assert_close(out_b, out, rtol=0, atol=1e-5)
+    torch.testing.assert_close(grad_b, grad, rtol=0, atol=1e-5)
+    assert params.keys() == params_b.keys()
+    for name, g in params.items():  # sums over every position: float32 rounding relative to their size
+        torch.testing.assert_close(params_b[name], g, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")

@@ -19,12 +19,13 @@ def blocks_of(mask: torch.Tensor, block_size: int) -> torch.Tensor:
     return padded.view(H, nb, block_size, nb, block_size).any(dim=(2, 4))
 
 
-@pytest.mark.parametrize("seq_len", [1, 7, 8, 9, 63, 64, 65, 200, 517])
+@pytest.mark.parametrize("seq_len", [1, 7, 8, 9, 63, 64, 65, 200, 517, 1024])
 @pytest.mark.parametrize("sparsity", [(3, 1, 2), (5, 2, 1), (1, 0, 3), (3, 2, 0)])
 def test_attention_mask_follows_the_bigbird_rules(seq_len, sparsity):
     window, n_global, n_random = sparsity
     config = tiny_config(num_window_blocks=window, num_global_blocks=n_global, num_random_blocks=n_random)
     bs = config.block_size
+    horizon = config.max_position_embeddings // bs  # random blocks are drawn over the model's whole length
     for layer in range(config.num_hidden_layers):
         mask = bigbird_ja.attention_mask(config, seq_len, layer)
         assert mask.shape == (config.num_attention_heads, seq_len, seq_len) and mask.dtype == torch.bool
@@ -32,6 +33,7 @@ def test_attention_mask_follows_the_bigbird_rules(seq_len, sparsity):
         blocks = blocks_of(mask, bs)
         expanded = blocks.repeat_interleave(bs, 1).repeat_interleave(bs, 2)[:, :seq_len, :seq_len]
         assert torch.equal(mask, expanded)
+        at_max_length = blocks_of(bigbird_ja.attention_mask(config, config.max_position_embeddings, layer), bs)
         nb = blocks.shape[-1]
         g = min(n_global, nb)
         for head in range(config.num_attention_heads):
@@ -40,10 +42,15 @@ def test_attention_mask_follows_the_bigbird_rules(seq_len, sparsity):
                 if q < g:
                     assert seen == set(range(nb))
                     continue
-                fixed = set(range(g)) | {b for b in range(q - window // 2, q + window // 2 + 1) if 0 <= b < nb}
+                window_blocks = set(range(q - window // 2, q + window // 2 + 1))
+                fixed = {b for b in set(range(g)) | window_blocks if 0 <= b < nb}
                 assert fixed <= seen
-                randoms = seen - fixed
-                assert len(randoms) == min(n_random, nb - len(fixed))
+                # the row's random blocks: drawn once over the whole length, never global or window blocks...
+                fixed_at_max = {b for b in set(range(n_global)) | window_blocks if 0 <= b < horizon}
+                drawn = set(torch.nonzero(at_max_length[head, q]).flatten().tolist()) - fixed_at_max
+                assert len(drawn) == min(n_random, horizon - len(fixed_at_max))
+                # ... and kept where they fall inside this length
+                assert seen - fixed == {b for b in drawn if b < nb}
 
 
 def test_random_blocks_differ_between_heads_and_layers_but_not_between_calls():
@@ -101,13 +108,41 @@ def test_layout_is_the_same_in_training_and_evaluation():
     assert torch.equal(again, train_out)
 
 
-def test_short_sequences_are_exactly_dense():
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("length", [37, 83, 300])
+def test_a_sequence_sees_the_same_blocks_alone_and_padded_to_any_longer_length(length, block_size):
+    """What makes outputs batch-invariant: padding a sequence (because a longer one shares its batch) changes no
+    block pair among its own tokens, random blocks included."""
+    config = tiny_config(block_size=block_size, num_random_blocks=3)
+    for layer in range(config.num_hidden_layers):
+        alone = bigbird_ja.attention_mask(config, length, layer)
+        for padded in (length + 1, length + block_size, 2 * length + 7, config.max_position_embeddings):
+            inside = bigbird_ja.attention_mask(config, padded, layer)[:, :length, :length]
+            assert torch.equal(inside, alone), f"layer {layer}, padded to {padded}: {int((inside != alone).sum())} " \
+                                               f"token pairs differ"
+
+
+def test_the_layout_beyond_max_position_embeddings_is_defined_and_invariant():
+    """Longer inputs (a relative-only model read past its length) keep the same rule: random blocks come from the
+    draw over the first max_position_embeddings tokens, so a row past them still has its random blocks, all there."""
+    config = tiny_config(block_size=16, max_position_embeddings=256, num_random_blocks=3)
+    horizon, g, half = 256 // 16, config.num_global_blocks, config.num_window_blocks // 2
+    for layer in range(config.num_hidden_layers):
+        beyond = bigbird_ja.attention_mask(config, 3 * 256 + 5, layer)
+        for shorter in (256, 2 * 256 + 3):
+            assert torch.equal(bigbird_ja.attention_mask(config, shorter, layer), beyond[:, :shorter, :shorter])
+        blocks = blocks_of(beyond, 16)  # [H, nb, nb]
+        for q in range(horizon + half, blocks.shape[1]):  # rows whose window lies wholly past the horizon
+            assert (blocks[:, q, g:horizon].sum(-1) == 3).all(), q  # all 3 random blocks, inside the horizon
+            assert not blocks[:, q, horizon:q - half].any(), q
+
+
+def test_layouts_that_cover_every_block_are_exactly_dense():
     config = tiny_config(num_window_blocks=3, num_global_blocks=1, num_random_blocks=2)
-    # 5 blocks: global 1 + window 3 (overlapping the global block in row 1) + random 2 cover every row
-    mask = bigbird_ja.attention_mask(config, 5 * config.block_size - 3, 0)
-    assert bool(mask.all())
-    sparse_mask = bigbird_ja.attention_mask(config, 20 * config.block_size, 0)
-    assert not bool(sparse_mask.all())
+    # up to 3 blocks, the global block and the windows cover every row, whatever the random blocks
+    for seq_len in (1, 8, 17, 3 * config.block_size):
+        assert bool(bigbird_ja.attention_mask(config, seq_len, 0).all()), seq_len
+    assert not bool(bigbird_ja.attention_mask(config, 20 * config.block_size, 0).all())
 
 
 def test_full_attention_type_attends_everything():

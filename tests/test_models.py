@@ -236,3 +236,116 @@ def test_hidden_states_are_returned_per_layer():
     out = bigbird_ja.BigBirdJaModel(config)(torch.ones(1, 10, dtype=torch.long), output_hidden_states=True)
     assert len(out.hidden_states) == config.num_hidden_layers + 1
     torch.testing.assert_close(out.hidden_states[-1], out.last_hidden_state)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The drop-in surface: the Auto classes DeBERTa-v2 maps, strict forward keywords, what transformers itself passes
+
+
+def test_pretraining_and_text_encoding_auto_classes_resolve_as_for_deberta_v2(tmp_path):
+    """DeBERTa-v2 maps AutoModelForPreTraining to its MaskedLM model and AutoModelForTextEncoding to its encoder."""
+    from transformers import AutoModelForPreTraining, AutoModelForTextEncoding
+
+    config = tiny_config()
+    assert type(AutoModelForPreTraining.from_config(config)) is bigbird_ja.BigBirdJaForMaskedLM
+    assert type(AutoModelForTextEncoding.from_config(config)) is bigbird_ja.BigBirdJaModel
+    randomize_(bigbird_ja.BigBirdJaForMaskedLM(config), seed=3).save_pretrained(tmp_path)
+    assert type(AutoModelForPreTraining.from_pretrained(tmp_path)) is bigbird_ja.BigBirdJaForMaskedLM
+    encoder = AutoModelForTextEncoding.from_pretrained(tmp_path)  # the encoder of a MaskedLM checkpoint
+    assert type(encoder) is bigbird_ja.BigBirdJaModel
+    mlm = bigbird_ja.BigBirdJaForMaskedLM.from_pretrained(tmp_path)
+    torch.testing.assert_close(encoder.embeddings.word_embeddings.weight,
+                               mlm.bigbird_ja.embeddings.word_embeddings.weight, rtol=0, atol=0)
+
+
+ALL_MODELS = list(AUTO_CLASSES.values())
+
+
+@pytest.mark.parametrize("model_class", ALL_MODELS, ids=lambda c: c.__name__)
+def test_unknown_forward_keywords_are_a_type_error_naming_every_one(model_class):
+    """A misspelt `attention_maks=` must not be dropped (the model would run unmasked), nor a `head_mask=` that the
+    block-sparse attention does not take."""
+    config = tiny_config(num_labels=3)
+    model = model_class(config).eval()
+    batch = inputs_for(model_class, config)
+    with pytest.raises(TypeError) as error:
+        model(**batch, attention_maks=batch["attention_mask"], head_mask=torch.ones(4))
+    message = str(error.value)
+    print(message)
+    assert model_class.__name__ in message and "'attention_maks'" in message and "'head_mask'" in message
+    assert "attention_mask" in message.replace("'attention_maks'", "")  # the likely meant name is suggested
+    with pytest.raises(TypeError, match="'num_items_in_batch'"):
+        model(**batch, num_items_in_batch=3)
+
+
+@pytest.mark.parametrize("model_class", ALL_MODELS, ids=lambda c: c.__name__)
+def test_the_keywords_transformers_passes_to_models_are_accepted(model_class):
+    config = tiny_config(num_labels=3)
+    model = randomize_(model_class(config), seed=4).eval()
+    batch = inputs_for(model_class, config)
+    with torch.no_grad():
+        plain = model(**batch)
+        generic = model(**batch, return_dict=True, output_attentions=False, output_hidden_states=None,
+                        token_type_ids=torch.zeros_like(batch["input_ids"]), position_ids=None)
+    for key, value in plain.items():
+        torch.testing.assert_close(generic[key], value, rtol=0, atol=0)
+    # transformers' Trainer passes `num_items_in_batch` to a forward that takes **kwargs and then trusts the model
+    # to have divided the loss by it (it no longer divides by gradient_accumulation_steps itself). These models
+    # average their loss over the batch, so their forward must not look like it takes arbitrary keywords.
+    import inspect
+
+    parameters = inspect.signature(model.forward).parameters.values()
+    assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+def _word_tokenizer(vocab_size: int):
+    """A fast word-level tokenizer with DeBERTa's special tokens ([PAD]=0), for transformers' own pipelines."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {token: i for i, token in enumerate(specials + [f"w{i}" for i in range(vocab_size - len(specials))])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]",
+                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+                                   model_input_names=["input_ids", "token_type_ids", "attention_mask"])
+
+
+def test_transformers_feature_extraction_and_fill_mask_pipelines_run_the_models():
+    from transformers import pipeline
+
+    config = tiny_config()
+    tokenizer = _word_tokenizer(config.vocab_size)
+    encoder = randomize_(bigbird_ja.BigBirdJaModel(config), seed=5).eval()
+    text = " ".join(f"w{i}" for i in range(1, 40))
+    features = pipeline("feature-extraction", model=encoder, tokenizer=tokenizer, device="cpu")(text)
+    assert torch.tensor(features).shape == (1, 41, config.hidden_size)
+    with torch.no_grad():
+        expected = encoder(**tokenizer(text, return_tensors="pt")).last_hidden_state
+    torch.testing.assert_close(torch.tensor(features), expected)
+    mlm = randomize_(bigbird_ja.BigBirdJaForMaskedLM(config), seed=6).eval()
+    filled = pipeline("fill-mask", model=mlm, tokenizer=tokenizer, device="cpu")(text.replace("w7 ", "[MASK] "),
+                                                                                   top_k=3)
+    assert len(filled) == 3 and all("[MASK]" not in f["sequence"] for f in filled)
+    assert [f["score"] for f in filled] == sorted((f["score"] for f in filled), reverse=True)
+
+
+LORA_TARGETS = ("attention.self.query_proj", "attention.self.key_proj", "attention.self.value_proj",
+                "attention.output.dense", "intermediate.dense", "output.dense")
+
+
+def test_the_lora_target_modules_the_readme_names_are_linear_layers_of_every_layer():
+    """README, "LoRA": the names to give `peft.LoraConfig(target_modules=...)` (DeBERTa-v2's names)."""
+    config = tiny_config()
+    model = bigbird_ja.BigBirdJaForSequenceClassification(config)
+    modules = dict(model.named_modules())
+    for layer in range(config.num_hidden_layers):
+        for target in LORA_TARGETS:
+            name = f"bigbird_ja.encoder.layer.{layer}.{target}"
+            assert isinstance(modules.get(name), torch.nn.Linear), name
+    linear_suffixes = {name.split(".")[-1] for name, m in modules.items() if isinstance(m, torch.nn.Linear)}
+    # what fine-tuning adds on top and LoRA should train in full (modules_to_save)
+    assert {"dense", "classifier"} <= linear_suffixes and "pooler" in dict(model.named_children())

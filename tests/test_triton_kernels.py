@@ -12,7 +12,8 @@ import torch
 import bigbird_ja
 from bigbird_ja.attention import RelativePositionSpec, disentangled_attention, layout_for
 from conftest import random_batch, randomize_, tiny_config
-from test_attention_backends import make_inputs, run
+from test_attention_backends import (INVARIANCE_CASES, _model_alone_and_in_batch, alone_and_in_batch,
+                                     invariance_config, make_inputs, max_batch_difference, run)
 
 triton = pytest.importorskip("triton")
 pytestmark = pytest.mark.triton
@@ -54,6 +55,15 @@ def test_triton_matches_float64_reference(length, sparsity):
     for layer in range(config.num_hidden_layers):
         # 3 sequences: unpadded, randomly padded, fully padded
         check_against_float64(config, layer, make_inputs(config, 3, length, seed=100 * layer + length))
+
+
+@pytest.mark.parametrize("sparsity", [dict(), dict(num_window_blocks=1, num_global_blocks=0, num_random_blocks=3)])
+def test_triton_matches_float64_reference_with_every_random_block_live(sparsity):
+    # at its own max_position_embeddings a model's layout holds every drawn random block (shorter inputs hold some)
+    config = triton_config(max_position_embeddings=100, **sparsity)
+    for layer in range(config.num_hidden_layers):
+        assert layout_for(config, layer, 100).key_valid[..., -config.num_random_blocks:].all()
+        check_against_float64(config, layer, make_inputs(config, 3, 100, seed=100 * layer + 1))
 
 
 @pytest.mark.parametrize("terms", [(True, False), (False, True), (False, False)])
@@ -235,3 +245,26 @@ def test_triton_dropout_is_replayed_by_activation_checkpointing():
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("length, padded_length, block_size", INVARIANCE_CASES[1:3])
+def test_triton_a_sequence_alone_equals_it_padded_in_a_batch(length, padded_length, block_size):
+    # float32 (the kernels' widest type): only float32 rounding may differ, the blocks attended may not
+    config = invariance_config(block_size, padded_length, hidden_size=64, num_attention_heads=2, num_hidden_layers=2)
+    for layer in range(config.num_hidden_layers):
+        errors = max_batch_difference(*alone_and_in_batch("triton", config, layer, length, padded_length, seed=layer,
+                                                          dtype=torch.float32, device=DEVICE))
+        print(f"layer {layer}: max |alone - in batch| {errors}")
+        assert max(errors.values()) <= 1e-5, errors
+
+
+def test_model_on_triton_outputs_and_gradients_of_a_sequence_do_not_depend_on_its_batch():
+    config = triton_config(num_random_blocks=3, max_position_embeddings=120, attention_backend="triton")
+    with torch.device(DEVICE):
+        (out, grad, params), (out_b, grad_b, params_b) = _model_alone_and_in_batch(config, 70, 120, seed=3)
+    print(f"max |alone - in batch|: outputs {(out - out_b).abs().max():.2e}, input gradients "
+          f"{(grad - grad_b).abs().max():.2e}")
+    torch.testing.assert_close(out_b, out, rtol=0, atol=1e-5)
+    torch.testing.assert_close(grad_b, grad, rtol=0, atol=1e-5)
+    for name, g in params.items():
+        torch.testing.assert_close(params_b[name], g, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")

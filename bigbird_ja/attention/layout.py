@@ -1,11 +1,19 @@
 """The BigBird block layout: which key blocks each query block attends to.
 
 Shapes: H heads, nb blocks, bs block size, g global blocks, nr = nb - g non-global (sparse) query blocks,
-K = g + w + r key-block slots per sparse query block (w window, r random).
+K = g + w + r key-block slots per sparse query block (w window, r random), M the random-block horizon (blocks at
+max_position_embeddings).
 
 The layout is a pure function of (sparsity settings, layer, head, number of blocks). It keeps no state, touches no
 global random generator, and is identical in training and evaluation and in every process: random blocks come from a
-private `torch.Generator` seeded by a stable hash of (random_seed, layer, head, number of blocks).
+private `torch.Generator` seeded by a stable hash of (random_seed, layer, head, M, row chunk).
+
+Batch invariance. The random blocks of a query block are drawn once, over the model's whole length (blocks
+[0, M)), never over the padded length of a batch, and a layout of nb blocks keeps the drawn blocks that fall inside
+it. So the layout of a sequence alone is the layout of the same sequence padded to any longer length, restricted to
+its own blocks (the blocks past its end are padding, never attended): a sequence's outputs do not depend on the
+rest of its batch. Any rule with that property and r slots per query block is of this kind (a fixed set per query
+block, truncated to the length), so shorter inputs see fewer random blocks: about r * nb / M per query block.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ class SparsitySpec:
     num_random_blocks: int
     random_seed: int
     num_heads: int
+    horizon_blocks: int  # M: random blocks are drawn over blocks [0, M), the blocks at max_position_embeddings
 
     @classmethod
     def from_config(cls, config) -> "SparsitySpec":
@@ -39,6 +48,7 @@ class SparsitySpec:
             num_random_blocks=config.num_random_blocks,
             random_seed=config.random_seed,
             num_heads=config.num_attention_heads,
+            horizon_blocks=num_blocks_for(config.random_block_span or config.max_position_embeddings, config.block_size),
         )
 
 
@@ -94,8 +104,48 @@ def num_blocks_for(seq_len: int, block_size: int) -> int:
 
 
 @functools.lru_cache(maxsize=256)
+def _drawn_random_blocks(spec: SparsitySpec, layer_idx: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random blocks of query blocks [chunk * M, (chunk + 1) * M): ([H, M, r] int64 blocks, [H, M, r] bool).
+
+    Each query block q draws r distinct blocks uniformly from [0, M) less the global blocks and its window (False
+    where fewer than r are left). Nothing here depends on a sequence's length; rows past M (inputs longer than
+    max_position_embeddings) draw from the same [0, M), in further chunks, so every row is defined and fixed."""
+    H, M, r = spec.num_heads, spec.horizon_blocks, spec.num_random_blocks
+    half = spec.num_window_blocks // 2
+    rows = torch.arange(chunk * M, (chunk + 1) * M)[:, None]  # [M, 1] query blocks
+    columns = torch.arange(M)[None, :]  # [1, M] candidate key blocks
+    excluded = (columns < spec.num_global_blocks) | ((columns - rows).abs() <= half)  # [M, M]
+    k = min(r, M)
+    blocks, valid = [], []
+    for head in range(H):
+        gen = torch.Generator().manual_seed(_stable_seed(spec.random_seed, layer_idx, head, M, chunk))
+        keys = torch.rand(M, M, generator=gen).masked_fill(excluded, 2.0)
+        picked_key, picked = keys.topk(k, dim=1, largest=False)  # [M, k]
+        blocks.append(picked)
+        valid.append(picked_key < 2.0)
+    blocks, valid = torch.stack(blocks), torch.stack(valid)  # [H, M, k]
+    if k < r:  # fewer blocks than slots: pad with invalid slots so every length has the same K
+        blocks = torch.cat([blocks, torch.zeros(H, M, r - k, dtype=torch.long)], dim=2)
+        valid = torch.cat([valid, torch.zeros(H, M, r - k, dtype=torch.bool)], dim=2)
+    return blocks, valid
+
+
+def _random_blocks(spec: SparsitySpec, layer_idx: int, first: int, last: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The drawn random blocks of query blocks [first, last): ([H, last - first, r], [H, last - first, r])."""
+    M = spec.horizon_blocks
+    chunks = [_drawn_random_blocks(spec, layer_idx, c) for c in range(first // M, (last - 1) // M + 1)]
+    offset = (first // M) * M
+    blocks = torch.cat([b for b, _ in chunks], dim=1)[:, first - offset:last - offset]
+    valid = torch.cat([v for _, v in chunks], dim=1)[:, first - offset:last - offset]
+    return blocks, valid
+
+
+@functools.lru_cache(maxsize=256)
 def build_layout(spec: SparsitySpec, layer_idx: int, num_blocks: int) -> BlockLayout:
-    """Build (and cache) the layout of one layer for a sequence of `num_blocks` blocks."""
+    """Build (and cache) the layout of one layer for a sequence of `num_blocks` blocks.
+
+    Global blocks and windows are cut at `num_blocks`; so are the random blocks, which were drawn over the model's
+    whole length (`_drawn_random_blocks`): a slot whose block lies past the end is invalid (a padding block)."""
     H, nb = spec.num_heads, num_blocks
     g = nb if spec.attention_type == "full" else min(spec.num_global_blocks, nb)
     nr = nb - g
@@ -113,25 +163,15 @@ def build_layout(spec: SparsitySpec, layer_idx: int, num_blocks: int) -> BlockLa
     # A window block that is also global is listed once (as global).
     fixed_valid &= ~((fixed < g) & (torch.arange(g + w) >= g)[None, :])
     fixed = fixed.clamp(0, nb - 1)
+    fixed, fixed_valid = fixed.expand(H, nr, g + w), fixed_valid.expand(H, nr, g + w)
 
-    excluded = torch.zeros(nr, nb, dtype=torch.bool)  # blocks a random draw may not take
-    excluded[:, :g] = True
-    row_of_slot = torch.arange(nr)[:, None].expand_as(fixed)
-    excluded[row_of_slot[fixed_valid], fixed[fixed_valid]] = True
-
-    key_blocks, key_valid = [], []
-    for head in range(H):
-        gen = torch.Generator().manual_seed(_stable_seed(spec.random_seed, layer_idx, head, nb))
-        keys = torch.rand(nr, nb, generator=gen).masked_fill(excluded, 2.0)
-        k = min(r, nb)
-        picked_key, picked = keys.topk(k, dim=1, largest=False)  # [nr, k]
-        picked_valid = picked_key < 2.0
-        if k < r:  # fewer blocks than slots: pad with invalid slots so every length has the same K
-            picked = torch.cat([picked, torch.zeros(nr, r - k, dtype=torch.long)], dim=1)
-            picked_valid = torch.cat([picked_valid, torch.zeros(nr, r - k, dtype=torch.bool)], dim=1)
-        key_blocks.append(torch.cat([fixed, picked], dim=1))
-        key_valid.append(torch.cat([fixed_valid, picked_valid], dim=1))
-    return BlockLayout(spec.block_size, nb, g, torch.stack(key_blocks), torch.stack(key_valid))
+    if r == 0:
+        return BlockLayout(spec.block_size, nb, g, fixed.contiguous(), fixed_valid.contiguous())
+    picked, picked_valid = _random_blocks(spec, layer_idx, g, nb)  # [H, nr, r]
+    picked_valid = picked_valid & (picked < nb)  # drawn past this length: a padding block, not attended
+    picked = picked.masked_fill(~picked_valid, 0)  # any in-range index: the slot is invalid
+    key_blocks = torch.cat([fixed, picked], dim=2)  # [H, nr, K]
+    return BlockLayout(spec.block_size, nb, g, key_blocks, torch.cat([fixed_valid, picked_valid], dim=2))
 
 
 def layout_for(config, layer_idx: int, seq_len: int) -> BlockLayout:

@@ -19,9 +19,21 @@ from .layout import BlockLayout
 from .relative import RelativePositionSpec, relative_index_table
 
 
+def _kernels():
+    """The `bigbird_ja_kernels` module, imported when first needed: importing bigbird_ja must not import triton, and
+    the copy of this file in a saved model folder (`bigbird_ja.hub`) must load where the kernels are not installed
+    (transformers refuses remote code that imports a missing package anywhere but inside a try block)."""
+    try:
+        import bigbird_ja_kernels
+    except ImportError as err:
+        raise ImportError(f"the Triton backend needs triton and the bigbird_ja_kernels package ({err}): pip install "
+                          "-e '.[triton]', or use attention_backend='blocked' (pure PyTorch, any device).") from err
+    return bigbird_ja_kernels
+
+
 def kernels_importable() -> bool:
     try:
-        import bigbird_ja_kernels  # noqa: F401
+        _kernels()
     except ImportError:
         return False
     return True
@@ -30,9 +42,7 @@ def kernels_importable() -> bool:
 def interpreting() -> bool:
     """`bigbird_ja_kernels.interpreting()`, imported when asked (importing bigbird_ja must not import triton), so
     call it after `kernels_importable()`."""
-    from bigbird_ja_kernels import interpreting
-
-    return interpreting()
+    return _kernels().interpreting()
 
 
 def layout_csr(layout: BlockLayout, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -57,10 +67,8 @@ def _block_sparse_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qp: tor
                       kp: torch.Tensor | None, rel_table: torch.Tensor, key_valid: torch.Tensor,
                       row_ptr: torch.Tensor, col_idx: torch.Tensor, layout_block: int, dropout_p: float,
                       seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from bigbird_ja_kernels import block_sparse_forward
-
-    return block_sparse_forward(q, k, v, qp, kp, rel_table, key_valid, row_ptr, col_idx, layout_block, dropout_p,
-                                seed)
+    return _kernels().block_sparse_forward(q, k, v, qp, kp, rel_table, key_valid, row_ptr, col_idx, layout_block,
+                                           dropout_p, seed)
 
 
 @_block_sparse_fwd.register_fake
@@ -74,10 +82,9 @@ def _block_sparse_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
                       key_valid: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
                       t_row_ptr: torch.Tensor, t_col_idx: torch.Tensor, layout_block: int, dropout_p: float,
                       seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from bigbird_ja_kernels import block_sparse_backward
-
-    dq, dk, dv, dqp, dkp = block_sparse_backward(do, q, k, v, qp, kp, out, lse, rel_table, key_valid, row_ptr,
-                                                 col_idx, t_row_ptr, t_col_idx, layout_block, dropout_p, seed)
+    dq, dk, dv, dqp, dkp = _kernels().block_sparse_backward(do, q, k, v, qp, kp, out, lse, rel_table, key_valid,
+                                                            row_ptr, col_idx, t_row_ptr, t_col_idx, layout_block,
+                                                            dropout_p, seed)
     # Custom ops return tensors, not None (and no two outputs may be one tensor): absent gradients are empty.
     return (dq, dk, dv, dqp.to(qp.dtype) if dqp is not None else q.new_empty(0),
             dkp.to(kp.dtype) if kp is not None else q.new_empty(0))
@@ -132,11 +139,9 @@ def triton_attention(
     Attention dropout runs inside the kernels: its mask is a function of a seed drawn from torch's CPU generator
     (so `torch.manual_seed` reproduces it, and activation checkpointing replays it) and of (batch*head, query, key).
     """
-    from bigbird_ja_kernels import check_supported
-
     B, H, N, D = q.shape
     bs, nb = layout.block_size, layout.num_blocks
-    check_supported(D, bs)
+    _kernels().check_supported(D, bs)
     Np, dev = nb * bs, q.device
     pad = Np - N
     q_scaled = q * scale

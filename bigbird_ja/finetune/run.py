@@ -183,8 +183,9 @@ def _extend_positions(config, overrides: dict, folder) -> dict:
     With relative positions only (no absolute position embeddings) nothing has the length's shape; what must not
     change is the relative-bucket function, which DeBERTa derives from max_position_embeddings when
     max_relative_positions < 1. It is pinned to the checkpoint's value, so every distance the checkpoint knew keeps
-    its bucket and longer ones share the last (as in `bigbird-ja convert --max-length`). Returns the overrides to
-    build the config with.
+    its bucket and longer ones share the last (as in `bigbird-ja convert --max-length`); so is the span the random
+    blocks are drawn over (`random_block_span`), so inputs of the lengths it knew keep their random blocks. Returns
+    the overrides to build the config with.
     """
     new = overrides.get("max_position_embeddings")
     if new is None or new == config.max_position_embeddings:
@@ -194,9 +195,12 @@ def _extend_positions(config, overrides: dict, folder) -> dict:
                           f"embeddings ({config.max_position_embeddings} of them), which cannot change length "
                           f"without retraining; keep data.max_length <= {config.max_position_embeddings} (long "
                           f"documents are windowed)")
+    pinned = dict(overrides)
     if config.relative_attention and config.max_relative_positions < 1 and "max_relative_positions" not in overrides:
-        return {**overrides, "max_relative_positions": config.max_position_embeddings}
-    return dict(overrides)
+        pinned["max_relative_positions"] = config.max_position_embeddings
+    if config.random_block_span is None and "random_block_span" not in overrides:
+        pinned["random_block_span"] = config.max_position_embeddings
+    return pinned
 
 
 def _names_task(preset) -> bool:

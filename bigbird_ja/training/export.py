@@ -33,7 +33,8 @@ class ExportReport:
 
     def summary(self) -> str:
         return (f"exported {self.checkpoint} (step {self.step}, {self.num_parameters / 1e6:,.1f} M parameters) to "
-                f"{self.out_dir} (safetensors + tokenizer; AutoModelForMaskedLM loads it after `import bigbird_ja`)")
+                f"{self.out_dir} (safetensors, tokenizer and the model's code: AutoModelForMaskedLM loads it after "
+                f"`import bigbird_ja`, or with trust_remote_code=True where the package is not installed)")
 
 
 def _find_checkpoint(path: Path, log) -> Path:

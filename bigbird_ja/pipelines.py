@@ -1,0 +1,251 @@
+"""Extractive QA over contexts of any length as a transformers pipeline: `pipeline("long-document-question-answering")`.
+
+    import bigbird_ja  # registers the task
+    from transformers import pipeline
+
+    qa = pipeline("long-document-question-answering", model="runs/jsquad/model")
+    qa({"question": "...", "context": document})  # -> {"score", "start", "end", "answer"}
+
+Why a task of its own: transformers 5 removed `pipeline("question-answering")`, and `pipeline()` refuses that name
+before it looks at the registry (`REMOVED_TASKS`), so the class is registered under a new name through transformers'
+custom-pipeline registry (`PIPELINE_REGISTRY.register_pipeline`) when `bigbird_ja` is imported. `pipeline()` then
+loads the model with `AutoModelForQuestionAnswering` and the tokenizer with `AutoTokenizer`, as for its own tasks.
+
+One implementation with fine-tuning: the windows are `finetune.qa_features.build_qa_features` (question first,
+overlapping windows of the document with `doc_stride` tokens shared) and the answers are
+`finetune.qa_prediction.rank_answers` (the best span over all windows, mapped back to the exact characters of the
+given context), the functions `bigbird-ja finetune` and `bigbird-ja evaluate` run. A pipeline call is one question
+about one context; `start` and `end` index that context (`context[start:end] == answer`).
+
+Settings (`qa.qa_settings`): max_length, doc_stride, max_query_length, truncate (the windows) and n_best,
+max_answer_tokens (the span search) are, in order of precedence, the call's keyword arguments, the
+`pipeline(...)` keyword arguments, the settings of the fine-tuning run that saved the model (`<run>/config.yaml`
+beside `<run>/model`, the file `bigbird-ja evaluate --model <run>/model` reads; its `data` and `eval` sections),
+else fine-tuning's defaults (`DataSection`, `EvalSection`). `top_k` (default 1) answers are returned per question:
+a dict for top_k=1, else a list of at most top_k distinct spans, best first.
+
+Score: start logit + end logit of the span, the quantity the answers are ranked by (not a probability). An empty
+context gets the empty answer scored -inf, as in `bigbird-ja evaluate`.
+
+Batching (`batch_size=`): windows of several questions share a forward pass only when they have the same length,
+so no window is ever padded and an answer is computed the same way alone or in any batch: `batch_size` changes the
+speed, never the answers, whatever the attention layout makes of padding (in the first version of
+`attention.layout`, a padded window drew other random blocks). Full windows all have `max_length` tokens, so they
+batch together; only a document's last window is shorter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers.pipelines.base import ChunkPipeline
+
+QA_TASK = "long-document-question-answering"
+_WINDOW_KEYS = ("max_length", "doc_stride", "max_query_length", "truncate")
+_SPAN_KEYS = ("n_best", "max_answer_tokens", "top_k")
+
+
+@dataclasses.dataclass(frozen=True)
+class QASettings:
+    """The windowing and span-search settings of a pipeline (see the module docstring for where each comes from).
+
+    max_length: tokens per window, [CLS] question [SEP] ... [SEP] included (fine-tuning's data.max_length).
+    doc_stride: document tokens shared by consecutive windows (data.doc_stride).
+    max_query_length: question tokens kept (data.max_query_length).
+    truncate: keep only the first window of the document (data.truncate).
+    n_best: start and end candidates per window (eval.n_best).
+    max_answer_tokens: longest answer, in tokens (eval.max_answer_tokens).
+    top_k: answers returned per question.
+    source: where the defaults came from (a run's config.yaml, or fine-tuning's defaults).
+    """
+
+    max_length: int
+    doc_stride: int
+    max_query_length: int
+    truncate: bool
+    n_best: int
+    max_answer_tokens: int
+    top_k: int = 1
+    source: str = "fine-tuning's defaults"
+
+
+def _run_config(model) -> Path | None:
+    """`<run>/config.yaml` when the model was loaded from `<run>/model` of a QA fine-tuning run, else None.
+
+    The rule of `finetune.run.evaluate_model` (the run's config.yaml beside the model folder); a config.yaml there
+    that names no QA task (a pretraining run's, say) is not a fine-tuning run's and is not used.
+    """
+    from .common.config_io import read_yaml
+    from .finetune.tasks import TASKS, QATask
+
+    name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", "")
+    if not name or not Path(name).is_dir():
+        return None
+    candidate = Path(name).parent / "config.yaml"
+    if not candidate.is_file():
+        return None
+    task = read_yaml(candidate, "fine-tune config").get("task")
+    return candidate if isinstance(task, str) and isinstance(TASKS.get(task), QATask) else None
+
+
+def qa_settings_for(model) -> QASettings:
+    """The default settings of a pipeline over `model`: its fine-tuning run's, else fine-tuning's defaults."""
+    from .finetune.config import DataSection, EvalSection, load_finetune_config
+
+    path = _run_config(model)
+    if path is None:
+        data, evaluation, source = DataSection(), EvalSection(), "fine-tuning's defaults"
+    else:
+        config = load_finetune_config(path)
+        data, evaluation, source = config.data, config.eval, str(path)
+    return QASettings(max_length=data.max_length, doc_stride=data.doc_stride,
+                      max_query_length=data.max_query_length, truncate=data.truncate, n_best=evaluation.n_best,
+                      max_answer_tokens=evaluation.max_answer_tokens, source=source)
+
+
+class LongDocumentQuestionAnsweringPipeline(ChunkPipeline):
+    """Answers a question about a context of any length: {"question", "context"} -> {"score", "start", "end",
+    "answer"} (a list of them for top_k > 1; a list of results for a list of inputs). See the module docstring."""
+
+    _load_tokenizer = True
+    _load_processor = False
+    _load_image_processor = False
+    _load_video_processor = False
+    _load_feature_extractor = False
+
+    def __init__(self, model, *args, **kwargs):
+        self.qa_settings = qa_settings_for(model)  # before Pipeline.__init__, which checks the keyword arguments
+        super().__init__(model, *args, **kwargs)
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            raise ValueError(f"{QA_TASK} needs a fast tokenizer (character offsets, tokenizer.json); got "
+                             f"{type(self.tokenizer).__name__}")
+        self.qa_settings = dataclasses.replace(self.qa_settings, **self._preprocess_params,
+                                               **self._postprocess_params)
+        # What the fine-tuning collator gives the model; a QA model of another family may not take token types.
+        self._token_types = "token_type_ids" in inspect.signature(self.model.forward).parameters
+
+    def __call__(self, inputs=None, *, question=None, context=None, **kwargs):
+        """inputs: {"question": str, "context": str}, or a list of them; or question= and context= (strings, or
+        lists of equal length). Keywords: top_k, max_length, doc_stride, max_query_length, truncate, n_best,
+        max_answer_tokens, batch_size (windows per forward pass)."""
+        if (question is None) != (context is None) or (inputs is None) == (question is None):
+            raise ValueError(f"{QA_TASK}: pass inputs ({{'question': ..., 'context': ...}} or a list of them), or "
+                             f"question= and context=")
+        if question is not None:
+            if isinstance(question, (list, tuple)) != isinstance(context, (list, tuple)) or (
+                    isinstance(question, (list, tuple)) and len(question) != len(context)):
+                raise ValueError("question= and context= must be two strings or two lists of the same length")
+            inputs = [{"question": q, "context": c} for q, c in zip(question, context)] \
+                if isinstance(question, (list, tuple)) else {"question": question, "context": context}
+        if isinstance(inputs, tuple):
+            inputs = list(inputs)
+        return super().__call__(inputs, **kwargs)
+
+    def _sanitize_parameters(self, max_length=None, doc_stride=None, max_query_length=None, truncate=None,
+                             n_best=None, max_answer_tokens=None, top_k=None):
+        given = dict(max_length=max_length, doc_stride=doc_stride, max_query_length=max_query_length,
+                     truncate=truncate, n_best=n_best, max_answer_tokens=max_answer_tokens, top_k=top_k)
+        for name in ("max_length", "max_query_length", "n_best", "max_answer_tokens", "top_k"):
+            value = given[name]
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}={value!r}: must be an integer >= 1")
+        if doc_stride is not None and (isinstance(doc_stride, bool) or not isinstance(doc_stride, int)
+                                       or doc_stride < 0):
+            raise ValueError(f"doc_stride={doc_stride!r}: must be an integer >= 0")
+        if truncate is not None and not isinstance(truncate, bool):
+            raise ValueError(f"truncate={truncate!r}: must be True (the first window only) or False")
+        preprocess = {k: given[k] for k in _WINDOW_KEYS if given[k] is not None}
+        postprocess = {k: given[k] for k in _SPAN_KEYS if given[k] is not None}
+        return preprocess, {}, postprocess
+
+    def preprocess(self, inputs, **settings):
+        """The windows of one question: build_qa_features over a one-question example."""
+        from .finetune.documents import QAExample
+        from .finetune.qa_features import build_qa_features
+
+        if not isinstance(inputs, dict) or not isinstance(inputs.get("question"), str) \
+                or not isinstance(inputs.get("context"), str):
+            got = sorted(inputs) if isinstance(inputs, dict) else type(inputs).__name__
+            raise ValueError(f"{QA_TASK}: each input is a dict with 'question' and 'context' (strings); got {got}")
+        s = dataclasses.replace(self.qa_settings, **settings)
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit is not None and s.max_length > limit:
+            raise ValueError(f"max_length={s.max_length} (from {s.source} unless passed) exceeds the model's "
+                             f"max_position_embeddings={limit}; pass max_length=<={limit} and a doc_stride below the "
+                             f"document tokens a window holds, to pipeline(...) or to the call")
+        example = QAExample(id="0", question=inputs["question"], context=inputs["context"], document_id="0",
+                            answers=[], gold_texts=[])
+        try:
+            features, docs, _ = build_qa_features([example], self.tokenizer, max_length=s.max_length,
+                                                  doc_stride=s.doc_stride, max_query_length=s.max_query_length,
+                                                  truncate=s.truncate)
+        except ValueError as err:  # its messages name the fine-tuning fields (data.*): the same settings
+            raise ValueError(f"{err} (the pipeline's max_length={s.max_length}, doc_stride={s.doc_stride}, "
+                             f"max_query_length={s.max_query_length})") from None
+        for i, feature in enumerate(features):
+            yield {"feature": feature, "example": example, "doc": docs["0"], "is_last": i == len(features) - 1}
+
+    def _forward(self, model_inputs):
+        batched = isinstance(model_inputs["is_last"], list)  # batch_size > 1: transformers' collator made lists
+        rows = {k: v if batched else [v] for k, v in model_inputs.items()}
+        features = rows["feature"]
+        start_logits, end_logits = [None] * len(features), [None] * len(features)
+        # Windows of one length per forward pass: never padded, so the batch cannot change an answer.
+        by_length: dict[int, list[int]] = {}
+        for i, feature in enumerate(features):
+            by_length.setdefault(len(feature.input_ids), []).append(i)
+        for group in by_length.values():
+            ids = torch.tensor([features[i].input_ids for i in group], device=self.device)  # [b, N]
+            batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+            if self._token_types:
+                batch["token_type_ids"] = torch.tensor([features[i].token_type_ids for i in group], device=self.device)
+            out = self.model(**batch)
+            starts = out.start_logits.float().cpu().numpy()  # [b, N], as bigbird-ja evaluate reads them
+            ends = out.end_logits.float().cpu().numpy()
+            for row, i in enumerate(group):
+                start_logits[i], end_logits[i] = starts[row], ends[row]
+        outputs = {"start_logits": start_logits, "end_logits": end_logits, **rows}
+        return outputs if batched else {k: v[0] for k, v in outputs.items()}
+
+    def postprocess(self, all_outputs, **settings):
+        from .finetune.qa_prediction import rank_answers
+
+        s = dataclasses.replace(self.qa_settings, **settings)
+        answers = rank_answers(
+            all_outputs[0]["example"], all_outputs[0]["doc"], [o["feature"] for o in all_outputs],
+            [np.asarray(o["start_logits"]).reshape(-1) for o in all_outputs],
+            [np.asarray(o["end_logits"]).reshape(-1) for o in all_outputs],
+            n_best=s.n_best, max_answer_tokens=s.max_answer_tokens, top_k=s.top_k)
+        results = [{"score": a.score, "start": a.start, "end": a.end, "answer": a.text} for a in answers]
+        return results[0] if s.top_k == 1 else results
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
+        """Save the model and the tokenizer, and nothing else.
+
+        transformers would also write `custom_pipelines` into config.json and copy this module beside it, after which
+        `pipeline(...)` refuses the folder without trust_remote_code=True; the task is registered by `import
+        bigbird_ja` instead.
+        """
+        os.makedirs(save_directory, exist_ok=True)
+        self.model.save_pretrained(save_directory, **kwargs)
+        self.tokenizer.save_pretrained(save_directory, **kwargs)
+
+
+def register_pipeline() -> None:
+    """Register `QA_TASK` with transformers' pipeline registry (done by `import bigbird_ja`)."""
+    from transformers import AutoModelForQuestionAnswering
+    from transformers.pipelines import PIPELINE_REGISTRY
+
+    current = PIPELINE_REGISTRY.supported_tasks.get(QA_TASK)
+    if current is None or current["impl"] is not LongDocumentQuestionAnsweringPipeline:
+        PIPELINE_REGISTRY.register_pipeline(QA_TASK, pipeline_class=LongDocumentQuestionAnsweringPipeline,
+                                            pt_model=AutoModelForQuestionAnswering, type="text")
+
+
+__all__ = ["LongDocumentQuestionAnsweringPipeline", "QASettings", "QA_TASK", "qa_settings_for", "register_pipeline"]
