@@ -247,6 +247,17 @@ def unusable_message(root: Path, rejected: list[tuple[str, str]]) -> str:
     return f"no usable checkpoint in {str(root)!r}; its {len(rejected)} step folder(s):\n{lines}"
 
 
+def checked_step_folder(path: Path, log, what: str, advice: str) -> Path:
+    """``path`` if it verifies (a warning, e.g. no checksums, goes to ``log``); else a `CheckpointError`:
+    "<what>: <problem>. <advice>"."""
+    verdict = verify_checkpoint(path)
+    if verdict.problem:
+        raise CheckpointError(f"{what}: {verdict.problem}. {advice}")
+    if verdict.warning:
+        log(verdict.warning)
+    return path
+
+
 def resolve_resume(spec: str | None, root: Path, log=warn) -> Path | None:
     """``--resume``: None / "none" (start fresh), "auto" (the newest usable checkpoint under root, or fresh when
     there are no step folders), or a path (a step folder, verified; or a checkpoint root, as auto). Skipped
@@ -261,14 +272,9 @@ def resolve_resume(spec: str | None, root: Path, log=warn) -> Path | None:
         if not path.exists():
             raise FileNotFoundError(f"--resume {spec}: no such checkpoint folder")
         if step_of(path) is not None or (path / META).exists():
-            verdict = verify_checkpoint(path)
-            if verdict.problem:
-                raise CheckpointError(f"--resume {spec}: not a complete checkpoint, or a damaged one: "
-                                      f"{verdict.problem}. Use --resume auto to take the newest one that verifies, "
-                                      f"or name another step folder")
-            if verdict.warning:
-                log(verdict.warning)
-            return path
+            return checked_step_folder(path, log, f"--resume {spec}: not a complete checkpoint, or a damaged one",
+                                       "Use --resume auto to take the newest one that verifies, or name another "
+                                       "step folder")
     chosen, rejected = newest_usable(path, log)
     if chosen is None and rejected:
         raise CheckpointError(

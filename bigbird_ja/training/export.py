@@ -19,8 +19,8 @@ import torch
 
 from ..common.checksums import write_listing
 from .checkpoint import (
-    ENGINE_TAG, META, engine_load_dir, list_checkpoints, newest_usable, read_meta, step_of, unusable_message,
-    verify_checkpoint, warn,
+    ENGINE_TAG, META, checked_step_folder, engine_load_dir, list_checkpoints, newest_usable, read_meta, step_of,
+    unusable_message, warn,
 )
 
 
@@ -41,14 +41,9 @@ def _find_checkpoint(path: Path, log) -> Path:
     """A step folder itself, verified; or the newest one that verifies under a checkpoint folder or a run folder
     (each newer one skipped is named to ``log``). Raises naming what is wrong with each when none can be used."""
     if step_of(path) is not None or (path / META).exists():
-        verdict = verify_checkpoint(path)
-        if verdict.problem:
-            raise ValueError(f"{str(path)!r} cannot be exported: {verdict.problem}. Export an older checkpoint of the "
-                             f"run (the step-NNNNNNNN folders beside it), or give the run folder to take the newest "
-                             f"one that verifies")
-        if verdict.warning:
-            log(verdict.warning)
-        return path
+        return checked_step_folder(path, log, f"{str(path)!r} cannot be exported",
+                                   "Export an older checkpoint of the run (the step-NNNNNNNN folders beside it), or "
+                                   "give the run folder to take the newest one that verifies")
     for root in (path, path / "checkpoints"):
         if list_checkpoints(root):
             chosen, rejected = newest_usable(root, log)
