@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .attention import layout_for, num_blocks_for
+from .attention import SparsitySpec, layout_for
 
 CATEGORY_NAMES = ("not attended", "global", "window", "random")
 CATEGORY_COLOURS = ("#f4f4f4", "#d1495b", "#00798c", "#edae49")
@@ -59,7 +59,7 @@ def draw_layout(config, seq_len: int, out, layer_idx: int = 0, head: int | None 
         ax.set_xlabel("key block", fontsize=8)
         ax.set_ylabel("query block", fontsize=8)
     nb = categories.shape[-1]
-    horizon = num_blocks_for(config.random_block_span or config.max_position_embeddings, config.block_size)
+    horizon = SparsitySpec.from_config(config).horizon_blocks
     # random blocks are drawn over the model's whole length: a shorter input shows those that fall inside it
     fig.suptitle(f"{config.attention_type} layout, layer {layer_idx}: {seq_len} tokens = {nb} blocks of "
                  f"{config.block_size}\n(window {config.num_window_blocks}, global {config.num_global_blocks}, "

@@ -38,6 +38,18 @@ def run(backend, config, layer, inputs, use_c2p=True, use_p2c=True):
     return out, grads
 
 
+def _assert_blocked_matches_reference(config, layer: int, length: int) -> None:
+    """Blocked against the dense reference in float64 on fresh random inputs (padding included): output and every
+    gradient within 1e-10."""
+    inputs = make_inputs(config, 3, length, seed=length * 10 + layer)
+    ref_out, ref_grads = run("reference", config, layer, inputs)
+    out, grads = run("blocked", config, layer, inputs)
+    print(f"layer {layer}: max |blocked - reference| = {(out - ref_out).abs().max().item():.2e}")
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-10)
+    for name, g, ref_g in zip("q k v pos_key pos_query".split(), grads, ref_grads):
+        torch.testing.assert_close(g, ref_g, rtol=0, atol=1e-10, msg=lambda m: f"grad {name}: {m}")
+
+
 @pytest.mark.parametrize("length", LENGTHS)
 @pytest.mark.parametrize("sparsity", [dict(), dict(num_window_blocks=1, num_global_blocks=0, num_random_blocks=3),
                                       dict(num_window_blocks=5, num_global_blocks=2, num_random_blocks=1),
@@ -45,13 +57,7 @@ def run(backend, config, layer, inputs, use_c2p=True, use_p2c=True):
 def test_blocked_matches_reference_in_float64(length, sparsity):
     config = tiny_config(**sparsity)
     for layer in range(config.num_hidden_layers):
-        inputs = make_inputs(config, 3, length, seed=length * 10 + layer)
-        ref_out, ref_grads = run("reference", config, layer, inputs)
-        out, grads = run("blocked", config, layer, inputs)
-        print(f"layer {layer}: max |blocked - reference| = {(out - ref_out).abs().max().item():.2e}")
-        torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-10)
-        for name, g, ref_g in zip("q k v pos_key pos_query".split(), grads, ref_grads):
-            torch.testing.assert_close(g, ref_g, rtol=0, atol=1e-10, msg=lambda m: f"grad {name}: {m}")
+        _assert_blocked_matches_reference(config, layer, length)
 
 
 @pytest.mark.parametrize("length", [65, 131])
@@ -62,13 +68,7 @@ def test_blocked_matches_reference_in_float64_with_every_random_block_live(lengt
     for layer in range(config.num_hidden_layers):
         layout = layout_for(config, layer, length)
         assert layout.key_valid[..., -config.num_random_blocks:].all()
-        inputs = make_inputs(config, 3, length, seed=length * 10 + layer)
-        ref_out, ref_grads = run("reference", config, layer, inputs)
-        out, grads = run("blocked", config, layer, inputs)
-        print(f"layer {layer}: max |blocked - reference| = {(out - ref_out).abs().max().item():.2e}")
-        torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-10)
-        for name, g, ref_g in zip("q k v pos_key pos_query".split(), grads, ref_grads):
-            torch.testing.assert_close(g, ref_g, rtol=0, atol=1e-10, msg=lambda m: f"grad {name}: {m}")
+        _assert_blocked_matches_reference(config, layer, length)
 
 
 @pytest.mark.parametrize("terms", [(True, False), (False, True), (False, False)])

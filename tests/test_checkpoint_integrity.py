@@ -390,12 +390,15 @@ def test_a_finetuned_model_folder_is_checksummed_and_a_damaged_file_is_a_clear_e
 # Real runs: `bigbird-ja pretrain`, 8 steps, checkpoints at 4 and 8
 
 
+# the run the slow tests damage and resume: 8 steps, checkpoints at 4 and 8
+EIGHT_STEPS = ["--train.max_steps=8", "--checkpoint.every_steps=4", "--eval.every_steps=0", "--log.sample_log=false"]
+
+
 @pytest.fixture(scope="module")
 def eight_steps(tiny_data, tmp_path_factory):  # noqa: F811  (tiny_data is the imported fixture)
     data, tok = tiny_data
     out = tmp_path_factory.mktemp("eight") / "run"
-    _run(_command(1, out, data, tok, ["--train.max_steps=8", "--checkpoint.every_steps=4", "--eval.every_steps=0",
-                                      "--log.sample_log=false"]))
+    _run(_command(1, out, data, tok, EIGHT_STEPS))
     return out
 
 
@@ -412,8 +415,7 @@ def test_a_run_resumed_over_a_damaged_checkpoint_goes_on_from_the_older_one_with
     out = _copy(eight_steps, tmp_path)
     root = out / "checkpoints"
     _damage(root / "step-00000008" / MODEL_STATES)
-    output = _run(_command(1, out, data, tok, ["--train.max_steps=8", "--checkpoint.every_steps=4",
-                                               "--eval.every_steps=0", "--log.sample_log=false", "--resume", "auto"]))
+    output = _run(_command(1, out, data, tok, [*EIGHT_STEPS, "--resume", "auto"]))
     first, resumed = _sessions(out)
     print(f"first run {first['train']}\nresumed {resumed['train']}")
     assert resumed["start"]["step"] == 4
@@ -434,8 +436,7 @@ def test_a_run_whose_checkpoints_are_all_damaged_is_refused_and_nothing_is_overw
     newest.write_bytes(newest.read_bytes()[:1000])
     (root / "step-00000004" / ckpt_mod.META).unlink()
     before = _snapshot(root)
-    cmd = _command(1, out, data, tok, ["--train.max_steps=8", "--checkpoint.every_steps=4", "--eval.every_steps=0",
-                                       "--log.sample_log=false", "--resume", "auto"])
+    cmd = _command(1, out, data, tok, [*EIGHT_STEPS, "--resume", "auto"])
     proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     output = proc.stdout + proc.stderr
     print(output[-3000:])

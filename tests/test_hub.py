@@ -5,6 +5,7 @@ outputs; and with the package imported, its own registered classes load the fold
 from __future__ import annotations
 
 import ast
+import inspect
 import json
 import logging
 import subprocess
@@ -35,6 +36,20 @@ HEADS = {
 ALIASES = {"AutoModelForPreTraining": "AutoModelForMaskedLM", "AutoModelForTextEncoding": "AutoModel"}
 BLOCKED = ("bigbird_ja", "bigbird_ja_kernels")
 
+def flat_outputs(model, batch) -> dict:
+    """A model's outputs on ``batch`` as one flat dict: hidden_states.0, hidden_states.1, ... beside the tensors
+    (the parent and the children both call it; the children get its source)."""
+    with torch.no_grad():
+        out = model(**batch, output_hidden_states=True)
+    flat = {}
+    for key, value in out.items():
+        if isinstance(value, tuple):
+            flat.update({f"{key}.{i}": v.cpu() for i, v in enumerate(value)})
+        else:
+            flat[key] = value.cpu()
+    return flat
+
+
 # Every child starts with this: a fresh Python whose sys.path holds no folder of the repository and whose import
 # system refuses the job's "blocked" packages (ahead of the editable install's finder), checked before anything else.
 ISOLATION = r"""
@@ -64,19 +79,7 @@ for name in job["blocked"]:
 
 import torch
 import transformers
-
-
-def run(model, batch):
-    with torch.no_grad():
-        out = model(**batch, output_hidden_states=True)
-    flat = {}
-    for key, value in out.items():
-        if isinstance(value, tuple):
-            flat.update({f"{key}.{i}": v.cpu() for i, v in enumerate(value)})
-        else:
-            flat[key] = value.cpu()
-    return flat
-"""
+""" + inspect.getsource(flat_outputs)  # the children flatten outputs as the parent does: the same function
 
 # Loads each folder with trust_remote_code where neither bigbird_ja nor the kernels can be imported.
 EVERY_HEAD = ISOLATION + r"""
@@ -88,7 +91,7 @@ results["config"] = {"module": type(config).__module__, "class": type(config).__
 for auto_name, folder in job["folders"].items():
     model = getattr(transformers, auto_name).from_pretrained(folder, trust_remote_code=True).eval()
     results["classes"][auto_name] = [type(model).__module__, type(model).__name__]
-    results["outputs"][auto_name] = run(model, inputs[auto_name])
+    results["outputs"][auto_name] = flat_outputs(model, inputs[auto_name])
 for alias, auto_name in job["aliases"].items():
     model = getattr(transformers, alias).from_pretrained(job["folders"][auto_name], trust_remote_code=True)
     results["classes"][alias] = [type(model).__module__, type(model).__name__]
@@ -105,7 +108,7 @@ first.save_pretrained(job["resaved"])
 again = qa.from_pretrained(job["resaved"], trust_remote_code=True).eval()
 batch = inputs["AutoModelForQuestionAnswering"]
 results["resaved_max_diff"] = max(float((a - b).abs().max()) for a, b in
-                                  zip(run(first, batch).values(), run(again, batch).values()))
+                                  zip(flat_outputs(first, batch).values(), flat_outputs(again, batch).values()))
 
 results["imported"] = sorted(m for m in sys.modules if m.split(".")[0] in job["blocked"])
 torch.save(results, job["results"])
@@ -116,7 +119,7 @@ TRITON = ISOLATION + r"""
 model = transformers.AutoModelForQuestionAnswering.from_pretrained(
     job["folder"], trust_remote_code=True, attention_backend="triton").eval().to(job["device"])
 batch = {k: v.to(job["device"]) for k, v in torch.load(job["inputs"]).items()}
-results = {"outputs": run(model, batch), "kernels": "bigbird_ja_kernels" in sys.modules,
+results = {"outputs": flat_outputs(model, batch), "kernels": "bigbird_ja_kernels" in sys.modules,
            "imported": sorted(m for m in sys.modules if m.split(".")[0] == "bigbird_ja")}
 torch.save(results, job["results"])
 """
@@ -157,19 +160,6 @@ def head_inputs(auto_name: str, config) -> dict:
     return batch
 
 
-def package_outputs(model, batch) -> dict:
-    """The outputs as the children flatten them: hidden_states.0, hidden_states.1, ... beside the tensors."""
-    with torch.no_grad():
-        out = model(**batch, output_hidden_states=True)
-    flat = {}
-    for key, value in out.items():
-        if isinstance(value, tuple):
-            flat.update({f"{key}.{i}": v.cpu() for i, v in enumerate(value)})
-        else:
-            flat[key] = value.cpu()
-    return flat
-
-
 @pytest.fixture(scope="module")
 def saved_heads(tmp_path_factory):
     """One saved folder per head (random weights, attention_backend "auto"), its inputs and the package's outputs."""
@@ -181,7 +171,7 @@ def saved_heads(tmp_path_factory):
         folders[auto_name] = str(root / auto_name)
         model.save_pretrained(folders[auto_name])
         inputs[auto_name] = head_inputs(auto_name, config)
-        expected[auto_name] = package_outputs(model, inputs[auto_name])
+        expected[auto_name] = flat_outputs(model, inputs[auto_name])
     return root, folders, inputs, expected
 
 
@@ -256,7 +246,7 @@ def test_with_bigbird_ja_imported_its_registered_classes_load_the_folder_without
     assert type(config) is bigbird_ja.BigBirdJaConfig
     for name, model_class in HEADS.items():
         assert type(loaded[name]) is model_class, name
-        got = package_outputs(loaded[name], inputs[name])
+        got = flat_outputs(loaded[name], inputs[name])
         for key, value in expected[name].items():
             torch.testing.assert_close(got[key], value, rtol=1e-6, atol=1e-6)
     assert [r.getMessage() for r in records] == []
@@ -294,10 +284,10 @@ def test_a_checksummed_model_folder_lists_the_remote_code_files(tmp_path):
     from types import SimpleNamespace
 
     from bigbird_ja.common.checksums import LISTING, verify_listing
-    from bigbird_ja.finetune.run import save_model
+    from bigbird_ja.common.checksums import save_model_folder
 
     model = bigbird_ja.BigBirdJaForQuestionAnswering(tiny_config())
-    save_model(model, SimpleNamespace(save_pretrained=lambda folder: None), tmp_path / "model")
+    save_model_folder(model, SimpleNamespace(save_pretrained=lambda folder: None), tmp_path / "model")
     listed = json.loads((tmp_path / "model" / LISTING).read_text(encoding="utf-8"))["files"]
     assert {"configuration_bigbird_ja.py", "modeling_bigbird_ja.py", "bigbird_ja_attention.py"} <= set(listed)
     assert verify_listing(tmp_path / "model") == []
@@ -315,7 +305,7 @@ def test_remote_code_runs_the_triton_kernels_where_they_are_installed(tmp_path):
     model.save_pretrained(tmp_path / "folder")
     batch = head_inputs("AutoModelForQuestionAnswering", config)
     torch.save(batch, tmp_path / "inputs.pt")
-    expected = package_outputs(model.to(device), {k: v.to(device) for k, v in batch.items()})
+    expected = flat_outputs(model.to(device), {k: v.to(device) for k, v in batch.items()})
     results = run_child(TRITON, dict(blocked=["bigbird_ja"], folder=str(tmp_path / "folder"), device=device,
                                      inputs=str(tmp_path / "inputs.pt")), tmp_path)
     assert results["kernels"] and results["imported"] == []

@@ -616,6 +616,31 @@ def test_one_entry_point_reads_every_launcher(monkeypatch, variables, expected):
     assert got == expected[1:]
 
 
+def test_a_cuda_process_takes_the_device_of_the_local_rank_its_launcher_names(monkeypatch):
+    """Regression: pretraining chose its GPU from LOCAL_RANK before mpirun's / srun's variables were mapped onto it,
+    so every process of a node under mpirun took GPU 0."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from bigbird_ja.common.distributed import init_process_group
+
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name in [k for k in os.environ if k.startswith(("OMPI_", "PMI_", "SLURM_", "MPI_LOCAL"))]:
+        monkeypatch.delenv(name)
+    for name, value in {"OMPI_COMM_WORLD_RANK": "13", "OMPI_COMM_WORLD_SIZE": "16", "OMPI_COMM_WORLD_LOCAL_RANK": "5",
+                        "OMPI_COMM_WORLD_LOCAL_SIZE": "8", "MASTER_ADDR": "node0", "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(name, value)
+    devices, started = [], []
+    monkeypatch.setattr(torch.cuda, "set_device", devices.append)
+    monkeypatch.setattr(deepspeed, "init_distributed", lambda **kwargs: started.append((kwargs, list(devices))))
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 13)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 16)
+    env = init_process_group(cuda=True)
+    assert devices == [5] and started[0][1] == [5]  # the device is chosen before the group starts
+    assert started[0][0]["dist_backend"] == "nccl" and (env.rank, env.local_rank, env.num_nodes) == (13, 5, 2)
+
+
 def test_a_launcher_without_a_rendezvous_address_is_a_clear_error(monkeypatch):
     from bigbird_ja.common.distributed import fill_env_from_launcher
 

@@ -1,8 +1,8 @@
 """The BigBird block layout: which key blocks each query block attends to.
 
 Shapes: H heads, nb blocks, bs block size, g global blocks, nr = nb - g non-global (sparse) query blocks,
-K = g + w + r key-block slots per sparse query block (w window, r random), M the random-block horizon (blocks at
-max_position_embeddings).
+K = g + w + r key-block slots per sparse query block (w window, r random), M the random-block horizon (the blocks
+of random_block_span, or of max_position_embeddings when it is not set).
 
 The layout is a pure function of (sparsity settings, layer, head, number of blocks). It keeps no state, touches no
 global random generator, and is identical in training and evaluation and in every process: random blocks come from a
@@ -36,7 +36,7 @@ class SparsitySpec:
     num_random_blocks: int
     random_seed: int
     num_heads: int
-    horizon_blocks: int  # M: random blocks are drawn over blocks [0, M), the blocks at max_position_embeddings
+    horizon_blocks: int  # M: random blocks are drawn over blocks [0, M) (random_block_span or max_position_embeddings)
 
     @classmethod
     def from_config(cls, config) -> "SparsitySpec":
@@ -48,7 +48,8 @@ class SparsitySpec:
             num_random_blocks=config.num_random_blocks,
             random_seed=config.random_seed,
             num_heads=config.num_attention_heads,
-            horizon_blocks=num_blocks_for(config.random_block_span or config.max_position_embeddings, config.block_size),
+            horizon_blocks=num_blocks_for(config.random_block_span or config.max_position_embeddings,
+                                          config.block_size),
         )
 
 

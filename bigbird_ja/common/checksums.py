@@ -109,3 +109,22 @@ def verify_listing(folder: str | os.PathLike) -> list[str] | None:
     except (ValueError, KeyError, TypeError) as err:
         return [f"{LISTING} is not a valid listing ({type(err).__name__}: {err})"]
     return check_listing(folder, files, LISTING)
+
+
+def save_model_folder(model, tokenizer, folder: str | os.PathLike) -> None:
+    """A model and its tokenizer as a save_pretrained folder (`bigbird-ja export`, fine-tuning's model/): written
+    under a temporary name beside ``folder``, checksums.json last, then renamed into place, replacing what was
+    there; a process killed on the way leaves the old folder (or none), never a part."""
+    import shutil
+
+    from .atomic_io import temp_path
+
+    folder = Path(folder)
+    tmp = temp_path(folder)
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    write_listing(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, folder)

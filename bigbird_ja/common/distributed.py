@@ -112,10 +112,20 @@ def no_jit_ops_on_cpu() -> None:
 
 
 def init_process_group(cuda: bool) -> DistEnv:
-    """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on CUDA) and describe this process."""
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on CUDA) and describe this process.
+
+    On CUDA this process takes the device of its local rank, read after the launcher's variables are mapped (mpirun
+    and srun name the local rank only in their own variables); on CPU DeepSpeed's shared-memory op is switched off
+    first (`no_jit_ops_on_cpu`)."""
     import deepspeed
 
     launcher = fill_env_from_launcher()
+    if cuda:
+        import torch
+
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        no_jit_ops_on_cpu()
     backend = "nccl" if cuda else "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     import torch.distributed as dist
@@ -178,11 +188,6 @@ def agree(problems: list[str]) -> dict[int, list[str]]:
     """Every rank's problems, on every rank: all ranks stop together when any has one."""
     gathered = all_gather_object(list(problems))
     return {rank: p for rank, p in enumerate(gathered) if p}
-
-
-def any_rank(flag: bool, device) -> bool:
-    """True on every rank if ``flag`` is True on any (one small all-reduce)."""
-    return any_rank_flags([flag], device)[0]
 
 
 def any_rank_flags(flags: list[bool], device) -> list[bool]:

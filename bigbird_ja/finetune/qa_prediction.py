@@ -50,13 +50,6 @@ def span_candidates(start_logits: np.ndarray, end_logits: np.ndarray, lo: int, h
     return found
 
 
-def best_span(start_logits: np.ndarray, end_logits: np.ndarray, lo: int, hi: int, n_best: int,
-              max_answer_tokens: int) -> tuple[int, int, float] | None:
-    """Best (start, end, score) with lo <= start <= end < hi and end - start < max_answer_tokens, or None."""
-    found = span_candidates(start_logits, end_logits, lo, hi, n_best, max_answer_tokens)
-    return found[0] if found else None
-
-
 def rank_answers(example: QAExample, doc: DocumentTokens | None, features: list[QAFeature], start_logits,
                  end_logits, *, n_best: int = 20, max_answer_tokens: int = 30, top_k: int = 1
                  ) -> list[SpanPrediction]:
@@ -124,4 +117,4 @@ def predict_answers(examples: list[QAExample], features: list[QAFeature], docs: 
     return out
 
 
-__all__ = ["SpanPrediction", "best_span", "predict_answers", "rank_answers", "span_candidates"]
+__all__ = ["SpanPrediction", "predict_answers", "rank_answers", "span_candidates"]

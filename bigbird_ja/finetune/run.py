@@ -8,7 +8,7 @@
   4. read and featurise the training and validation files; the data report goes to data_report.txt;
   5. train (train_log.jsonl), predict the validation file, write predictions.json and metrics.json (with the
      training summary and, when eval.truncated_max_length is set, the metrics of truncated inputs);
-  6. save the model and tokenizer to <out>/model (output.save_model), checksums.json last (`save_model`).
+  6. save the model and tokenizer to <out>/model (output.save_model), checksums.json last (`save_model_folder`).
 With train.deepspeed the command runs on every process of its launcher: rank 0 alone writes files, the ranks
 share the training batches and the prediction features, and an error on rank 0 stops every rank.
 
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..common.atomic_io import atomic_write_text
-from ..common.checksums import verify_listing, write_listing
+from ..common.checksums import save_model_folder, verify_listing
 from ..common.config_io import read_yaml
 from ..common.distributed import broadcast_object, rank_and_world_size
 from .config import ConfigError, FinetuneConfig, load_finetune_config
@@ -83,19 +83,6 @@ def _prepare_output(cfg: FinetuneConfig) -> Path:
             (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     return out
-
-
-def save_model(net, tokenizer, folder: str | Path) -> None:
-    """The model and its tokenizer as a save_pretrained folder, written beside ``folder`` and renamed into place
-    once complete, with checksums.json (every file's size and sha256) written last (`verify_model_folder`)."""
-    folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    net.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    write_listing(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
 
 
 def verify_model_folder(folder: str | Path) -> None:
@@ -310,7 +297,7 @@ def finetune(task: str, config: FinetuneConfig | str | Path | None = None, *, ov
         _write_json(files["predictions"], predictions)
         _write_json(files["metrics"], metrics)
         if cfg.output.save_model:
-            save_model(net, tokenizer, files["model"])
+            save_model_folder(net, tokenizer, files["model"])
 
     _main_first(write_results)
     if verbose:
@@ -403,4 +390,4 @@ def evaluate_model(task: str, model: str | Path, data: str | Path, config: Finet
 
 
 __all__ = ["FinetuneResult", "PredictionCheck", "check_prediction_ids", "evaluate_model", "evaluate_predictions",
-           "finetune", "load_model", "load_tokenizer", "save_model", "verify_model_folder"]
+           "finetune", "load_model", "load_tokenizer", "verify_model_folder"]

@@ -136,18 +136,11 @@ def start_deepspeed(cfg: TrainSection) -> torch.device:
     device = resolve_device(cfg.device)
     if dist.is_available() and dist.is_initialized():
         return torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" else device
-    from ..common.distributed import import_deepspeed, init_process_group, no_jit_ops_on_cpu
+    from ..common.distributed import import_deepspeed, init_process_group
 
     import_deepspeed("train.deepspeed=true")
-
-    cuda = device.type == "cuda"
-    if not cuda:
-        no_jit_ops_on_cpu()
-    env = init_process_group(cuda)
-    if cuda:
-        torch.cuda.set_device(env.local_rank)
-        device = torch.device("cuda", env.local_rank)
-    return device
+    env = init_process_group(device.type == "cuda")
+    return torch.device("cuda", env.local_rank) if device.type == "cuda" else device
 
 
 def _mean_over_ranks(total: float, count: int, world: int, device) -> float:

@@ -139,11 +139,9 @@ def check_complete(path: Path) -> str | None:
     if meta.get("format") != FORMAT:
         return f"{META} has format {meta.get('format')!r}, expected {FORMAT!r}"
     for rel, entry in meta.get("files", {}).items():
-        f = path / rel
-        if not f.is_file():
-            return f"{rel} is missing"
-        if f.stat().st_size != _size(entry):
-            return f"{rel} has {f.stat().st_size} bytes, {META} says {_size(entry)}"
+        problem = check_file(path, rel, _size(entry), META)  # the size alone: no file is read here
+        if problem:
+            return problem
     if not meta.get("files"):
         return f"{META} lists no files"
     return None

@@ -10,14 +10,12 @@ written last. The checkpoint is verified before anything is read (a damaged one 
 
 from __future__ import annotations
 
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..common.checksums import write_listing
+from ..common.checksums import save_model_folder
 from .checkpoint import (
     ENGINE_TAG, META, checked_step_folder, engine_load_dir, list_checkpoints, newest_usable, read_meta, step_of,
     unusable_message, warn,
@@ -100,14 +98,6 @@ def export_checkpoint(ckpt, out, *, overwrite: bool = False, log=warn) -> Export
     model.tie_weights()
     tokenizer = AutoTokenizer.from_pretrained(str(ckpt / "tokenizer"))
 
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    tokenizer.save_pretrained(str(tmp))
-    write_listing(tmp)  # last: what `bigbird-ja finetune --model` checks the folder against
-    if out.exists():
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
+    save_model_folder(model, tokenizer, out)  # checksums.json last: what `bigbird-ja finetune --model` checks
     return ExportReport(checkpoint=str(ckpt), out_dir=str(out), step=int(meta["step"]),
                         num_parameters=sum(p.numel() for p in model.parameters()))

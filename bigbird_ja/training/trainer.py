@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from ..common.distributed import (
-    DistEnv, agree, any_rank_flags, barrier, broadcast_object, import_deepspeed, init_process_group, no_jit_ops_on_cpu,
+    DistEnv, agree, any_rank_flags, barrier, broadcast_object, import_deepspeed, init_process_group,
 )
 from ..common.optim import parameter_groups, rank_seed, seed_everything
 from .checkpoint import (
@@ -274,10 +274,6 @@ def pretrain(cfg: PretrainConfig, *, resume: str | None = None, dry_run: bool = 
     """
     deepspeed = import_deepspeed()
     cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    else:
-        no_jit_ops_on_cpu()
     env = init_process_group(cuda)
     try:
         return Pretraining(cfg, deepspeed, env, cuda).run(resume, dry_run)
