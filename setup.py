@@ -26,6 +26,8 @@ setup(
     extras_require={
         "plot": ["matplotlib>=3.7"],
         "triton": ["triton>=3.2"],
+        # bigbird-ja export-onnx and running its graphs (torch's dynamo exporter needs onnx and onnxscript)
+        "deploy": ["onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18"],
         # Arrow (datasets.save_to_disk) and Parquet inputs of `bigbird-ja prepare`; text and JSON lines need neither
         "data": ["datasets>=2.14", "pyarrow>=12"],
         # training a tokenizer (bigbird-ja train-tokenizer); a trained tokenizer loads with transformers alone
@@ -35,7 +37,8 @@ setup(
         "train": ["deepspeed>=0.14", "sentencepiece>=0.2", "fugashi>=1.3", "unidic-lite>=1.0.8"],
         # triton in the tests: the kernels run under TRITON_INTERPRET=1 on CPU and compile ahead of time for sm_80/90
         "test": ["pytest>=8", "matplotlib>=3.7", "sentencepiece>=0.2", "triton>=3.2", "fugashi>=1.3",
-                 "unidic-lite>=1.0.8", "datasets>=2.14", "pyarrow>=12", "deepspeed>=0.14"],
+                 "unidic-lite>=1.0.8", "datasets>=2.14", "pyarrow>=12", "deepspeed>=0.14", "onnx>=1.16",
+                 "onnxscript>=0.2", "onnxruntime>=1.18"],
     },
     entry_points={"console_scripts": ["bigbird-ja=bigbird_ja.cli:main"]},
 )

@@ -27,9 +27,18 @@ Setup
     Loader: PackedDataset (shuffled, seq_len --seq-len) iterated for --loader-samples samples, bare and through
     DataLoader(batch_size=8, collate_fn=MLMCollator) with span masking.
 
+Second question (--scaling): how does parallel prepare (`--slice I/N`, one output folder, a merge at the end)
+scale with the number of worker processes, and is its output the same? The corpus (--mb) is cut into
+--scaling-files files, one slice each; for N in --scaling-procs, N processes are started at once, each
+`prepare(worker=(i, N), num_workers=0)` (one core each, as one process per core or per node would run), the last
+to finish merges. Reported per N: wall time from launch to the merged manifest, tokens/s, tokens/s per process
+and per core (min(N, CPUs)), the merge time, the interpreter start-up, and whether every output file is
+byte-identical to the one-process run (N=1). Written to prepare_scaling.json / .png beside the main result.
+
 Run
     python benchmarks/bench_prepare.py                 # about 3 minutes on 2 cores
     python benchmarks/bench_prepare.py --mb 4 --repeats 1 --out /tmp/p.json
+    python benchmarks/bench_prepare.py --scaling --mb 48    # about 3 minutes on 2 cores
 
 Output: a markdown table on stdout and JSON (--out, default benchmarks/results/cpu-2core/prepare.json) with every
 measurement and the environment (versions, CPU count, git commit, command line, UTC date).
@@ -42,12 +51,10 @@ import os
 os.environ["TOKENIZERS_PARALLELISM"] = "false"  # per-core numbers: no Rayon threads inside encode_batch
 
 import argparse  # noqa: E402
-import datetime  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import random  # noqa: E402
 import resource  # noqa: E402
-import shlex  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
@@ -261,6 +268,128 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+_SCALING_WORKER = """
+import json, sys, time
+t0 = time.perf_counter()
+from bigbird_ja.data import PrepareOptions, prepare
+ready = time.perf_counter()
+tok, out, i, n, seq_len, slice_bytes, files = json.loads(sys.argv[1])
+r = prepare(tok, files, out, seq_len=seq_len, num_workers=0, progress=False, worker=(i, n),
+            options=PrepareOptions(slice_bytes=slice_bytes))
+print(json.dumps({"import_s": ready - t0, "seconds": r.seconds, "packed_tokens": r.packed_tokens,
+                  "slices_packed": r.slices_packed, "merged": r.merged and not r.note, "done": time.time()}))
+"""
+
+
+def bench_scaling(args, work: Path) -> dict:
+    """N worker processes at once on one output folder; see the module docstring (--scaling)."""
+    import hashlib
+
+    corpus = work / "corpus.txt"
+    size = build_corpus(corpus, args.mb, args.seed)
+    tok_dir = build_tokenizer(work / "tok", args.vocab)
+    blocks = corpus.read_bytes().split(b"\n\n")
+    per_file = -(-len(blocks) // args.scaling_files)
+    files = []
+    for k in range(args.scaling_files):  # whole documents per file, in order
+        path = work / f"part-{k:03d}.txt"
+        path.write_bytes(b"\n\n".join(blocks[k * per_file:(k + 1) * per_file]))
+        files.append(str(path))
+    slice_bytes = max(1, min(os.path.getsize(f) for f in files))  # one file per slice
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    runs, digests = {}, {}
+    for n in args.scaling_procs:
+        out = work / f"scaling-{n}"
+        print(f"  scaling: {n} worker process(es) ...", file=sys.stderr, flush=True)
+        t0, wall0 = time.perf_counter(), time.time()
+        procs = [subprocess.Popen([sys.executable, "-c", _SCALING_WORKER,
+                                   json.dumps([str(tok_dir), str(out), i, n, args.seq_len, slice_bytes, files])],
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for i in range(n)]
+        outs = [p.communicate() for p in procs]
+        wall = time.perf_counter() - t0
+        failed = [err[-2000:] for p, (_, err) in zip(procs, outs) if p.returncode != 0]
+        if failed:
+            runs[n] = {"error": failed}
+            continue
+        reports = [json.loads(o.strip().splitlines()[-1]) for o, _ in outs]
+        merger = [r for r in reports if r["merged"]]
+        digests[n] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir())}
+        tokens = json.loads((out / "manifest.json").read_text())["totals"]["num_document_tokens"]
+        cores = min(n, len(os.sched_getaffinity(0)))
+        # Packing alone: from the first worker's prepare() call to the last one's return (start-up excluded).
+        span = max(r["done"] for r in reports) - min(r["done"] - r["seconds"] for r in reports)
+        runs[n] = {"procs": n, "cores_used": cores, "wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall,
+                   "tokens_per_s_per_proc": tokens / wall / n, "tokens_per_s_per_core": tokens / wall / cores,
+                   "packing_s": span, "packing_tokens_per_s": tokens / span,
+                   "packing_tokens_per_s_per_core": tokens / span / cores,
+                   "max_import_s": max(r["import_s"] for r in reports),
+                   "last_done_after_s": max(r["done"] for r in reports) - wall0,
+                   "merge_by_worker": len(merger) == 1, "workers": reports}
+        shutil.rmtree(out, ignore_errors=True)
+    ref = digests.get(min(digests)) if digests else None
+    for n, d in digests.items():
+        runs[n]["identical_to_1_proc"] = d == ref
+    return {"corpus_bytes": size, "files": len(files), "slices": len(files), "seq_len": args.seq_len,
+            "runs": {str(n): r for n, r in runs.items()}}
+
+
+def scaling_table(result: dict) -> str:
+    lines = ["| processes | cores | wall s | tokens/s | tokens/s per process | tokens/s per core | start-up s | "
+             "packing s | packing tokens/s per core | identical to 1 process |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for n, r in result["runs"].items():
+        if "error" in r:
+            lines.append(f"| {n} | | failed | | | | | | | |")
+            continue
+        lines.append(f"| {n} | {r['cores_used']} | {r['wall_s']:.1f} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['tokens_per_s_per_proc']:,.0f} | {r['tokens_per_s_per_core']:,.0f} | "
+                     f"{r['max_import_s']:.1f} | {r['packing_s']:.1f} | {r['packing_tokens_per_s_per_core']:,.0f} | "
+                     f"{r['identical_to_1_proc']} |")
+    return "\n".join(lines)
+
+
+def scaling_plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in result["runs"].values() if "error" not in r]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    procs = [r["procs"] for r in runs]
+    ax.plot(procs, [r["tokens_per_s"] / 1e3 for r in runs], "o-", label="all processes")
+    ax.plot(procs, [r["tokens_per_s_per_core"] / 1e3 for r in runs], "s--", label="per core")
+    ax.plot(procs, [r["packing_tokens_per_s_per_core"] / 1e3 for r in runs], "^:", label="per core, start-up excluded")
+    ax.set_xlabel("worker processes (--slice I/N), one output folder")
+    ax.set_ylabel("k tokens / s (launch to manifest)")
+    ax.set_xticks(procs)
+    ax.set_title(f"parallel prepare, {result['corpus_bytes'] / 1e6:.0f} MB, "
+                 f"{os.cpu_count()} CPUs (shared)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main_scaling(args) -> int:
+    work = Path(tempfile.mkdtemp(prefix="bench-prepare-scaling-"))
+    try:
+        result = bench_scaling(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result = {"environment": environment(args), "scaling": result}
+    print(scaling_table(result["scaling"]))
+    loads = os.getloadavg()
+    print(f"1-minute load average at the end: {loads[0]:.1f} on {os.cpu_count()} CPUs (a shared machine)")
+    out = args.out.with_name("prepare_scaling.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    scaling_plot(result["scaling"], out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mb", type=float, default=16.0, help="corpus size in MB (UTF-8)")
@@ -271,7 +400,12 @@ def main(argv=None) -> int:
     parser.add_argument("--loader-samples", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--scaling", action="store_true", help="only the second question: parallel prepare")
+    parser.add_argument("--scaling-procs", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--scaling-files", type=int, default=16)
     args = parser.parse_args(argv)
+    if args.scaling:
+        return main_scaling(args)
     work = Path(tempfile.mkdtemp(prefix="bench-prepare-"))
     try:
         prep = bench_prepare(args, work)

@@ -6,6 +6,7 @@ Subcommands:
   train-tokenizer  train the Japanese SentencePiece unigram tokenizer (MeCab word boundaries, byte fallback)
   prepare   tokenise and pack text / JSON lines / Parquet / saved datasets into resumable pretraining shards
   pretrain  MLM pretraining on DeepSpeed from a run preset (configs/pretrain/*.yaml), --section.key=value overrides
+  plan      memory, step time, days and GPU-hours of a pretraining run on N GPUs; recommends a setting, writes a preset
   export    write a pretraining checkpoint as a save_pretrained folder (safetensors + tokenizer)
   finetune  fine-tune on a JGLUE task (jsquad over long documents, jnli, jsts, jcommonsenseqa, marc-ja) or the
             generated long-range QA task; --section.key=value overrides (configs/finetune/*.yaml)
@@ -74,17 +75,19 @@ def cmd_train_tokenizer(args) -> int:
 
 def cmd_prepare(args) -> int:
     from .data.cleaning import CleaningOptions
-    from .data.preparation import PrepareOptions, prepare
+    from .data.preparation import PrepareOptions, parse_worker, prepare
     from .data.sources import SourceOptions
 
     options = PrepareOptions(
         source=SourceOptions(input_format=args.format, text_field=args.text_field),
         cleaning=CleaningOptions(normalization=None if args.normalization == "none" else args.normalization,
                                  encoding=args.encoding, max_invalid_fraction=args.max_invalid_fraction),
+        slice_bytes=args.slice_bytes,
     )
     report = prepare(args.tokenizer, args.input, args.out, seq_len=args.seq_len, seed=args.seed,
                      num_workers=args.num_workers, shard_tokens=args.shard_tokens, options=options,
-                     overwrite=args.overwrite, progress=not args.no_progress)
+                     overwrite=args.overwrite, progress=not args.no_progress,
+                     worker=parse_worker(args.slice) if args.slice else None, merge_only=args.merge)
     print(report.summary())
     return 0
 
@@ -96,10 +99,51 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from .training import planner
+
+    if args.update_headers:
+        for path, changed in planner.update_preset_headers(args.presets):
+            print(f"{'updated' if changed else 'unchanged'} {path}")
+        return 0
+    if args.tokens is None:
+        raise ValueError("plan: give --tokens (the run's token budget, e.g. 48e9), or --update-headers")
+    gpu = planner.resolve_gpu(args.gpu, args.memory_gib, args.peak_tflops, args.intra_node_gbps,
+                              args.inter_node_gbps)
+    overrides = planner.parse_model_overrides(args.model_override)
+    plan = planner.plan_run(args.model, args.seq_len, gpu, args.nodes, args.gpus_per_node, args.tokens,
+                            global_batch=args.global_batch, precision=args.precision, micro_batch=args.micro_batch,
+                            efficiency=args.compute_efficiency, model_overrides=overrides)
+    print(planner.format_plan(plan))
+    if args.json_out:
+        planner.write_plan_json(plan, args.json_out)
+        print(f"wrote {args.json_out}")
+    if args.write:
+        print(f"wrote {planner.write_preset(plan, args.base_preset, args.write)}")
+    return 0
+
+
 def cmd_export(args) -> int:
     from .training import export_checkpoint
 
     print(export_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite).summary())
+    return 0
+
+
+def cmd_export_onnx(args) -> int:
+    from .deploy import export_onnx_folder
+
+    description, checks = export_onnx_folder(args.model, args.out, check_lengths=args.check_lengths,
+                                             opset=args.opset)
+    print(f"wrote {args.out}: inputs {description['inputs']} -> outputs {description['outputs']}; any batch, "
+          f"{description['min_length']}-{description['max_length']} tokens ({description['shorter_inputs']})")
+    if not checks:
+        print("onnxruntime is not installed: the graph was not checked (pip install onnxruntime)")
+    for row in checks:
+        print(f"  onnxruntime vs PyTorch, {row['length']} tokens, {row['output']}: max |diff| {row['max_abs_diff']:.2e}")
+    worst = max((row["max_abs_diff"] for row in checks), default=0.0)
+    if worst > 1e-4:
+        raise RuntimeError(f"the ONNX graph differs from PyTorch by {worst:.2e} (> 1e-4); please report it")
     return 0
 
 
@@ -237,6 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     _encoding_arguments(p)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier prepare output in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--slice", metavar="I/N|auto", help="be worker I of N sharing --out (any nodes, one shared "
+                   "file system); 'auto': I, N from srun / torchrun / mpirun. The last worker to finish merges")
+    p.add_argument("--merge", action="store_true", help="pack nothing: merge the slices the workers finished")
+    p.add_argument("--slice-bytes", type=int, default=1 << 30, help="input bytes (whole files) per slice, the "
+                   "unit of parallel and resumed work (default 1 GiB; part of what decides the output bytes)")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("pretrain", help="MLM pretraining on DeepSpeed (one process, deepspeed, torchrun, mpirun, srun)",
@@ -250,11 +299,54 @@ def build_parser() -> argparse.ArgumentParser:
                    "DeepSpeed JSON, train nothing")
     p.set_defaults(func=cmd_pretrain, takes_overrides=True)
 
+    p = sub.add_parser("plan", help="memory, step time and cost of a pretraining run on N GPUs, before booking them",
+                       description="A table over ZeRO 0-3 x activation checkpointing at the largest micro-batch that "
+                       "fits: memory per GPU, step time, tokens/s, MFU, scaling, days and GPU-hours; the model is "
+                       "written in bigbird_ja/training/planner.py.")
+    p.add_argument("--model", default="configs/model/base-4096.yaml", help="model preset, config.json or "
+                   "checkpoint folder (e.g. a `bigbird-ja convert` output)")
+    p.add_argument("--model-override", action="append", default=[], metavar="KEY=VALUE", help="a BigBirdJaConfig "
+                   "field laid over --model (e.g. attention_type=full); repeatable")
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--gpu", default="a100-80gb", help="a100-40gb, a100-80gb, h100, h200, or any name with all "
+                   "four of --memory-gib --peak-tflops --intra-node-gbps --inter-node-gbps")
+    p.add_argument("--memory-gib", type=float)
+    p.add_argument("--peak-tflops", type=float, help="dense peak in the run's precision")
+    p.add_argument("--intra-node-gbps", type=float, help="all-reduce bus bandwidth within a node, GB/s")
+    p.add_argument("--inter-node-gbps", type=float, help="one node's network bandwidth to the others, GB/s")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--tokens", type=float, help="token budget of the run (e.g. 48e9)")
+    p.add_argument("--global-batch", type=int, default=2048, help="target sequences per optimizer step (the "
+                   "accumulation is rounded to the nearest whole number)")
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--micro-batch", type=int, help="evaluate this micro-batch (default: the largest that fits)")
+    p.add_argument("--compute-efficiency", type=float, default=0.40, help="fraction of peak the kernels reach "
+                   "(default 0.40; measure it with benchmarks/run_gpu_suite.sh)")
+    p.add_argument("--json-out", metavar="FILE", help="write the table as JSON")
+    p.add_argument("--write", metavar="FILE", help="write the recommended setting as a pretraining preset")
+    p.add_argument("--base-preset", default="configs/pretrain/base-4096-multinode.yaml", help="the preset --write "
+                   "starts from (data, optimizer, checkpoints)")
+    p.add_argument("--update-headers", action="store_true", help="rewrite the planner's block in the header of "
+                   "every preset with a `# plan-args:` line, then exit")
+    p.add_argument("--presets", default="configs/pretrain", help="folder of presets for --update-headers")
+    p.set_defaults(func=cmd_plan)
+
     p = sub.add_parser("export", help="a pretraining checkpoint as a save_pretrained folder")
     p.add_argument("checkpoint", help="a step-NNNNNNNN folder, a checkpoint folder or a run folder (newest complete)")
     p.add_argument("out", help="output folder (AutoModelForMaskedLM.from_pretrained loads it)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("export-onnx", help="a save_pretrained folder as one ONNX graph (dynamic batch and length)",
+                       description="Write the folder's model (its head from config.json) as ONNX with a dynamic "
+                       "batch and sequence length, then, with onnxruntime installed, check it against PyTorch.")
+    p.add_argument("model", help="a save_pretrained folder (bigbird-ja export / convert / a fine-tuned model/)")
+    p.add_argument("out", help="the .onnx file to write")
+    p.add_argument("--check-lengths", type=int, nargs="+", metavar="N", help="lengths to compare at (default: "
+                   "three lengths that are not multiples of the block size)")
+    p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    p.set_defaults(func=cmd_export_onnx)
 
     tasks = _TaskNames()
     p = sub.add_parser("finetune", help="fine-tune and evaluate on a JGLUE task or the long-range QA task",

@@ -15,6 +15,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.nn import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
@@ -29,7 +30,7 @@ from transformers.modeling_outputs import (
 )
 from transformers.utils.generic import can_return_tuple
 
-from .attention import RelativePositionSpec, disentangled_attention, layout_for
+from .attention import RelativePositionSpec, disentangled_attention, layout_for, num_blocks_for
 from .configuration import BigBirdJaConfig
 
 
@@ -186,6 +187,12 @@ class BigBirdJaConvLayer(nn.Module):
         return self.LayerNorm(residual_states + out) * mask.unsqueeze(-1).to(out.dtype)
 
 
+def _first_tokens(hidden_states: torch.Tensor, n) -> torch.Tensor:
+    # A fresh contiguous copy, not a view: whether a view is contiguous depends on n, which a traced graph must not
+    # ask (it would specialise on n being a multiple of the block size, or on batch 1).
+    return hidden_states[:, :n].clone(memory_format=torch.contiguous_format)
+
+
 class BigBirdJaEncoder(nn.Module):
     def __init__(self, config: BigBirdJaConfig):
         super().__init__()
@@ -207,17 +214,25 @@ class BigBirdJaEncoder(nn.Module):
 
     def forward(self, hidden_states, mask, output_hidden_states=False):
         N = hidden_states.shape[1]
+        # Pad once to whole blocks, as padding tokens (zeros, never attended): every layer then works on whole
+        # blocks, and a traced graph (torch.export, ONNX, torch.compile) has no branch on whether N is a multiple
+        # of the block size. The outputs of the real tokens are those of the unpadded input (batch invariance).
+        padded = num_blocks_for(N, self.config.block_size) * self.config.block_size
+        hidden_states = F.pad(hidden_states, (0, 0, 0, padded - N))
+        mask = F.pad(mask, (0, padded - N), value=False)
         rel_embeddings = self.get_rel_embedding()
         all_hidden = (hidden_states,) if output_hidden_states else None
         embedding_output = hidden_states
         for i, layer in enumerate(self.layer):
-            layout = layout_for(self.config, i, N)
+            layout = layout_for(self.config, i, padded)
             hidden_states = layer(hidden_states, mask, layout, rel_embeddings)
             if i == 0 and self.conv is not None:
                 hidden_states = self.conv(embedding_output, hidden_states, mask)
             if output_hidden_states:
                 all_hidden = all_hidden + (hidden_states,)
-        return hidden_states, all_hidden
+        if output_hidden_states:
+            all_hidden = tuple(_first_tokens(h, N) for h in all_hidden)
+        return _first_tokens(hidden_states, N), all_hidden
 
 
 class BigBirdJaPreTrainedModel(PreTrainedModel):

@@ -175,8 +175,9 @@ def test_killed_run_leaves_nothing_a_loader_reads(tmp_path, tok_dir, corpus_dir)
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
-    names = sorted(p.name for p in out.iterdir())
-    assert "manifest.json" not in names
+    assert "manifest.json" not in [p.name for p in out.iterdir()]
+    names = sorted(p.name for p in (out / "slices" / "slice-00000").iterdir())  # the unfinished slice's work
+    assert "slice.json" not in names
     partial = [name for name in names if name.startswith(".shard-")]
     assert len(partial) == 1, names  # the half-written shard, under its temporary name only
     assert partial[0].split(".tmp-")[0][1:] not in names

@@ -6,7 +6,8 @@ of random_block_span, or of max_position_embeddings when it is not set).
 
 The layout is a pure function of (sparsity settings, layer, head, number of blocks). It keeps no state, touches no
 global random generator, and is identical in training and evaluation and in every process: random blocks come from a
-private `torch.Generator` seeded by a stable hash of (random_seed, layer, head, M, row chunk).
+counter-based hash of (random_seed, layer, head, query block, key block) in integer tensor ops, so the layout is also
+built by ordinary traceable ops when the length is symbolic (torch.export, ONNX, torch.compile with dynamic shapes).
 
 Batch invariance. The random blocks of a query block are drawn once, over the model's whole length (blocks
 [0, M)), never over the padded length of a batch, and a layout of nb blocks keeps the drawn blocks that fall inside
@@ -19,7 +20,6 @@ block, truncated to the length), so shorter inputs see fewer random blocks: abou
 from __future__ import annotations
 
 import functools
-import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -66,6 +66,10 @@ class BlockLayout:
     num_global_blocks: int
     key_blocks: torch.Tensor  # [H, nr, K] int64
     key_valid: torch.Tensor  # [H, nr, K] bool
+    # The slot order build_layout writes, so a backend can read the fixed slots as slices of k and v: slots [0, g)
+    # are the blocks 0..g-1, the next num_window_blocks slots the blocks r - w//2 .. r + w//2 of query block r, the
+    # rest random. 0: no such order is promised (every slot is read through key_blocks).
+    num_window_blocks: int = 0
     # Derived forms (e.g. the Triton backend's CSR lists per device), computed once per layout.
     cache: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
@@ -95,60 +99,88 @@ class BlockLayout:
         return int(self.num_global_blocks * self.num_blocks * self.num_heads + self.key_valid.sum())
 
 
-def _stable_seed(*parts: int) -> int:
-    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def num_blocks_for(seq_len: int, block_size: int) -> int:
+def num_blocks_for(seq_len, block_size: int):
+    """Blocks of a `seq_len`-token sequence (at least one); `seq_len` may be a symbolic size under export."""
+    if isinstance(seq_len, torch.SymInt):  # the model takes no empty sequence; no max() keeps the formula simple
+        return (seq_len + block_size - 1) // block_size
     return max(1, -(-seq_len // block_size))
 
 
-@functools.lru_cache(maxsize=256)
-def _drawn_random_blocks(spec: SparsitySpec, layer_idx: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The random blocks of query blocks [chunk * M, (chunk + 1) * M): ([H, M, r] int64 blocks, [H, M, r] bool).
+# The random draw is a counter-based hash of (seed, layer, head, query block, key block) written in integer tensor
+# ops (multiply, add, remainder; every intermediate below 2**63): no generator and no state, so it is the same in every
+# process and traces as ordinary ops under torch.export, ONNX and torch.compile for a symbolic number of blocks.
+_HASH_MODULUS = 2_147_483_647  # 2**31 - 1, a prime
+_HASH_MULTIPLIERS = (48_271, 1_103_515_245, 69_621, 1_664_525_013, 950_706_376)
+
+
+def _mix(state: torch.Tensor, multiplier: int) -> torch.Tensor:
+    # An affine step and a squaring mod P: the square makes the hash nonlinear in its inputs (affine steps alone
+    # would give every head the same ordering of blocks, shifted).
+    state = (state * multiplier + 12_345) % _HASH_MODULUS
+    return (state * state + 54_321) % _HASH_MODULUS
+
+
+def _hash(*parts) -> torch.Tensor:
+    """A pseudo-random int64 in [0, 2**31 - 1) for broadcastable integer tensors (or ints) `parts`."""
+    state = torch.tensor(0, dtype=torch.long)
+    for i, part in enumerate(parts):
+        state = _mix(state + part % _HASH_MODULUS, _HASH_MULTIPLIERS[i % len(_HASH_MULTIPLIERS)])
+    for multiplier in _HASH_MULTIPLIERS[:2]:
+        state = _mix(state, multiplier)
+    return state
+
+
+def _random_blocks(spec: SparsitySpec, layer_idx: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The drawn random blocks of query blocks `rows` ([nr] int64): ([H, nr, r] int64 blocks, [H, nr, r] bool).
 
     Each query block q draws r distinct blocks uniformly from [0, M) less the global blocks and its window (False
-    where fewer than r are left). Nothing here depends on a sequence's length; rows past M (inputs longer than
-    max_position_embeddings) draw from the same [0, M), in further chunks, so every row is defined and fixed."""
+    where fewer than r are left): the r smallest hash keys among the allowed blocks. Nothing here depends on a
+    sequence's length, only on q, so rows past M (inputs longer than max_position_embeddings) are defined too."""
     H, M, r = spec.num_heads, spec.horizon_blocks, spec.num_random_blocks
     half = spec.num_window_blocks // 2
-    rows = torch.arange(chunk * M, (chunk + 1) * M)[:, None]  # [M, 1] query blocks
-    columns = torch.arange(M)[None, :]  # [1, M] candidate key blocks
-    excluded = (columns < spec.num_global_blocks) | ((columns - rows).abs() <= half)  # [M, M]
+    columns = torch.arange(M)  # candidate key blocks
+    excluded = (columns[None, :] < spec.num_global_blocks) | ((columns[None, :] - rows[:, None]).abs() <= half)
+    heads = torch.arange(H).view(H, 1, 1)
+    seed = spec.random_seed % _HASH_MODULUS
+    keys = _hash(seed, layer_idx, heads, rows.view(1, -1, 1), columns.view(1, 1, M)) * M + columns  # distinct per row
+    never = _HASH_MODULUS * M  # above every key
+    keys = keys.masked_fill(excluded.unsqueeze(0), never)
     k = min(r, M)
-    blocks, valid = [], []
-    for head in range(H):
-        gen = torch.Generator().manual_seed(_stable_seed(spec.random_seed, layer_idx, head, M, chunk))
-        keys = torch.rand(M, M, generator=gen).masked_fill(excluded, 2.0)
-        picked_key, picked = keys.topk(k, dim=1, largest=False)  # [M, k]
-        blocks.append(picked)
-        valid.append(picked_key < 2.0)
-    blocks, valid = torch.stack(blocks), torch.stack(valid)  # [H, M, k]
+    picked_key, picked = keys.topk(k, dim=-1, largest=False)  # [H, nr, k]
+    valid = picked_key < never
     if k < r:  # fewer blocks than slots: pad with invalid slots so every length has the same K
-        blocks = torch.cat([blocks, torch.zeros(H, M, r - k, dtype=torch.long)], dim=2)
-        valid = torch.cat([valid, torch.zeros(H, M, r - k, dtype=torch.bool)], dim=2)
-    return blocks, valid
+        picked = torch.cat([picked, picked.new_zeros(*picked.shape[:2], r - k)], dim=2)
+        valid = torch.cat([valid, valid.new_zeros(*valid.shape[:2], r - k)], dim=2)
+    return picked, valid
 
 
-def _random_blocks(spec: SparsitySpec, layer_idx: int, first: int, last: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The drawn random blocks of query blocks [first, last): ([H, last - first, r], [H, last - first, r])."""
-    M = spec.horizon_blocks
-    chunks = [_drawn_random_blocks(spec, layer_idx, c) for c in range(first // M, (last - 1) // M + 1)]
-    offset = (first // M) * M
-    blocks = torch.cat([b for b, _ in chunks], dim=1)[:, first - offset:last - offset]
-    valid = torch.cat([v for _, v in chunks], dim=1)[:, first - offset:last - offset]
-    return blocks, valid
+def build_layout(spec: SparsitySpec, layer_idx: int, num_blocks) -> BlockLayout:
+    """The layout of one layer for a sequence of `num_blocks` blocks (cached; built afresh for a symbolic size).
+
+    Global blocks and windows are cut at `num_blocks`; so are the random blocks, which were drawn over the model's
+    whole length (`_random_blocks`): a slot whose block lies past the end is invalid (a padding block)."""
+    if isinstance(num_blocks, torch.SymInt):
+        # Traced with a dynamic length (torch.export, ONNX, torch.compile(dynamic=True)): the same tensor ops on a
+        # symbolic number of blocks. The graph needs at least one sparse query block (more blocks than global ones).
+        if spec.attention_type != "full":
+            torch._check(num_blocks > spec.num_global_blocks)
+        return _build_layout(spec, layer_idx, num_blocks)
+    return _cached_layout(spec, layer_idx, num_blocks)
 
 
 @functools.lru_cache(maxsize=256)
-def build_layout(spec: SparsitySpec, layer_idx: int, num_blocks: int) -> BlockLayout:
-    """Build (and cache) the layout of one layer for a sequence of `num_blocks` blocks.
+def _cached_layout(spec: SparsitySpec, layer_idx: int, num_blocks: int) -> BlockLayout:
+    return _build_layout(spec, layer_idx, num_blocks)
 
-    Global blocks and windows are cut at `num_blocks`; so are the random blocks, which were drawn over the model's
-    whole length (`_drawn_random_blocks`): a slot whose block lies past the end is invalid (a padding block)."""
+
+def _build_layout(spec: SparsitySpec, layer_idx: int, num_blocks) -> BlockLayout:
     H, nb = spec.num_heads, num_blocks
-    g = nb if spec.attention_type == "full" else min(spec.num_global_blocks, nb)
+    if spec.attention_type == "full":
+        g = nb
+    elif isinstance(nb, torch.SymInt):
+        g = spec.num_global_blocks  # nb > g was checked above
+    else:
+        g = min(spec.num_global_blocks, nb)
     nr = nb - g
     half = spec.num_window_blocks // 2
     w, r = spec.num_window_blocks, spec.num_random_blocks
@@ -167,12 +199,12 @@ def build_layout(spec: SparsitySpec, layer_idx: int, num_blocks: int) -> BlockLa
     fixed, fixed_valid = fixed.expand(H, nr, g + w), fixed_valid.expand(H, nr, g + w)
 
     if r == 0:
-        return BlockLayout(spec.block_size, nb, g, fixed.contiguous(), fixed_valid.contiguous())
-    picked, picked_valid = _random_blocks(spec, layer_idx, g, nb)  # [H, nr, r]
+        return BlockLayout(spec.block_size, nb, g, fixed.contiguous(), fixed_valid.contiguous(), w)
+    picked, picked_valid = _random_blocks(spec, layer_idx, rows)  # [H, nr, r]
     picked_valid = picked_valid & (picked < nb)  # drawn past this length: a padding block, not attended
     picked = picked.masked_fill(~picked_valid, 0)  # any in-range index: the slot is invalid
     key_blocks = torch.cat([fixed, picked], dim=2)  # [H, nr, K]
-    return BlockLayout(spec.block_size, nb, g, key_blocks, torch.cat([fixed_valid, picked_valid], dim=2))
+    return BlockLayout(spec.block_size, nb, g, key_blocks, torch.cat([fixed_valid, picked_valid], dim=2), w)
 
 
 def layout_for(config, layer_idx: int, seq_len: int) -> BlockLayout:

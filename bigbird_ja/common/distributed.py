@@ -8,7 +8,10 @@ One entry point, whatever starts it:
   (SLURM_PROCID, inside a job step): mapped onto the same variables. MASTER_ADDR / MASTER_PORT must then come from
   the job script (the launch recipes in configs/launch/ set them).
 
-Collectives run on the default group: gloo on CPU, NCCL on CUDA.
+Collectives run on the default group: gloo on CPU, NCCL on CUDA, each bounded by the timeout given to
+`init_process_group` (a collective waiting on a dead or stopped rank fails after it instead of hanging). torch's
+flight recorder is switched on unless the environment says otherwise (`flight_recorder`): each rank keeps a record
+of its recent collectives, dumped when a run hangs, which torch's `torchfrtrace` reads.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -111,23 +116,52 @@ def no_jit_ops_on_cpu() -> None:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def init_process_group(cuda: bool) -> DistEnv:
+def flight_recorder(dump_dir: Path | None) -> None:
+    """torch's flight recorder, unless the environment already chose: each rank keeps its last 2,000 collectives
+    (gloo and NCCL: which op, sizes, state, Python stack). NCCL ranks dump them on a collective timeout to
+    <dump_dir>/nccl_trace_rank_<R>; the watchdog (`bigbird_ja.training.watchdog`) dumps them when it ends a hung
+    run, on either backend. `torchfrtrace <dump_dir>` (installed with torch) lines the ranks' records up and names
+    the first collective they disagree on. Must be set before the process group starts."""
+    os.environ.setdefault("TORCH_FR_BUFFER_SIZE", "2000")
+    os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "1")
+    if dump_dir is not None:
+        os.environ.setdefault("TORCH_FR_DUMP_TEMP_FILE", str(Path(dump_dir) / "nccl_trace_rank_"))
+
+
+def check_elastic_restarts(environ=os.environ) -> None:
+    """Refuse torchrun --max-restarts with its shared rendezvous store. torchrun keeps one TCP store for all
+    attempts (unless TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1) and the process group's keys in it carry no attempt: a
+    restarted rank can read the dead attempt's addresses and fail or hang in init_process_group (seen here: 2 of 3
+    restarts on a loaded machine). With the variable set, each attempt gets a fresh store."""
+    restarts = int(environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0)
+    if restarts > 0 and environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        raise ValueError(f"torchrun --max-restarts={restarts} with its shared rendezvous store: a restarted attempt "
+                         f"can find the dead attempt's addresses there and hang at start. Export "
+                         f"TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun (configs/launch/ recipes do)")
+
+
+def init_process_group(cuda: bool, timeout: timedelta | None = None, trace_dir: Path | None = None) -> DistEnv:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, NCCL on CUDA) and describe this process.
 
+    timeout: how long every collective waits for the other ranks (None: DeepSpeed's default, 10 minutes or
+    $DEEPSPEED_TIMEOUT). trace_dir: where NCCL's flight recorder dumps on a timeout (`flight_recorder`).
     On CUDA this process takes the device of its local rank, read after the launcher's variables are mapped (mpirun
     and srun name the local rank only in their own variables); on CPU DeepSpeed's shared-memory op is switched off
     first (`no_jit_ops_on_cpu`)."""
     import deepspeed
 
     launcher = fill_env_from_launcher()
+    check_elastic_restarts()
     if cuda:
         import torch
 
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     else:
         no_jit_ops_on_cpu()
+    flight_recorder(trace_dir)
     backend = "nccl" if cuda else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    options = {"timeout": timeout} if timeout is not None else {}
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, **options)
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -113,8 +113,10 @@ class FeistelPermutation:
 class _ShardMaps:
     """An LRU of memory-mapped shards: at most ``capacity`` mappings (and so descriptors) at a time."""
 
-    def __init__(self, paths: list[Path], seq_len: int, dtype: np.dtype, capacity: int, random_access: bool):
+    def __init__(self, paths: list[Path], seq_len: int, dtype: np.dtype, capacity: int, random_access: bool,
+                 num_rows: list[int] | None = None):
         self.paths = paths
+        self.sizes = None if num_rows is None else [n * seq_len * np.dtype(dtype).itemsize for n in num_rows]
         self.seq_len = seq_len
         self.dtype = dtype
         self.capacity = capacity
@@ -128,8 +130,21 @@ class _ShardMaps:
             return entry[1]
         while len(self._maps) >= self.capacity:
             self._evict()
-        fd = os.open(self.paths[shard], os.O_RDONLY)
+        # Shards are checked at start; one deleted or cut short since (mid-run) is named here, at its next mapping.
+        # One cut short while mapped cannot be: reading past its new end is a SIGBUS (the watchdog module's
+        # crash stacks show where), and the next start's size check names it.
+        fix = "restore the data folder (copy it again or re-run prepare), then continue with --resume auto"
         try:
+            fd = os.open(self.paths[shard], os.O_RDONLY)
+        except FileNotFoundError:
+            raise CorruptDataError(f"shard {str(self.paths[shard])!r} is gone: it was there when the run started "
+                                   f"and was deleted or moved since; {fix}") from None
+        try:
+            size = os.fstat(fd).st_size
+            if self.sizes is not None and size != self.sizes[shard]:
+                raise CorruptDataError(f"shard {str(self.paths[shard])!r} holds {size:,} bytes, its manifest "
+                                       f"{self.sizes[shard]:,}: it was cut short or rewritten after the run "
+                                       f"started; {fix}")
             mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
         finally:
             os.close(fd)  # the mapping stays valid without it
@@ -226,7 +241,7 @@ class PackedDataset(IterableDataset):
             raise ValueError(f"{str(self.data_dir)!r} holds no samples (the input had no text): prepare more input")
         self._paths = [self.data_dir / info.tokens_file for info in infos]
         self.max_open_shards = max_open_shards
-        self._maps = _ShardMaps(self._paths, self.seq_len, self.dtype, max_open_shards, shuffle)
+        self._maps = _ShardMaps(self._paths, self.seq_len, self.dtype, max_open_shards, shuffle, counts.tolist())
         self._position = 0  # global cursor: stream positions consumed by all ranks together
         self._perm_cache: tuple[int, FeistelPermutation] | None = None
 

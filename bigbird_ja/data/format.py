@@ -11,12 +11,24 @@ rank can read at random, without parsing, from a handful of large files. So a pr
                            every document that starts in this shard, ascending.
       shard-00000.json     this shard's metadata (counts, dtype, seq_len, tokenizer fingerprint, seed, sha256).
       issues.jsonl         every input problem found (file, line or row, kind, action), one JSON object a line.
+      slices/              only while prepare runs (see below); removed once the manifest is written.
 
 The manifest and the per-shard ``shard-*.json`` say the same things twice on purpose: `check_shard_files` (run by
 the loader and by pretraining's preflight) compares them, and each shard's size with its counts, so a folder whose
 manifest was edited, or whose shards come from several runs, is refused as corrupt or mixed (re-run prepare) rather
 than read with the wrong sequence length. It reads only metadata; the loader checks the ids of every sample it reads
 against the vocabulary (an id outside it is corruption: `CorruptDataError`), and ``checksums`` hashes the shards.
+
+**Slices** (parallel and restartable prepare). The inputs are cut into SLICES of whole consecutive input files
+(about ``slice_bytes`` of input each, so they are defined by the inputs alone, never by the number of workers).
+Each slice is packed on its own, as if it were the whole input (its last sequence padded), into
+``slices/slice-NNNNN/`` with its own ``shard-*`` files, ``issues.jsonl`` and, written last, ``slice.json``: the
+slice's shards, totals, a key of everything that determines its bytes, and the size and sha256 of its files. A
+slice folder with a valid ``slice.json`` is finished and is never redone. The MERGE (the worker that finishes the
+last slice, or ``prepare --merge``) hard-links the slices' shards into the flat layout above in slice order,
+numbering them globally, rewrites each small ``shard-*.json`` with its global index, concatenates the issue logs,
+writes the manifest, and removes ``slices/``. A one-process run goes through the same slices and the same merge,
+so any number of workers on any number of nodes gives byte-identical output.
 
 Every file is written atomically (`bigbird_ja.common.atomic_io`: a hidden temporary name, fsync, rename). The manifest is renamed into
 place after all shards, so a run killed at any point leaves either no ``manifest.json`` (the loader refuses the
@@ -43,7 +55,10 @@ MANIFEST_NAME = "manifest.json"
 ISSUES_NAME = "issues.jsonl"
 SHARD_STEM = "shard-{index:05d}"
 # Files a prepare run may leave in its output folder; anything else there means the folder is not ours.
-OWN_FILE = re.compile(r"^(manifest\.json|issues\.jsonl|shard-\d{5,}\.(bin|idx|json)|\..+\.tmp-\d+)$")
+OWN_FILE = re.compile(r"^(manifest\.json|issues\.jsonl|slices|shard-\d{5,}\.(bin|idx|json)|\..+\.tmp-\d+)$")
+SLICES_DIR = "slices"  # the work folder of parallel / restartable prepare (see "Slices" above)
+SLICE_STEM = "slice-{index:05d}"
+SLICE_MANIFEST = "slice.json"  # written last in a slice folder: the slice is finished
 TEMP_FILE = re.compile(r"^\..+\.tmp-\d+$")
 
 UINT16_VOCAB_LIMIT = 1 << 16

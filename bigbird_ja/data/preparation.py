@@ -14,6 +14,14 @@ Pipeline, in constant memory:
 4. Sequences go to shards of about ``shard_tokens`` tokens, each written through a temporary file, fsync'ed and
    renamed; the manifest is written last (see `format`).
 
+Steps 1-4 run per SLICE of the inputs (whole consecutive files, about ``slice_bytes`` of them, see `plan_slices`):
+each slice is packed as if it were the whole input into its own folder, finished by a checksummed ``slice.json``,
+and a merge links the slices' shards into one data set (`format`, "Slices"). So prepare runs in parallel across
+processes and nodes (``worker=(i, n)``, ``--slice I/N`` or ``--slice auto`` under srun / torchrun / mpirun: each
+worker packs a disjoint set of slices into the same output folder on a shared file system, the last to finish
+merges), resumes after a crash without redoing finished slices (run the same command again), and writes the same
+bytes whatever the number of workers, nodes or pool processes.
+
 Input problems are never silent: `cleaning` lists what is removed, normalised or skipped; each instance goes to
 ``issues.jsonl`` with its file and line, the counts to the manifest and the returned report. A few are fatal,
 because packing on would give a silently wrong data set; the run then stops before the manifest is written:
@@ -30,7 +38,9 @@ input); it is recorded in the manifest as the default shuffle seed of the loader
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
+import heapq
 import itertools
 import json
 import multiprocessing
@@ -48,15 +58,21 @@ from .cleaning import (
 )
 from .fingerprint import load_tokenizer, special_token_ids, tokenizer_fingerprint
 from ..common.atomic_io import atomic_open, atomic_write_bytes, fsync_dir, temp_path
+from ..common.checksums import check_listing, file_entry
 from .format import (
-    FORMAT_NAME, FORMAT_VERSION, ISSUES_NAME, MANIFEST_NAME, OWN_FILE, SHARD_STEM, TEMP_FILE, ShardInfo,
-    canonical_json, dtype_name, token_dtype,
+    FORMAT_NAME, FORMAT_VERSION, ISSUES_NAME, MANIFEST_NAME, OWN_FILE, SHARD_STEM, SLICE_MANIFEST, SLICE_STEM,
+    SLICES_DIR, TEMP_FILE, ShardInfo, canonical_json, dtype_name, read_manifest, token_dtype,
 )
 from .sources import (
-    JSON_LINE, RAW_TEXT, SKIPPED, STRING, Record, RecordReader, SourceOptions, discover_inputs, read_head,
+    JSON_LINE, RAW_TEXT, SKIPPED, STRING, InputFile, Record, RecordReader, SourceOptions, discover_inputs,
+    disk_bytes, read_head,
 )
 
 DEFAULT_SHARD_TOKENS = 1 << 29  # 512 Mi tokens: 1 GiB per shard in uint16, a few hundred shards per TB of text
+# 1 GiB of input (~350 M tokens of Japanese): a few hundred slices for a 48 G-token corpus, enough to keep dozens
+# of nodes busy; each costs one padded sequence (under 0.001% of its tokens) and one partial shard.
+DEFAULT_SLICE_BYTES = 1 << 30
+MERGE_CLAIM = ".merging"  # a folder in slices/: the worker that creates it merges
 
 
 @dataclass(frozen=True)
@@ -67,12 +83,15 @@ class PrepareOptions:
     cleaning: CleaningOptions = field(default_factory=CleaningOptions)
     cls_at_start: bool = True  # every sequence starts with [CLS] (a global token for the encoder)
     chunk_bytes: int = 1 << 20  # input bytes per work unit of a worker
+    slice_bytes: int = DEFAULT_SLICE_BYTES  # whole input files per slice (on disk): the unit of parallel, resumed work
     durable: bool = True  # fsync every file and the folder (about 20 ms per shard); off only for throwaway output
     mp_start_method: str = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
 
     def __post_init__(self):
         if self.chunk_bytes < 1:
             raise ValueError(f"chunk_bytes={self.chunk_bytes}: must be >= 1 (1 MiB is a good value)")
+        if self.slice_bytes < 1:
+            raise ValueError(f"slice_bytes={self.slice_bytes}: must be >= 1 (default {DEFAULT_SLICE_BYTES})")
         if self.mp_start_method not in multiprocessing.get_all_start_methods():
             raise ValueError(f"mp_start_method={self.mp_start_method!r}: this platform offers "
                              f"{multiprocessing.get_all_start_methods()}")
@@ -96,20 +115,38 @@ class PrepareReport:
     seconds: float = 0.0
     issue_counts: dict = field(default_factory=dict)
     issue_examples: dict = field(default_factory=dict)  # kind -> first locations "file:line"
+    num_slices: int = 0  # slices of the whole input
+    packed_tokens: int = 0  # document tokens this call tokenised (not those of resumed slices)
+    slices_packed: int = 0  # by this call
+    slices_resumed: int = 0  # this call's slices found finished by an earlier (killed) run
+    merged: bool = False  # the data set is complete (manifest written)
+    waiting_for: list = field(default_factory=list)  # a worker's report: slices other workers have not finished
+    note: str = ""
 
     @property
     def num_tokens(self) -> int:
         return self.num_sequences * self.seq_len
 
     def summary(self) -> str:
-        rate = self.num_document_tokens / self.seconds if self.seconds else 0.0
+        rate = self.packed_tokens / self.seconds if self.seconds else 0.0
+        if not self.merged and self.note:
+            return f"packed {self.slices_packed} slice(s) ({self.slices_resumed} already finished): {self.note}"
+        if not self.merged:
+            return (f"packed {self.slices_packed} slice(s) ({self.slices_resumed} already finished) in "
+                    f"{self.seconds:,.1f} s, {rate:,.0f} tokens/s; {len(self.waiting_for)} of {self.num_slices} "
+                    f"slices are still being packed by other workers ({_short_list(self.waiting_for)}): the last "
+                    f"worker to finish merges, or run the same command with --merge instead of --slice")
         lines = [
             f"prepared {self.num_documents:,} documents, {self.num_document_tokens:,} document tokens "
-            f"({_size(self.num_input_bytes)} in {self.seconds:,.1f} s, {rate:,.0f} tokens/s)",
+            f"({_size(self.num_input_bytes)}; tokenised here: {self.packed_tokens:,} in {self.seconds:,.1f} s, "
+            f"{rate:,.0f} tokens/s)",
             f"  {self.num_sequences:,} sequences x {self.seq_len} ({self.dtype}) in {self.num_shards} shard(s) "
             f"at {self.out_dir}: +{self.num_separator_tokens:,} [SEP], +{self.num_cls_tokens:,} [CLS], "
             f"+{self.num_padding_tokens:,} [PAD]",
         ]
+        if self.note or self.num_slices > 1:
+            lines.append(f"  {self.num_slices} slice(s): {self.slices_packed} packed by this process, "
+                         f"{self.slices_resumed} resumed" + (f" ({self.note})" if self.note else ""))
         if not any(self.issue_counts.values()):
             lines.append("  input issues: none")
         for kind in ISSUE_KINDS:
@@ -305,7 +342,8 @@ class _ShardWriter:
 
 def prepare(tokenizer_dir, inputs, out_dir, seq_len: int = 4096, seed: int = 0, num_workers: int | None = None,
             shard_tokens: int = DEFAULT_SHARD_TOKENS, *, options: PrepareOptions | None = None,
-            overwrite: bool = False, progress: bool = True) -> PrepareReport:
+            overwrite: bool = False, progress: bool = True, worker: tuple[int, int] | None = None,
+            merge_only: bool = False) -> PrepareReport:
     """Tokenise and pack ``inputs`` into shards of ``seq_len``-token sequences under ``out_dir``.
 
     tokenizer_dir: a folder written by ``save_pretrained`` (loads with ``AutoTokenizer`` as a fast tokenizer), or
@@ -315,6 +353,11 @@ def prepare(tokenizer_dir, inputs, out_dir, seq_len: int = 4096, seed: int = 0, 
     shard_tokens: tokens per shard, rounded down to whole sequences (default 512 Mi = 1 GiB in uint16).
     overwrite: replace an existing finished output in ``out_dir`` (its manifest is removed first, so a run killed
         while overwriting leaves no readable folder rather than a mix).
+    worker: ``(i, n)``: be worker i of n processes (on any nodes) sharing ``out_dir``: pack only this worker's
+        slices (see `assign_slices`); the worker that finds every slice finished merges. None: one process packs
+        every slice and merges. The output is the same either way.
+    merge_only: pack nothing; merge the finished slices (an error lists unfinished ones).
+    A run killed at any point is resumed by the same call: finished slices are kept, the rest redone.
     Returns a `PrepareReport`; see its ``summary()``.
     """
     options = options or PrepareOptions()
@@ -328,6 +371,15 @@ def prepare(tokenizer_dir, inputs, out_dir, seq_len: int = 4096, seed: int = 0, 
     if seqs_per_shard < 1:
         raise ValueError(f"shard_tokens={shard_tokens} is smaller than one sequence of seq_len={seq_len}: use at "
                          f"least {seq_len} (default {DEFAULT_SHARD_TOKENS})")
+    if worker is not None:
+        index, count = worker
+        if count < 1 or not 0 <= index < count:
+            raise ValueError(f"worker {index}/{count}: need 0 <= I < N (e.g. --slice 0/4 ... --slice 3/4)")
+        if overwrite:
+            raise ValueError("overwrite with several workers would let one worker delete what another wrote: "
+                             "delete the output folder first (or run one process with --overwrite)")
+    if merge_only and worker is not None:
+        raise ValueError("merge_only merges what the workers wrote: pass no worker with it")
 
     tokenizer = load_tokenizer(tokenizer_dir)
     specials = special_token_ids(tokenizer)
@@ -338,88 +390,364 @@ def prepare(tokenizer_dir, inputs, out_dir, seq_len: int = 4096, seed: int = 0, 
                          f"set them in its tokenizer_config.json (e.g. sep_token='[SEP]')")
     vocab_size = len(tokenizer)
     dtype = token_dtype(vocab_size)
-    fingerprint = tokenizer_fingerprint(tokenizer)
     files = discover_inputs(inputs, options.source.input_format)
-    for item in files:  # before any output: a UTF-16 file is refused in milliseconds, not after a long run
-        if item.format in ("text", "jsonl"):
-            check_head(item.path, read_head(item.path), options.cleaning)
+    slices = plan_slices(files, options.slice_bytes)
+    mine = slices if worker is None else [slices[i] for i in assign_slices(slices, worker[1])[worker[0]]]
+    if merge_only:
+        mine = []
+    for s in mine:  # before any output: a UTF-16 file is refused in milliseconds, not after a long run
+        for item in files[s.start:s.stop]:
+            if item.format in ("text", "jsonl"):
+                check_head(item.path, read_head(item.path), options.cleaning)
 
-    out = Path(out_dir)
-    _prepare_out_dir(out, overwrite)
     common_meta = {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "seq_len": seq_len, "dtype": dtype_name(dtype),
-        "vocab_size": vocab_size, "tokenizer_fingerprint": fingerprint, "seed": seed,
+        "vocab_size": vocab_size, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer), "seed": seed,
     }
-    report = PrepareReport(out_dir=str(out), seq_len=seq_len, dtype=dtype_name(dtype))
-    writer = _ShardWriter(out, seq_len, dtype, seqs_per_shard, common_meta, options.durable)
-    packer = _Packer(writer, seq_len, dtype, specials, options.cls_at_start, report)
-    issues_file = None
-    pool = None
+    run = _Run(Path(out_dir), files, specials, common_meta, options, seqs_per_shard, dtype)
+    keys = [run.key(s) for s in slices]
+    report = PrepareReport(out_dir=str(run.out), seq_len=seq_len, dtype=dtype_name(dtype), num_slices=len(slices))
+    if _prepare_out_dir(run.out, overwrite, keys, resumable=worker is not None or merge_only):
+        return _report_of_manifest(report, read_manifest(run.out), "already complete")
+
     started = time.perf_counter()
+    todo = [s for s in mine if run.finished_slice(s, keys[s.index]) is None]
+    report.slices_resumed = len(mine) - len(todo)
+    pool = None
+    bar = _progress_bar([f for s in todo for f in files[s.start:s.stop]], progress and bool(todo))
     try:
-        with atomic_open(out / ISSUES_NAME, options.durable) as issues_file:
-            log = IssueLog(issues_file, [item.path for item in files],
-                           ["row" if item.format in ("parquet", "arrow") else "line" for item in files],
-                           options.cleaning.max_logged_kept)
-            report.issue_counts, report.issue_examples = log.counts, log.examples
-            reader = RecordReader(files, options.source, options.cleaning)
+        if todo:
             init_args = (tokenizer.backend_tokenizer.to_str(), specials["unk"], options.cleaning,
                          options.source.text_field)
             if num_workers == 0:
                 _init_worker(*init_args, pool_process=False)
-                results = ((chunk, _encode_chunk(chunk)) for chunk in _chunks(reader, options.chunk_bytes))
             else:
                 ctx = multiprocessing.get_context(options.mp_start_method)
                 pool = ctx.Pool(num_workers, initializer=_init_worker, initargs=init_args)
-                results = _ordered(pool, _chunks(reader, options.chunk_bytes), 2 * num_workers + 2)
-            bar = _progress_bar(files, progress)
-            checked = 0  # files [0, checked) passed the invalid-bytes check
-            try:
+        done_bytes = 0
+        for s in todo:
+            done_bytes += run.pack_slice(s, keys[s.index], pool, num_workers, bar, done_bytes, started, report)
+            report.slices_packed += 1
+        if pool is not None:
+            pool.close()
+            pool.join()
+            pool = None
+    except BaseException:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+
+    # The merge: by one process after its slices, by the worker that finds every slice finished, or on request.
+    manifests = [run.finished_slice(s, keys[s.index]) for s in slices]
+    unfinished = [s.index for s, m in zip(slices, manifests) if m is None]
+    if unfinished:
+        if (run.out / MANIFEST_NAME).is_file():  # another worker merged meanwhile (and removed the slices)
+            return _report_of_manifest(report, read_manifest(run.out), "merged by another worker")
+        if merge_only:
+            raise ValueError(f"cannot merge {str(run.out)!r}: slices {_short_list(unfinished)} of {len(slices)} are "
+                             f"not finished: run (or re-run) the workers that pack them (`bigbird-ja prepare "
+                             f"--slice I/N ...` with the same arguments), then --merge again")
+        report.seconds = time.perf_counter() - started
+        report.waiting_for = unfinished
+        return report
+    # One merger at a time: two workers finishing together would otherwise clean up each other's files. mkdir is
+    # atomic on every shared file system; a merge killed half-way leaves the claim, which --merge (and a
+    # one-process run) take over.
+    claim = run.out / SLICES_DIR / MERGE_CLAIM
+    if worker is None:
+        shutil.rmtree(claim, ignore_errors=True)
+    try:
+        claim.mkdir()
+    except FileExistsError:
+        report.seconds = time.perf_counter() - started
+        report.note = (f"every slice is finished and another worker is merging ({claim} exists); if no worker is "
+                       f"left running, that merge was killed: run the same command with --merge instead of --slice")
+        return report
+    except FileNotFoundError:  # slices/ is gone: a merge has just finished
+        pass
+    if (run.out / MANIFEST_NAME).is_file():  # we were too late: that merge finished (and removed the slices)
+        shutil.rmtree(claim, ignore_errors=True)
+        return _report_of_manifest(report, read_manifest(run.out), "merged by another worker")
+    run.merge(slices, manifests, report)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _short_list(items: list[int]) -> str:
+    return str(items[:10])[:-1] + (f", ... ({len(items)} in all)]" if len(items) > 10 else "]")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Slices: the unit of parallel and resumable work (see `format`, "Slices")
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Input files ``[start, stop)``: packed on their own into ``slices/slice-<index>``."""
+
+    index: int
+    start: int
+    stop: int
+    num_bytes: int  # on disk, for load balancing
+
+
+def plan_slices(files: list[InputFile], slice_bytes: int) -> list[Slice]:
+    """Consecutive whole files, a slice closed once it holds >= ``slice_bytes`` on disk. Depends on the inputs
+    and ``slice_bytes`` only (never on how many workers run), which is what makes the output independent of them.
+    A file larger than ``slice_bytes`` is a slice of its own: split such a file to spread it over nodes."""
+    slices: list[Slice] = []
+    start, size = 0, 0
+    for i, item in enumerate(files):
+        size += disk_bytes(item)
+        if size >= slice_bytes:
+            slices.append(Slice(len(slices), start, i + 1, size))
+            start, size = i + 1, 0
+    if start < len(files):
+        slices.append(Slice(len(slices), start, len(files), size))
+    return slices
+
+
+def assign_slices(slices: list[Slice], num_workers: int) -> list[list[int]]:
+    """Slice indices per worker: largest slice first to the least-loaded worker (ties: the lower worker). The same
+    for every worker that computes it, so the workers need no communication."""
+    loads = [(0, w) for w in range(num_workers)]
+    heapq.heapify(loads)
+    assigned: list[list[int]] = [[] for _ in range(num_workers)]
+    for s in sorted(slices, key=lambda s: (-s.num_bytes, s.index)):
+        load, w = heapq.heappop(loads)
+        assigned[w].append(s.index)
+        heapq.heappush(loads, (load + s.num_bytes, w))
+    return [sorted(a) for a in assigned]
+
+
+# Launchers' variables for "which worker am I": torchrun / deepspeed, srun (inside a job step), Open MPI, MPICH.
+_WORKER_ENV = (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS"),
+               ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"), ("PMI_RANK", "PMI_SIZE"))
+
+
+def worker_from_env(env=None) -> tuple[int, int]:
+    """``(i, n)`` from the launcher that started this process (see `_WORKER_ENV`)."""
+    env = os.environ if env is None else env
+    for rank, size in _WORKER_ENV:
+        if rank.startswith("SLURM") and not ("SLURM_STEP_ID" in env or "SLURM_STEPID" in env):
+            continue  # the batch script itself (not an srun task) also sees SLURM_PROCID=0
+        if rank in env and size in env:
+            return int(env[rank]), int(env[size])
+    raise ValueError("--slice auto: no launcher told this process its worker number (RANK/WORLD_SIZE of torchrun, "
+                     "SLURM_PROCID/SLURM_NTASKS of srun, OMPI_COMM_WORLD_RANK/SIZE, PMI_RANK/SIZE): start it with "
+                     "srun / torchrun / mpirun, or pass --slice I/N")
+
+
+def parse_worker(text: str) -> tuple[int, int]:
+    """``"I/N"`` or ``"auto"`` (see `worker_from_env`) -> (i, n)."""
+    if text == "auto":
+        return worker_from_env()
+    head, _, tail = text.partition("/")
+    if not (head.isdigit() and tail.isdigit()) or not 0 <= int(head) < int(tail):
+        raise ValueError(f"--slice {text!r}: expected I/N with 0 <= I < N (worker I of N, e.g. 0/8), or 'auto'")
+    return int(head), int(tail)
+
+
+class _Run:
+    """What every slice of one prepare run shares, and the work on slice folders."""
+
+    def __init__(self, out: Path, files: list[InputFile], specials: dict, common_meta: dict,
+                 options: PrepareOptions, seqs_per_shard: int, dtype: np.dtype):
+        self.out = out
+        self.files = files
+        self.specials = specials
+        self.common_meta = common_meta
+        self.options = options
+        self.seqs_per_shard = seqs_per_shard
+        self.dtype = dtype
+
+    def folder(self, s: Slice) -> Path:
+        return self.out / SLICES_DIR / SLICE_STEM.format(index=s.index)
+
+    def key(self, s: Slice) -> str:
+        """A digest of everything that decides the slice's bytes: settings, tokenizer, its files and their sizes."""
+        what = {"meta": self.common_meta, "specials": self.specials, "options": _options_json(self.options),
+                "seqs_per_shard": self.seqs_per_shard, "files": [s.start, s.stop],
+                "inputs": [{"path": f.path, "format": f.format, "bytes": disk_bytes(f)}
+                           for f in self.files[s.start:s.stop]]}
+        return "sha256:" + hashlib.sha256(canonical_json(what)).hexdigest()
+
+    def _stats(self, s: Slice) -> list:
+        # Not part of the key (nor of the output): an input rewritten since the slice was packed is packed again.
+        return [os.stat(f.path).st_mtime_ns for f in self.files[s.start:s.stop]]
+
+    def finished_slice(self, s: Slice, key: str) -> dict | None:
+        """The slice's manifest if it is finished, for this key and intact (sizes of every file, checksums of the
+        small ones; shard tokens are checked by size, their sha256 is in the manifest for `checksums`)."""
+        folder = self.folder(s)
+        try:
+            manifest = json.loads((folder / SLICE_MANIFEST).read_bytes())
+        except (FileNotFoundError, NotADirectoryError, ValueError):
+            return None
+        if not isinstance(manifest, dict) or manifest.get("key") != key or \
+                manifest.get("input_mtimes") != self._stats(s):
+            return None
+        if check_listing(folder, manifest.get("files", {}), SLICE_MANIFEST):
+            return None
+        return manifest
+
+    def pack_slice(self, s: Slice, key: str, pool, num_workers: int, bar, done_bytes: int, started: float,
+                   total: PrepareReport) -> int:
+        """Pack the slice into its folder, slice.json last; returns the input bytes read."""
+        folder = self.folder(s)
+        if folder.exists():  # an unfinished or stale attempt
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        options, files = self.options, self.files
+        report = PrepareReport(out_dir=str(folder), seq_len=self.common_meta["seq_len"],
+                               dtype=self.common_meta["dtype"])
+        writer = _ShardWriter(folder, report.seq_len, self.dtype, self.seqs_per_shard, self.common_meta,
+                              options.durable)
+        packer = _Packer(writer, report.seq_len, self.dtype, self.specials, options.cls_at_start, report)
+        try:
+            with atomic_open(folder / ISSUES_NAME, options.durable) as issues_file:
+                log = IssueLog(issues_file, [item.path for item in files],
+                               ["row" if item.format in ("parquet", "arrow") else "line" for item in files],
+                               options.cleaning.max_logged_kept)
+                report.issue_counts, report.issue_examples = log.counts, log.examples
+                reader = RecordReader(files, options.source, options.cleaning, s.start, s.stop)
+                chunks = _chunks(reader, options.chunk_bytes)
+                results = (((chunk, _encode_chunk(chunk)) for chunk in chunks) if num_workers == 0 else
+                           _ordered(pool, chunks, 2 * num_workers + 2))
+                checked = s.start  # files [s.start, checked) passed the invalid-bytes check
                 for chunk, (ids, lengths, reported, issues, unlogged) in results:
                     log.add(issues, unlogged)
                     # Records come in file order: every file before this chunk's last one is complete.
                     checked = _check_invalid_share(files, reader, log, options.cleaning, checked,
                                                    chunk[-1].file_index)
                     packer.add_chunk(chunk, ids, lengths, reported, log)
-                    _update_bar(bar, reader.bytes_read, report, started)
-            finally:
-                if bar is not None:
-                    bar.close()
-            _check_invalid_share(files, reader, log, options.cleaning, checked, len(files))
-            packer.finish(log)
-            shards = writer.finish()
-        if pool is not None:
-            pool.close()
-            pool.join()
-            pool = None
+                    _update_bar(bar, done_bytes + reader.bytes_read, total.packed_tokens +
+                                report.num_document_tokens, started)
+                _check_invalid_share(files, reader, log, options.cleaning, checked, s.stop)
+                packer.finish(log)
+                shards = writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+        total.packed_tokens += report.num_document_tokens
+        listed = {info.index_file: file_entry(folder / info.index_file) for info in shards}
+        listed.update({info.meta_file: file_entry(folder / info.meta_file) for info in shards})
+        listed.update({info.tokens_file: info.num_tokens * self.dtype.itemsize for info in shards})
+        listed[ISSUES_NAME] = file_entry(folder / ISSUES_NAME)
+        manifest = {
+            "format": FORMAT_NAME + "-slice", "key": key, "index": s.index, "files": listed,
+            "input_files": [s.start, s.stop], "input_mtimes": self._stats(s),
+            "totals": _totals(report, reader.bytes_read), "shards": [info.to_json() for info in shards],
+            "issues": report.issue_counts, "issue_examples": report.issue_examples,
+        }
+        atomic_write_bytes(folder / SLICE_MANIFEST, canonical_json(manifest), options.durable)  # last: finished
+        return reader.bytes_read
+
+    def merge(self, slices: list[Slice], manifests: list[dict], report: PrepareReport) -> None:
+        """Link every slice's shards into one flat, globally numbered data set; the manifest last, then remove
+        the slices. Idempotent: a merge killed half-way is simply run again."""
+        out, durable = self.out, self.options.durable
+        stale = [p for p in out.iterdir() if p.name not in (MANIFEST_NAME, SLICES_DIR)
+                 and (OWN_FILE.match(p.name) or TEMP_FILE.match(p.name))
+                 and not p.name.endswith(f".tmp-{os.getpid()}")]
+        for path in stale:  # shards of an earlier attempt of this merge, or of an older layout
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        shards: list[ShardInfo] = []
+        for s, m in zip(slices, manifests):
+            folder = self.folder(s)
+            for local in m["shards"]:
+                g = len(shards)
+                info = ShardInfo(index=g, tokens_file=SHARD_STEM.format(index=g) + ".bin",
+                                 index_file=SHARD_STEM.format(index=g) + ".idx",
+                                 meta_file=SHARD_STEM.format(index=g) + ".json",
+                                 num_sequences=local["num_sequences"], num_tokens=local["num_tokens"],
+                                 num_documents=local["num_documents"], tokens_sha256=local["tokens_sha256"])
+                _link(folder / local["index_file"], out / info.index_file, durable)
+                atomic_write_bytes(out / info.meta_file, canonical_json(dict(self.common_meta, **info.to_json())),
+                                   durable)
+                _link(folder / local["tokens_file"], out / info.tokens_file, durable)  # last, as in the writer
+                shards.append(info)
+        with atomic_open(out / ISSUES_NAME, durable) as f:
+            for s in slices:
+                with open(self.folder(s) / ISSUES_NAME, "rb") as part:
+                    shutil.copyfileobj(part, f)
+        for m in manifests:
+            for key in _TOTAL_KEYS:
+                setattr(report, key, getattr(report, key) + m["totals"][key])
+            for kind, n in m["issues"].items():
+                report.issue_counts[kind] = report.issue_counts.get(kind, 0) + n
+            for kind, where in m["issue_examples"].items():
+                report.issue_examples[kind] = (report.issue_examples.get(kind, []) + where)[:20]
         if report.num_documents == 0:
-            raise ValueError(_no_documents_message(files, report, out, options))
+            raise ValueError(_no_documents_message(self.files, report, out, self.options))
         report.num_shards = len(shards)
-        report.num_input_bytes = reader.bytes_read
-        report.seconds = time.perf_counter() - started
-        manifest = dict(common_meta, **{
-            "special_token_ids": specials,
-            "packing": {"cls_at_start": options.cls_at_start, "separator": "[SEP] after every document",
+        report.merged = True
+        manifest = dict(self.common_meta, **{
+            "special_token_ids": self.specials,
+            "packing": {"cls_at_start": self.options.cls_at_start, "separator": "[SEP] after every document",
                         "last_sequence": "padded with [PAD]"},
-            "options": _options_json(options),
-            "inputs": [{"path": f.path, "format": f.format} for f in files],
-            "totals": {
-                "num_sequences": report.num_sequences, "num_tokens": report.num_tokens,
-                "num_documents": report.num_documents, "num_document_tokens": report.num_document_tokens,
-                "num_separator_tokens": report.num_separator_tokens, "num_cls_tokens": report.num_cls_tokens,
-                "num_padding_tokens": report.num_padding_tokens, "num_input_bytes": report.num_input_bytes,
-            },
+            "options": _options_json(self.options),
+            "inputs": [{"path": f.path, "format": f.format} for f in self.files],
+            "slices": [{"index": s.index, "input_files": [s.start, s.stop], "key": m["key"],
+                        "num_shards": len(m["shards"])} for s, m in zip(slices, manifests)],
+            "totals": _totals(report, report.num_input_bytes),
             "issues": {kind: report.issue_counts.get(kind, 0) for kind in ISSUE_KINDS},
             "shards": [info.to_json() for info in shards],
         })
         # Last: only now does the folder become readable.
-        atomic_write_bytes(out / MANIFEST_NAME, canonical_json(manifest), options.durable)
-    except BaseException:
-        writer.abort()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+        atomic_write_bytes(out / MANIFEST_NAME, canonical_json(manifest), durable)
+        shutil.rmtree(out / SLICES_DIR, ignore_errors=True)  # hard links: the shards stay
+        if durable:
+            fsync_dir(out)
+
+
+_TOTAL_KEYS = ("num_sequences", "num_documents", "num_document_tokens", "num_separator_tokens", "num_cls_tokens",
+               "num_padding_tokens", "num_input_bytes")
+
+
+def _totals(report: PrepareReport, input_bytes: int) -> dict:
+    return {
+        "num_sequences": report.num_sequences, "num_tokens": report.num_tokens,
+        "num_documents": report.num_documents, "num_document_tokens": report.num_document_tokens,
+        "num_separator_tokens": report.num_separator_tokens, "num_cls_tokens": report.num_cls_tokens,
+        "num_padding_tokens": report.num_padding_tokens, "num_input_bytes": input_bytes,
+    }
+
+
+def _link(src: Path, dst: Path, durable: bool) -> None:
+    """``dst`` becomes ``src``'s bytes atomically: a hard link (no copy; a shard is GBs), a copy where the file
+    system has no hard links."""
+    tmp = temp_path(dst)
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    try:
+        os.link(src, tmp)
+    except FileNotFoundError:
         raise
+    except OSError:
+        shutil.copyfile(src, tmp)
+        if durable:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    os.replace(tmp, dst)
+
+
+def _report_of_manifest(report: PrepareReport, manifest: dict, how: str) -> PrepareReport:
+    totals = manifest["totals"]
+    for key in _TOTAL_KEYS:
+        setattr(report, key, totals[key])
+    report.num_shards = len(manifest["shards"])
+    report.issue_counts = dict(manifest.get("issues", {}))
+    report.merged = True
+    report.note = how
     return report
 
 
@@ -443,7 +771,9 @@ def _no_documents_message(files, report: PrepareReport, out: Path, options: Prep
             f"JSON lines / Parquet with the text in the field {options.source.text_field!r} (--text-field)")
 
 
-def _prepare_out_dir(out: Path, overwrite: bool) -> None:
+def _prepare_out_dir(out: Path, overwrite: bool, keys: list[str], resumable: bool) -> bool:
+    """Make ``out`` ready; True when it already holds the finished output of these slices (``resumable`` runs:
+    a worker or a merge started after the merge is done has nothing to do)."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"output {str(out)!r} exists and is not a folder: choose another --out")
     out.mkdir(parents=True, exist_ok=True)
@@ -454,13 +784,20 @@ def _prepare_out_dir(out: Path, overwrite: bool) -> None:
                          f"empty or new folder")
     if MANIFEST_NAME in entries:
         if not overwrite:
+            if resumable:
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    if [s["key"] for s in read_manifest(out).get("slices", [])] == keys:
+                        return True
             raise ValueError(f"output folder {str(out)!r} already holds prepared data: choose another folder or "
                              f"pass overwrite=True / --overwrite")
         os.unlink(out / MANIFEST_NAME)  # first, so that the folder is unreadable until the new run completes
-    for name in entries:  # shards of an earlier or killed run, temporary files
-        if name != MANIFEST_NAME and (OWN_FILE.match(name) or TEMP_FILE.match(name)):
+    if overwrite:
+        for name in entries:  # shards and slices of an earlier or killed run, temporary files
             path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            if name != MANIFEST_NAME and path.exists():
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    # Without overwrite, finished slices of a killed run are kept (resumed); the merge removes the rest.
+    return False
 
 
 def _options_json(options: PrepareOptions) -> dict:
@@ -620,10 +957,9 @@ def _progress_bar(files, enabled: bool):
                 dynamic_ncols=True)
 
 
-def _update_bar(bar, bytes_read: int, report: PrepareReport, started: float) -> None:
+def _update_bar(bar, bytes_read: int, tokens: int, started: float) -> None:
     if bar is None:
         return
     bar.update(bytes_read - bar.n)
     elapsed = max(time.perf_counter() - started, 1e-9)
-    bar.set_postfix_str(f"docs={report.num_documents:,} tokens={report.num_document_tokens:,} "
-                        f"{report.num_document_tokens / elapsed:,.0f} tok/s", refresh=False)
+    bar.set_postfix_str(f"tokens={tokens:,} {tokens / elapsed:,.0f} tok/s", refresh=False)

@@ -198,18 +198,31 @@ def split_string(text: str, limit: int) -> list[str]:
     return pieces
 
 
-class RecordReader:
-    """Iterate over the records of all inputs in order; ``bytes_read`` grows as input is consumed."""
+def disk_bytes(item: InputFile) -> int:
+    """Bytes ``item`` takes on disk (compressed files as they are; a saved data set: all its files): what
+    `prepare` cuts its inputs into slices by, known before anything is read."""
+    path = Path(item.path)
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
 
-    def __init__(self, files: list[InputFile], options: SourceOptions, cleaning: CleaningOptions | None = None):
+
+class RecordReader:
+    """Iterate over the records of inputs ``files[start:stop]`` (all by default) in order; ``bytes_read`` grows as
+    input is consumed. Records carry the index into ``files``, whatever ``start``."""
+
+    def __init__(self, files: list[InputFile], options: SourceOptions, cleaning: CleaningOptions | None = None,
+                 start: int = 0, stop: int | None = None):
         self.files = files
         self.options = options
         self.cleaning = cleaning or CleaningOptions()
+        self.start, self.stop = start, len(files) if stop is None else stop
         self.bytes_read = 0
         self.content_lines = [0] * len(files)  # per text / JSON-lines file: lines holding more than whitespace
 
     def __iter__(self) -> Iterator[Record]:
-        for index, item in enumerate(self.files):
+        for index in range(self.start, self.stop):
+            item = self.files[index]
             reader = {"text": self._text, "jsonl": self._jsonl, "parquet": self._parquet,
                       "arrow": self._arrow}[item.format]
             yield from reader(index, item.path)

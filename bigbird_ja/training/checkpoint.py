@@ -41,6 +41,7 @@ import errno
 import json
 import os
 import random
+import resource
 import shutil
 import sys
 import time
@@ -289,11 +290,11 @@ def resolve_resume(spec: str | None, root: Path, log=warn) -> Path | None:
 # Writing
 
 
-DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # EFBIG: past the file-size limit (ulimit -f)
 # torch's zip writer reports a failed write without its errno: "unexpected pos" (the file stopped growing) or
 # "failed writing file" / "file write failed"; on a full disk these are what one sees
-DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "unexpected pos", "failed writing file",
-                   "file write failed")
+DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "File too large", "unexpected pos",
+                   "failed writing file", "file write failed")
 
 
 def is_disk_full(err: BaseException) -> bool:
@@ -433,8 +434,10 @@ class CheckpointWriter:
             work()
         except Exception as err:  # reported to every rank, then raised on every rank (`_all_or_none`)
             probe = self.root if self.root.exists() else self.root.parent
+            file_limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
             return {"rank": self.rank, "error": f"{type(err).__name__}: {err}", "disk_full": is_disk_full(err),
-                    "free": shutil.disk_usage(probe).free}, err
+                    "free": shutil.disk_usage(probe).free,
+                    "file_limit": None if file_limit == resource.RLIM_INFINITY else file_limit}, err
         return None
 
     def _all_or_none(self, outcome, final: Path, tmp: Path, known: list | None = None) -> int:
@@ -456,6 +459,11 @@ class CheckpointWriter:
             size = f"; the newest checkpoint, {newest.name}, takes {_amount(_tree_bytes(newest))}" if newest else ""
             kept = (f"the earlier checkpoints and `latest` ({latest}) are intact" if latest else
                     "no earlier checkpoint was touched")
+            limited = [p for p in full if p.get("file_limit") is not None]
+            if limited:  # room on the disk, but not for this process: a file-size limit
+                size += (f"; rank(s) {', '.join(str(p['rank']) for p in limited)} may write no file larger than "
+                         f"{_amount(limited[0]['file_limit'])} (RLIMIT_FSIZE, `ulimit -f`): raise it in the job "
+                         f"script")
             error = CheckpointDiskFullError(
                 f"disk full: writing checkpoint {final.name} under {str(self.root)!r} failed on rank(s) "
                 f"{', '.join(str(p['rank']) for p in full)} ({full[0]['error'][:300]}); the file system had "

@@ -351,6 +351,54 @@ class PreflightSection:
 
 
 @dataclass
+class DistributedSection:
+    """The process group (`bigbird_ja.common.distributed`).
+
+    timeout_minutes: how long a collective (and the start-up rendezvous) waits for the other ranks before it fails
+        on every rank that waits: the bound on a job left hanging by a dead or stopped rank when neither the
+        launcher nor the watchdog has ended it first. Passed to init_process_group (gloo and NCCL). It must exceed
+        the longest wait of a healthy run: rank 0 alone converting a checkpoint to the universal format, hashing
+        the data (data.verify_checksums) or committing a checkpoint while the others wait. 30 minutes is 2% of a
+        24-hour job; torch's and DeepSpeed's default (10) is short for checkpoint phases at scale.
+    """
+
+    timeout_minutes: float = 30.0
+
+    def __post_init__(self):
+        _require(self.timeout_minutes > 0, f"distributed.timeout_minutes={self.timeout_minutes}: must be > 0")
+
+
+@dataclass
+class WatchdogSection:
+    """Finding a hung rank (`bigbird_ja.training.watchdog`): a thread on every rank times each phase of the loop (a
+    training step, an evaluation, a checkpoint); one that takes far longer than usual writes this rank's Python
+    stack to <run.output_dir>/watchdog/, names the ranks that made no progress and ends the process (the launcher
+    then stops the rest). Without it a stopped rank holds the others for distributed.timeout_minutes.
+
+    enabled: true (on, even for one process), false (off: no thread, no heartbeat files) or null: hang detection
+        when the run spans more than one node, heartbeats only on one node of several processes.
+    factor: a phase that takes longer than factor x the median of its recent durations counts as hung...
+    min_seconds: ...and never one shorter than this (a first step, an evaluation or a checkpoint is not timed
+        until that phase has 3 recent durations: those are bounded by distributed.timeout_minutes).
+    window: the recent durations of each phase the median is taken over.
+    heartbeat_seconds: how often each rank rewrites watchdog/rank-NNNNN.json (its step, phase, pid, host), from
+        which the watchdog, and a rank whose collective failed, tell which rank stopped or died.
+    """
+
+    enabled: bool | None = None
+    factor: float = 10.0
+    min_seconds: float = 300.0
+    window: int = 50
+    heartbeat_seconds: float = 10.0
+
+    def __post_init__(self):
+        _require(self.factor > 1, f"watchdog.factor={self.factor}: must be > 1 (a step's own median is not a hang)")
+        _require(self.min_seconds > 0, f"watchdog.min_seconds={self.min_seconds}: must be > 0")
+        _require(self.window >= 3, f"watchdog.window={self.window}: must be >= 3")
+        _require(self.heartbeat_seconds > 0, f"watchdog.heartbeat_seconds={self.heartbeat_seconds}: must be > 0")
+
+
+@dataclass
 class PretrainConfig:
     """Everything `bigbird-ja pretrain` is told; each component reads only its own section."""
 
@@ -367,6 +415,8 @@ class PretrainConfig:
     eval: EvalSection = field(default_factory=EvalSection)
     log: LogSection = field(default_factory=LogSection)
     preflight: PreflightSection = field(default_factory=PreflightSection)
+    distributed: DistributedSection = field(default_factory=DistributedSection)
+    watchdog: WatchdogSection = field(default_factory=WatchdogSection)
 
     @property
     def checkpoint_dir(self) -> Path:

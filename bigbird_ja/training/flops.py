@@ -65,6 +65,15 @@ def training_flops(config, seq_len: int, micro_batch_size: int, micro_batches: i
     return 3.0 * per_micro * micro_batches
 
 
+def hardware_training_flops(config, seq_len: int, micro_batch_size: int, micro_batches: int = 1,
+                            activation_checkpointing: bool = False) -> float:
+    """FLOPs the device executes: the model FLOPs, plus one more forward when activation checkpointing recomputes
+    every layer in the backward pass (4 forwards' worth instead of 3; the MLM head is not recomputed, counted
+    anyway: it is small). What a step's compute time is made of (`planner`); MFU still divides model FLOPs."""
+    factor = 4.0 / 3.0 if activation_checkpointing else 1.0
+    return factor * training_flops(config, seq_len, micro_batch_size, micro_batches)
+
+
 def peak_tflops(device_name: str | None, precision: str) -> float | None:
     """Peak dense TFLOP/s of a known GPU for "bf16" or "fp32", or None (CPU, unknown device)."""
     if not device_name:

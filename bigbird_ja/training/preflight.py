@@ -10,7 +10,8 @@
   data was prepared with. Ids are checked against the vocabulary as samples are read (`PackedDataset`).
 * **Disk.** The checkpoint folder's file system has room for keep_last + 1 checkpoints (the newest is written before
   the oldest is deleted), estimated from the parameter count (`checkpoint_bytes`).
-* **Offload.** CPU offload runs only when asked for, and draws a warning on more than one node.
+* **Offload.** CPU offload runs only when asked for, and draws a warning on more than one node; it is refused when
+  this node's ranks' offloaded optimizer state (16 B per parameter over the world) exceeds 80% of its memory.
 
 `run_preflight` returns problems (errors) and warnings instead of raising, so that the trainer can agree across ranks
 and stop every rank together with each rank's message, instead of leaving the healthy ones hanging at a barrier.
@@ -146,12 +147,49 @@ def run_preflight(cfg: PretrainConfig, *, rank: int, world_size: int, num_nodes:
         if problem:
             report.problems.append(problem)
 
+    if num_params is not None:
+        problem = check_offload_host_memory(cfg, world_size, num_nodes, num_params)
+        if problem:
+            report.problems.append(problem)
     if cfg.zero.offload_optimizer != "none" and num_nodes > 1:
         report.warnings.append(
             f"zero.offload_optimizer={cfg.zero.offload_optimizer!r} on {num_nodes} nodes: CPU offload was a source "
             f"of failures at this scale (host memory, pinned buffers, slow optimizer steps); prefer more GPUs or "
             f"ZeRO-3 without offload")
     return report
+
+
+OFFLOAD_BYTES_PER_PARAM = 16  # fp32 master weights + two Adam moments (12 B) + the fp32 gradient buffer (4 B)
+OFFLOAD_HOST_SHARE = 0.8  # the rest: the processes themselves, pinned staging buffers, page cache for the shards
+
+
+def check_offload_host_memory(cfg: PretrainConfig, world_size: int, num_nodes: int, num_params: int,
+                              host_bytes: int | None = None) -> str | None:
+    """What cannot work with zero.offload_optimizer=cpu: the offloaded optimizer partitions of this node's ranks
+    exceed its host memory (``host_bytes``, default: `host_memory_bytes`). The rest was rehearsed on CPU (8 ranks
+    over 2 nodes, ZeRO 2 and 3, resumed at 4: benchmarks/bench_scale.py --offload) and runs."""
+    if cfg.zero.offload_optimizer == "none":
+        return None
+    per_node = -(-world_size // max(1, num_nodes))
+    need = OFFLOAD_BYTES_PER_PARAM * num_params * per_node // world_size
+    have = host_bytes if host_bytes is not None else host_memory_bytes()
+    if not have or need <= OFFLOAD_HOST_SHARE * have:
+        return None
+    return (f"zero.offload_optimizer=cpu: the {per_node} ranks on this node would hold about {need / 2**30:,.1f} GiB "
+            f"of optimizer state in host memory ({OFFLOAD_BYTES_PER_PARAM} B per parameter x {num_params:,} "
+            f"parameters / {world_size} ranks, each), more than {OFFLOAD_HOST_SHARE:.0%} of its "
+            f"{have / 2**30:,.1f} GiB: it would fail at the first optimizer step. Use more nodes, fewer ranks per "
+            f"node, or zero.stage=3 without offload (zero.offload_optimizer=none)")
+
+
+def host_memory_bytes() -> int | None:
+    """Physical memory of this node (None where the OS does not say)."""
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def format_problems(problems_by_rank: dict[int, list[str]]) -> str:

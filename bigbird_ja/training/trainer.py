@@ -17,7 +17,8 @@ methods are the phases of a run, in order:
 5. `write_run_files` (the resolved config, the DeepSpeed JSON generated from it, the model config; printed only
    with --dry-run), then `start_engine`: the engine, then the checkpoint's weights, optimizer, scheduler and RNG.
 6. `train`: `train_step` (accumulation over micro-batches), `log`, `evaluate`, `save`: every N steps, at the end
-   and on SIGTERM.
+   and on SIGTERM. Each is a phase the watchdog times (`watchdog`: heartbeats, a hung phase ends the run, the ranks
+   lost named); every collective gives up after distributed.timeout_minutes.
 
 The trainer's state (`TrainState`: step, samples, tokens; with the data cursor and each rank's RNG) is saved in
 every checkpoint and restored on resume: a run killed after its checkpoint at step k and resumed repeats steps
@@ -26,12 +27,15 @@ k+1.. exactly.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -50,6 +54,7 @@ from .preflight import (
     PreflightError, check_checkpoint_disk, estimate_open_files, format_problems, raise_open_file_limit, run_preflight,
 )
 from .reporting import Reporter, fmt, peak_memory_gib
+from .watchdog import FaultInjection, Watchdog, enable_crash_stacks
 
 BUNDLED_CORPUS = "bundled:ja_sample"
 
@@ -274,7 +279,8 @@ def pretrain(cfg: PretrainConfig, *, resume: str | None = None, dry_run: bool = 
     """
     deepspeed = import_deepspeed()
     cuda = torch.cuda.is_available()
-    env = init_process_group(cuda)
+    env = init_process_group(cuda, timeout=timedelta(minutes=cfg.distributed.timeout_minutes),
+                             trace_dir=Path(cfg.run.output_dir) / "watchdog")
     try:
         return Pretraining(cfg, deepspeed, env, cuda).run(resume, dry_run)
     finally:  # every way out, errors included: without it the interpreter can abort at exit (ZeRO-3 threads)
@@ -378,6 +384,9 @@ class Pretraining:
         if cfg.preflight.check_disk:
             problem, _ = check_checkpoint_disk(cfg, self.num_params)
             _stop_if_problems([problem] if problem else [], "preflight")
+        from .preflight import check_offload_host_memory  # offload that cannot fit host memory: refused now
+        problem = check_offload_host_memory(cfg, self.env.world_size, self.env.num_nodes, self.num_params)
+        _stop_if_problems([problem] if problem else [], "preflight")
 
     # -- 3. what to resume from (rank 0 decides, everyone follows) ------------------------------------------------
     def choose_checkpoint(self, resume) -> None:
@@ -553,6 +562,7 @@ class Pretraining:
                              flops_per_step_per_device=self.flops_per_step,
                              data_cursor=self.train_data.state_dict()["global_position"])
         self.sigterm = False
+        self.start_watchdog()
         previous_handler = None
         if cfg.checkpoint.save_on_sigterm:
             def on_sigterm(signum, frame):
@@ -578,20 +588,23 @@ class Pretraining:
             while self.state.step < cfg.train.max_steps:
                 logging_now = self._due(cfg.log.every_steps, self.state.step + 1) or \
                     self.state.step + 1 == cfg.train.max_steps
-                lr, grad_norm, finite = self.train_step(logging_now)
-                # one small all-reduce: did any rank get SIGTERM, or see a non-finite loss or gradient norm?
-                sigterm, nonfinite = any_rank_flags([self.sigterm, not finite], self.device)
-                if nonfinite:
-                    self.stop_nonfinite(grad_norm)
-                if logging_now:
-                    self.log(lr, grad_norm)
+                with self.phase("step", self.state.step + 1):  # each phase timed by the watchdog
+                    lr, grad_norm, finite = self.train_step(logging_now)
+                    # one small all-reduce: did any rank get SIGTERM, or see a non-finite loss or gradient norm?
+                    sigterm, nonfinite = any_rank_flags([self.sigterm, not finite], self.device)
+                    if nonfinite:
+                        self.stop_nonfinite(grad_norm)
+                    if logging_now:
+                        self.log(lr, grad_norm)
                 last = self.state.step == cfg.train.max_steps
                 if self.eval_data is not None and (self._due(cfg.eval.every_steps, self.state.step) or last):
-                    self.evaluate()
+                    with self.phase("eval", self.state.step):
+                        self.evaluate()
                 # checkpoint every N steps, at the end, and when any rank got SIGTERM
                 sigterm = sigterm and cfg.checkpoint.save_on_sigterm
                 if self._due(cfg.checkpoint.every_steps, self.state.step) or last or sigterm:
-                    self.save()
+                    with self.phase("checkpoint", self.state.step):
+                        self.save()
                     saved_at = self.state.step
                 if sigterm:
                     self.result.stop_reason = "sigterm"
@@ -602,11 +615,14 @@ class Pretraining:
         except BaseException as err:
             self.result.stop_reason = "error"
             error = f"{type(err).__name__}: {err}"
+            self.name_lost_ranks()
             named = out_of_memory_error(err, cfg, self.state.step + 1, self.seq_len, self.result.last_checkpoint)
             if named is not None:
                 raise named from err
             raise
         finally:
+            if self.watchdog is not None:
+                self.watchdog.stop()
             self.result.final_step = self.state.step
             extra = {"error": error} if error is not None else {}
             self.reporter.record("end", step=self.state.step, reason=self.result.stop_reason, **extra)
@@ -629,6 +645,34 @@ class Pretraining:
         """Whether an action done every ``every`` steps (0 or None: never) falls on ``step``."""
         return bool(every) and step % every == 0
 
+    # -- dead and hung ranks (`watchdog`) ---------------------------------------------------------------------
+    def start_watchdog(self) -> None:
+        """Crash stacks on, $BIGBIRD_JA_FAULT read, and the watchdog thread (heartbeats; hang detection) started.
+        The folder exists for NCCL's flight-recorder dumps too (`distributed.flight_recorder`)."""
+        enable_crash_stacks()
+        self.fault = FaultInjection.from_env()
+        folder = self.out / "watchdog"
+        folder.mkdir(parents=True, exist_ok=True)
+
+        def record_hang(message: str) -> None:  # the main thread is stuck in a collective: metrics.jsonl is free
+            self.reporter.record("end", step=self.state.step, reason="hung", error=message)
+
+        self.watchdog = Watchdog.from_config(self.cfg.watchdog, self.env, folder, on_hang=record_hang)
+        if self.watchdog is not None:
+            self.watchdog.start()
+
+    def phase(self, name: str, step: int):
+        """A phase of the loop the watchdog times (a no-op without one)."""
+        return self.watchdog.phase(name, step) if self.watchdog is not None else contextlib.nullcontext()
+
+    def name_lost_ranks(self) -> None:
+        """After an error on this rank: the ranks on this host that are gone or stopped (a failed collective's own
+        message names no rank)."""
+        if self.watchdog is None or self.env.world_size == 1:
+            return
+        for line in self.watchdog.explain_failure():
+            print(f"[rank {self.env.rank}] {line}", file=sys.stderr, flush=True)
+
     def train_step(self, logging_now: bool) -> tuple[float, float | None, bool]:
         """One optimizer step over grad_accum_steps micro-batches; returns (its learning rate, the gradient norm or
         None, whether this rank's losses and the norm were finite).
@@ -638,12 +682,16 @@ class Pretraining:
         plan, engine = self.plan, self.engine
         positions = []
         lr = own_norm = None
+        if self.fault is not None:
+            self.fault.at_step_start(self.env.rank, self.state.step + 1)
         for micro in range(plan.grad_accum_steps):
             samples = [next(self.train_iter) for _ in range(plan.micro_batch_size)]
             if self.sample_log is not None:
                 positions.extend((s["position"], s["index"]) for s in samples)
             batch = {k: v.to(self.device, non_blocking=True) for k, v in self.collator(samples).items()}
             loss = engine(**batch).loss
+            if self.fault is not None and micro == 0:
+                self.fault.mid_step(self.env.rank, self.state.step + 1)
             engine.backward(loss)
             if micro == plan.grad_accum_steps - 1:
                 lr = engine.get_lr()[0]  # the rate this optimizer step uses (the scheduler moves after it)

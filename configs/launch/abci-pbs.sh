@@ -42,14 +42,29 @@ export NCCL_IB_RETRY_CNT=13
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 
+# The trainer turns torch's flight recorder on (TORCH_FR_BUFFER_SIZE=2000, TORCH_NCCL_DUMP_ON_TIMEOUT=1): on a
+# collective timeout every rank dumps its last collectives to <output_dir>/watchdog/ (`torchfrtrace` reads them).
+
 # --- launch: mpirun forwards SIGTERM (PBS sends it at the walltime, before SIGKILL) to every rank: they save and
 # exit; resubmitting the same script continues with --resume auto.
-mpirun -np $(( NNODES * GPUS_PER_NODE )) --hostfile "$HOSTFILE" --map-by ppr:"$GPUS_PER_NODE":node --bind-to none \
+# A rank that dies (or that the watchdog ends when it hangs) makes mpirun stop every rank and exit non-zero; mpirun
+# has no restart of its own, so the job runs it again, up to MAX_RESTARTS times, each attempt continuing from the
+# newest complete checkpoint. A clean exit (done, or saved on SIGTERM at the walltime) ends the loop.
+MAX_RESTARTS=${MAX_RESTARTS:-3}
+for ATTEMPT in $(seq 0 "$MAX_RESTARTS"); do
+  STATUS=0
+  mpirun -np $(( NNODES * GPUS_PER_NODE )) --hostfile "$HOSTFILE" --map-by ppr:"$GPUS_PER_NODE":node --bind-to none \
   -x PATH -x LD_LIBRARY_PATH -x VIRTUAL_ENV -x MASTER_ADDR -x MASTER_PORT -x OMP_NUM_THREADS -x TRITON_CACHE_DIR \
   -x TORCH_EXTENSIONS_DIR -x NCCL_SOCKET_IFNAME -x NCCL_IB_HCA -x NCCL_IB_TIMEOUT -x NCCL_IB_RETRY_CNT \
   -x TORCH_NCCL_ASYNC_ERROR_HANDLING -x NCCL_DEBUG \
   bash -c 'ulimit -n "$(ulimit -Hn)"; exec python -m bigbird_ja.cli pretrain --config "$0" --resume auto "$@"' \
-  "$CONFIG" "$@"
+  "$CONFIG" "$@" || STATUS=$?
+  [ "$STATUS" -eq 0 ] && break
+  # exit status 2: a stop the trainer explained (config, data, disk full), which a restart would only repeat
+  [ "$STATUS" -eq 2 ] && exit 2
+  echo "attempt $ATTEMPT failed (exit status $STATUS); restarting from the newest complete checkpoint" >&2
+done
+exit "$STATUS"
 
 # Alternative, the DeepSpeed launcher over the same hostfile (it runs mpirun for you):
 #   deepspeed --hostfile "$HOSTFILE" --launcher openmpi --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \

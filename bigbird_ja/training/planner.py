@@ -1,0 +1,724 @@
+"""`bigbird-ja plan`: memory, step time and cost of a pretraining run on N GPUs, before anyone books them.
+
+Glossary: P parameters (counted on a meta-device model: exact, shared embeddings once), n = data-parallel ranks
+(GPUs), g GPUs per node, b micro-batch (sequences), a gradient-accumulation steps, N tokens per sequence, L layers,
+V vocabulary. Memory is per GPU, in bytes.
+
+Model states (per GPU): what DeepSpeed 0.19 keeps for this project's settings (AdamW, two fp32 moments; "bf16" =
+bf16 weights and activations with fp32 master weights, "fp32" = everything fp32). Replicated terms are x P, sharded
+ones x P / n (the ZeRO paper's Psi and N_d):
+
+    bf16   stage 0  params 2      grads 2 + 4        optimizer 12/n   (DeepSpeed's BF16_Optimizer: bf16 grads, a full
+                                                                       fp32 accumulation buffer; it shards the fp32
+                                                                       master + moments over the ranks, like ZeRO-1)
+           stage 1  params 2      grads 2 + 4/n      optimizer 12/n   (bf16 grads stay whole; the fp32 ones sharded)
+           stage 2  params 2      grads (2 + 4)/n    optimizer 12/n   = 2 + 18/n: DeepSpeed's own estimate
+           stage 3  params 2/n + 4 x largest layer / P   grads 4/n   optimizer 12/n   = DeepSpeed's estimate
+                    (bf16 gradients are reduce-scattered straight into the fp32 partition: 18/n in all)
+    fp32   stage 0  params 4      grads 4            optimizer 8      (torch's AdamW on the module's own weights)
+           stage 1  params 4      grads 4 + 4/n      optimizer (4 + 8)/n   (ZeRO keeps an fp32 partition copy)
+           stage 2  params 4      grads 4/n          optimizer (4 + 8)/n
+           stage 3  params 4/n + 4 x largest layer / P   grads 4/n   optimizer 8/n   (the partition is the master)
+
+The ZeRO paper (Rajbhandari et al. 2020, sec. 5) counts 2 + 2 + 12 = 16 bytes for stage 0, (2 + 2) + 12/n for
+stage 1, 2 + (2 + 12)/n for stage 2 and 16/n for stage 3 with fp16; DeepSpeed's estimators
+(`estimate_zero2_model_states_mem_needs`, `estimate_zero3_model_states_mem_needs`) add the fp32 gradient partition
+(4/n) and, for stage 3, the largest layer gathered in 4 bytes; the stage-2 and stage-3 rows equal them (a test).
+
+DeepSpeed buffers (per GPU): stages 1-2: gradient reduction buckets of min(reduce_bucket_size, P) elements, two
+with overlap_comm (double buffering), in the gradient dtype (ZeRO-1 stages the fp32 accumulator: 4 bytes); stage 3:
+the same buckets plus the prefetch bucket (min(stage3_prefetch_bucket_size, P) elements of weights) and the
+parameters below stage3_param_persistence_threshold kept whole on every rank; stage 0 in fp32: DeepSpeed's flat
+all-reduce copy of the gradients (min(5e8, P) elements). Buffers are capped at P because a bucket is only filled
+as far as there are gradients (on a GPU the caching allocator may still reserve the whole bucket: the allowance).
+
+Activations (per GPU): not a formula guessed beside the code but the code's own autograd graph: one forward of the
+model on the meta device (no memory, no FLOPs) under `torch.autograd.graph.saved_tensors_hooks`, summing the bytes
+of every distinct storage saved for the backward pass (weights excluded), at micro-batch 1 and 2 (the activation
+memory is c0 + c1 x b: the relative-position embeddings are per call, the rest per sequence). In closed form, per
+layer and sequence this is ~ N (alpha E + beta I) bytes for the projections, norms, GELU and dropout masks plus
+gamma x (attended score elements) for the attention: sum over heads of the attended (query block, key block) pairs
+x bs^2 (`layout.attended_blocks`, the same count as the FLOPs), full attention N^2 per head, each score kept in
+several forms (QK^T, c2p, p2c, softmax, dropout mask): the count measures alpha, beta, gamma for the backend that
+runs. With activation checkpointing each layer keeps only its input (N E) and the backward recomputes one layer at
+a time, so the peak adds one layer's full set: saved(AC) + (saved(no AC) - saved(AC)) / L. Counted for the backend
+the run uses: "auto" is planned as the fused Triton kernels (a GPU run; their custom ops have meta implementations,
+and they keep q, k, v, the output and the log-sum-exp, no score matrix: gamma ~ 0), "blocked" / "reference" as
+themselves (the CPU runs of the benchmark). Backward transients: the gradient of the MLM logits (b N V, activation
+dtype) while the head's backward runs.
+
+Allowance (GPU): CUDA context, cuBLAS / NCCL workspaces and the caching allocator's fragmentation: 1.5 GiB + 10% of
+the rest (the usual measured range: 0.5-1 GiB of context and workspace, 5-15% fragmentation). A setting fits when
+states + buffers + activations + allowance <= the device memory.
+
+Step time (one optimizer step = a micro-batches per GPU):
+    compute   = hardware FLOPs (`flops.hardware_training_flops`: 3 forwards, 4 with checkpointing) / (peak x eff)
+                peak: `flops.PEAK_TFLOPS`; eff (default 0.40, `--compute-efficiency`): the fraction of peak the
+                kernels reach, the presets' earlier assumption until the GPU suite measures one layer
+    communication, per GPU, bytes B in the gradient dtype (2 bf16, 4 fp32), ring / tree algorithms:
+        stage 0   all-reduce of the gradients once per step:                 2 (n-1)/n x P B
+        stage 1-2 reduce-scatter of the gradients every micro-batch:          (n-1)/n x P B x a
+                  + all-gather of the updated weights once per step:          (n-1)/n x P B
+        stage 3   per micro-batch: weights gathered for forward and backward (and for the recompute with
+                  checkpointing), gradients reduce-scattered:                (2 or 3 + 1) x (n-1)/n x P B x a
+      at bus bandwidth: intra-node (NVLink) within one node; across nodes the ring crosses every node's network
+      interfaces, so the bus bandwidth is the node's inter-node bandwidth (all NICs together) capped by NVLink;
+      plus a latency of 2 log2(n) x 10 us per collective (tree phase) x the collectives of a step: one per
+      bucket (P / bucket size) for reductions, and for ZeRO-3 one gather per module with weights above the
+      persistence threshold per pass (forward, backward, recompute): why ZeRO-3 slows down with many ranks.
+    overlap   gradient reduction overlaps the backward pass (overlap_comm): the exposed part is what exceeds the
+              backward time (2/3 of the compute), plus the last bucket; stage-3 gathers are prefetched: exposed is what
+              exceeds the compute time; stage 0's all-reduce and stage 1-2's weight all-gather run after the backward
+              and the optimizer step: fully exposed.
+    step time = compute + exposed communication;  MFU = model FLOPs / (step time x peak)
+Scaling efficiency: tokens/s per GPU on the planned nodes / tokens/s per GPU on one node, same setting.
+Days and GPU-hours: steps = tokens / (global batch x N), time = steps x step time.
+
+Defaults per GPU kind (`GPUS`; `--memory-gib --peak-tflops --intra-node-gbps --inter-node-gbps` for anything else):
+memory as sold (usable capacity); peak from `flops.PEAK_TFLOPS`; intra-node bus bandwidth: NCCL all-reduce bus
+bandwidth of nccl-tests on DGX machines (A100 NVLink3 ~230 GB/s, H100/H200 NVLink4 ~370 GB/s); inter-node: the NICs
+of a node at ~90% of line rate: A100 nodes with 4 x HDR 200 Gb/s (the layout of this project's presets and of
+ABCI's A nodes) ~90 GB/s, H100/H200 nodes with 8 x NDR 400 Gb/s ~360 GB/s.
+
+Recommendation: among the settings that fit, the fastest (tokens/s); any within 1% of it count as ties, which go to
+the lower ZeRO stage and to no checkpointing (fewer collectives, no recompute, less to go wrong).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+GIB = 2 ** 30
+ALLOWANCE_FIXED = 1.5 * GIB
+ALLOWANCE_FRACTION = 0.10
+LATENCY_S = 10e-6
+DEFAULT_COMPUTE_EFFICIENCY = 0.40
+STAGE0_ALLREDUCE_BUCKET = 500_000_000  # DeepSpeed's allreduce_bucket_size default (stage 0's flat copy)
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    """A device kind: memory (GiB), bf16 / fp32 peak (TFLOP/s), bus bandwidths (GB/s) within and between nodes."""
+
+    name: str
+    memory_gib: float
+    peak_name: str | None  # the key into flops.PEAK_TFLOPS, None: peak given
+    intra_node_gbps: float
+    inter_node_gbps: float
+    peak_tflops_override: float | None = None
+
+    def peak_tflops(self, precision: str) -> float:
+        from .flops import peak_tflops
+
+        if self.peak_tflops_override is not None:
+            return self.peak_tflops_override
+        return peak_tflops(self.peak_name, precision)
+
+
+GPUS = {
+    "a100-40gb": GpuSpec("A100 40GB SXM", 40.0, "A100", 230.0, 90.0),
+    "a100-80gb": GpuSpec("A100 80GB SXM", 80.0, "A100", 230.0, 90.0),
+    "h100": GpuSpec("H100 80GB SXM", 80.0, "H100", 370.0, 360.0),
+    "h200": GpuSpec("H200 141GB SXM", 141.0, "H200", 370.0, 360.0),
+}
+
+
+def resolve_gpu(kind: str, memory_gib=None, peak_tflops=None, intra_node_gbps=None,
+                inter_node_gbps=None) -> GpuSpec:
+    """A known kind (overrides laid over it) or, for any other name, a spec made entirely of the overrides."""
+    given = {"memory_gib": memory_gib, "peak_tflops_override": peak_tflops, "intra_node_gbps": intra_node_gbps,
+             "inter_node_gbps": inter_node_gbps}
+    key = kind.lower()
+    if key in GPUS:
+        return replace(GPUS[key], **{k: v for k, v in given.items() if v is not None})
+    missing = [k for k, v in given.items() if v is None]
+    if missing:
+        flags = {"memory_gib": "--memory-gib", "peak_tflops_override": "--peak-tflops",
+                 "intra_node_gbps": "--intra-node-gbps", "inter_node_gbps": "--inter-node-gbps"}
+        raise ValueError(f"--gpu {kind!r}: not a known GPU kind ({', '.join(GPUS)}). Use one of those, or describe "
+                         f"the device with all of {', '.join(flags[k] for k in given)} (missing: "
+                         f"{', '.join(flags[k] for k in missing)})")
+    return GpuSpec(kind, memory_gib, None, intra_node_gbps, inter_node_gbps, peak_tflops)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model: parameters and activations counted on the meta device
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the memory model needs to know about one model at one sequence length and precision."""
+
+    num_params: int
+    largest_layer_params: int  # DeepSpeed's model_to_params: the largest module's own parameters
+    persistent_params: int  # parameters in tensors below stage3_param_persistence_threshold (ZeRO-3 keeps whole)
+    gathered_modules: int  # modules whose own weights ZeRO-3 gathers (one all-gather each per pass)
+    num_layers: int
+    act_per_sequence: float  # bytes saved for backward per sequence, no checkpointing
+    act_per_call: float  # ... independent of the batch (relative embeddings)
+    act_ckpt_per_sequence: float  # the same with activation checkpointing
+    act_ckpt_per_call: float
+    logits_bytes_per_sequence: float  # N x V x activation bytes: the gradient of the logits in the head's backward
+
+
+def _saved_bytes(model, input_ids) -> int:
+    """Bytes of every distinct storage the forward saves for backward (weights excluded), on the meta device."""
+    import torch
+
+    weights = {p.untyped_storage()._cdata for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        seen[storage._cdata] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=input_ids, labels=input_ids)
+    return sum(size for key, size in seen.items() if key not in weights)
+
+
+def model_facts(config, seq_len: int, precision: str, persistence_threshold: int = 100_000) -> ModelFacts:
+    """Count parameters and activation bytes of ``config`` at ``seq_len`` (no memory used: meta tensors)."""
+    import torch
+
+    from ..modeling import BigBirdJaForMaskedLM
+
+    from unittest import mock
+
+    from .. import attention
+
+    config = config.__class__.from_dict(config.to_dict())
+    # "auto" is the fused Triton kernels on a GPU (what is planned); their custom ops have meta implementations
+    backend = "triton" if config.attention_backend == "auto" else config.attention_backend
+    if seq_len > config.max_position_embeddings:
+        raise ValueError(f"seq_len={seq_len} is longer than the model's max_position_embeddings="
+                         f"{config.max_position_embeddings}: plan a model preset made for that length")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    with torch.device("meta"):
+        model = BigBirdJaForMaskedLM(config).to(dtype).train()
+    params = {p.data_ptr() if p.device.type != "meta" else id(p): p for p in model.parameters()}
+    num_params = sum(p.numel() for p in params.values())
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    persistent = sum(p.numel() for p in params.values() if p.numel() < persistence_threshold)
+    gathered = sum(1 for m in model.modules()
+                   if any(p.numel() >= persistence_threshold for p in m.parameters(recurse=False)))
+
+    def counts(ckpt: bool) -> tuple[float, float]:
+        if ckpt:
+            model.activation_checkpointing_enable()
+        one, two = (_saved_bytes(model, torch.zeros(b, seq_len, dtype=torch.long, device="meta")) for b in (1, 2))
+        return float(two - one), float(2 * one - two)
+
+    with mock.patch.object(attention, "resolve_backend", lambda requested, device: backend):
+        per_seq, per_call = counts(False)
+        ckpt_seq, ckpt_call = counts(True)
+    act_bytes = 2 if precision == "bf16" else 4
+    return ModelFacts(num_params, largest, persistent, gathered, config.num_hidden_layers, per_seq, per_call, ckpt_seq,
+                      ckpt_call, float(seq_len * config.vocab_size * act_bytes))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory
+
+
+@dataclass(frozen=True)
+class ZeroSettings:
+    """The ZeRO fields the memory and time model reads (defaults: `config.ZeroSection`'s)."""
+
+    overlap_comm: bool = True
+    reduce_bucket_size: int = 500_000_000
+    allgather_bucket_size: int = 500_000_000
+    stage3_prefetch_bucket_size: int = 50_000_000
+    stage3_param_persistence_threshold: int = 100_000
+
+
+def model_state_bytes(num_params: int, largest_layer_params: int, stage: int, world: int,
+                      precision: str = "bf16") -> dict[str, float]:
+    """Parameters, gradients and optimizer states per GPU (the table of the module docstring)."""
+    P, n = float(num_params), float(world)
+    if precision == "bf16":
+        rows = {0: (2, 2 + 4, 12 / n), 1: (2, 2 + 4 / n, 12 / n), 2: (2, 6 / n, 12 / n),
+                3: (2 / n + 4 * largest_layer_params / P, 4 / n, 12 / n)}
+    elif precision == "fp32":
+        rows = {0: (4, 4, 8), 1: (4, 4 + 4 / n, 12 / n), 2: (4, 4 / n, 12 / n),
+                3: (4 / n + 4 * largest_layer_params / P, 4 / n, 8 / n)}
+    else:
+        raise ValueError(f"precision={precision!r}: must be 'bf16' or 'fp32'")
+    params, grads, optim = rows[stage]
+    return {"parameters": params * P, "gradients": grads * P, "optimizer": optim * P}
+
+
+def buffer_bytes(facts: ModelFacts, stage: int, precision: str, zero: ZeroSettings) -> float:
+    """DeepSpeed's communication buffers per GPU (module docstring)."""
+    P = facts.num_params
+    elem = 2 if precision == "bf16" else 4
+    if stage == 0:
+        return 0.0 if precision == "bf16" else float(min(STAGE0_ALLREDUCE_BUCKET, P) * 4)
+    buffers = (2 if zero.overlap_comm else 1) * min(zero.reduce_bucket_size, P) * (4 if stage == 1 else elem)
+    if stage == 3:
+        buffers += min(zero.stage3_prefetch_bucket_size, P) * elem + facts.persistent_params * elem
+    return float(buffers)
+
+
+def activation_bytes(facts: ModelFacts, micro_batch: int, checkpointing: bool) -> float:
+    if checkpointing:
+        saved = facts.act_ckpt_per_call + micro_batch * facts.act_ckpt_per_sequence
+        full = facts.act_per_call + micro_batch * facts.act_per_sequence
+        recompute = (full - saved) / facts.num_layers  # one layer's set, alive while it is recomputed
+        return saved + recompute + micro_batch * facts.logits_bytes_per_sequence
+    return facts.act_per_call + micro_batch * (facts.act_per_sequence + facts.logits_bytes_per_sequence)
+
+
+def allowance_bytes(predicted: float) -> float:
+    return ALLOWANCE_FIXED + ALLOWANCE_FRACTION * predicted
+
+
+def memory_breakdown(facts: ModelFacts, stage: int, world: int, micro_batch: int, checkpointing: bool,
+                     precision: str = "bf16", zero: ZeroSettings = ZeroSettings(), allowance: bool = True) -> dict:
+    """Bytes per GPU: parameters, gradients, optimizer, buffers, activations, allowance, total."""
+    out = model_state_bytes(facts.num_params, facts.largest_layer_params, stage, world, precision)
+    out["buffers"] = buffer_bytes(facts, stage, precision, zero)
+    out["activations"] = activation_bytes(facts, micro_batch, checkpointing)
+    predicted = sum(out.values())
+    out["allowance"] = allowance_bytes(predicted) if allowance else 0.0
+    out["total"] = predicted + out["allowance"]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Time
+
+
+def bus_bandwidth(gpu: GpuSpec, nodes: int) -> float:
+    """Bytes/s of a ring collective: NVLink within a node; across nodes, each node's NICs together (<= NVLink)."""
+    gbps = gpu.intra_node_gbps if nodes == 1 else min(gpu.intra_node_gbps, gpu.inter_node_gbps)
+    return gbps * 1e9
+
+
+def communication(facts: ModelFacts, stage: int, world: int, accum: int, checkpointing: bool, precision: str,
+                  zero: ZeroSettings = ZeroSettings()) -> tuple[float, float, int]:
+    """(bytes overlappable with compute, bytes exposed, collectives) per GPU per optimizer step."""
+    if world == 1:
+        return 0.0, 0.0, 0
+    P = facts.num_params
+    elem = 2 if precision == "bf16" else 4
+    share = (world - 1) / world * P * elem
+    if stage == 0:
+        return 0.0, 2 * share, math.ceil(P / STAGE0_ALLREDUCE_BUCKET)
+    if stage in (1, 2):
+        buckets = math.ceil(P / zero.reduce_bucket_size)
+        return share * accum, share, buckets * accum + math.ceil(P / zero.allgather_bucket_size)
+    gathers = 3 if checkpointing else 2
+    collectives = (gathers * facts.gathered_modules + math.ceil(P / zero.reduce_bucket_size)) * accum
+    return (gathers + 1) * share * accum, 0.0, collectives
+
+
+@dataclass
+class Row:
+    """One setting of the table."""
+
+    stage: int
+    checkpointing: bool
+    micro_batch: int
+    accum: int
+    memory: dict
+    fits: bool
+    compute_s: float = 0.0
+    exposed_comm_s: float = 0.0
+    step_s: float = 0.0
+    tokens_per_s: float = 0.0
+    mfu: float = 0.0
+    largest_micro_batch: int = 0  # the largest that fits this setting (0: none)
+    scaling: float = 0.0
+    days: float = 0.0
+    gpu_hours: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def step_time(config, facts: ModelFacts, gpu: GpuSpec, nodes: int, gpus_per_node: int, seq_len: int, stage: int,
+              checkpointing: bool, micro_batch: int, accum: int, precision: str, efficiency: float,
+              zero: ZeroSettings = ZeroSettings()) -> tuple[float, float]:
+    """(compute seconds, exposed communication seconds) of one optimizer step (module docstring)."""
+    from .flops import hardware_training_flops
+
+    world = nodes * gpus_per_node
+    peak = gpu.peak_tflops(precision) * 1e12
+    compute = hardware_training_flops(config, seq_len, micro_batch, accum, checkpointing) / (peak * efficiency)
+    overlapped, exposed, collectives = communication(facts, stage, world, accum, checkpointing, precision, zero)
+    bandwidth = bus_bandwidth(gpu, nodes)
+    latency = collectives * 2 * math.log2(max(world, 2)) * LATENCY_S if world > 1 else 0.0
+    hidden_by = compute if stage == 3 else compute * 2 / 3  # gathers overlap everything; reductions the backward
+    over_t = overlapped / bandwidth
+    last_bucket = 0.0
+    if stage in (1, 2) and overlapped:
+        bucket_share = min(1.0, zero.reduce_bucket_size / facts.num_params)
+        last_bucket = over_t / accum * bucket_share
+    exposed_t = exposed / bandwidth + max(0.0, over_t - hidden_by) + last_bucket + latency
+    return compute, exposed_t
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The plan
+
+
+@dataclass
+class Plan:
+    """The table, the recommendation and the inputs it was made from."""
+
+    model_preset: str
+    model_overrides: dict
+    seq_len: int
+    gpu: GpuSpec
+    nodes: int
+    gpus_per_node: int
+    tokens: float
+    precision: str
+    target_global_batch: int
+    efficiency: float
+    num_params: int
+    rows: list[Row] = field(default_factory=list)
+    recommended: Row | None = None
+    reason: str = ""
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+def _accumulation(target_global: int, micro: int, world: int) -> int:
+    return max(1, round(target_global / (micro * world)))
+
+
+def _largest_fitting_micro(facts, stage, world, ckpt, precision, zero, capacity, limit=256) -> int:
+    """0 when not even one sequence fits (memory grows with the micro-batch: bisection)."""
+    def fits(b):
+        return memory_breakdown(facts, stage, world, b, ckpt, precision, zero)["total"] <= capacity
+
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while hi <= limit and fits(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, limit + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def evaluate(config, facts, gpu, nodes, gpus_per_node, seq_len, stage, ckpt, micro, target_global, tokens,
+             precision, efficiency, zero=ZeroSettings()) -> Row:
+    """One setting: memory, fit, time, scaling and cost."""
+    world = nodes * gpus_per_node
+    accum = _accumulation(target_global, micro, world)
+    memory = memory_breakdown(facts, stage, world, micro, ckpt, precision, zero)
+    row = Row(stage, ckpt, micro, accum, memory, memory["total"] <= gpu.memory_gib * GIB)
+    compute, exposed = step_time(config, facts, gpu, nodes, gpus_per_node, seq_len, stage, ckpt, micro, accum,
+                                 precision, efficiency, zero)
+    from .flops import training_flops
+
+    row.compute_s, row.exposed_comm_s, row.step_s = compute, exposed, compute + exposed
+    global_batch = micro * accum * world
+    row.tokens_per_s = global_batch * seq_len / row.step_s
+    row.mfu = training_flops(config, seq_len, micro, accum) / (row.step_s * gpu.peak_tflops(precision) * 1e12)
+    c1, e1 = step_time(config, facts, gpu, 1, gpus_per_node, seq_len, stage, ckpt, micro, accum, precision,
+                       efficiency, zero)
+    row.scaling = (c1 + e1) / row.step_s
+    steps = math.ceil(tokens / (global_batch * seq_len))
+    row.days = steps * row.step_s / 86400
+    row.gpu_hours = row.days * 24 * world
+    return row
+
+
+def plan_run(model: str, seq_len: int, gpu: GpuSpec, nodes: int, gpus_per_node: int, tokens: float, *,
+             global_batch: int = 2048, precision: str = "bf16", micro_batch: int | None = None,
+             efficiency: float = DEFAULT_COMPUTE_EFFICIENCY, model_overrides: dict | None = None,
+             zero: ZeroSettings = ZeroSettings(), facts: ModelFacts | None = None) -> Plan:
+    """The table over ZeRO 0-3 x checkpointing at the largest micro-batch that fits (or ``micro_batch``)."""
+    from ..configuration import build_model_config
+
+    for name, value in (("nodes", nodes), ("gpus_per_node", gpus_per_node), ("seq_len", seq_len),
+                        ("global_batch", global_batch)):
+        if value < 1:
+            raise ValueError(f"{name}={value}: must be >= 1")
+    if tokens <= 0:
+        raise ValueError(f"tokens={tokens}: must be > 0 (the token budget of the run, e.g. 48e9)")
+    if not 0 < efficiency <= 1:
+        raise ValueError(f"compute efficiency={efficiency}: must be in (0, 1]")
+    config = build_model_config(model, {"max_position_embeddings": max(seq_len, 512), **(model_overrides or {})},
+                                what="plan model overrides")
+    facts = facts or model_facts(config, seq_len, precision, zero.stage3_param_persistence_threshold)
+    plan = Plan(str(model), dict(model_overrides or {}), seq_len, gpu, nodes, gpus_per_node, tokens, precision, global_batch, efficiency,
+                facts.num_params)
+    capacity = gpu.memory_gib * GIB
+    target_micro = max(1, global_batch // plan.world)
+    largest = {}
+    for stage in range(4):
+        for ckpt in (False, True):
+            fit = _largest_fitting_micro(facts, stage, plan.world, ckpt, precision, zero, capacity)
+            largest[stage, ckpt] = fit
+            # no bigger than the target global batch asks of each GPU: the global batch is a training choice
+            micro = micro_batch or max(1, min(fit, target_micro))
+            row = evaluate(config, facts, gpu, nodes, gpus_per_node, seq_len, stage, ckpt, micro, global_batch,
+                           tokens, precision, efficiency, zero)
+            row.largest_micro_batch = fit
+            plan.rows.append(row)
+    best_fit = max(largest.values())
+    if best_fit == 0:
+        least = min(plan.rows, key=lambda r: memory_breakdown(facts, r.stage, plan.world, 1, r.checkpointing,
+                                                              precision, zero)["total"])
+        need = memory_breakdown(facts, least.stage, plan.world, 1, least.checkpointing, precision, zero)["total"]
+        raise ValueError(f"no setting fits: even one {seq_len}-token sequence per GPU needs {need / GIB:,.1f} GiB "
+                         f"(ZeRO-{least.stage}, checkpointing {'on' if least.checkpointing else 'off'}) on a "
+                         f"{gpu.memory_gib:g} GiB {gpu.name}. Use a GPU with more memory, more GPUs (ZeRO-3 shards "
+                         f"the states over them), or shorter sequences")
+    if micro_batch is not None and micro_batch > best_fit:
+        raise ValueError(f"--micro-batch {micro_batch} never fits a {gpu.memory_gib:g} GiB {gpu.name} at "
+                         f"{seq_len} tokens: the largest that fits is {best_fit} (ZeRO-3 with activation "
+                         f"checkpointing unless the table says otherwise). Use --micro-batch {best_fit} or less, or "
+                         f"leave it out to see the largest per setting")
+    fitting = [r for r in plan.rows if r.fits]
+    fastest = max(r.tokens_per_s for r in fitting)  # within 1% of it: the simpler setting wins
+    best = min((r for r in fitting if r.tokens_per_s >= 0.99 * fastest), key=lambda r: (r.stage, r.checkpointing))
+    plan.recommended = best
+    runner_up = sorted((r for r in fitting if r is not best), key=lambda r: r.days)
+    why = (f"fits ({best.memory['total'] / GIB:,.1f} of {gpu.memory_gib:g} GiB) with the highest throughput "
+           f"({best.tokens_per_s / 1e6:,.2f} M tokens/s)")
+    if runner_up:
+        r = runner_up[0]
+        why += (f"; next: ZeRO-{r.stage}{' + checkpointing' if r.checkpointing else ''} at micro-batch "
+                f"{r.micro_batch}, {r.days / best.days - 1:+.1%} days")
+    unfit = [r for r in plan.rows if not r.fits]
+    if unfit:
+        why += f"; {len(unfit)} of {len(plan.rows)} settings do not fit"
+    plan.reason = why
+    return plan
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Output
+
+
+def format_plan(plan: Plan) -> str:
+    g = plan.gpu
+    lines = [
+        f"plan: {plan.model_preset} ({plan.num_params / 1e6:,.1f} M parameters), {plan.seq_len:,}-token sequences, "
+        f"{plan.precision}; {plan.nodes} node(s) x {plan.gpus_per_node} {g.name} = {plan.world} GPUs "
+        f"({g.memory_gib:g} GiB, {g.peak_tflops(plan.precision):g} TFLOP/s peak, bus {g.intra_node_gbps:g} GB/s "
+        f"in a node / {g.inter_node_gbps:g} GB/s a node across); {plan.tokens:.3g} tokens; global batch ~"
+        f"{plan.target_global_batch} sequences; compute at {plan.efficiency:.0%} of peak",
+        "memory per GPU in GiB (params + grads + optimizer + DeepSpeed buffers + activations + allowance) at "
+        "micro = min(largest that fits, target global batch / GPUs)",
+        "| ZeRO | ckpt | largest fit | micro | accum | global | params | grads | optim | buffers | activ. | allow. | total | fits "
+        "| compute s | exposed comm s | step s | M tok/s | MFU | scaling vs 1 node | days | GPU-hours |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in plan.rows:
+        m = {k: v / GIB for k, v in r.memory.items()}
+        mark = " **<-**" if r is plan.recommended else ""
+        lines.append(
+            f"| {r.stage} | {'on' if r.checkpointing else 'off'} | {r.largest_micro_batch} | {r.micro_batch} | "
+            f"{r.accum} | "
+            f"{r.micro_batch * r.accum * plan.world} | {m['parameters']:.2f} | {m['gradients']:.2f} | "
+            f"{m['optimizer']:.2f} | {m['buffers']:.2f} | {m['activations']:.2f} | {m['allowance']:.2f} | "
+            f"{m['total']:.2f} | {'yes' if r.fits else 'NO'} | {r.compute_s:.3f} | {r.exposed_comm_s:.3f} | "
+            f"{r.step_s:.3f} | {r.tokens_per_s / 1e6:.2f} | {r.mfu:.1%} | {r.scaling:.1%} | {r.days:.3g} | "
+            f"{r.gpu_hours:,.0f} |{mark}")
+    b = plan.recommended
+    lines.append(f"recommended: ZeRO-{b.stage}, activation checkpointing {'on' if b.checkpointing else 'off'}, "
+                 f"micro-batch {b.micro_batch} x {b.accum} accumulation x {plan.world} GPUs = "
+                 f"{b.micro_batch * b.accum * plan.world} sequences per step: {b.step_s:.3f} s per step, "
+                 f"{b.days:.3g} days ({b.days * 24:.3g} h), {b.gpu_hours:,.0f} GPU-hours. Why: {plan.reason}")
+    return "\n".join(lines)
+
+
+def preset_overrides(plan: Plan, name: str) -> list[str]:
+    """The --section.key=value overrides that make a base preset run the recommended setting."""
+    b = plan.recommended
+    global_batch = b.micro_batch * b.accum * plan.world
+    steps = math.ceil(plan.tokens / (global_batch * plan.seq_len))
+    return [f"--run.name={name}", f"--run.output_dir=runs/{name}", f"--model.preset={plan.model_preset}",
+            f"--prepare.seq_len={plan.seq_len}", f"--batch.micro_batch_size={b.micro_batch}",
+            f"--batch.global_batch_size={global_batch}", "--batch.grad_accum_steps=null",
+            f"--train.max_steps={steps}", f"--train.precision={plan.precision}",
+            f"--train.activation_checkpointing={str(b.checkpointing).lower()}", f"--zero.stage={b.stage}"]
+
+
+def plan_header(plan: Plan, row: Row, command: str) -> list[str]:
+    """The generated comment block: the planner's figures for ``row`` (between the markers)."""
+    m = row.memory
+    return [
+        HEADER_BEGIN,
+        f"# {command}",
+        f"# {plan.nodes} x {plan.gpus_per_node} {plan.gpu.name} = {plan.world} GPUs, {plan.precision}, ZeRO-{row.stage}, "
+        f"checkpointing {'on' if row.checkpointing else 'off'}, micro-batch {row.micro_batch} x {row.accum} "
+        f"accumulation = {row.micro_batch * row.accum * plan.world} sequences of {plan.seq_len:,} tokens per step",
+        f"# memory per GPU: {m['total'] / GIB:.1f} of {plan.gpu.memory_gib:g} GiB ({'fits' if row.fits else 'DOES NOT FIT'}"
+        f"; params {m['parameters'] / GIB:.2f} + grads {m['gradients'] / GIB:.2f} + optimizer "
+        f"{m['optimizer'] / GIB:.2f} + buffers {m['buffers'] / GIB:.2f} + activations {m['activations'] / GIB:.2f} + "
+        f"allowance {m['allowance'] / GIB:.2f})",
+        f"# step: {row.step_s:.3f} s ({row.compute_s:.3f} compute at {plan.efficiency:.0%} of peak + "
+        f"{row.exposed_comm_s:.3f} exposed communication), {row.tokens_per_s / 1e6:.2f} M tokens/s, MFU "
+        f"{row.mfu:.0%}, scaling vs one node {row.scaling:.0%}",
+        f"# {plan.tokens:.3g} tokens: {row.days:.3g} days ({row.days * 24:.3g} h), {row.gpu_hours:,.0f} GPU-hours",
+        HEADER_END,
+    ]
+
+
+HEADER_BEGIN = "# --- plan (generated by `bigbird-ja plan --update-headers`; do not edit by hand) ---"
+HEADER_END = "# --- end plan ---"
+PLAN_ARGS_PREFIX = "# plan-args:"
+
+
+def plan_command(plan: Plan) -> str:
+    """The command line that makes this plan (written into presets and JSON)."""
+    g = plan.gpu
+    gpu = f"--gpu {g.name}" if g.peak_name else (
+        f"--gpu {g.name} --memory-gib {g.memory_gib:g} --peak-tflops {g.peak_tflops_override:g} "
+        f"--intra-node-gbps {g.intra_node_gbps:g} --inter-node-gbps {g.inter_node_gbps:g}")
+    kind = next((k for k, v in GPUS.items() if v.name == g.name), None)
+    if kind:
+        gpu = f"--gpu {kind}"
+    extra = "".join(f" --model-override {k}={v}" for k, v in plan.model_overrides.items())
+    return (f"bigbird-ja plan --model {plan.model_preset}{extra} --seq-len {plan.seq_len} {gpu} --nodes {plan.nodes} "
+            f"--gpus-per-node {plan.gpus_per_node} --tokens {plan.tokens:.3g} --global-batch "
+            f"{plan.target_global_batch} --precision {plan.precision} --compute-efficiency {plan.efficiency:g}")
+
+
+def parse_model_overrides(items: list[str]) -> dict:
+    """KEY=VALUE strings (values read as YAML) as a dict of model config overrides."""
+    import yaml
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--model-override {item!r}: expected KEY=VALUE, e.g. attention_type=full")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def write_plan_json(plan: Plan, path: str | Path) -> None:
+    import json
+
+    from ..common.atomic_io import atomic_write_text
+
+    data = {"command": plan_command(plan), "num_params": plan.num_params, "gpu": plan.gpu.__dict__,
+            "rows": [r.as_dict() for r in plan.rows],
+            "recommended": plan.rows.index(plan.recommended), "reason": plan.reason}
+    atomic_write_text(path, json.dumps(data, indent=1) + "\n", durable=False)
+
+
+def write_preset(plan: Plan, base_preset: str | Path, out: str | Path) -> Path:
+    """The recommended setting as a pretraining preset: the base preset with its batch, ZeRO, checkpointing, model,
+    length and steps replaced (through the strict loader, so the file is valid), written atomically."""
+    from ..common.atomic_io import atomic_write_text
+    from .config import load_pretrain_config
+
+    out = Path(out)
+    cfg = load_pretrain_config(base_preset, preset_overrides(plan, out.stem))
+    command = plan_command(plan)
+    args = _preset_args(plan)
+    header = [f"# {out.stem}: written by `bigbird-ja plan` from {base_preset} (the planner's recommended setting).",
+              f"# Hardware: {plan.nodes} node(s) x {plan.gpus_per_node} {plan.gpu.name}. Check with `bigbird-ja "
+              f"pretrain --config {out} --dry-run`.",
+              f"{PLAN_ARGS_PREFIX} {args}",
+              *plan_header(plan, plan.recommended, command)]
+    atomic_write_text(out, "\n".join(header) + "\n" + cfg.to_yaml(), durable=False)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Preset headers
+
+
+def _header_end(lines: list[str]) -> int:
+    i = 0
+    while i < len(lines) and lines[i].startswith("#"):
+        i += 1
+    return i
+
+
+def update_header(path: Path, run_plan) -> bool:
+    """Rewrite the generated block of one preset's header from its `# plan-args:` line; True if it changed.
+    ``run_plan(args list, cfg)`` returns (plan, row, command). Only comment lines of the leading header change."""
+    import shlex
+
+    from ..common.atomic_io import atomic_write_text
+    from .config import load_pretrain_config
+
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    end = _header_end(lines)
+    args_line = next((line for line in lines[:end] if line.startswith(PLAN_ARGS_PREFIX)), None)
+    if args_line is None:
+        return False
+    cfg = load_pretrain_config(path)
+    plan, row, command = run_plan(shlex.split(args_line[len(PLAN_ARGS_PREFIX):]), cfg)
+    block = plan_header(plan, row, command)
+    header = lines[:end]
+    if HEADER_BEGIN in header:
+        start, stop = header.index(HEADER_BEGIN), header.index(HEADER_END) + 1
+        header[start:stop] = block
+    else:
+        at = header.index(args_line) + 1
+        header[at:at] = block
+    new = "\n".join(header + lines[end:])
+    if new != text:
+        atomic_write_text(path, new, durable=False)
+        return True
+    return False
+
+
+def _preset_args(plan: Plan) -> str:
+    """The `# plan-args:` of a preset: the hardware and budget (the rest is read from the preset itself)."""
+    kind = next((k for k, v in GPUS.items() if v.name == plan.gpu.name), plan.gpu.name)
+    return (f"--gpu {kind} --nodes {plan.nodes} --gpus-per-node {plan.gpus_per_node} --compute-efficiency "
+            f"{plan.efficiency:g}")
+
+
+def preset_plan(args: list[str], cfg) -> tuple[Plan, Row, str]:
+    """The planner's figures for a preset's own setting on the hardware its `# plan-args:` line names (the token
+    budget is the preset's: max_steps x global batch x seq_len)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="# plan-args:", add_help=False)
+    parser.add_argument("--gpu", required=True)
+    parser.add_argument("--nodes", type=int, required=True)
+    parser.add_argument("--gpus-per-node", type=int, required=True)
+    parser.add_argument("--compute-efficiency", type=float, default=DEFAULT_COMPUTE_EFFICIENCY)
+    for flag in ("--memory-gib", "--peak-tflops", "--intra-node-gbps", "--inter-node-gbps"):
+        parser.add_argument(flag, type=float)
+    a = parser.parse_args(args)
+    gpu = resolve_gpu(a.gpu, a.memory_gib, a.peak_tflops, a.intra_node_gbps, a.inter_node_gbps)
+    world = a.nodes * a.gpus_per_node
+    seq = cfg.prepare.seq_len
+    from ..configuration import build_model_config
+    from .config import resolve_batch
+
+    batch = resolve_batch(cfg.batch, world)
+    tokens = float(cfg.train.max_steps * batch.global_batch_size * seq)
+    model = cfg.model.preset or cfg.model.init_from
+    overrides = {k: v for k, v in cfg.model.overrides.items() if k != "attention_backend"}
+    z = cfg.zero
+    zero = ZeroSettings(z.overlap_comm, z.reduce_bucket_size, z.allgather_bucket_size,
+                        z.stage3_prefetch_bucket_size, z.stage3_param_persistence_threshold)
+    plan = plan_run(model, seq, gpu, a.nodes, a.gpus_per_node, tokens, global_batch=batch.global_batch_size,
+                    precision=cfg.train.precision, efficiency=a.compute_efficiency, model_overrides=overrides,
+                    zero=zero)
+    config = build_model_config(model, {"max_position_embeddings": max(seq, 512), **overrides})
+    facts = model_facts(config, seq, cfg.train.precision, z.stage3_param_persistence_threshold)
+    row = evaluate(config, facts, gpu, a.nodes, a.gpus_per_node, seq, z.stage, cfg.train.activation_checkpointing,
+                   batch.micro_batch_size, batch.global_batch_size, tokens, cfg.train.precision,
+                   a.compute_efficiency, zero)
+    return plan, row, plan_command(plan)
+
+
+def update_preset_headers(folder: str | Path = "configs/pretrain") -> list[tuple[Path, bool]]:
+    """`bigbird-ja plan --update-headers`: every preset with a `# plan-args:` line gets its block regenerated."""
+    return [(path, update_header(path, preset_plan)) for path in sorted(Path(folder).glob("*.yaml"))]
