@@ -126,13 +126,13 @@ def reset_peak_rss() -> bool:
 # --------------------------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------------------------
-def build_model(case: str, length: int):
-    """The one-layer base model of `case`, able to take `length` tokens, in eval mode."""
+def build_model(case: str, length: int, layers: int = 1):
+    """The base model of `case` with `layers` layers, able to take `length` tokens, in eval mode."""
     if case in ("blocked", "reference"):
         import bigbird_ja
 
         config = bigbird_ja.BigBirdJaConfig(
-            vocab_size=VOCAB, hidden_size=HIDDEN, num_attention_heads=HEADS, num_hidden_layers=1,
+            vocab_size=VOCAB, hidden_size=HIDDEN, num_attention_heads=HEADS, num_hidden_layers=layers,
             intermediate_size=INTERMEDIATE, max_position_embeddings=length, attention_type="block_sparse",
             attention_backend=case, block_size=BLOCK, num_window_blocks=WINDOW, num_global_blocks=GLOBAL,
             num_random_blocks=RANDOM, relative_attention=True, position_buckets=BUCKETS,
@@ -142,7 +142,7 @@ def build_model(case: str, length: int):
         from transformers import DebertaV2Config, DebertaV2Model
 
         config = DebertaV2Config(
-            vocab_size=VOCAB, hidden_size=HIDDEN, num_attention_heads=HEADS, num_hidden_layers=1,
+            vocab_size=VOCAB, hidden_size=HIDDEN, num_attention_heads=HEADS, num_hidden_layers=layers,
             intermediate_size=INTERMEDIATE, max_position_embeddings=length, relative_attention=True,
             position_buckets=BUCKETS, pos_att_type="p2c|c2p", share_att_key=True, norm_rel_ebd="layer_norm",
             position_biased_input=False, type_vocab_size=0)
@@ -151,7 +151,7 @@ def build_model(case: str, length: int):
         from transformers import BigBirdConfig, BigBirdModel
 
         config = BigBirdConfig(
-            vocab_size=VOCAB, hidden_size=HIDDEN, num_attention_heads=HEADS, num_hidden_layers=1,
+            vocab_size=VOCAB, hidden_size=HIDDEN, num_attention_heads=HEADS, num_hidden_layers=layers,
             intermediate_size=INTERMEDIATE, max_position_embeddings=length, attention_type="block_sparse",
             block_size=BLOCK, num_random_blocks=RANDOM)
         # No pooler: the other cases have none either.

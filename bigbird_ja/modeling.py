@@ -188,9 +188,9 @@ class BigBirdJaConvLayer(nn.Module):
 
 
 def _first_tokens(hidden_states: torch.Tensor, n) -> torch.Tensor:
-    # A fresh contiguous copy, not a view: whether a view is contiguous depends on n, which a traced graph must not
-    # ask (it would specialise on n being a multiple of the block size, or on batch 1).
-    return hidden_states[:, :n].clone(memory_format=torch.contiguous_format)
+    # A fresh contiguous copy, not a view (or a clone of one): whether a view is contiguous depends on n, which a
+    # traced graph must not ask (it would specialise on n being a multiple of the block size, or on batch 1).
+    return hidden_states.index_select(1, torch.arange(n, device=hidden_states.device))
 
 
 class BigBirdJaEncoder(nn.Module):

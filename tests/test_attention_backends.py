@@ -252,3 +252,80 @@ def test_model_outputs_and_gradients_of_a_sequence_do_not_depend_on_its_batch(ba
     assert params.keys() == params_b.keys()
     for name, g in params.items():  # sums over every position: float32 rounding relative to their size
         torch.testing.assert_close(params_b[name], g, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The blocked backend's own paths, each against the reference: dense rows for short inputs, sparse rows with the
+# window read as a strided band (when delta is a plain shift of i - j there) or from the window's own products,
+# and a layout that promises no slot order (every slot gathered).
+
+BAND_CONFIGS = {
+    "window products (delta bucketed in the window)": dict(),  # buckets 16, block 8: |i - j| up to 15 > 8
+    "band of the per-bucket products": dict(position_buckets=32),
+    "band, window 5, block 4": dict(position_buckets=32, num_window_blocks=5, block_size=4, num_global_blocks=2),
+    "band, no log buckets": dict(position_buckets=-1, max_relative_positions=20),
+    "band, no global blocks": dict(position_buckets=32, num_global_blocks=0, num_random_blocks=3),
+}
+
+
+@pytest.mark.parametrize("path, margin", [("sparse", 0.0), ("dense", 1e9)])
+@pytest.mark.parametrize("name", list(BAND_CONFIGS))
+@pytest.mark.parametrize("length", [37, 131])
+def test_blocked_dense_and_sparse_paths_match_reference_in_float64(monkeypatch, path, margin, name, length):
+    from bigbird_ja.attention import blocked
+
+    monkeypatch.setattr(blocked, "DENSE_MARGIN", margin)
+    # random blocks live (all of them at 131), odd lengths, random padding and a fully padded row (make_inputs)
+    config = tiny_config(max_position_embeddings=131, **BAND_CONFIGS[name])
+    for layer in range(config.num_hidden_layers):
+        _assert_blocked_matches_reference(config, layer, length)
+
+
+def test_the_window_band_applies_to_the_default_model():
+    """The default config (block 64, window 3, 256 buckets) has delta = S + (i - j) across its window: the band."""
+    from bigbird_ja import BigBirdJaConfig
+    from bigbird_ja.attention.relative import delta_is_shift
+
+    config = BigBirdJaConfig()
+    max_distance = (config.num_window_blocks // 2 + 1) * config.block_size - 1
+    assert delta_is_shift(RelativePositionSpec.from_config(config), max_distance)
+
+
+@pytest.mark.parametrize("buckets, max_relative, max_distance, claimed", [
+    (256, 512, 127, True), (256, 512, 128, True), (256, 512, 129, False), (256, 512, 200, False),
+    (16, 128, 8, True), (16, 128, 15, False), (-1, 20, 19, True), (-1, 20, 20, False)])
+def test_delta_is_shift_claims_a_shift_only_where_delta_is_one(buckets, max_relative, max_distance, claimed):
+    from bigbird_ja.attention.relative import delta_is_shift, relative_delta
+
+    spec = RelativePositionSpec(buckets if buckets > 0 else max_relative, buckets, max_relative)
+    distance = torch.arange(-max_distance, max_distance + 1)
+    assert delta_is_shift(spec, max_distance) == claimed  # up to bucket_size // 2 (a bit beyond it may hold too)
+    if claimed:
+        assert torch.equal(relative_delta(distance, spec), spec.span + distance)
+
+
+@pytest.mark.parametrize("length", [37, 131])
+def test_blocked_reads_a_layout_without_slot_order_through_key_blocks(length):
+    import dataclasses
+
+    from bigbird_ja.attention import blocked_attention, reference_attention
+
+    config = tiny_config(max_position_embeddings=131, position_buckets=32)
+    q, k, v, pos_key, pos_query, padding = make_inputs(config, 3, length, seed=11)
+    layout = dataclasses.replace(layout_for(config, 1, length), num_window_blocks=0)
+    kwargs = dict(scale=0.37, pos_key=pos_key, pos_query=pos_query, rel_spec=RelativePositionSpec.from_config(config))
+    out = blocked_attention(q, k, v, layout, padding, **kwargs)
+    ref = reference_attention(q, k, v, layout.token_mask(length), padding, **kwargs)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
+    grads = torch.autograd.grad(out.sum(), [q, k, v, pos_key, pos_query])
+    ref_grads = torch.autograd.grad(ref.sum(), [q, k, v, pos_key, pos_query])
+    for g, ref_g in zip(grads, ref_grads):
+        torch.testing.assert_close(g, ref_g, rtol=0, atol=1e-10)
+
+
+def test_dense_path_is_chosen_only_while_it_costs_no_more_than_the_sparse_one():
+    from bigbird_ja.attention.blocked import _dense_is_cheaper
+
+    # base settings: 2 global + 3 window + 3 random slots, block 64
+    assert _dense_is_cheaper(8, 2, 8) and _dense_is_cheaper(10, 2, 8)  # 512 and 640 tokens
+    assert not _dense_is_cheaper(12, 2, 8) and not _dense_is_cheaper(256, 2, 8)  # 768 and 16k tokens

@@ -141,12 +141,16 @@ def test_compile_with_dynamic_shapes_does_not_recompile_per_length():
     torch._dynamo.reset()
     counters.clear()
     model = _model(num_hidden_layers=1)
-    compiled = torch.compile(model, dynamic=True)
-    for batch, length in ((2, 50), (2, 77), (3, 64), (1, 203)):
+    compiled = torch.compile(model, dynamic=True, backend="aot_eager")  # guards are dynamo's, whatever the backend
+    # Lengths below, at and across multiples of the block size (16), batch sizes 2 and 3: one graph.
+    for batch, length in ((2, 50), (2, 77), (3, 64), (2, 203), (1, 130)):
         inputs = _inputs(model.config, batch, length, seed=length)
         with torch.no_grad():
             got = compiled(**inputs).last_hidden_state
             expected = model(**inputs).last_hidden_state
         assert (got - expected).abs().max() <= 1e-5
-    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+        if batch > 1:
+            assert counters["stats"]["unique_graphs"] == 1, (length, dict(counters["stats"]))
+    # torch specialises size 1 (batch 1 is a graph of its own), as for any model; nothing more.
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
     assert not counters["graph_break"], dict(counters["graph_break"])

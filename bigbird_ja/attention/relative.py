@@ -36,12 +36,24 @@ def log_bucket_position(relative_pos: torch.Tensor, bucket_size: int, max_positi
     return torch.where(abs_pos <= mid, relative_pos.to(log_pos.dtype), log_pos * sign).long()
 
 
-def relative_index_table(seq_len: int, spec: RelativePositionSpec, device=None) -> torch.Tensor:
-    """[2 * seq_len - 1] int64: entry (i - j + seq_len - 1) holds delta(i, j)."""
-    distance = torch.arange(-(seq_len - 1), seq_len, dtype=torch.long)
+def relative_delta(distance: torch.Tensor, spec: RelativePositionSpec) -> torch.Tensor:
+    """delta for signed distances i - j (int64, any shape, on distance's device)."""
     if spec.position_buckets > 0:
         distance = log_bucket_position(distance, spec.position_buckets, spec.max_relative_positions)
-    return (distance + spec.span).clamp(0, 2 * spec.span - 1).to(device)
+    return (distance + spec.span).clamp(0, 2 * spec.span - 1)
+
+
+def delta_is_shift(spec: RelativePositionSpec, max_distance: int) -> bool:
+    """Whether delta(i, j) = span + (i - j) for every |i - j| <= max_distance (no bucketing, no clamping there):
+    then the relative terms of a band of distances are shifted rows of the per-bucket products."""
+    if spec.position_buckets > 0:  # log_bucket_position is the identity up to bucket_size // 2
+        return max_distance <= spec.position_buckets // 2 and max_distance <= spec.span - 1
+    return max_distance <= spec.span - 1
+
+
+def relative_index_table(seq_len: int, spec: RelativePositionSpec, device=None) -> torch.Tensor:
+    """[2 * seq_len - 1] int64: entry (i - j + seq_len - 1) holds delta(i, j)."""
+    return relative_delta(torch.arange(-(seq_len - 1), seq_len, dtype=torch.long), spec).to(device)
 
 
 def relative_index(query_pos: torch.Tensor, key_pos: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
