@@ -93,15 +93,27 @@ def dynamic_shapes(model) -> dict:
 
 def export_program(model) -> torch.export.ExportedProgram:
     """`torch.export` of `model` (eval mode, blocked backend) with a dynamic batch and sequence length."""
+    return _export(model)[0]
+
+
+def _export(model) -> tuple[torch.export.ExportedProgram, list[str]]:
+    """The exported program and the names of its outputs (in order)."""
     _check_deployable(model)
     model = model.eval()
-    if model.config.attention_backend not in ("auto", "blocked", "reference"):
-        raise ValueError(f"attention_backend={model.config.attention_backend!r} cannot be exported; set "
+    backend = model.config.attention_backend
+    if backend not in ("auto", "blocked", "reference"):
+        raise ValueError(f"attention_backend={backend!r} cannot be exported; set "
                          "model.config.attention_backend = 'blocked'.")
+    # The graph is traced on the blocked backend; the caller's model keeps its own setting afterwards.
     model.config.attention_backend = "blocked"
-    wrapper = _TensorOutputs(model, output_names(model))
-    with _size_oblivious_tracing(), torch.no_grad():
-        return torch.export.export(wrapper, (), _example_inputs(model), dynamic_shapes=dynamic_shapes(model))
+    try:
+        names = output_names(model)
+        with _size_oblivious_tracing(), torch.no_grad():
+            program = torch.export.export(_TensorOutputs(model, names), (), _example_inputs(model),
+                                          dynamic_shapes=dynamic_shapes(model))
+    finally:
+        model.config.attention_backend = backend
+    return program, names
 
 
 def export_onnx(model, path: str | os.PathLike, *, opset: int | None = None) -> dict:
@@ -109,8 +121,7 @@ def export_onnx(model, path: str | os.PathLike, *, opset: int | None = None) -> 
 
     Returns the graph's description (inputs, outputs, length range), which is also stored in the file's metadata
     under "bigbird_ja"."""
-    program = export_program(model)
-    names = output_names(model)
+    program, names = _export(model)
     shortest, longest = length_range(model.config)
     description = {
         "inputs": ["input_ids", "attention_mask"],

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import _free_port, cli_command, subprocess_env
-from test_pretrain import TINY
+from test_pretrain import TINY, tiny_data  # noqa: F401  (tiny_data: a fixture, the data the trainer's own preparation makes)
 
 REPO = Path(__file__).resolve().parents[1]
 GLOBAL = 12  # divisible by 4, 3, 2 and 1 ranks at micro-batch 1
@@ -82,23 +82,10 @@ def read_sessions(out: Path) -> list[dict]:
     return sessions
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from bigbird_ja.training.config import load_pretrain_config
-    from bigbird_ja.training.trainer import ensure_data
-
-    root = tmp_path_factory.mktemp("scale-data")
-    data, tok = root / "data", root / "tokenizer"
-    cfg = load_pretrain_config(REPO / "configs/pretrain/tiny-cpu.yaml", [f"--data.dir={data}",
-                                                                         f"--data.tokenizer={tok}", *TINY])
-    ensure_data(cfg, log=lambda text: None)
-    return data, tok
-
-
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_four_ranks_on_two_nodes_resume_at_three_then_two_reading_every_sample_once(data, tmp_path):
-    data_dir, tok = data
+def test_four_ranks_on_two_nodes_resume_at_three_then_two_reading_every_sample_once(tiny_data, tmp_path):  # noqa: F811
+    data_dir, tok = tiny_data
     out, reference = tmp_path / "elastic", tmp_path / "reference"
     worlds = [4, 3, 2]
     total = STEPS_PER_SESSION * len(worlds)
