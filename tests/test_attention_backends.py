@@ -281,6 +281,19 @@ def test_blocked_dense_and_sparse_paths_match_reference_in_float64(monkeypatch, 
         _assert_blocked_matches_reference(config, layer, length)
 
 
+@pytest.mark.parametrize("name", list(BAND_CONFIGS))
+def test_blocked_traced_form_matches_reference_in_float64(monkeypatch, name):
+    """The form traced graphs take (export, ONNX, torch.compile: plain ops differentiated by autograd, one path for
+    every batch size), run eagerly: output and gradients against the reference, as the eager form's are above."""
+    from bigbird_ja.attention import blocked
+
+    monkeypatch.setattr(blocked.torch.compiler, "is_compiling", lambda: True)
+    config = tiny_config(max_position_embeddings=131, **BAND_CONFIGS[name])
+    for layer in range(config.num_hidden_layers):
+        _assert_blocked_matches_reference(config, layer, 131)
+        _assert_blocked_matches_reference(config, layer, 37)
+
+
 def test_the_window_band_applies_to_the_default_model():
     """The default config (block 64, window 3, 256 buckets) has delta = S + (i - j) across its window: the band."""
     from bigbird_ja import BigBirdJaConfig

@@ -18,17 +18,24 @@ at delta(i, j) in one of two ways:
          tile of c2p (and each [bs, bs] tile of p2c) is a strided view of those products (a Toeplitz band), so the
          window needs no index and no gather. Otherwise q and k are multiplied with the (w + 1) * bs rows of pos_key
          and pos_query the window's distances use, laid out the same way.
-  gather dense rows and the other slots (global and random blocks), at indices assembled from per-block-distance
-         tiles ([2nb - 1, bs, bs], index_select of whole tiles): one index for all heads where the blocks are the
-         same for every head (dense rows, global slots), [H, nr, bs, r*bs] for the random slots.
-All relative terms of a row are assembled first and added by the score matmul itself (baddbmm), so no score-sized
-tensor is modified in place (in-place updates of views cost a score-sized copy each in the backward pass).
+  gather dense rows and the other slots (global and random blocks), at indices built in the scores' order in one
+         indexing op from per-block-distance tables ([bs, 2nb - 1, bs]): one index for all heads where the blocks
+         are the same for every head (dense rows, global slots), [H, nr, bs, r*bs] for the random slots; p2c's
+         index is derived from c2p's (`_Relative`).
+`_TermReads` says where every term of a row is read. Eagerly, `_RelativeTerms` (an autograd.Function) writes all
+terms of the dense and of the sparse rows into one buffer each, the score matmul adds q.k into that buffer in place
+(baddbmm_), and its backward scatters the terms' gradients into one zero-filled gradient per product. (Autograd
+through the reads would zero a full product per gather and per strided view and then sum them, and every in-place
+update of a view costs a score-sized copy in its backward: this is most of the backward's saving.) Traced graphs
+take the same reads as plain ops (`_TermReads.assemble`) and leave the gradients to autograd.
 
 Export: everything below branches only on Python ints (shapes and the layout's and spec's static fields), never on
 tensor values; a symbolic number of blocks always takes the sparse path.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -51,11 +58,23 @@ def _dense_is_cheaper(num_blocks, num_global: int, slots: int) -> bool:
     return num_blocks * num_blocks <= DENSE_MARGIN * sparse
 
 
+def _select_blocks(x: torch.Tensor, index: torch.Tensor, traced: bool) -> torch.Tensor:
+    """x [B, n, bs*D] -> [B, len(index), bs*D]: whole blocks copied. At batch 1 (eager) along dim 0 of a 2-D view,
+    which torch copies row by row (index_select along dim 1 goes element by element: ~9x slower on CPU); traced
+    graphs take one path for every batch size."""
+    if not traced and x.shape[0] == 1:
+        return x[0].index_select(0, index).unsqueeze(0)
+    return x.index_select(1, index)
+
+
 def _softmax(scores: torch.Tensor, mask: torch.Tensor, dropout_p: float, training: bool) -> torch.Tensor:
-    """The reference's masked softmax (masked scores take the compute dtype's minimum) and dropout, writing into
-    `scores` where it can. Rows with nothing to attend to are zeroed by the callers, on the (smaller) output."""
+    """The reference's masked softmax (masked scores take the compute dtype's minimum) and dropout. Rows with nothing
+    to attend to are zeroed by the callers, on the (smaller) output. The mask is written into `scores` itself when
+    no gradient flows (under autograd an in-place write into a view costs a score-sized copy in the backward)."""
     compute_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
-    scores = scores.to(compute_dtype).masked_fill_(~mask, torch.finfo(compute_dtype).min)
+    scores = scores.to(compute_dtype)
+    fill = torch.finfo(compute_dtype).min
+    scores = torch.where(mask, scores, fill) if scores.requires_grad else scores.masked_fill_(~mask, fill)
     return F.dropout(torch.softmax(scores, dim=-1), dropout_p, training)
 
 
@@ -69,10 +88,12 @@ def _band(x: torch.Tensor, tiles: int, tile_step: int, shape: tuple[int, int], s
 
 
 class _Relative:
-    """The per-bucket products and how to read them at delta(i, j).
+    """The per-bucket products and where the relative terms of each row read them.
 
     qp [B, H, Np, 2S]: column c holds q . pos_key[2S - 1 - c] (reversed, so that along a window tile's key axis the
-    column rises); kp [B, H, T, 2S]: row hw*bs + j holds k_j . pos_query (the halo rows are zeros)."""
+    column rises); kp [B, H, T, 2S]: row hw*bs + j holds k_j . pos_query (the halo rows are zeros). Indices into
+    them: c2p at (row i, column 2S - 1 - delta), p2c at flat element (hw*bs + j) * 2S + delta of kp's [T * 2S]
+    plane, so p2c's index is the key row's offset + 2S - 1 minus c2p's (one index is built per read)."""
 
     def __init__(self, q, k_halo, pos_key, pos_query, spec: RelativePositionSpec, hw: int, bs: int):
         self.spec, self.hw, self.bs = spec, hw, bs
@@ -87,52 +108,206 @@ class _Relative:
         """delta of distances in [-(Np - 1), Np - 1]."""
         return self.table[distance + (self.table.numel() - 1) // 2]
 
-    def dense(self, rows: int, Np: int) -> torch.Tensor:
-        """c2p + p2c of queries [0, rows) against all Np keys: [B, H, rows, Np]; the index is the same per head."""
-        B, H = (self.qp if self.qp is not None else self.kp).shape[:2]
+    def dense_index(self, rows: int, Np: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries [0, rows) against all Np keys (the same for every head): c2p columns [rows, Np] and p2c flat
+        offsets [rows * Np]."""
         positions = torch.arange(Np, device=self.table.device)
-        delta = self.delta(positions[:rows, None] - positions[None, :])  # [rows, Np]
-        term = 0
-        if self.qp is not None:
-            term = self.qp[:, :, :rows].gather(-1, (self.two_s - 1 - delta).expand(B, H, rows, Np))
-        if self.kp is not None:
-            flat = delta + (positions + self.hw * self.bs) * self.two_s  # row of key j, column delta
-            term = term + self.kp.view(B, H, -1).gather(-1, flat.view(1, 1, -1).expand(B, H, -1)).view(B, H, rows, Np)
-        return term
+        c2p = (self.two_s - 1) - self.delta(positions[:rows, None] - positions[None, :])
+        p2c = (positions + self.hw * self.bs) * self.two_s + (self.two_s - 1) - c2p
+        return c2p, p2c.view(-1)
 
-    def block_tables(self, nb: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Index tiles per block distance e = query block - key block + nb - 1 ([2nb - 1, bs(query a), bs(key b)]):
-        the column of qp and the flat [T * 2S] offset within kp's key block of delta(a - b + (e - nb + 1) * bs)."""
-        bs, dev = self.bs, self.table.device
-        a = torch.arange(bs, device=dev)
-        distance = (torch.arange(-(nb - 1), nb, device=dev) * bs)[:, None, None] + (a[:, None] - a[None, :])
-        delta = self.delta(distance)
-        return self.two_s - 1 - delta, delta + (a + self.hw * bs) * self.two_s
-
-    def slots(self, qp_blocks, tables, query_blocks, key_blocks, nb: int) -> torch.Tensor:
-        """c2p + p2c of every sparse query block against M of its key blocks: qp_blocks [B, H, nr, bs, 2S],
-        query_blocks [nr], key_blocks [H|1, nr, M] (1: the same for every head) -> [B, H, nr, bs, M*bs]."""
-        B, H = (self.qp if self.qp is not None else self.kp).shape[:2]
+    def slot_index(self, query_blocks, key_blocks, nb: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sparse query blocks against M of their key blocks each: query_blocks [nr], key_blocks [h, nr, M] (h = 1:
+        the same for every head) -> c2p columns [h, nr, bs, M*bs] and p2c flat offsets [h, nr*bs*M*bs], in the
+        scores' order (query row a, then slot, then key b)."""
+        bs, two_s, dev = self.bs, self.two_s, self.table.device
         h, nr, M = key_blocks.shape
-        bs = self.bs
-        distance_row = (query_blocks[:, None] - key_blocks + nb - 1).view(-1)
-
-        def query_major(index):  # [h*nr*M, bs(a), bs(b)] -> [1, h, nr, bs(a), M*bs(b)]
-            return index.view(h, nr, M, bs, bs).transpose(2, 3).reshape(1, h, nr, bs, M * bs)
-
-        term = 0
-        if self.qp is not None:
-            index = query_major(tables[0].index_select(0, distance_row))
-            term = qp_blocks.gather(-1, index.expand(B, H, nr, bs, M * bs))
-        if self.kp is not None:
-            offset = (key_blocks * (bs * self.two_s)).view(-1, 1, 1)  # first flat element of the key block's rows
-            flat = query_major(tables[1].index_select(0, distance_row) + offset).view(1, h, -1)
-            term = term + self.kp.view(B, H, -1).gather(-1, flat.expand(B, H, -1)).view(B, H, nr, bs, M * bs)
-        return term
+        a = torch.arange(bs, device=dev)
+        # columns per block distance e = query block - key block + nb - 1, laid out [a, e, b] so that one indexing
+        # op writes the scores' order directly (whole rows of bs, no transposing copy)
+        distance = a[:, None, None] - a[None, None, :] + (torch.arange(-(nb - 1), nb, device=dev) * bs)[None, :, None]
+        columns = (two_s - 1) - self.delta(distance)  # [bs(a), 2nb - 1, bs(b)]
+        e = query_blocks[:, None] - key_blocks + (nb - 1)  # [h, nr, M]
+        c2p = columns[a[:, None], e[:, :, None, :]]  # [h, nr, bs(a), M, bs(b)]
+        key_row = ((key_blocks + self.hw) * bs)[:, :, None, :, None] + a  # [h, nr, 1, M, bs]: row of key b in kp
+        p2c = torch.sub(key_row * two_s + (two_s - 1), c2p)
+        return c2p.view(h, nr, bs, M * bs), p2c.view(h, -1)
 
 
-def _window_band(rel: _Relative, q_s: torch.Tensor, k_halo: torch.Tensor, g: int, w: int) -> torch.Tensor:
-    """c2p + p2c of the window slots of every sparse query block: [B, H, nr, bs, w*bs].
+@dataclass
+class _TermReads:
+    """Where every relative term of the scores is read (built per call from shapes and the layout).
+
+    dense rows  queries [0, dense_rows) against all Np keys: [B, H, dense_rows, Np]
+    sparse rows [B, H, nr, bs, K*bs] in slot order: `gathers` (first column, width, c2p index, p2c index) for
+                the slots read at indices, and the window's band (`band`: (c2p zero column, c2p first row, p2c zero
+                column), see _window_band) read as strided views of qp/kp or of the window's own products."""
+
+    B: int
+    H: int
+    Np: int
+    bs: int
+    g: int
+    w: int
+    K: int
+    two_s: int
+    dense_rows: int = 0
+    dense: tuple | None = None
+    gathers: list = field(default_factory=list)
+    band: tuple | None = None
+    band_position: int = 0  # the band's place among the gathered parts (in column order)
+
+    @property
+    def nr(self) -> int:
+        return self.Np // self.bs - self.g
+
+    @property
+    def hw(self) -> int:
+        return self.w // 2
+
+    # -- the three kinds of read, as views or gathers (shared by both ways of assembling the terms) -------------
+
+    def c2p_gather(self, qp, index) -> torch.Tensor:
+        B, H, nr, bs = self.B, self.H, self.nr, self.bs
+        return qp[:, :, self.g * bs:].view(B, H, nr, bs, -1).gather(-1, index.unsqueeze(0).expand(B, H, -1, -1, -1))
+
+    def p2c_gather(self, kp, index) -> torch.Tensor:
+        B, H = self.B, self.H
+        return kp.view(B, H, -1).gather(-1, index.unsqueeze(0).expand(B, H, -1)).view(B, H, self.nr, self.bs, -1)
+
+    def c2p_band(self, src) -> torch.Tensor:  # [B, H, nr, bs, w*bs]
+        R, bs = src.shape[-1], self.bs
+        zero, row0, _ = self.band
+        return _band(src, self.nr, bs * R, (bs, self.w * bs), (R - 1, 1), row0 * R + zero - self.hw * bs)
+
+    def p2c_band(self, src, slot: int) -> torch.Tensor:  # [B, H, nr, bs, bs]
+        R, bs = src.shape[-1], self.bs
+        zero = self.band[2]
+        return _band(src, self.nr, bs * R, (bs, bs), (1, R - 1), (self.g + slot) * bs * R + zero + (self.hw - slot) * bs)
+
+    # -- traced graphs: plain differentiable ops -------------------------------------------------------------------
+
+    def assemble(self, qp, kp, band_c2p, band_p2c) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        B, H, Np, rows = self.B, self.H, self.Np, self.dense_rows
+        dense = sparse = None
+        if rows:
+            c2p_index, p2c_index = self.dense
+            terms = 0
+            if qp is not None:
+                terms = qp[:, :, :rows].gather(-1, c2p_index.expand(B, H, rows, Np))
+            if kp is not None:
+                terms = terms + kp.view(B, H, -1).gather(-1, p2c_index.expand(B, H, -1)).view(B, H, rows, Np)
+            dense = terms.view(B * H, rows, Np)
+        if self.nr and (self.gathers or self.band):
+            pieces = []
+            for start, _, c2p_index, p2c_index in self.gathers:
+                term = 0 if qp is None else self.c2p_gather(qp, c2p_index)
+                pieces.append(term if kp is None else term + self.p2c_gather(kp, p2c_index))
+            if self.band is not None:
+                term = 0 if band_c2p is None else self.c2p_band(band_c2p)
+                if band_p2c is not None:
+                    term = term + torch.cat([self.p2c_band(band_p2c, s) for s in range(self.w)], dim=-1)
+                pieces.insert(self.band_position, term)
+            sparse = torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0]
+            sparse = sparse.reshape(B * H * self.nr, self.bs, -1)
+        return dense, sparse
+
+    # -- eager: one output buffer per kind of row, one gradient buffer per source (_RelativeTerms) ------------------
+
+    def read_into(self, qp, kp, band_c2p, band_p2c) -> tuple[torch.Tensor, torch.Tensor]:
+        """The forward: dense [B, H, rows, Np] and sparse [B, H, nr, bs, K*bs] terms written in place (empty
+        tensors where there are none); band_c2p / band_p2c: the products the band reads (qp / kp, or their own)."""
+        B, H, Np, rows, nr, bs = self.B, self.H, self.Np, self.dense_rows, self.nr, self.bs
+        src = qp if qp is not None else kp
+        # 3-D, as the score matmul (baddbmm_) writes them in place: in-place writes into views would cost copies
+        dense_3d = src.new_empty(B * H, rows, Np if rows else 0)
+        dense = dense_3d.view(B, H, rows, dense_3d.shape[-1])
+        if rows:
+            c2p_index, p2c_index = self.dense
+            if qp is not None:
+                torch.gather(qp[:, :, :rows], -1, c2p_index.expand(B, H, rows, Np), out=dense)
+            if kp is not None:
+                term = kp.view(B, H, -1).gather(-1, p2c_index.expand(B, H, -1)).view(B, H, rows, Np)
+                dense.add_(term) if qp is not None else dense.copy_(term)
+        sparse_3d = src.new_empty(B * H * nr, bs, self.K * bs if (self.gathers or self.band) else 0)
+        sparse = sparse_3d.view(B, H, nr, bs, sparse_3d.shape[-1])
+        for start, width, c2p_index, p2c_index in self.gathers:
+            out = sparse[..., start:start + width]
+            if qp is not None:
+                torch.gather(qp[:, :, self.g * bs:].view(B, H, nr, bs, -1), -1,
+                             c2p_index.unsqueeze(0).expand(B, H, -1, -1, -1), out=out)
+            if kp is not None:
+                term = self.p2c_gather(kp, p2c_index)
+                out.add_(term) if qp is not None else out.copy_(term)
+        if self.band is not None:
+            out = sparse[..., self.g * bs:(self.g + self.w) * bs]
+            if band_c2p is not None:
+                out.copy_(self.c2p_band(band_c2p))
+            if band_p2c is not None:
+                for s in range(self.w):
+                    tile = out[..., s * bs:(s + 1) * bs]
+                    tile.add_(self.p2c_band(band_p2c, s)) if band_c2p is not None else tile.copy_(
+                        self.p2c_band(band_p2c, s))
+        return dense_3d, sparse_3d
+
+    def scatter_grads(self, grad_dense, grad_sparse, gqp, gkp, grad_band_c2p, grad_band_p2c) -> None:
+        """The backward: adds the terms' gradients into the zero-filled gradients of qp, kp and the products the
+        band reads (qp and kp themselves, or the window's own products); None: not wanted."""
+        B, H, Np, rows, nr, bs = self.B, self.H, self.Np, self.dense_rows, self.nr, self.bs
+        if rows and grad_dense is not None:
+            grad_dense = grad_dense.view(B, H, rows, Np)
+            c2p_index, p2c_index = self.dense
+            if gqp is not None:
+                gqp[:, :, :rows].scatter_add_(-1, c2p_index.expand(B, H, rows, Np), grad_dense)
+            if gkp is not None:
+                gkp.view(B, H, -1).scatter_add_(-1, p2c_index.expand(B, H, -1), grad_dense.reshape(B, H, -1))
+        if grad_sparse is None or not (self.gathers or self.band):
+            return
+        grad_sparse = grad_sparse.view(B, H, nr, bs, -1)
+        for start, width, c2p_index, p2c_index in self.gathers:
+            grad = grad_sparse[..., start:start + width]
+            if gqp is not None:
+                gqp[:, :, self.g * bs:].view(B, H, nr, bs, -1).scatter_add_(
+                    -1, c2p_index.unsqueeze(0).expand(B, H, -1, -1, -1), grad)
+            if gkp is not None:
+                gkp.view(B, H, -1).scatter_add_(-1, p2c_index.unsqueeze(0).expand(B, H, -1), grad.reshape(B, H, -1))
+        if self.band is not None:
+            grad = grad_sparse[..., self.g * bs:(self.g + self.w) * bs]
+            if grad_band_c2p is not None:
+                self.c2p_band(grad_band_c2p).add_(grad)  # the band's elements are distinct: no overlap
+            if grad_band_p2c is not None:
+                for s in range(self.w):
+                    self.p2c_band(grad_band_p2c, s).add_(grad[..., s * bs:(s + 1) * bs])
+
+
+class _RelativeTerms(torch.autograd.Function):
+    """The relative terms of every score ([B*H, rows, Np] dense rows, [B*H*nr, bs, K*bs] sparse rows) with a
+    backward that scatters into one zero-filled gradient per product: autograd's own would allocate and zero a full
+    product per read (each gather, each strided view) and then sum them.
+
+    band_c2p / band_p2c: the window's own products, or None where the band reads qp / kp themselves."""
+
+    @staticmethod
+    def forward(ctx, qp, kp, band_c2p, band_p2c, reads: _TermReads):
+        ctx.reads = reads
+        ctx.own_band = (band_c2p is not None, band_p2c is not None)
+        ctx.shapes = [None if t is None else (t.shape, t.dtype, t.device) for t in (qp, kp, band_c2p, band_p2c)]
+        return reads.read_into(qp, kp, band_c2p if band_c2p is not None else qp,
+                               band_p2c if band_p2c is not None else kp)
+
+    @staticmethod
+    def backward(ctx, grad_dense, grad_sparse):
+        grads = [torch.zeros(shape[0], dtype=shape[1], device=shape[2]) if shape is not None and needed else None
+                 for shape, needed in zip(ctx.shapes, ctx.needs_input_grad)]
+        gqp, gkp, own_c2p, own_p2c = grads
+        ctx.reads.scatter_grads(grad_dense, grad_sparse, gqp, gkp, own_c2p if ctx.own_band[0] else gqp,
+                                own_p2c if ctx.own_band[1] else gkp)
+        return gqp, gkp, own_c2p, own_p2c, None
+
+
+def _window_sources(rel: _Relative, q_s: torch.Tensor, k_halo: torch.Tensor, g: int, w: int):
+    """What the window slots of the sparse query blocks read their relative terms from: (c2p product or None for
+    qp itself, p2c product or None for kp itself, (c2p zero column, c2p first row, p2c zero column)).
 
     Window slot s of sparse query block g + n is block g + n - hw + s, so query a and key b of the tile are
     d = i - j = (hw - s) * bs + a - b apart, |d| <= dmax = (hw + 1) * bs - 1. c2p is read from a product whose
@@ -142,27 +317,17 @@ def _window_band(rel: _Relative, q_s: torch.Tensor, k_halo: torch.Tensor, g: int
     hw, spec = w // 2, rel.spec
     dmax = (hw + 1) * bs - 1
     if delta_is_shift(spec, dmax):  # delta = S + d: the per-bucket products already hold the band
-        c2p, c2p_zero, c2p_row0 = rel.qp, spec.span - 1, g * bs  # qp column 2S - 1 - delta = S - 1 - d
-        p2c, p2c_zero = rel.kp, spec.span
-    else:  # products with just the window's distances: column t is distance dmax - t (c2p) or t - dmax (p2c)
-        columns = torch.arange((w + 1) * bs, device=q_s.device)
-        c2p = p2c = None
-        if rel.qp is not None:
-            rows = rel.pos_key[:, relative_delta(dmax - columns, spec)]  # [H, (w+1)*bs, D]
-            c2p = q_s.reshape(B, H, nr * bs, -1) @ rows.transpose(-1, -2).unsqueeze(0)
-        if rel.kp is not None:
-            rows = rel.pos_query[:, relative_delta(columns - dmax, spec)]
-            p2c = k_halo @ rows.transpose(-1, -2).unsqueeze(0)  # [B, H, T, (w+1)*bs]
-        c2p_zero, c2p_row0, p2c_zero = dmax, 0, dmax
-    band = 0
-    if p2c is not None:
-        R = p2c.shape[-1]
-        band = torch.cat([_band(p2c, nr, bs * R, (bs, bs), (1, R - 1), (g + s) * bs * R + p2c_zero + (hw - s) * bs)
-                          for s in range(w)], dim=-1)
-    if c2p is not None:
-        R = c2p.shape[-1]
-        band = band + _band(c2p, nr, bs * R, (bs, w * bs), (R - 1, 1), c2p_row0 * R + c2p_zero - hw * bs)
-    return band
+        return None, None, (spec.span - 1, g * bs, spec.span)  # qp column 2S - 1 - delta = S - 1 - d
+    # products with just the window's distances: column t is distance dmax - t (c2p) or t - dmax (p2c)
+    columns = torch.arange((w + 1) * bs, device=q_s.device)
+    c2p = p2c = None
+    if rel.qp is not None:
+        rows = rel.pos_key[:, relative_delta(dmax - columns, spec)]  # [H, (w+1)*bs, D]
+        c2p = q_s.reshape(B, H, nr * bs, -1) @ rows.transpose(-1, -2).unsqueeze(0)
+    if rel.kp is not None:
+        rows = rel.pos_query[:, relative_delta(columns - dmax, spec)]
+        p2c = k_halo @ rows.transpose(-1, -2).unsqueeze(0)  # [B, H, T, (w+1)*bs]
+    return c2p, p2c, (dmax, 0, dmax)
 
 
 def blocked_attention(
@@ -199,17 +364,51 @@ def blocked_attention(
     else:
         key_valid = key_padding_mask.bool()
     key_valid = F.pad(key_valid, (0, Np - N), value=False)  # [B, Np]
-    rel = None
+    rel = reads = None
     if pos_key is not None or pos_query is not None:
         rel = _Relative(q, k_halo, pos_key, pos_query, rel_spec, hw, bs)
+        reads = _TermReads(B, H, Np, bs, g, w, K, rel.two_s)
+    traced = isinstance(nb, torch.SymInt) or torch.compiler.is_compiling()
+    q_s = q[:, :, g * bs:].view(B, H, nr, bs, D)
+    key_blocks = layout.key_blocks.to(dev)  # [H, nr, K]
+    if reads is not None:
+        reads.dense_rows = Np if dense else g * bs
+        if reads.dense_rows:
+            reads.dense = rel.dense_index(reads.dense_rows, Np)
+        band_c2p = band_p2c = None
+        if not dense:
+            query_blocks = torch.arange(g, nb, device=dev)
+            if w > 0:  # [global | window | random]: the global slots are blocks 0..g-1 for every head and row
+                if g > 0:
+                    reads.gathers.append((0, g * bs, *rel.slot_index(
+                        query_blocks, torch.arange(g, device=dev).expand(1, nr, g), nb)))
+                band_c2p, band_p2c, reads.band = _window_sources(rel, q_s, k_halo, g, w)
+                reads.band_position = len(reads.gathers)
+                if K > g + w:
+                    reads.gathers.append(((g + w) * bs, (K - g - w) * bs,
+                                          *rel.slot_index(query_blocks, key_blocks[..., g + w:], nb)))
+            else:
+                reads.gathers.append((0, K * bs, *rel.slot_index(query_blocks, key_blocks, nb)))
+        if traced:  # plain ops, differentiated by autograd (a graph of the custom function's pieces)
+            dense_terms, sparse_terms = reads.assemble(
+                rel.qp, rel.kp, band_c2p if band_c2p is not None else rel.qp,
+                band_p2c if band_p2c is not None else rel.kp)
+        else:
+            dense_terms, sparse_terms = _RelativeTerms.apply(rel.qp, rel.kp, band_c2p, band_p2c, reads)
+
+    def scores_of(terms, queries, keys):
+        """terms + queries . keys^T as one (batched) matmul: [n, r, D] x [n, c, D] -> [n, r, c]; the terms' buffer
+        is written in place where it is this call's own (eager)."""
+        if terms is None:
+            return queries @ keys.transpose(1, 2)
+        if traced:
+            return torch.baddbmm(terms, queries, keys.transpose(1, 2))
+        return terms.baddbmm_(queries, keys.transpose(1, 2))
 
     def dense_rows(rows: int, mask: torch.Tensor) -> torch.Tensor:
         """Queries [0, rows) against every key; mask [B|1, H|1, m, 1, Np] per query block -> [B, H, rows, D]."""
-        if rel is None:
-            scores = q[:, :, :rows] @ k.transpose(-1, -2)  # [B, H, rows, Np]
-        else:  # relative terms + q.k in one matmul
-            scores = torch.baddbmm(rel.dense(rows, Np).view(B * H, rows, Np), q[:, :, :rows].reshape(B * H, rows, D),
-                                   k.reshape(B * H, Np, D).transpose(1, 2)).view(B, H, rows, Np)
+        terms = None if reads is None else dense_terms
+        scores = scores_of(terms, q[:, :, :rows].reshape(B * H, rows, D), k.reshape(B * H, Np, D)).view(B, H, rows, Np)
         m = mask.shape[2]
         probs = _softmax(scores.view(B, H, m, rows // m, Np), mask, dropout_p, training)
         out = (probs.to(v.dtype).view(B, H, rows, Np) @ v).view(B, H, m, rows // m, D)
@@ -217,8 +416,7 @@ def blocked_attention(
 
     if dense:
         # Every query block against every key block under the layout's block mask (global rows attend everything).
-        listed = (layout.key_blocks.to(dev)[..., None] == torch.arange(nb, device=dev)) \
-            & layout.key_valid.to(dev)[..., None]  # [H, nr, K, nb]
+        listed = (key_blocks[..., None] == torch.arange(nb, device=dev)) & layout.key_valid.to(dev)[..., None]
         block_mask = torch.cat([torch.ones(H, g, nb, dtype=torch.bool, device=dev), listed.any(dim=2)], dim=1)
         mask = block_mask[None, :, :, None, :, None] & key_valid.view(B, 1, 1, 1, nb, bs)  # [B, H, nb, 1, nb, bs]
         return dense_rows(Np, mask.view(B, H, nb, 1, Np))[:, :, :N]
@@ -227,31 +425,11 @@ def blocked_attention(
     if g > 0:  # global query blocks: every key
         outputs.append(dense_rows(g * bs, key_valid.view(B, 1, 1, 1, Np)))
 
-    # Sparse query blocks against their K listed key blocks.
-    key_blocks = layout.key_blocks.to(dev)  # [H, nr, K]
+    # Sparse query blocks against their K listed key blocks: scores = relative terms + q.k in one matmul.
     rows = (torch.arange(H, device=dev)[:, None, None] * (nb + 2 * hw) + key_blocks + hw).view(-1)
-    k_slots = k_halo.reshape(B, H * (nb + 2 * hw), bs * D).index_select(1, rows).view(B, H, nr, K * bs, D)
-    q_s = q[:, :, g * bs:].view(B, H, nr, bs, D)
-    if rel is None:
-        scores = q_s @ k_slots.transpose(-1, -2)  # [B, H, nr, bs, K*bs]
-    else:
-        # The relative terms of every slot in slot order, then scores = terms + q.k in one matmul.
-        query_blocks = torch.arange(g, nb, device=dev)
-        qp_blocks = None if rel.qp is None else rel.qp[:, :, g * bs:].view(B, H, nr, bs, -1)
-        tables = rel.block_tables(nb)
-        if w > 0:  # [global | window | random]: the global slots are blocks 0..g-1 for every head and row
-            parts = []
-            if g > 0:
-                parts.append(rel.slots(qp_blocks, tables, query_blocks, torch.arange(g, device=dev).expand(1, nr, g),
-                                       nb))
-            parts.append(_window_band(rel, q_s, k_halo, g, w))
-            if K > g + w:
-                parts.append(rel.slots(qp_blocks, tables, query_blocks, key_blocks[..., g + w:], nb))
-            terms = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
-        else:
-            terms = rel.slots(qp_blocks, tables, query_blocks, key_blocks, nb)
-        scores = torch.baddbmm(terms.view(B * H * nr, bs, K * bs), q_s.reshape(B * H * nr, bs, D),
-                               k_slots.view(B * H * nr, K * bs, D).transpose(1, 2)).view(B, H, nr, bs, K * bs)
+    k_slots = _select_blocks(k_halo.reshape(B, H * (nb + 2 * hw), bs * D), rows, traced).view(B * H * nr, K * bs, D)
+    terms = None if reads is None else sparse_terms
+    scores = scores_of(terms, q_s.reshape(B * H * nr, bs, D), k_slots).view(B, H, nr, bs, K * bs)
     del k_slots
 
     # Attended: the slot is valid in the layout and its key is not padding.
@@ -259,7 +437,7 @@ def blocked_attention(
     mask = valid.view(B, H, nr, 1, K * bs)
     probs = _softmax(scores, mask, dropout_p, training)
     v_rows = (torch.arange(H, device=dev)[:, None, None] * nb + key_blocks).view(-1)
-    v_slots = v.reshape(B, H * nb, bs * D).index_select(1, v_rows).view(B, H, nr, K * bs, D)
+    v_slots = _select_blocks(v.reshape(B, H * nb, bs * D), v_rows, traced).view(B, H, nr, K * bs, D)
     out = (probs.to(v.dtype) @ v_slots) * mask.any(dim=-1, keepdim=True)  # [B, H, nr, bs, D]
     outputs.append(out.view(B, H, nr * bs, D))
     return torch.cat(outputs, dim=2)[:, :, :N]
