@@ -8,7 +8,9 @@ Two ways to compute the same function, chosen from shapes alone (`_dense_is_chea
   dense rows   query blocks against all Np keys with the layout's block mask: the global query blocks always, and
                every query block when the layout lists about as many blocks as there are (short inputs).
   sparse rows  each sparse query block against its K key blocks ([B, H, nr, bs, K*bs]), gathered block by block
-               (index_select of whole [bs, D] blocks, never of single tokens).
+               (index_select of whole [bs, D] blocks, never of single tokens). Without gradients (inference) only
+               the random blocks are copied: the global slots are one matmul per head and the window slots a matmul
+               against an overlapping strided view of the keys and values (`_sparse_rows_by_slot_kind`).
 
 Relative terms: c2p(i, j) = q_i . pos_key[delta(i, j)], p2c(i, j) = k_j . pos_query[delta(i, j)]. q.pos_key^T and
 k.pos_query^T are computed once per bucket ([B, H, Np, 2S], the pos_key rows in reverse order, see below) and read
@@ -426,18 +428,71 @@ def blocked_attention(
         outputs.append(dense_rows(g * bs, key_valid.view(B, 1, 1, 1, Np)))
 
     # Sparse query blocks against their K listed key blocks: scores = relative terms + q.k in one matmul.
-    rows = (torch.arange(H, device=dev)[:, None, None] * (nb + 2 * hw) + key_blocks + hw).view(-1)
-    k_slots = _select_blocks(k_halo.reshape(B, H * (nb + 2 * hw), bs * D), rows, traced).view(B * H * nr, K * bs, D)
-    terms = None if reads is None else sparse_terms
-    scores = scores_of(terms, q_s.reshape(B * H * nr, bs, D), k_slots).view(B, H, nr, bs, K * bs)
-    del k_slots
-
-    # Attended: the slot is valid in the layout and its key is not padding.
     valid = key_valid.view(B, nb, bs)[:, key_blocks] & layout.key_valid.to(dev)[None, :, :, :, None]
-    mask = valid.view(B, H, nr, 1, K * bs)
-    probs = _softmax(scores, mask, dropout_p, training)
-    v_rows = (torch.arange(H, device=dev)[:, None, None] * nb + key_blocks).view(-1)
-    v_slots = _select_blocks(v.reshape(B, H * nb, bs * D), v_rows, traced).view(B, H, nr, K * bs, D)
-    out = (probs.to(v.dtype) @ v_slots) * mask.any(dim=-1, keepdim=True)  # [B, H, nr, bs, D]
+    mask = valid.view(B, H, nr, 1, K * bs)  # attended: the slot is valid in the layout and its key is not padding
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k_halo, v, pos_key, pos_query))
+    if w > 0 and not traced and not needs_grad:
+        out = _sparse_rows_by_slot_kind(q_s, k_halo, v, None if reads is None else sparse_terms, key_blocks, mask,
+                                        g, w, dropout_p, training)
+    else:
+        rows = (torch.arange(H, device=dev)[:, None, None] * (nb + 2 * hw) + key_blocks + hw).view(-1)
+        k_slots = _select_blocks(k_halo.reshape(B, H * (nb + 2 * hw), bs * D), rows, traced).view(
+            B * H * nr, K * bs, D)
+        terms = None if reads is None else sparse_terms
+        scores = scores_of(terms, q_s.reshape(B * H * nr, bs, D), k_slots).view(B, H, nr, bs, K * bs)
+        del k_slots
+        probs = _softmax(scores, mask, dropout_p, training)
+        v_rows = (torch.arange(H, device=dev)[:, None, None] * nb + key_blocks).view(-1)
+        v_slots = _select_blocks(v.reshape(B, H * nb, bs * D), v_rows, traced).view(B, H, nr, K * bs, D)
+        out = probs.to(v.dtype) @ v_slots
+    out = out * mask.any(dim=-1, keepdim=True)  # [B, H, nr, bs, D]
     outputs.append(out.view(B, H, nr * bs, D))
     return torch.cat(outputs, dim=2)[:, :, :N]
+
+
+def _sparse_rows_by_slot_kind(q_s, k_halo, v, terms, key_blocks, mask, g: int, w: int, dropout_p: float,
+                              training: bool) -> torch.Tensor:
+    """The sparse rows without copying the global and window key/value blocks (eager, no gradient): the global
+    slots are one matmul per head against keys [0, g*bs), the window slots a matmul against an overlapping strided
+    view of the haloed keys (per batch row and head), and only the random blocks are copied. Writes into `terms`
+    (the relative terms, or nothing) in place. -> [B, H, nr, bs, D] (rows with nothing to attend not yet zeroed)."""
+    B, H, nr, bs, D = q_s.shape
+    K, hw = key_blocks.shape[-1], w // 2
+    T = k_halo.shape[2]
+    r = K - g - w
+    q3 = q_s.reshape(B * H * nr, bs, D)
+    beta = 0.0 if terms is None else 1.0  # beta 0: the buffer's contents are ignored (torch.empty is fine)
+    scores = q3.new_empty(B * H * nr, bs, K * bs) if terms is None else terms
+    k_heads = k_halo.reshape(B * H, T, D)
+    if g > 0:
+        scores.view(B * H, nr * bs, K * bs)[..., :g * bs].baddbmm_(
+            q_s.reshape(B * H, nr * bs, D), k_heads[:, hw * bs:(hw + g) * bs].transpose(1, 2), beta=beta)
+    for bh in range(B * H):  # window slot s of sparse block n is halo block g + n + s
+        window = k_heads[bh].as_strided((nr, w * bs, D), (bs * D, D, 1), k_heads[bh].storage_offset() + g * bs * D)
+        scores[bh * nr:(bh + 1) * nr, :, g * bs:(g + w) * bs].baddbmm_(
+            q3[bh * nr:(bh + 1) * nr], window.transpose(1, 2), beta=beta)
+    if r > 0:
+        rows = (torch.arange(H, device=q_s.device)[:, None, None] * (T // bs) + key_blocks[..., g + w:] + hw).view(-1)
+        k_random = _select_blocks(k_heads.view(B, H * T // bs, bs * D), rows, False).view(B * H * nr, r * bs, D)
+        scores[..., (g + w) * bs:].baddbmm_(q3, k_random.transpose(1, 2), beta=beta)
+    probs = _softmax(scores.view(B, H, nr, bs, K * bs), mask, dropout_p, training).to(v.dtype).view(
+        B * H * nr, bs, K * bs)
+
+    # probs @ values, slot kind by slot kind, into one output (the halo's zero rows meet zero probabilities)
+    Np = v.shape[2]
+    v_heads = F.pad(v, (0, 0, hw * bs, hw * bs)).reshape(B * H, T, D)
+    out = v.new_empty(B * H * nr, bs, D)
+    beta = 0.0
+    if g > 0:
+        out.view(B * H, nr * bs, D).baddbmm_(probs.view(B * H, nr * bs, K * bs)[..., :g * bs],
+                                              v_heads[:, hw * bs:(hw + g) * bs], beta=beta)
+        beta = 1.0
+    for bh in range(B * H):
+        window = v_heads[bh].as_strided((nr, w * bs, D), (bs * D, D, 1), v_heads[bh].storage_offset() + g * bs * D)
+        out[bh * nr:(bh + 1) * nr].baddbmm_(probs[bh * nr:(bh + 1) * nr, :, g * bs:(g + w) * bs], window, beta=beta)
+    if r > 0:
+        rows = (torch.arange(H, device=v.device)[:, None, None] * (Np // bs) + key_blocks[..., g + w:]).view(-1)
+        v_random = _select_blocks(v.reshape(B, H * Np // bs, bs * D), rows, False).view(B * H * nr, r * bs, D)
+        out.baddbmm_(probs[..., (g + w) * bs:], v_random)
+    return out.view(B, H, nr, bs, D)
