@@ -37,6 +37,7 @@ tensor values; a symbolic number of blocks always takes the sparse path.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -158,6 +159,18 @@ class _TermReads:
     gathers: list = field(default_factory=list)
     band: tuple | None = None
     band_position: int = 0  # the band's place among the gathered parts (in column order)
+
+    def indices(self) -> list[torch.Tensor]:
+        """Every index tensor, in a fixed order (dense rows' pair, then each gathered part's pair)."""
+        pairs = ([self.dense] if self.dense is not None else []) + [part[2:] for part in self.gathers]
+        return [index for pair in pairs for index in pair]
+
+    def with_indices(self, indices) -> "_TermReads":
+        """A copy with the index tensors of `indices()` replaced (None: dropped while they are saved elsewhere)."""
+        indices = list(indices)
+        dense = None if self.dense is None else (indices.pop(0), indices.pop(0))
+        gathers = [(start, width, indices.pop(0), indices.pop(0)) for start, width, _, _ in self.gathers]
+        return dataclasses.replace(self, dense=dense, gathers=gathers)
 
     @property
     def nr(self) -> int:
@@ -291,7 +304,10 @@ class _RelativeTerms(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qp, kp, band_c2p, band_p2c, reads: _TermReads):
-        ctx.reads = reads
+        # the indices through save_for_backward, so that saved-tensor hooks (the planner's count, offloading) see them
+        indices = reads.indices()
+        ctx.save_for_backward(*indices)
+        ctx.reads = reads.with_indices([None] * len(indices))
         ctx.own_band = (band_c2p is not None, band_p2c is not None)
         ctx.shapes = [None if t is None else (t.shape, t.dtype, t.device) for t in (qp, kp, band_c2p, band_p2c)]
         return reads.read_into(qp, kp, band_c2p if band_c2p is not None else qp,
@@ -302,7 +318,7 @@ class _RelativeTerms(torch.autograd.Function):
         grads = [torch.zeros(shape[0], dtype=shape[1], device=shape[2]) if shape is not None and needed else None
                  for shape, needed in zip(ctx.shapes, ctx.needs_input_grad)]
         gqp, gkp, own_c2p, own_p2c = grads
-        ctx.reads.scatter_grads(grad_dense, grad_sparse, gqp, gkp, own_c2p if ctx.own_band[0] else gqp,
+        ctx.reads.with_indices(ctx.saved_tensors).scatter_grads(grad_dense, grad_sparse, gqp, gkp, own_c2p if ctx.own_band[0] else gqp,
                                 own_p2c if ctx.own_band[1] else gkp)
         return gqp, gkp, own_c2p, own_p2c, None
 
