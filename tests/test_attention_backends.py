@@ -317,6 +317,22 @@ def test_blocked_forward_without_gradients_matches_reference_in_float64(monkeypa
             torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("name", list(BAND_CONFIGS))
+def test_blocked_matches_reference_in_float64_at_batch_1(monkeypatch, name):
+    """Batch 1 copies and accumulates whole blocks along another dimension than larger batches (_select_blocks)."""
+    from bigbird_ja.attention import blocked
+
+    monkeypatch.setattr(blocked, "DENSE_MARGIN", 0.0)
+    config = tiny_config(max_position_embeddings=131, **BAND_CONFIGS[name])
+    for layer in range(config.num_hidden_layers):
+        inputs = make_inputs(config, 1, 131, seed=layer)
+        ref_out, ref_grads = run("reference", config, layer, inputs)
+        out, grads = run("blocked", config, layer, inputs)
+        torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-10)
+        for g, ref_g in zip(grads, ref_grads):
+            torch.testing.assert_close(g, ref_g, rtol=0, atol=1e-10)
+
+
 def test_the_window_band_applies_to_the_default_model():
     """The default config (block 64, window 3, 256 buckets) has delta = S + (i - j) across its window: the band."""
     from bigbird_ja import BigBirdJaConfig

@@ -606,7 +606,10 @@ def test_one_entry_point_reads_every_launcher(monkeypatch, variables, expected):
     from bigbird_ja.common.distributed import fill_env_from_launcher
 
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
+        # set, then delete: monkeypatch then removes what fill_env_from_launcher writes (a plain delenv of an unset
+        # variable records nothing, and WORLD_SIZE=16 leaked into later tests of the same process)
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     for name in [k for k in os.environ if k.startswith(("OMPI_", "PMI_", "SLURM_", "MPI_LOCAL"))]:
         monkeypatch.delenv(name)
     for name, value in variables.items():

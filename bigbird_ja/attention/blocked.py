@@ -7,10 +7,13 @@ S relative span (2S relative embeddings), hw = w // 2, T = Np + 2 * hw * bs rows
 Two ways to compute the same function, chosen from shapes alone (`_dense_is_cheaper`):
   dense rows   query blocks against all Np keys with the layout's block mask: the global query blocks always, and
                every query block when the layout lists about as many blocks as there are (short inputs).
-  sparse rows  each sparse query block against its K key blocks ([B, H, nr, bs, K*bs]), gathered block by block
-               (index_select of whole [bs, D] blocks, never of single tokens). Without gradients (inference) only
-               the random blocks are copied: the global slots are one matmul per head and the window slots a matmul
-               against an overlapping strided view of the keys and values (`_sparse_rows_by_slot_kind`).
+  sparse rows  each sparse query block against its K key blocks ([B, H, nr, bs, K*bs]). Structured layouts
+               (slots [global | window | random]), eagerly: the global slots are one matmul per head, the window
+               slots a matmul against an overlapping strided view of the haloed keys and values, and only the
+               random blocks are copied (`_SlotScores`, `_SlotContext`: autograd.Functions whose backward passes are
+               the same three products, `_rows_times_slots`, `_weights_times_slots`, `_weights_t_times_rows`).
+               Traced graphs and layouts without slot order copy every listed block (index_select of whole [bs, D]
+               blocks, never of single tokens) and leave the gradients to autograd.
 
 Relative terms: c2p(i, j) = q_i . pos_key[delta(i, j)], p2c(i, j) = k_j . pos_query[delta(i, j)]. q.pos_key^T and
 k.pos_query^T are computed once per bucket ([B, H, Np, 2S], the pos_key rows in reverse order, see below) and read
@@ -446,11 +449,16 @@ def blocked_attention(
     # Sparse query blocks against their K listed key blocks: scores = relative terms + q.k in one matmul.
     valid = key_valid.view(B, nb, bs)[:, key_blocks] & layout.key_valid.to(dev)[None, :, :, :, None]
     mask = valid.view(B, H, nr, 1, K * bs)  # attended: the slot is valid in the layout and its key is not padding
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k_halo, v, pos_key, pos_query))
-    if w > 0 and not traced and not needs_grad:
-        out = _sparse_rows_by_slot_kind(q_s, k_halo, v, None if reads is None else sparse_terms, key_blocks, mask,
-                                        g, w, dropout_p, training)
+    if w > 0 and not traced:  # structured layout, eager: the global and window blocks read in place
+        geometry = _SlotGeometry(B, H, nr, bs, g, w, K)
+        heads = torch.arange(H, device=dev)[:, None, None]
+        k_rows = (heads * (nb + 2 * hw) + key_blocks[..., g + w:] + hw).view(-1)  # random blocks in the halo rows
+        scores = _SlotScores.apply(q_s.reshape(B * H * nr, bs, D), k_halo.reshape(B * H, -1, D),
+                                   None if reads is None else sparse_terms, k_rows, geometry)
+        probs = _softmax(scores.view(B, H, nr, bs, K * bs), mask, dropout_p, training)
+        v_halo = F.pad(v, (0, 0, hw * bs, hw * bs))
+        out = _SlotContext.apply(probs.to(v.dtype).view(B * H * nr, bs, K * bs), v_halo.reshape(B * H, -1, D),
+                                 k_rows, geometry).view(B, H, nr, bs, D)
     else:
         rows = (torch.arange(H, device=dev)[:, None, None] * (nb + 2 * hw) + key_blocks + hw).view(-1)
         k_slots = _select_blocks(k_halo.reshape(B, H * (nb + 2 * hw), bs * D), rows, traced).view(
@@ -467,48 +475,163 @@ def blocked_attention(
     return torch.cat(outputs, dim=2)[:, :, :N]
 
 
-def _sparse_rows_by_slot_kind(q_s, k_halo, v, terms, key_blocks, mask, g: int, w: int, dropout_p: float,
-                              training: bool) -> torch.Tensor:
-    """The sparse rows without copying the global and window key/value blocks (eager, no gradient): the global
-    slots are one matmul per head against keys [0, g*bs), the window slots a matmul against an overlapping strided
-    view of the haloed keys (per batch row and head), and only the random blocks are copied. Writes into `terms`
-    (the relative terms, or nothing) in place. -> [B, H, nr, bs, D] (rows with nothing to attend not yet zeroed)."""
-    B, H, nr, bs, D = q_s.shape
-    K, hw = key_blocks.shape[-1], w // 2
-    T = k_halo.shape[2]
-    r = K - g - w
-    q3 = q_s.reshape(B * H * nr, bs, D)
-    beta = 0.0 if terms is None else 1.0  # beta 0: the buffer's contents are ignored (torch.empty is fine)
-    scores = q3.new_empty(B * H * nr, bs, K * bs) if terms is None else terms
-    k_heads = k_halo.reshape(B * H, T, D)
-    if g > 0:
-        scores.view(B * H, nr * bs, K * bs)[..., :g * bs].baddbmm_(
-            q_s.reshape(B * H, nr * bs, D), k_heads[:, hw * bs:(hw + g) * bs].transpose(1, 2), beta=beta)
-    for bh in range(B * H):  # window slot s of sparse block n is halo block g + n + s
-        window = k_heads[bh].as_strided((nr, w * bs, D), (bs * D, D, 1), k_heads[bh].storage_offset() + g * bs * D)
-        scores[bh * nr:(bh + 1) * nr, :, g * bs:(g + w) * bs].baddbmm_(
-            q3[bh * nr:(bh + 1) * nr], window.transpose(1, 2), beta=beta)
-    if r > 0:
-        rows = (torch.arange(H, device=q_s.device)[:, None, None] * (T // bs) + key_blocks[..., g + w:] + hw).view(-1)
-        k_random = _select_blocks(k_heads.view(B, H * T // bs, bs * D), rows, False).view(B * H * nr, r * bs, D)
-        scores[..., (g + w) * bs:].baddbmm_(q3, k_random.transpose(1, 2), beta=beta)
-    probs = _softmax(scores.view(B, H, nr, bs, K * bs), mask, dropout_p, training).to(v.dtype).view(
-        B * H * nr, bs, K * bs)
+@dataclass(frozen=True)
+class _SlotGeometry:
+    """Sparse rows of a structured layout (slots [global g | window w | random r], window slot s of sparse query
+    block n = halo block g + n + s), against per-head rows [B*H, T, D] of keys or values with hw zero blocks on each
+    side (the halo)."""
 
-    # probs @ values, slot kind by slot kind, into one output (the halo's zero rows meet zero probabilities)
-    Np = v.shape[2]
-    v_heads = F.pad(v, (0, 0, hw * bs, hw * bs)).reshape(B * H, T, D)
-    out = v.new_empty(B * H * nr, bs, D)
-    beta = 0.0
-    if g > 0:
-        out.view(B * H, nr * bs, D).baddbmm_(probs.view(B * H, nr * bs, K * bs)[..., :g * bs],
-                                              v_heads[:, hw * bs:(hw + g) * bs], beta=beta)
+    B: int
+    H: int
+    nr: int
+    bs: int
+    g: int
+    w: int
+    K: int
+
+    @property
+    def r(self) -> int:
+        return self.K - self.g - self.w
+
+    def global_rows(self, heads: torch.Tensor) -> torch.Tensor:  # [B*H, g*bs, D]
+        hw = self.w // 2
+        return heads[:, hw * self.bs:(hw + self.g) * self.bs]
+
+    def window(self, heads: torch.Tensor, bh: int, slot: int | None = None) -> torch.Tensor:
+        """Batch row and head bh: [nr, w*bs, D] (every window slot) or [nr, bs, D] (one slot): an overlapping
+        strided view, block n starting at halo block g + n (+ slot)."""
+        bs, D = self.bs, heads.shape[-1]
+        rows = self.w * bs if slot is None else bs
+        first = heads[bh].storage_offset() + (self.g + (slot or 0)) * bs * D
+        return heads[bh].as_strided((self.nr, rows, D), (bs * D, D, 1), first)
+
+    def columns(self, x: torch.Tensor, kind: str, bh: int | None = None) -> torch.Tensor:
+        """The columns of one slot kind of x [B*H*nr, bs, K*bs] (of batch row and head bh only, if given)."""
+        bs, g, w = self.bs, self.g, self.w
+        start, stop = {"global": (0, g), "window": (g, g + w), "random": (g + w, self.K)}[kind]
+        if bh is not None:
+            x = x[bh * self.nr:(bh + 1) * self.nr]
+        return x[..., start * bs:stop * bs]
+
+    def select_random(self, heads: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The random blocks, copied: [B*H*nr, r*bs, D]."""
+        BH, T, D = heads.shape
+        return _select_blocks(heads.view(self.B, BH * T // (self.B * self.bs), self.bs * D), rows, False).view(
+            BH * self.nr, self.r * self.bs, D)
+
+    def add_random(self, heads: torch.Tensor, rows: torch.Tensor, blocks: torch.Tensor) -> None:
+        """heads[random block rows] += blocks ([B*H*nr, r*bs, D]; a block listed twice gets both)."""
+        BH, T, D = heads.shape
+        flat = heads.view(self.B, BH * T // (self.B * self.bs), self.bs * D)
+        blocks = blocks.reshape(self.B, -1, self.bs * D)
+        if self.B == 1:
+            flat[0].index_add_(0, rows, blocks[0])
+        else:
+            flat.index_add_(1, rows, blocks)
+
+
+# The three products of sparse rows with slot blocks (each slot kind read where it lies, only the random blocks
+# copied). Forward and backward of scores = q.k^T and of context = probs @ v are all one of these.
+
+def _rows_times_slots(x: torch.Tensor, heads: torch.Tensor, random: torch.Tensor | None, out: torch.Tensor,
+                      geo: _SlotGeometry, beta: float) -> torch.Tensor:
+    """out [B*H*nr, bs, K*bs] = beta * out + x [B*H*nr, bs, D] . (slot rows)^T (beta 0: out's contents ignored)."""
+    BH, nr, bs = geo.B * geo.H, geo.nr, geo.bs
+    if geo.g:
+        geo.columns(out.view(BH, nr * bs, -1), "global").baddbmm_(
+            x.reshape(BH, nr * bs, -1), geo.global_rows(heads).transpose(1, 2), beta=beta)
+    for bh in range(BH):
+        geo.columns(out, "window", bh).baddbmm_(x[bh * nr:(bh + 1) * nr], geo.window(heads, bh).transpose(1, 2),
+                                                beta=beta)
+    if geo.r:
+        geo.columns(out, "random").baddbmm_(x, random.transpose(1, 2), beta=beta)
+    return out
+
+
+def _weights_times_slots(p: torch.Tensor, heads: torch.Tensor, random: torch.Tensor | None,
+                         geo: _SlotGeometry) -> torch.Tensor:
+    """p [B*H*nr, bs, K*bs] @ (slot rows) -> [B*H*nr, bs, D]."""
+    BH, nr, bs = geo.B * geo.H, geo.nr, geo.bs
+    out = p.new_empty(BH * nr, bs, heads.shape[-1])
+    beta = 0.0  # the first product overwrites
+    if geo.g:
+        out.view(BH, nr * bs, -1).baddbmm_(geo.columns(p.view(BH, nr * bs, -1), "global"),
+                                           geo.global_rows(heads), beta=beta)
         beta = 1.0
-    for bh in range(B * H):
-        window = v_heads[bh].as_strided((nr, w * bs, D), (bs * D, D, 1), v_heads[bh].storage_offset() + g * bs * D)
-        out[bh * nr:(bh + 1) * nr].baddbmm_(probs[bh * nr:(bh + 1) * nr, :, g * bs:(g + w) * bs], window, beta=beta)
-    if r > 0:
-        rows = (torch.arange(H, device=v.device)[:, None, None] * (Np // bs) + key_blocks[..., g + w:]).view(-1)
-        v_random = _select_blocks(v.reshape(B, H * Np // bs, bs * D), rows, False).view(B * H * nr, r * bs, D)
-        out.baddbmm_(probs[..., (g + w) * bs:], v_random)
-    return out.view(B, H, nr, bs, D)
+    for bh in range(BH):
+        out[bh * nr:(bh + 1) * nr].baddbmm_(geo.columns(p, "window", bh), geo.window(heads, bh), beta=beta)
+    if geo.r:
+        out.baddbmm_(geo.columns(p, "random"), random)
+    return out
+
+
+def _weights_t_times_rows(p: torch.Tensor, x: torch.Tensor, grad_heads: torch.Tensor,
+                          geo: _SlotGeometry) -> torch.Tensor | None:
+    """grad_heads[slot rows] += p^T . x for the global and window slots (p [B*H*nr, bs, K*bs], x [B*H*nr, bs, D]);
+    returns the random slots' share [B*H*nr, r*bs, D] (the caller adds it where the copied blocks came from)."""
+    BH, nr, bs = geo.B * geo.H, geo.nr, geo.bs
+    if geo.g:
+        geo.global_rows(grad_heads).baddbmm_(
+            geo.columns(p.view(BH, nr * bs, -1), "global").transpose(1, 2), x.reshape(BH, nr * bs, -1))
+    for bh in range(BH):
+        window = geo.columns(p, "window", bh)
+        for slot in range(geo.w):  # one slot at a time: its blocks are distinct, so the views do not overlap
+            geo.window(grad_heads, bh, slot).baddbmm_(window[..., slot * bs:(slot + 1) * bs].transpose(1, 2),
+                                                      x[bh * nr:(bh + 1) * nr])
+    return torch.bmm(geo.columns(p, "random").transpose(1, 2), x) if geo.r else None
+
+
+class _SlotScores(torch.autograd.Function):
+    """scores [B*H*nr, bs, K*bs] = terms + q . k^T for the sparse rows of a structured layout, written into the
+    relative terms' buffer when there is one (else a new one). q [B*H*nr, bs, D]; k [B*H, T, D] with its halo;
+    random_rows: the random blocks' rows of k viewed as [B, H*T/bs, bs*D]."""
+
+    @staticmethod
+    def forward(ctx, q, k, terms, random_rows, geo: _SlotGeometry):
+        random = geo.select_random(k, random_rows) if geo.r else None
+        out = q.new_empty(q.shape[0], geo.bs, geo.K * geo.bs) if terms is None else terms
+        _rows_times_slots(q, k, random, out, geo, beta=0.0 if terms is None else 1.0)
+        if terms is not None:
+            ctx.mark_dirty(terms)
+        ctx.geo = geo
+        ctx.save_for_backward(q, k, random, random_rows)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, random, random_rows = ctx.saved_tensors
+        geo = ctx.geo
+        grad_q = _weights_times_slots(grad, k, random, geo) if ctx.needs_input_grad[0] else None
+        grad_k = None
+        if ctx.needs_input_grad[1]:
+            grad_k = torch.zeros_like(k)
+            random_share = _weights_t_times_rows(grad, q, grad_k, geo)
+            if random_share is not None:
+                geo.add_random(grad_k, random_rows, random_share)
+        return grad_q, grad_k, grad if ctx.needs_input_grad[2] else None, None, None
+
+
+class _SlotContext(torch.autograd.Function):
+    """context [B*H*nr, bs, D] = probs @ v for the sparse rows of a structured layout. probs [B*H*nr, bs, K*bs];
+    v [B*H, T, D] with its (zero) halo; random_rows as for _SlotScores."""
+
+    @staticmethod
+    def forward(ctx, probs, v, random_rows, geo: _SlotGeometry):
+        random = geo.select_random(v, random_rows) if geo.r else None
+        ctx.geo = geo
+        ctx.save_for_backward(probs, v, random, random_rows)
+        return _weights_times_slots(probs, v, random, geo)
+
+    @staticmethod
+    def backward(ctx, grad):
+        probs, v, random, random_rows = ctx.saved_tensors
+        geo = ctx.geo
+        grad_probs = grad_v = None
+        if ctx.needs_input_grad[0]:
+            grad_probs = _rows_times_slots(grad, v, random, probs.new_empty(probs.shape), geo, beta=0.0)
+        if ctx.needs_input_grad[1]:
+            grad_v = torch.zeros_like(v)
+            random_share = _weights_t_times_rows(probs, grad, grad_v, geo)
+            if random_share is not None:
+                geo.add_random(grad_v, random_rows, random_share)
+        return grad_probs, grad_v, None, None
