@@ -4,15 +4,20 @@ Memory. Real runs of the entry point under the DeepSpeed launcher (2 processes, 
 ZeRO 0-3 x activation checkpointing off/on x two models (tiny: configs/model/tiny-cpu.yaml; small: 256 x 4 layers
 x 4 heads) x three sequence lengths (256, 512, 1,024), micro-batch 2, 2 optimizer steps each (the second step is the
 first with the optimizer states allocated), a balanced half of that grid (FULL_GRID). Measured: rank 0's
-peak resident memory (ru_maxrss, logged by the trainer as peak_memory_gib). The planner predicts the memory of the
-training state (weights, gradients, optimizer states, DeepSpeed buffers, activations), not the interpreter, torch,
-DeepSpeed, gloo, the tokenizer and the allocator's floor. That floor is measured, per ZeRO stage, by the same run
-with a floor model (32 x 1 layer, 256 tokens: FLOOR below) and its own (small) prediction taken off:
+peak resident memory (ru_maxrss, logged by the trainer as peak_memory_gib; the training step is the peak: with
+Linux's VmHWM reset when training starts, the floor runs read the same), with glibc's mmap threshold fixed
+(MALLOC_ENV below: freed tensors go back to the system, so RSS follows the live tensors, not the heap's high-water
+mark). The planner predicts the memory of the training state (weights, gradients, optimizer
+states, DeepSpeed buffers, activations), not the interpreter, torch, DeepSpeed, gloo, the tokenizer and the
+allocator's floor. That floor is measured, per ZeRO stage and checkpointing setting (checkpointing loads more code
+on first use: a few MiB of RSS, as much as a tiny run's checkpointed activations), by the same run with a floor
+model (32 x 1 layer, 256 tokens: FLOOR below) and its own (small) prediction taken off:
 
     measured part = peak RSS - (peak RSS of the floor run - the planner's prediction for the floor run)
 
-and the table compares the measured part with the planner's prediction (`planner.memory_breakdown`, allowance
-excluded: on CPU there is no CUDA context or caching allocator).
+and the table compares the measured part with the planner's prediction (`planner.memory_breakdown` for a CPU:
+device="cpu", allowance excluded: on CPU there is no CUDA context or caching allocator). The runs import the
+package of the checkout this script is in (PYTHONPATH), so a snapshot copy measures its own code.
 
 Step time. The CPU's "peak" is its measured fp32 matmul rate on one thread (`matmul_rate`, a 1,024^3 matmul, best
 of 5): the planner's compute time at that peak (MFU 1) against the step times of
@@ -24,6 +29,7 @@ Writes benchmarks/results/cpu-2core/planner.json / .md / .png. A failed case is 
 
     python benchmarks/bench_planner.py                    # measure (about 15 minutes on 2 cores) and compare
     python benchmarks/bench_planner.py --reuse             # recompute predictions from the measured runs in the JSON
+    python benchmarks/bench_planner.py --cases tiny:1024:0:0 --out /tmp/x/planner.json   # single runs (+ floors)
 """
 
 from __future__ import annotations
@@ -56,6 +62,14 @@ FLOOR = {"preset": "configs/model/tiny-cpu.yaml",
          "overrides": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
                        "position_buckets": 16}}
 FLOOR_SEQ = 256
+# glibc's malloc serves a block above its mmap threshold from its own mapping, returned to the system when freed,
+# and one below it from the heap, kept when freed. The threshold is dynamic by default: each freed mapping raises it
+# to that block's size (up to 32 MiB), so after the first step the activations come from the heap, and the heap
+# keeps the high-water mark of its fragments: peak RSS then exceeds the bytes of live tensors by 20-40% (measured:
+# a tiny-model step at 1,024 tokens, 274 MiB of RSS above the start for 192 MiB of live tensors). A fixed threshold
+# (setting it turns the dynamic rule off) gives every tensor above 64 KiB its own mapping: RSS follows the live
+# tensors. The allocator's caching is not what the planner predicts (on a GPU: the allowance).
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 # The full grid (2 x 3 x 4 x 2 = 48 runs) takes over an hour on 2 shared cores; the default runs half of it,
 # balanced: each (model, length) has two stages with checkpointing and two without, each stage both settings.
 FULL_GRID = False
@@ -84,7 +98,10 @@ def run_case(name: str, model: dict, seq: int, stage: int, ac: bool, data: Path,
     launcher = Path(sys.executable).parent / "deepspeed"
     cmd = [str(launcher), "--num_gpus", str(WORLD), "--master_port", str(_free_port()), "--module",
            "bigbird_ja.cli", *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+    # the package of this checkout (e.g. a snapshot copy), not whichever one the environment would find
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=path,
+               **MALLOC_ENV)
     started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     case = {"model": name, "seq_len": seq, "zero_stage": stage, "activation_checkpointing": ac,
@@ -114,16 +131,20 @@ def prepare_data(work: Path, seq: int, tok: Path) -> Path:
     return data
 
 
-def measure() -> list[dict]:
+def measure(only: list[str] | None = None) -> list[dict]:
+    """The grid (or ``only``: MODEL:SEQ:STAGE:CKPT items, e.g. tiny:1024:0:0), after the floor runs it needs."""
     cases = []
     with tempfile.TemporaryDirectory(prefix="bench-planner-") as tmp:
         work = Path(tmp)
         tok = work / "tokenizer"
         datas = {seq: prepare_data(work, seq, tok) for seq in sorted({*SEQ_LENS, FLOOR_SEQ})}
-        grid = [("floor", FLOOR, FLOOR_SEQ, stage, False) for stage in range(4)]
-        grid += [(name, model, seq, stage, ac) for m, (name, model) in enumerate(MODELS.items())
-                 for s, seq in enumerate(SEQ_LENS) for stage in range(4) for ac in (False, True)
-                 if FULL_GRID or ac == bool((m + s + stage) % 2)]
+        grid = [(name, model, seq, stage, ac) for m, (name, model) in enumerate(MODELS.items())
+                for s, seq in enumerate(SEQ_LENS) for stage in range(4) for ac in (False, True)
+                if FULL_GRID or ac == bool((m + s + stage) % 2)]
+        if only:
+            picked = [item.split(":") for item in only]
+            grid = [(name, MODELS[name], int(seq), int(stage), ac == "1") for name, seq, stage, ac in picked]
+        grid = [("floor", FLOOR, FLOOR_SEQ, stage, ac) for stage, ac in sorted({(g[3], g[4]) for g in grid})] + grid
         for name, model, seq, stage, ac in grid:
             case = run_case(name, model, seq, stage, ac, datas[seq], tok, work)
             print(json.dumps({k: v for k, v in case.items() if k != "error"} | ({"error": "yes"} if "error" in case
@@ -156,8 +177,12 @@ def predicted_part(case: dict) -> tuple[float, dict]:
                                                   "max_position_embeddings": max(case["seq_len"], 1024)})
     facts = planner.model_facts(config, case["seq_len"], "fp32")
     parts = planner.memory_breakdown(facts, case["zero_stage"], case["world"], case["micro_batch"],
-                                     case["activation_checkpointing"], "fp32", allowance=False)
+                                     case["activation_checkpointing"], "fp32", allowance=False, device="cpu")
     return parts["total"], parts, config
+
+
+def _setting(case: dict) -> tuple[int, bool]:
+    return case["zero_stage"], case["activation_checkpointing"]
 
 
 def compare(cases: list[dict], rate: float, environment: dict) -> dict:
@@ -167,18 +192,18 @@ def compare(cases: list[dict], rate: float, environment: dict) -> dict:
     for case in cases:
         if case["model"] == "floor" and "error" not in case:
             predicted, _, _ = predicted_part(case)
-            floors[case["zero_stage"]] = case["peak_rss_gib"] * 2**30 - predicted
+            floors[_setting(case)] = case["peak_rss_gib"] * 2**30 - predicted
     rows = []
     for case in cases:
-        if case["model"] == "floor" or "error" in case or case["zero_stage"] not in floors:
+        if case["model"] == "floor" or "error" in case or _setting(case) not in floors:
             continue
         predicted, parts, config = predicted_part(case)
-        measured = case["peak_rss_gib"] * 2**30 - floors[case["zero_stage"]]
+        measured = case["peak_rss_gib"] * 2**30 - floors[_setting(case)]
         flops = hardware_training_flops(config, case["seq_len"], case["micro_batch"], 1,
                                         case["activation_checkpointing"])
         rows.append({**{k: case[k] for k in ("model", "seq_len", "zero_stage", "activation_checkpointing",
                                              "num_params", "peak_rss_gib", "step_time_s")},
-                     "floor_gib": floors[case["zero_stage"]] / 2**30, "measured_part_gib": measured / 2**30,
+                     "floor_gib": floors[_setting(case)] / 2**30, "measured_part_gib": measured / 2**30,
                      "predicted_gib": predicted / 2**30, "error": predicted / measured - 1,
                      "predicted_parts_gib": {k: v / 2**30 for k, v in parts.items()},
                      "predicted_compute_s_at_matmul_rate": flops / rate,
@@ -200,15 +225,16 @@ def compare(cases: list[dict], rate: float, environment: dict) -> dict:
                               "predicted_compute_s_at_matmul_rate": flops / rate,
                               "achieved_fraction_of_matmul_rate": flops / rate / case["step_time_s"]})
     return {"question": "does bigbird-ja plan predict the peak memory and step time of real pretrain runs?",
-            "environment": environment, "matmul_flops_per_s": rate, "floors_gib": {str(k): v / 2**30 for k, v in
-                                                                                   floors.items()},
+            "environment": environment, "matmul_flops_per_s": rate, "floors_gib": {
+                f"zero{stage}-ckpt{int(ac)}": v / 2**30 for (stage, ac), v in floors.items()},
             "runs": cases, "memory": rows, "step_time_bench_pretrain": step_rows}
 
 
 def tables(result: dict) -> str:
     rows = result["memory"]
     lines = ["Predicted vs measured peak memory per rank (CPU, 2 processes, gloo, fp32, micro-batch 2); measured part "
-             "= peak RSS - floor of the stage (interpreter, libraries, allocator; floor run minus its prediction)",
+             "= peak RSS - floor of the stage and checkpointing setting (interpreter, libraries, allocator; floor "
+             "run minus its prediction); glibc mmap threshold fixed at 64 KiB (RSS follows the live tensors)",
              "", "| model | params | seq | ZeRO | ckpt | peak RSS GiB | floor GiB | measured part GiB | predicted GiB "
              "| error |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -271,7 +297,16 @@ def main() -> int:
     parser.add_argument("--reuse", action="store_true", help="take the measured runs from the JSON, only predict")
     parser.add_argument("--runs-log", help="take the measured runs from a log of this script's JSON lines")
     parser.add_argument("--out", default=str(OUT))
+    parser.add_argument("--cases", nargs="+", metavar="MODEL:SEQ:STAGE:CKPT",
+                        help="measure only these runs (and their stages' floor runs), e.g. tiny:1024:0:0 "
+                             "small:512:3:1; write them with --out elsewhere")
+    parser.add_argument("--glibc-default", action="store_true",
+                        help="measure with glibc's default (dynamic) mmap threshold: RSS then keeps the heap's "
+                             "fragments (what a CPU user sees; not what the planner predicts)")
+    parser.add_argument("--note", default="", help="said in the environment block (e.g. what the checkout is)")
     args = parser.parse_args()
+    if args.glibc_default:
+        MALLOC_ENV.clear()
     out = Path(args.out)
     if args.runs_log:
         from bench_pretrain import environment as env_info
@@ -288,9 +323,13 @@ def main() -> int:
         from bench_pretrain import environment as env_info
 
         rate = matmul_rate()
-        cases = measure()
+        cases = measure(args.cases)
         environment = env_info()
-        environment["note"] = "2-core machine shared with other jobs while measuring"
+        import bigbird_ja
+
+        environment.update(note=" ".join(filter(None, ["2-core machine shared with other jobs while measuring",
+                                                       args.note])),
+                           package=str(Path(bigbird_ja.__file__).parent), malloc_env=MALLOC_ENV)
         out.parent.mkdir(parents=True, exist_ok=True)  # the measurements first: comparing is cheap to redo
         out.write_text(json.dumps({"runs": cases, "matmul_flops_per_s": rate, "environment": environment}, indent=1))
     result = compare(cases, rate, environment)

@@ -25,31 +25,45 @@ stage 1, 2 + (2 + 12)/n for stage 2 and 16/n for stage 3 with fp16; DeepSpeed's 
 (`estimate_zero2_model_states_mem_needs`, `estimate_zero3_model_states_mem_needs`) add the fp32 gradient partition
 (4/n) and, for stage 3, the largest layer gathered in 4 bytes; the stage-2 and stage-3 rows equal them (a test).
 
-DeepSpeed buffers (per GPU): stages 1-2: gradient reduction buckets of min(reduce_bucket_size, P) elements, two
-with overlap_comm (double buffering), in the gradient dtype (ZeRO-1 stages the fp32 accumulator: 4 bytes); stage 3:
-the same buckets plus the prefetch bucket (min(stage3_prefetch_bucket_size, P) elements of weights) and the
-parameters below stage3_param_persistence_threshold kept whole on every rank; stage 0 in fp32: DeepSpeed's flat
-all-reduce copy of the gradients (min(5e8, P) elements). Buffers are capped at P because a bucket is only filled
-as far as there are gradients (on a GPU the caching allocator may still reserve the whole bucket: the allowance).
+DeepSpeed buffers (per GPU): stages 1-2: gradient reduction buckets of reduce_bucket_size elements, two with
+overlap_comm (double buffering), in the gradient dtype (ZeRO-1 stages the fp32 accumulator: 4 bytes), made with
+torch.empty at the first gradient of each step (`stage_1_and_2.py`, setup_buckets): on a GPU the whole buckets are
+allocated then, beside the activations; on a CPU (the benchmark) only the pages gradients are written into become
+resident, at most P elements, after the activation peak. Stage 3: one bucket of reduce_bucket_size allocated at
+initialisation (on a CPU again only as far as P gradients fill it), the gathered weights (`zero3_gathered_params`:
+DeepSpeed keeps a weight gathered while it is used again within stage3_max_reuse_distance elements, default 1e9,
+up to stage3_max_live_parameters: for every model below those limits, all of them from the second step on;
+prefetched weights are among them) and the weights below stage3_param_persistence_threshold kept whole on every
+rank. Stage 0 in fp32: the engine's flat all-reduce copy of the gradients (min(5e8, P) elements), made after the
+backward.
 
-Activations (per GPU): not a formula guessed beside the code but the code's own autograd graph: one forward of the
-model on the meta device (no memory, no FLOPs) under `torch.autograd.graph.saved_tensors_hooks`, summing the bytes
-of every distinct storage saved for the backward pass (weights excluded), at micro-batch 1 and 2 (the activation
-memory is c0 + c1 x b: the relative-position embeddings are per call, the rest per sequence). In closed form, per
-layer and sequence this is ~ N (alpha E + beta I) bytes for the projections, norms, GELU and dropout masks plus
-gamma x (attended score elements) for the attention: sum over heads of the attended (query block, key block) pairs
-x bs^2 (`layout.attended_blocks`, the same count as the FLOPs), full attention N^2 per head, each score kept in
-several forms (QK^T, c2p, p2c, softmax, dropout mask): the count measures alpha, beta, gamma for the backend that
-runs. With activation checkpointing each layer keeps only its input (N E) and the backward recomputes one layer at
-a time, so the peak adds one layer's full set: saved(AC) + (saved(no AC) - saved(AC)) / L. Counted for the backend
-the run uses: "auto" is planned as the fused Triton kernels (a GPU run; their custom ops have meta implementations,
-and they keep q, k, v, the output and the log-sum-exp, no score matrix: gamma ~ 0), "blocked" / "reference" as
-themselves (the CPU runs of the benchmark). Backward transients: the gradient of the MLM logits (b N V, activation
-dtype) while the head's backward runs.
+Activations (per GPU): not a formula guessed beside the code but the code itself, run: one forward + backward of
+the model on the meta device (no memory, no FLOPs) under `LiveBytes`, a TorchDispatchMode that counts every
+storage an op creates until it is freed, and takes the peak. That is the saved activations plus what the
+backward holds at its peak beside them: the gradients of the attention scores in the blocked backend, the MLM
+head's three fp32 buffers of N x V (log-softmax output, its incoming gradient, the gradient it makes: 12 bytes a
+logit, the loss being taken in fp32), with activation checkpointing the recompute of a layer (measured, not
+estimated). It is measured at micro-batch 1 and 2 (c0 + c1 x b: the relative-position embeddings and the model's
+caches are per call, the rest per sequence), once with the weights' gradients made by the moment of the peak
+(held whole, as ZeRO-0's .grad) and once without (held in memory counted elsewhere: ZeRO-3's partition, a GPU's
+reduction buckets). It follows the code: a change to a backend's backward changes the count. In closed form, per
+layer and sequence the saved part is ~ N (alpha E + beta I) bytes for the projections, norms, GELU and dropout
+masks plus gamma x (attended score elements) for the attention (`layout.attended_blocks`, the same count as the
+FLOPs; full attention N^2 per head). Counted for the backend the run uses: "auto" is planned as the fused Triton
+kernels (a GPU run; their custom ops, forward and backward, have meta implementations, and they keep q, k, v, the
+output and the log-sum-exp, no score matrix), "blocked" / "reference" as themselves (the CPU runs of the
+benchmark). Not counted: the weights' .grad while one is being accumulated into (momentary), the data loader's
+batches, and on a GPU the caching allocator's rounding and fragmentation (the allowance).
+
+Peak (`memory_breakdown`): the parts do not all peak together. The activations peak inside the backward (the
+head's, or a recomputed layer's); the gradients the backward makes and the buffers made after it peak at its end:
+    total = parameters + optimizer + persistent gradients (ZeRO-3's fp32 partition; bf16 ZeRO-0's fp32
+            accumulator, both allocated at initialisation)
+            + max(activations + buffers alive with them, the other gradients + buffers made after the backward)
 
 Allowance (GPU): CUDA context, cuBLAS / NCCL workspaces and the caching allocator's fragmentation: 1.5 GiB + 10% of
 the rest (the usual measured range: 0.5-1 GiB of context and workspace, 5-15% fragmentation). A setting fits when
-states + buffers + activations + allowance <= the device memory.
+the peak + allowance <= the device memory.
 
 Step time (one optimizer step = a micro-batches per GPU):
     compute   = hardware FLOPs (`flops.hardware_training_flops`: 3 forwards, 4 with checkpointing) / (peak x eff)
@@ -156,28 +170,105 @@ class ModelFacts:
     persistent_params: int  # parameters in tensors below stage3_param_persistence_threshold (ZeRO-3 keeps whole)
     gathered_modules: int  # modules whose own weights ZeRO-3 gathers (one all-gather each per pass)
     num_layers: int
-    act_per_sequence: float  # bytes saved for backward per sequence, no checkpointing
-    act_per_call: float  # ... independent of the batch (relative embeddings)
-    act_ckpt_per_sequence: float  # the same with activation checkpointing
-    act_ckpt_per_call: float
-    logits_bytes_per_sequence: float  # N x V x activation bytes: the gradient of the logits in the head's backward
+    # peak live bytes of forward + backward, (checkpointing, with the weights' gradients made so far) -> c0 + c1 x b
+    activations: dict[tuple[bool, bool], StepPeak]
 
 
-def _saved_bytes(model, input_ids) -> int:
-    """Bytes of every distinct storage the forward saves for backward (weights excluded), on the meta device."""
-    import torch
+@dataclass(frozen=True)
+class StepPeak:
+    """Peak live bytes of one forward + backward of b sequences: per_call + b x per_sequence (measured at b = 1 and
+    2; per_call: what does not grow with the batch, e.g. relative-position embeddings and the model's caches)."""
 
-    weights = {p.untyped_storage()._cdata for p in model.parameters()}
-    seen: dict[int, int] = {}
+    per_call: float
+    per_sequence: float
 
-    def pack(t):
-        storage = t.untyped_storage()
-        seen[storage._cdata] = storage.nbytes()
-        return t
+    def at(self, micro_batch: int) -> float:
+        return self.per_call + micro_batch * self.per_sequence
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=input_ids, labels=input_ids)
-    return sum(size for key, size in seen.items() if key not in weights)
+
+class LiveBytes:
+    """Bytes of the tensor storages that ops create while it is active, alive now and at their peak.
+
+    A TorchDispatchMode (every aten op passes through it, forward and backward): each new output storage is
+    counted when it is made and uncounted when it is freed (a weakref finalizer on the storage). Storages made
+    before it started (weights, inputs) are not counted; neither are views (they share a counted storage). Works
+    on real and meta tensors alike (on meta the sizes are real, nothing is allocated)."""
+
+    def __init__(self):
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                inputs = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+                tracker._count(torch.utils._pytree.tree_leaves(out), {t.untyped_storage()._cdata for t in inputs})
+                return out
+
+        self.mode, self.now, self.peak, self._alive = _Mode(), 0, 0, set()
+        self.grads = 0  # bytes of the weights' gradients (set by the caller): peak_without_grads leaves them out
+        self.peak_without_grads = 0
+
+    def _count(self, outputs, input_storages: set) -> None:
+        import weakref
+
+        import torch
+
+        for t in outputs:
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key = storage._cdata
+            # a view or an in-place result shares its input's storage: nothing new (and a weight's view is no
+            # activation)
+            if key in self._alive or key in input_storages:
+                continue
+            size = storage.nbytes()
+            self._alive.add(key)
+            self.now += size
+            self.peak = max(self.peak, self.now)
+            self.peak_without_grads = max(self.peak_without_grads, self.now - self.grads)
+            weakref.finalize(storage, self._free, key, size)
+
+    def _free(self, key: int, size: int) -> None:
+        self._alive.discard(key)
+        self.now -= size
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+def _step_peak_bytes(model, input_ids) -> tuple[int, int, int]:
+    """Peak live bytes of one forward + backward on the device of ``input_ids``: saved activations, the
+    temporaries of each op (the softmax and score gradients of the attention, the gradient of the MLM logits, ...),
+    the recompute under activation checkpointing. Returns (peak with the weights' gradients made so far, peak
+    without them, bytes still alive after the step: what the model caches, e.g. layouts). The gradients are kept
+    whole as autograd makes them (ZeRO-0's .grad); without them is the peak where something else holds them
+    (ZeRO-3's partition, a GPU's reduction buckets: counted by the model states)."""
+    counted = set()
+
+    def count(p):
+        if id(p) not in counted:  # tied weights accumulate twice into one gradient
+            counted.add(id(p))
+            live.grads += p.grad.untyped_storage().nbytes()
+
+    hooks = [p.register_post_accumulate_grad_hook(count) for p in model.parameters() if p.requires_grad]
+    try:
+        with LiveBytes() as live:
+            model(input_ids=input_ids, labels=input_ids).loss.backward()
+            for p in model.parameters():
+                p.grad = None
+            live.grads = 0
+    finally:
+        for h in hooks:
+            h.remove()
+    return live.peak, live.peak_without_grads, live.now
 
 
 def model_facts(config, seq_len: int, precision: str, persistence_threshold: int = 100_000) -> ModelFacts:
@@ -206,18 +297,21 @@ def model_facts(config, seq_len: int, precision: str, persistence_threshold: int
     gathered = sum(1 for m in model.modules()
                    if any(p.numel() >= persistence_threshold for p in m.parameters(recurse=False)))
 
-    def counts(ckpt: bool) -> tuple[float, float]:
-        if ckpt:
-            model.activation_checkpointing_enable()
-        one, two = (_saved_bytes(model, torch.zeros(b, seq_len, dtype=torch.long, device="meta")) for b in (1, 2))
-        return float(two - one), float(2 * one - two)
-
+    activations = {}
     with mock.patch.object(attention, "resolve_backend", lambda requested, device: backend):
-        per_seq, per_call = counts(False)
-        ckpt_seq, ckpt_call = counts(True)
-    act_bytes = 2 if precision == "bf16" else 4
-    return ModelFacts(num_params, largest, persistent, gathered, config.num_hidden_layers, per_seq, per_call, ckpt_seq,
-                      ckpt_call, float(seq_len * config.vocab_size * act_bytes))
+        for ckpt in (False, True):
+            if ckpt:
+                model.activation_checkpointing_enable()
+            ids = {b: torch.zeros(b, seq_len, dtype=torch.long, device="meta") for b in (1, 2)}
+            # the first call fills the model's caches (block layouts, relative positions): alive through every later
+            # step, so counted once beside the batch-independent part; the linear fit is made on warm calls
+            cached = _step_peak_bytes(model, ids[1])[2]
+            one, two = (_step_peak_bytes(model, ids[b]) for b in (1, 2))
+            for with_grads in (True, False):
+                i = 0 if with_grads else 1
+                activations[ckpt, with_grads] = StepPeak(float(2 * one[i] - two[i] + cached),
+                                                         float(two[i] - one[i]))
+    return ModelFacts(num_params, largest, persistent, gathered, config.num_hidden_layers, activations)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -233,6 +327,8 @@ class ZeroSettings:
     allgather_bucket_size: int = 500_000_000
     stage3_prefetch_bucket_size: int = 50_000_000
     stage3_param_persistence_threshold: int = 100_000
+    stage3_max_live_parameters: int = 1_000_000_000
+    stage3_max_reuse_distance: int = 1_000_000_000  # DeepSpeed's default (the pretraining config leaves it)
 
 
 def model_state_bytes(num_params: int, largest_layer_params: int, stage: int, world: int,
@@ -251,25 +347,55 @@ def model_state_bytes(num_params: int, largest_layer_params: int, stage: int, wo
     return {"parameters": params * P, "gradients": grads * P, "optimizer": optim * P}
 
 
-def buffer_bytes(facts: ModelFacts, stage: int, precision: str, zero: ZeroSettings) -> float:
-    """DeepSpeed's communication buffers per GPU (module docstring)."""
+def persistent_gradient_bytes(num_params: int, stage: int, world: int, precision: str = "bf16") -> float:
+    """The part of the gradient memory allocated once and kept between steps (the rest lives from the backward to
+    the optimizer step): ZeRO-3's fp32 gradient partition (`stage3.py`: grad_partitions_flat_buffer, zeros at
+    initialisation) and, bf16 at stage 0, BF16_Optimizer's fp32 accumulation buffer (`bf16_optimizer.py`:
+    fp32_groups_gradients_flat, zeros at initialisation). The module's own .grad (set to None by zero_grad) and the
+    stage 1-2 partitions (made by the reduction) are not."""
+    P, n = float(num_params), float(world)
+    if stage == 3:
+        return 4 * P / n
+    if stage == 0 and precision == "bf16":
+        return 4 * P
+    return 0.0
+
+
+def buffer_bytes(facts: ModelFacts, stage: int, precision: str, zero: ZeroSettings,
+                 device: str = "gpu") -> tuple[float, float]:
+    """DeepSpeed's communication buffers per GPU (module docstring): (alive with the activations, alive only after
+    the backward). ``device`` "cpu": only the pages gradients are written into are resident (an untouched
+    torch.empty costs no RSS), so a bucket counts as far as the P gradients fill it."""
     P = facts.num_params
     elem = 2 if precision == "bf16" else 4
-    if stage == 0:
-        return 0.0 if precision == "bf16" else float(min(STAGE0_ALLREDUCE_BUCKET, P) * 4)
-    buffers = (2 if zero.overlap_comm else 1) * min(zero.reduce_bucket_size, P) * (4 if stage == 1 else elem)
-    if stage == 3:
-        buffers += min(zero.stage3_prefetch_bucket_size, P) * elem + facts.persistent_params * elem
-    return float(buffers)
+    if stage == 0:  # the engine's flat copy of the gradients for its all-reduce, made after the backward
+        return 0.0, (0.0 if precision == "bf16" else float(min(STAGE0_ALLREDUCE_BUCKET, P) * 4))
+    count = 2 if zero.overlap_comm and stage < 3 else 1  # stage 3 has a single bucket (stage3.py)
+    buckets = count * zero.reduce_bucket_size
+    buckets = min(buckets, P) if device == "cpu" else buckets
+    buckets *= 4 if stage == 1 else elem  # ZeRO-1 stages the fp32 accumulator
+    if stage == 3:  # the bucket is allocated at initialisation; the gathered and the persistent (small) weights
+        return float(buckets + zero3_gathered_params(P, zero) * elem + facts.persistent_params * elem), 0.0
+    # stages 1-2: allocated at the first gradient (setup_buckets). On a GPU that is all of it, at the activation
+    # peak (the MLM head's backward); on a CPU the pages fill with the gradients, after the peak.
+    return (float(buckets), 0.0) if device == "gpu" else (0.0, float(buckets))
 
 
-def activation_bytes(facts: ModelFacts, micro_batch: int, checkpointing: bool) -> float:
-    if checkpointing:
-        saved = facts.act_ckpt_per_call + micro_batch * facts.act_ckpt_per_sequence
-        full = facts.act_per_call + micro_batch * facts.act_per_sequence
-        recompute = (full - saved) / facts.num_layers  # one layer's set, alive while it is recomputed
-        return saved + recompute + micro_batch * facts.logits_bytes_per_sequence
-    return facts.act_per_call + micro_batch * (facts.act_per_sequence + facts.logits_bytes_per_sequence)
+def zero3_gathered_params(num_params: int, zero: ZeroSettings) -> int:
+    """Weight elements ZeRO-3 holds gathered at the activation peak. DeepSpeed releases a module's gathered weights
+    after use only if they are not used again within stage3_max_reuse_distance elements of the traced module order
+    (`partitioned_param_coordinator.py`, __params_to_release; from the second step on, when the trace is complete),
+    and holds at most stage3_max_live_parameters. Every weight of the forward is used again in the backward, so by
+    the end of the forward all of them are gathered unless the model is larger than those limits (then about the
+    limit; prefetched weights are part of it)."""
+    return min(num_params, zero.stage3_max_live_parameters, max(zero.stage3_max_reuse_distance,
+                                                                zero.stage3_prefetch_bucket_size))
+
+
+def activation_bytes(facts: ModelFacts, micro_batch: int, checkpointing: bool, with_grads: bool = False) -> float:
+    """Peak live bytes of forward + backward beside the model states (measured at 1 and 2 sequences: linear);
+    ``with_grads``: with the weights' gradients made by the moment of the peak."""
+    return facts.activations[checkpointing, with_grads].at(micro_batch)
 
 
 def allowance_bytes(predicted: float) -> float:
@@ -277,12 +403,26 @@ def allowance_bytes(predicted: float) -> float:
 
 
 def memory_breakdown(facts: ModelFacts, stage: int, world: int, micro_batch: int, checkpointing: bool,
-                     precision: str = "bf16", zero: ZeroSettings = ZeroSettings(), allowance: bool = True) -> dict:
-    """Bytes per GPU: parameters, gradients, optimizer, buffers, activations, allowance, total."""
+                     precision: str = "bf16", zero: ZeroSettings = ZeroSettings(), allowance: bool = True,
+                     device: str = "gpu") -> dict:
+    """Bytes per GPU: parameters, gradients, optimizer, buffers, activations, allowance, total.
+
+    The total is the peak, not the sum. The activations peak inside the backward (the MLM head's, or a layer's
+    recompute with checkpointing), with the gradients made by then: where those are held as they come (ZeRO-0's
+    .grad; stages 1-2 on a CPU, whose reduction buckets fill page by page) the activation figure is the measured
+    peak of both together; elsewhere they go into memory counted already (ZeRO-3's partition, a GPU's whole
+    buckets). The rest of the gradients and the buffers made after the backward peak at its end, when the
+    activations are gone:
+        total = parameters + optimizer + persistent gradients
+                + max(activations + buffers alive with them, other gradients + buffers made after the backward)"""
     out = model_state_bytes(facts.num_params, facts.largest_layer_params, stage, world, precision)
-    out["buffers"] = buffer_bytes(facts, stage, precision, zero)
-    out["activations"] = activation_bytes(facts, micro_batch, checkpointing)
-    predicted = sum(out.values())
+    with_activations, after_backward = buffer_bytes(facts, stage, precision, zero, device)
+    out["buffers"] = with_activations + after_backward
+    grads_as_they_come = stage == 0 or (stage in (1, 2) and device == "cpu")
+    out["activations"] = activation_bytes(facts, micro_batch, checkpointing, grads_as_they_come)
+    kept = persistent_gradient_bytes(facts.num_params, stage, world, precision)
+    predicted = (out["parameters"] + out["optimizer"] + kept
+                 + max(out["activations"] + with_activations, out["gradients"] - kept + after_backward))
     out["allowance"] = allowance_bytes(predicted) if allowance else 0.0
     out["total"] = predicted + out["allowance"]
     return out
@@ -512,8 +652,9 @@ def format_plan(plan: Plan) -> str:
         f"({g.memory_gib:g} GiB, {g.peak_tflops(plan.precision):g} TFLOP/s peak, bus {g.intra_node_gbps:g} GB/s "
         f"in a node / {g.inter_node_gbps:g} GB/s a node across); {plan.tokens:.3g} tokens; global batch ~"
         f"{plan.target_global_batch} sequences; compute at {plan.efficiency:.0%} of peak",
-        "memory per GPU in GiB (params + grads + optimizer + DeepSpeed buffers + activations + allowance) at "
-        "micro = min(largest that fits, target global batch / GPUs)",
+        "memory per GPU in GiB at micro = min(largest that fits, target global batch / GPUs); total = the peak "
+        "(params + optimizer + gradients kept between steps + the larger of activations + buffers beside them and "
+        "the other gradients + buffers made after the backward) + allowance, not the sum of the columns",
         "| ZeRO | ckpt | largest fit | micro | accum | global | params | grads | optim | buffers | activ. | allow. | total | fits "
         "| compute s | exposed comm s | step s | M tok/s | MFU | scaling vs 1 node | days | GPU-hours |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -558,10 +699,10 @@ def plan_header(plan: Plan, row: Row, command: str) -> list[str]:
         f"# {plan.nodes} x {plan.gpus_per_node} {plan.gpu.name} = {plan.world} GPUs, {plan.precision}, ZeRO-{row.stage}, "
         f"checkpointing {'on' if row.checkpointing else 'off'}, micro-batch {row.micro_batch} x {row.accum} "
         f"accumulation = {row.micro_batch * row.accum * plan.world} sequences of {plan.seq_len:,} tokens per step",
-        f"# memory per GPU: {m['total'] / GIB:.1f} of {plan.gpu.memory_gib:g} GiB ({'fits' if row.fits else 'DOES NOT FIT'}"
-        f"; params {m['parameters'] / GIB:.2f} + grads {m['gradients'] / GIB:.2f} + optimizer "
-        f"{m['optimizer'] / GIB:.2f} + buffers {m['buffers'] / GIB:.2f} + activations {m['activations'] / GIB:.2f} + "
-        f"allowance {m['allowance'] / GIB:.2f})",
+        f"# peak memory per GPU: {m['total'] / GIB:.1f} of {plan.gpu.memory_gib:g} GiB "
+        f"({'fits' if row.fits else 'DOES NOT FIT'}; of params {m['parameters'] / GIB:.2f}, grads "
+        f"{m['gradients'] / GIB:.2f}, optimizer {m['optimizer'] / GIB:.2f}, buffers {m['buffers'] / GIB:.2f}, "
+        f"activations {m['activations'] / GIB:.2f}, allowance {m['allowance'] / GIB:.2f})",
         f"# step: {row.step_s:.3f} s ({row.compute_s:.3f} compute at {plan.efficiency:.0%} of peak + "
         f"{row.exposed_comm_s:.3f} exposed communication), {row.tokens_per_s / 1e6:.2f} M tokens/s, MFU "
         f"{row.mfu:.0%}, scaling vs one node {row.scaling:.0%}",
@@ -707,7 +848,8 @@ def preset_plan(args: list[str], cfg) -> tuple[Plan, Row, str]:
     overrides = {k: v for k, v in cfg.model.overrides.items() if k != "attention_backend"}
     z = cfg.zero
     zero = ZeroSettings(z.overlap_comm, z.reduce_bucket_size, z.allgather_bucket_size,
-                        z.stage3_prefetch_bucket_size, z.stage3_param_persistence_threshold)
+                        z.stage3_prefetch_bucket_size, z.stage3_param_persistence_threshold,
+                        z.stage3_max_live_parameters)
     plan = plan_run(model, seq, gpu, a.nodes, a.gpus_per_node, tokens, global_batch=batch.global_batch_size,
                     precision=cfg.train.precision, efficiency=a.compute_efficiency, model_overrides=overrides,
                     zero=zero)
