@@ -147,7 +147,7 @@ class _TermReads:
     dense rows  queries [0, dense_rows) against all Np keys: [B, H, dense_rows, Np]
     sparse rows [B, H, nr, bs, K*bs] in slot order: `gathers` (first column, width, c2p index, p2c index) for
                 the slots read at indices, and the window's band (`band`: (c2p zero column, c2p first row, p2c zero
-                column), see _window_band) read as strided views of qp/kp or of the window's own products."""
+                column), see _window_sources) read as strided views of qp/kp or of the window's own products."""
 
     B: int
     H: int
@@ -185,11 +185,20 @@ class _TermReads:
 
     # -- the three kinds of read, as views or gathers (shared by both ways of assembling the terms) -------------
 
-    def c2p_gather(self, qp, index) -> torch.Tensor:
-        B, H, nr, bs = self.B, self.H, self.nr, self.bs
-        return qp[:, :, self.g * bs:].view(B, H, nr, bs, -1).gather(-1, index.unsqueeze(0).expand(B, H, -1, -1, -1))
+    def dense_c2p(self, qp, out=None) -> torch.Tensor:  # [B, H, rows, Np]
+        B, H, rows = self.B, self.H, self.dense_rows
+        return torch.gather(qp[:, :, :rows], -1, self.dense[0].expand(B, H, rows, self.Np), out=out)
 
-    def p2c_gather(self, kp, index) -> torch.Tensor:
+    def dense_p2c(self, kp) -> torch.Tensor:  # [B, H, rows, Np]
+        B, H = self.B, self.H
+        return kp.view(B, H, -1).gather(-1, self.dense[1].expand(B, H, -1)).view(B, H, self.dense_rows, self.Np)
+
+    def c2p_gather(self, qp, index, out=None) -> torch.Tensor:  # [B, H, nr, bs, width]
+        B, H, nr, bs = self.B, self.H, self.nr, self.bs
+        return torch.gather(qp[:, :, self.g * bs:].view(B, H, nr, bs, -1), -1,
+                            index.unsqueeze(0).expand(B, H, -1, -1, -1), out=out)
+
+    def p2c_gather(self, kp, index) -> torch.Tensor:  # [B, H, nr, bs, width]
         B, H = self.B, self.H
         return kp.view(B, H, -1).gather(-1, index.unsqueeze(0).expand(B, H, -1)).view(B, H, self.nr, self.bs, -1)
 
@@ -200,8 +209,8 @@ class _TermReads:
 
     def p2c_band(self, src, slot: int) -> torch.Tensor:  # [B, H, nr, bs, bs]
         R, bs = src.shape[-1], self.bs
-        zero = self.band[2]
-        return _band(src, self.nr, bs * R, (bs, bs), (1, R - 1), (self.g + slot) * bs * R + zero + (self.hw - slot) * bs)
+        first = (self.g + slot) * bs * R + self.band[2] + (self.hw - slot) * bs
+        return _band(src, self.nr, bs * R, (bs, bs), (1, R - 1), first)
 
     # -- traced graphs: plain differentiable ops -------------------------------------------------------------------
 
@@ -209,13 +218,8 @@ class _TermReads:
         B, H, Np, rows = self.B, self.H, self.Np, self.dense_rows
         dense = sparse = None
         if rows:
-            c2p_index, p2c_index = self.dense
-            terms = 0
-            if qp is not None:
-                terms = qp[:, :, :rows].gather(-1, c2p_index.expand(B, H, rows, Np))
-            if kp is not None:
-                terms = terms + kp.view(B, H, -1).gather(-1, p2c_index.expand(B, H, -1)).view(B, H, rows, Np)
-            dense = terms.view(B * H, rows, Np)
+            terms = 0 if qp is None else self.dense_c2p(qp)
+            dense = (terms if kp is None else terms + self.dense_p2c(kp)).view(B * H, rows, Np)
         if self.nr and (self.gathers or self.band):
             pieces = []
             for start, _, c2p_index, p2c_index in self.gathers:
@@ -233,39 +237,37 @@ class _TermReads:
     # -- eager: one output buffer per kind of row, one gradient buffer per source (_RelativeTerms) ------------------
 
     def read_into(self, qp, kp, band_c2p, band_p2c) -> tuple[torch.Tensor, torch.Tensor]:
-        """The forward: dense [B, H, rows, Np] and sparse [B, H, nr, bs, K*bs] terms written in place (empty
-        tensors where there are none); band_c2p / band_p2c: the products the band reads (qp / kp, or their own)."""
+        """The forward: dense [B*H, rows, Np] and sparse [B*H*nr, bs, K*bs] terms written in place (empty tensors
+        where there are none); band_c2p / band_p2c: the products the band reads (qp / kp, or their own)."""
         B, H, Np, rows, nr, bs = self.B, self.H, self.Np, self.dense_rows, self.nr, self.bs
         src = qp if qp is not None else kp
+
+        def p2c_into(out, term):  # the p2c term onto the c2p term already there, or alone
+            return out.copy_(term) if qp is None else out.add_(term)
+
         # 3-D, as the score matmul (baddbmm_) writes them in place: in-place writes into views would cost copies
         dense_3d = src.new_empty(B * H, rows, Np if rows else 0)
-        dense = dense_3d.view(B, H, rows, dense_3d.shape[-1])
         if rows:
-            c2p_index, p2c_index = self.dense
+            dense = dense_3d.view(B, H, rows, Np)
             if qp is not None:
-                torch.gather(qp[:, :, :rows], -1, c2p_index.expand(B, H, rows, Np), out=dense)
+                self.dense_c2p(qp, out=dense)
             if kp is not None:
-                term = kp.view(B, H, -1).gather(-1, p2c_index.expand(B, H, -1)).view(B, H, rows, Np)
-                dense.add_(term) if qp is not None else dense.copy_(term)
+                p2c_into(dense, self.dense_p2c(kp))
         sparse_3d = src.new_empty(B * H * nr, bs, self.K * bs if (self.gathers or self.band) else 0)
         sparse = sparse_3d.view(B, H, nr, bs, sparse_3d.shape[-1])
         for start, width, c2p_index, p2c_index in self.gathers:
             out = sparse[..., start:start + width]
             if qp is not None:
-                torch.gather(qp[:, :, self.g * bs:].view(B, H, nr, bs, -1), -1,
-                             c2p_index.unsqueeze(0).expand(B, H, -1, -1, -1), out=out)
+                self.c2p_gather(qp, c2p_index, out=out)
             if kp is not None:
-                term = self.p2c_gather(kp, p2c_index)
-                out.add_(term) if qp is not None else out.copy_(term)
-        if self.band is not None:
+                p2c_into(out, self.p2c_gather(kp, p2c_index))
+        if self.band is not None:  # the band's c2p comes from qp whenever qp exists (its own product or qp)
             out = sparse[..., self.g * bs:(self.g + self.w) * bs]
             if band_c2p is not None:
                 out.copy_(self.c2p_band(band_c2p))
             if band_p2c is not None:
                 for s in range(self.w):
-                    tile = out[..., s * bs:(s + 1) * bs]
-                    tile.add_(self.p2c_band(band_p2c, s)) if band_c2p is not None else tile.copy_(
-                        self.p2c_band(band_p2c, s))
+                    p2c_into(out[..., s * bs:(s + 1) * bs], self.p2c_band(band_p2c, s))
         return dense_3d, sparse_3d
 
     def scatter_grads(self, grad_dense, grad_sparse, gqp, gkp, grad_band_c2p, grad_band_p2c) -> None:
@@ -321,8 +323,9 @@ class _RelativeTerms(torch.autograd.Function):
         grads = [torch.zeros(shape[0], dtype=shape[1], device=shape[2]) if shape is not None and needed else None
                  for shape, needed in zip(ctx.shapes, ctx.needs_input_grad)]
         gqp, gkp, own_c2p, own_p2c = grads
-        ctx.reads.with_indices(ctx.saved_tensors).scatter_grads(grad_dense, grad_sparse, gqp, gkp, own_c2p if ctx.own_band[0] else gqp,
-                                own_p2c if ctx.own_band[1] else gkp)
+        reads = ctx.reads.with_indices(ctx.saved_tensors)
+        reads.scatter_grads(grad_dense, grad_sparse, gqp, gkp, own_c2p if ctx.own_band[0] else gqp,
+                            own_p2c if ctx.own_band[1] else gkp)
         return gqp, gkp, own_c2p, own_p2c, None
 
 
@@ -515,14 +518,14 @@ class _SlotGeometry:
 
     def select_random(self, heads: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """The random blocks, copied: [B*H*nr, r*bs, D]."""
-        BH, T, D = heads.shape
-        return _select_blocks(heads.view(self.B, BH * T // (self.B * self.bs), self.bs * D), rows, False).view(
-            BH * self.nr, self.r * self.bs, D)
+        BH, _, D = heads.shape
+        return _select_blocks(heads.view(self.B, -1, self.bs * D), rows, False).view(BH * self.nr, self.r * self.bs, D)
 
     def add_random(self, heads: torch.Tensor, rows: torch.Tensor, blocks: torch.Tensor) -> None:
-        """heads[random block rows] += blocks ([B*H*nr, r*bs, D]; a block listed twice gets both)."""
-        BH, T, D = heads.shape
-        flat = heads.view(self.B, BH * T // (self.B * self.bs), self.bs * D)
+        """heads[random block rows] += blocks ([B*H*nr, r*bs, D]; a block listed twice gets both); the inverse of
+        select_random, on the same dims."""
+        D = heads.shape[-1]
+        flat = heads.view(self.B, -1, self.bs * D)
         blocks = blocks.reshape(self.B, -1, self.bs * D)
         if self.B == 1:
             flat[0].index_add_(0, rows, blocks[0])
@@ -565,11 +568,12 @@ def _weights_times_slots(p: torch.Tensor, heads: torch.Tensor, random: torch.Ten
     return out
 
 
-def _weights_t_times_rows(p: torch.Tensor, x: torch.Tensor, grad_heads: torch.Tensor,
-                          geo: _SlotGeometry) -> torch.Tensor | None:
-    """grad_heads[slot rows] += p^T . x for the global and window slots (p [B*H*nr, bs, K*bs], x [B*H*nr, bs, D]);
-    returns the random slots' share [B*H*nr, r*bs, D] (the caller adds it where the copied blocks came from)."""
+def _weights_t_times_rows(p: torch.Tensor, x: torch.Tensor, heads: torch.Tensor, random_rows: torch.Tensor,
+                          geo: _SlotGeometry) -> torch.Tensor:
+    """The gradient of the slot rows [B*H, T, D] (shaped as `heads`): p^T . x (p [B*H*nr, bs, K*bs], x [B*H*nr, bs,
+    D]) added where each slot's block lies, the random slots' share where the copied blocks came from."""
     BH, nr, bs = geo.B * geo.H, geo.nr, geo.bs
+    grad_heads = torch.zeros_like(heads)
     if geo.g:
         geo.global_rows(grad_heads).baddbmm_(
             geo.columns(p.view(BH, nr * bs, -1), "global").transpose(1, 2), x.reshape(BH, nr * bs, -1))
@@ -578,7 +582,9 @@ def _weights_t_times_rows(p: torch.Tensor, x: torch.Tensor, grad_heads: torch.Te
         for slot in range(geo.w):  # one slot at a time: its blocks are distinct, so the views do not overlap
             geo.window(grad_heads, bh, slot).baddbmm_(window[..., slot * bs:(slot + 1) * bs].transpose(1, 2),
                                                       x[bh * nr:(bh + 1) * nr])
-    return torch.bmm(geo.columns(p, "random").transpose(1, 2), x) if geo.r else None
+    if geo.r:
+        geo.add_random(grad_heads, random_rows, torch.bmm(geo.columns(p, "random").transpose(1, 2), x))
+    return grad_heads
 
 
 class _SlotScores(torch.autograd.Function):
@@ -602,12 +608,7 @@ class _SlotScores(torch.autograd.Function):
         q, k, random, random_rows = ctx.saved_tensors
         geo = ctx.geo
         grad_q = _weights_times_slots(grad, k, random, geo) if ctx.needs_input_grad[0] else None
-        grad_k = None
-        if ctx.needs_input_grad[1]:
-            grad_k = torch.zeros_like(k)
-            random_share = _weights_t_times_rows(grad, q, grad_k, geo)
-            if random_share is not None:
-                geo.add_random(grad_k, random_rows, random_share)
+        grad_k = _weights_t_times_rows(grad, q, k, random_rows, geo) if ctx.needs_input_grad[1] else None
         return grad_q, grad_k, grad if ctx.needs_input_grad[2] else None, None, None
 
 
@@ -630,8 +631,5 @@ class _SlotContext(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_probs = _rows_times_slots(grad, v, random, probs.new_empty(probs.shape), geo, beta=0.0)
         if ctx.needs_input_grad[1]:
-            grad_v = torch.zeros_like(v)
-            random_share = _weights_t_times_rows(probs, grad, grad_v, geo)
-            if random_share is not None:
-                geo.add_random(grad_v, random_rows, random_share)
+            grad_v = _weights_t_times_rows(probs, grad, v, random_rows, geo)
         return grad_probs, grad_v, None, None

@@ -101,8 +101,10 @@ the lower ZeRO stage and to no checkpointing (fewer collectives, no recompute, l
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+
+from .config import ZeroSection
 
 GIB = 2 ** 30
 ALLOWANCE_FIXED = 1.5 * GIB
@@ -318,17 +320,25 @@ def model_facts(config, seq_len: int, precision: str, persistence_threshold: int
 # Memory
 
 
+_ZERO_SECTION = ZeroSection()
+
+
 @dataclass(frozen=True)
 class ZeroSettings:
-    """The ZeRO fields the memory and time model reads (defaults: `config.ZeroSection`'s)."""
+    """The ZeRO fields the memory and time model reads (defaults: the pretraining config's `ZeroSection`)."""
 
-    overlap_comm: bool = True
-    reduce_bucket_size: int = 500_000_000
-    allgather_bucket_size: int = 500_000_000
-    stage3_prefetch_bucket_size: int = 50_000_000
-    stage3_param_persistence_threshold: int = 100_000
-    stage3_max_live_parameters: int = 1_000_000_000
+    overlap_comm: bool = _ZERO_SECTION.overlap_comm
+    reduce_bucket_size: int = _ZERO_SECTION.reduce_bucket_size
+    allgather_bucket_size: int = _ZERO_SECTION.allgather_bucket_size
+    stage3_prefetch_bucket_size: int = _ZERO_SECTION.stage3_prefetch_bucket_size
+    stage3_param_persistence_threshold: int = _ZERO_SECTION.stage3_param_persistence_threshold
+    stage3_max_live_parameters: int = _ZERO_SECTION.stage3_max_live_parameters
     stage3_max_reuse_distance: int = 1_000_000_000  # DeepSpeed's default (the pretraining config leaves it)
+
+    @classmethod
+    def from_section(cls, zero) -> "ZeroSettings":
+        """The fields of a pretraining config's `zero` section that this dataclass has, by name."""
+        return cls(**{f.name: getattr(zero, f.name) for f in fields(cls) if hasattr(zero, f.name)})
 
 
 def model_state_bytes(num_params: int, largest_layer_params: int, stage: int, world: int,
@@ -847,9 +857,7 @@ def preset_plan(args: list[str], cfg) -> tuple[Plan, Row, str]:
     model = cfg.model.preset or cfg.model.init_from
     overrides = {k: v for k, v in cfg.model.overrides.items() if k != "attention_backend"}
     z = cfg.zero
-    zero = ZeroSettings(z.overlap_comm, z.reduce_bucket_size, z.allgather_bucket_size,
-                        z.stage3_prefetch_bucket_size, z.stage3_param_persistence_threshold,
-                        z.stage3_max_live_parameters)
+    zero = ZeroSettings.from_section(z)
     plan = plan_run(model, seq, gpu, a.nodes, a.gpus_per_node, tokens, global_batch=batch.global_batch_size,
                     precision=cfg.train.precision, efficiency=a.compute_efficiency, model_overrides=overrides,
                     zero=zero)
