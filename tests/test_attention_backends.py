@@ -333,6 +333,32 @@ def test_blocked_matches_reference_in_float64_at_batch_1(monkeypatch, name):
             torch.testing.assert_close(g, ref_g, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("name", list(BAND_CONFIGS))
+@pytest.mark.parametrize("whole_blocks", [True, False])
+def test_blocked_without_a_padding_mask_matches_reference_in_float64(monkeypatch, name, whole_blocks):
+    """No padding mask: the global rows then skip the mask when the length is whole blocks, and the sparse rows fill
+    only the layout's unused slots (and the padded tail of the last block otherwise). Output and every gradient
+    against the reference, batch 2, every layer, with gradients and without."""
+    from bigbird_ja.attention import blocked
+
+    monkeypatch.setattr(blocked, "DENSE_MARGIN", 0.0)
+    config = tiny_config(max_position_embeddings=256, **BAND_CONFIGS[name])
+    length = 16 * config.block_size + (0 if whole_blocks else 3)
+    for layer in range(config.num_hidden_layers):
+        q, k, v, pos_key, pos_query, _ = make_inputs(config, 2, length, seed=100 + layer)
+        inputs = (q, k, v, pos_key, pos_query, None)
+        ref_out, ref_grads = run("reference", config, layer, inputs)
+        out, grads = run("blocked", config, layer, inputs)
+        torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-10)
+        for g, ref_g in zip(grads, ref_grads):
+            torch.testing.assert_close(g, ref_g, rtol=0, atol=1e-10)
+        with torch.no_grad():
+            args = (layout_for(config, layer, length), None, 0.37, pos_key, pos_query,
+                    RelativePositionSpec.from_config(config))
+            torch.testing.assert_close(disentangled_attention(*inputs[:3], *args, backend="blocked"), ref_out,
+                                       rtol=0, atol=1e-10)
+
+
 def test_the_window_band_applies_to_the_default_model():
     """The default config (block 64, window 3, 256 buckets) has delta = S + (i - j) across its window: the band."""
     from bigbird_ja import BigBirdJaConfig

@@ -34,6 +34,11 @@ through the reads would zero a full product per gather and per strided view and 
 update of a view costs a score-sized copy in its backward: this is most of the backward's saving.) Traced graphs
 take the same reads as plain ops (`_TermReads.assemble`) and leave the gradients to autograd.
 
+Masks: the sparse rows of structured layouts (eager) fill only the tiles with a masked key (`_fill_masked_tiles`:
+the layout's unused slots and blocks with padding), the global rows take no mask when nothing is padded, and
+without gradients the softmax overwrites its scores. Tensors the rest of the op does not need (products, indices)
+are dropped as soon as the terms are read: the op's peak memory, and the pages a fresh heap must fault in, shrink.
+
 Export: everything below branches only on Python ints (shapes and the layout's and spec's static fields), never on
 tensor values; a symbolic number of blocks always takes the sparse path.
 """
@@ -73,15 +78,36 @@ def _select_blocks(x: torch.Tensor, index: torch.Tensor, traced: bool) -> torch.
     return x.index_select(1, index)
 
 
-def _softmax(scores: torch.Tensor, mask: torch.Tensor, dropout_p: float, training: bool) -> torch.Tensor:
-    """The reference's masked softmax (masked scores take the compute dtype's minimum) and dropout. Rows with nothing
-    to attend to are zeroed by the callers, on the (smaller) output. The mask is written into `scores` itself when
-    no gradient flows (under autograd an in-place write into a view costs a score-sized copy in the backward)."""
+def _softmax(scores: torch.Tensor, mask: torch.Tensor | None, dropout_p: float, training: bool) -> torch.Tensor:
+    """The reference's masked softmax (masked scores take the compute dtype's minimum) and dropout; mask None: the
+    scores are masked already, or nothing is. Rows with nothing to attend to are zeroed by the callers, on the
+    (smaller) output. When no gradient flows the mask and the softmax are written into `scores` itself (under
+    autograd an in-place write into a view costs a score-sized copy in the backward)."""
     compute_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    in_place = not scores.requires_grad and scores.dtype == compute_dtype
     scores = scores.to(compute_dtype)
-    fill = torch.finfo(compute_dtype).min
-    scores = torch.where(mask, scores, fill) if scores.requires_grad else scores.masked_fill_(~mask, fill)
-    return F.dropout(torch.softmax(scores, dim=-1), dropout_p, training)
+    if mask is not None:
+        fill = torch.finfo(compute_dtype).min
+        scores = scores.masked_fill_(~mask, fill) if in_place else torch.where(mask, scores, fill)
+    # in place: saves a score-sized buffer (the CPU kernel reads each row before writing it)
+    probs = torch.softmax(scores, dim=-1, out=scores) if in_place else torch.softmax(scores, dim=-1)
+    return F.dropout(probs, dropout_p, training)
+
+
+def _fill_masked_tiles(scores: torch.Tensor, valid: torch.Tensor) -> None:
+    """scores [B*H*nr, bs, K*bs] of sparse rows: the masked keys of every (query block, slot) tile get the lowest
+    score (exp of it minus the row's maximum is 0, as with `_softmax`'s mask), touching only the tiles with a masked key (the layout's unused
+    slots and blocks with padding: few). valid [B, H, nr, K, bs]: whether each key of each slot is attended."""
+    B, H, nr, K, bs = valid.shape
+    if scores.is_meta:  # no values to fill (the planner's run on meta), and the tiles are small
+        return
+    partial = ~valid.all(dim=-1)  # [B, H, nr, K]
+    if not bool(partial.any()):
+        return
+    fill = torch.finfo(scores.dtype).min  # in half precision its own minimum (the float32 one would be -inf)
+    b, h, n, slot = partial.nonzero(as_tuple=True)
+    tiles = scores.view(B, H, nr, bs, K, bs)
+    tiles[b, h, n, :, slot, :] = tiles[b, h, n, :, slot, :].masked_fill_(~valid[b, h, n, slot][:, None, :], fill)
 
 
 def _band(x: torch.Tensor, tiles: int, tile_step: int, shape: tuple[int, int], strides: tuple[int, int],
@@ -388,7 +414,7 @@ def blocked_attention(
     else:
         key_valid = key_padding_mask.bool()
     key_valid = F.pad(key_valid, (0, Np - N), value=False)  # [B, Np]
-    rel = reads = None
+    rel = reads = dense_terms = sparse_terms = None
     if pos_key is not None or pos_query is not None:
         rel = _Relative(q, k_halo, pos_key, pos_query, rel_spec, hw, bs)
         reads = _TermReads(B, H, Np, bs, g, w, K, rel.two_s)
@@ -419,6 +445,9 @@ def blocked_attention(
                 band_p2c if band_p2c is not None else rel.kp)
         else:
             dense_terms, sparse_terms = _RelativeTerms.apply(rel.qp, rel.kp, band_c2p, band_p2c, reads)
+        # the products, the window's own products and the indices are not needed past here (the backward keeps
+        # what it needs): dropping them now lowers the op's peak memory
+        rel = reads = band_c2p = band_p2c = None
 
     def scores_of(terms, queries, keys):
         """terms + queries . keys^T as one (batched) matmul: [n, r, D] x [n, c, D] -> [n, r, c]; the terms' buffer
@@ -429,10 +458,13 @@ def blocked_attention(
             return torch.baddbmm(terms, queries, keys.transpose(1, 2))
         return terms.baddbmm_(queries, keys.transpose(1, 2))
 
-    def dense_rows(rows: int, mask: torch.Tensor) -> torch.Tensor:
-        """Queries [0, rows) against every key; mask [B|1, H|1, m, 1, Np] per query block -> [B, H, rows, D]."""
-        terms = None if reads is None else dense_terms
-        scores = scores_of(terms, q[:, :, :rows].reshape(B * H, rows, D), k.reshape(B * H, Np, D)).view(B, H, rows, Np)
+    def dense_rows(rows: int, mask: torch.Tensor | None) -> torch.Tensor:
+        """Queries [0, rows) against every key; mask [B|1, H|1, m, 1, Np] per query block (None: every key) ->
+        [B, H, rows, D]."""
+        scores = scores_of(dense_terms, q[:, :, :rows].reshape(B * H, rows, D), k.reshape(B * H, Np, D))
+        if mask is None:
+            probs = _softmax(scores.view(B, H, rows, Np), None, dropout_p, training)
+            return probs.to(v.dtype) @ v
         m = mask.shape[2]
         probs = _softmax(scores.view(B, H, m, rows // m, Np), mask, dropout_p, training)
         out = (probs.to(v.dtype).view(B, H, rows, Np) @ v).view(B, H, m, rows // m, D)
@@ -447,7 +479,8 @@ def blocked_attention(
 
     outputs = []
     if g > 0:  # global query blocks: every key
-        outputs.append(dense_rows(g * bs, key_valid.view(B, 1, 1, 1, Np)))
+        every_key = key_padding_mask is None and N == Np  # known from shapes alone: no branch on values
+        outputs.append(dense_rows(g * bs, None if every_key else key_valid.view(B, 1, 1, 1, Np)))
 
     # Sparse query blocks against their K listed key blocks: scores = relative terms + q.k in one matmul.
     valid = key_valid.view(B, nb, bs)[:, key_blocks] & layout.key_valid.to(dev)[None, :, :, :, None]
@@ -456,9 +489,9 @@ def blocked_attention(
         geometry = _SlotGeometry(B, H, nr, bs, g, w, K)
         heads = torch.arange(H, device=dev)[:, None, None]
         k_rows = (heads * (nb + 2 * hw) + key_blocks[..., g + w:] + hw).view(-1)  # random blocks in the halo rows
-        scores = _SlotScores.apply(q_s.reshape(B * H * nr, bs, D), k_halo.reshape(B * H, -1, D),
-                                   None if reads is None else sparse_terms, k_rows, geometry)
-        probs = _softmax(scores.view(B, H, nr, bs, K * bs), mask, dropout_p, training)
+        scores = _SlotScores.apply(q_s.reshape(B * H * nr, bs, D), k_halo.reshape(B * H, -1, D), sparse_terms,
+                                   k_rows, valid, geometry)  # masked already
+        probs = _softmax(scores.view(B, H, nr, bs, K * bs), None, dropout_p, training)
         v_halo = F.pad(v, (0, 0, hw * bs, hw * bs))
         out = _SlotContext.apply(probs.to(v.dtype).view(B * H * nr, bs, K * bs), v_halo.reshape(B * H, -1, D),
                                  k_rows, geometry).view(B, H, nr, bs, D)
@@ -466,8 +499,7 @@ def blocked_attention(
         rows = (torch.arange(H, device=dev)[:, None, None] * (nb + 2 * hw) + key_blocks + hw).view(-1)
         k_slots = _select_blocks(k_halo.reshape(B, H * (nb + 2 * hw), bs * D), rows, traced).view(
             B * H * nr, K * bs, D)
-        terms = None if reads is None else sparse_terms
-        scores = scores_of(terms, q_s.reshape(B * H * nr, bs, D), k_slots).view(B, H, nr, bs, K * bs)
+        scores = scores_of(sparse_terms, q_s.reshape(B * H * nr, bs, D), k_slots).view(B, H, nr, bs, K * bs)
         del k_slots
         probs = _softmax(scores, mask, dropout_p, training)
         v_rows = (torch.arange(H, device=dev)[:, None, None] * nb + key_blocks).view(-1)
@@ -507,6 +539,14 @@ class _SlotGeometry:
         rows = self.w * bs if slot is None else bs
         first = heads[bh].storage_offset() + (self.g + (slot or 0)) * bs * D
         return heads[bh].as_strided((self.nr, rows, D), (bs * D, D, 1), first)
+
+    def window_slot(self, heads: torch.Tensor, slot: int) -> torch.Tensor:
+        """Every batch row and head (heads contiguous): [B*H, nr, bs, D], block n of head bh at halo block g + n +
+        slot (a view without overlap)."""
+        BH, T, D = heads.shape
+        bs = self.bs
+        return heads.as_strided((BH, self.nr, bs, D), (T * D, bs * D, D, 1),
+                                heads.storage_offset() + (self.g + slot) * bs * D)
 
     def columns(self, x: torch.Tensor, kind: str, bh: int | None = None) -> torch.Tensor:
         """The columns of one slot kind of x [B*H*nr, bs, K*bs] (of batch row and head bh only, if given)."""
@@ -577,11 +617,11 @@ def _weights_t_times_rows(p: torch.Tensor, x: torch.Tensor, heads: torch.Tensor,
     if geo.g:
         geo.global_rows(grad_heads).baddbmm_(
             geo.columns(p.view(BH, nr * bs, -1), "global").transpose(1, 2), x.reshape(BH, nr * bs, -1))
-    for bh in range(BH):
-        window = geo.columns(p, "window", bh)
-        for slot in range(geo.w):  # one slot at a time: its blocks are distinct, so the views do not overlap
-            geo.window(grad_heads, bh, slot).baddbmm_(window[..., slot * bs:(slot + 1) * bs].transpose(1, 2),
-                                                      x[bh * nr:(bh + 1) * nr])
+    # the window: one product for every head and block, then each slot's share added where its blocks lie (one
+    # slot at a time: its blocks are distinct, so the view does not overlap itself)
+    window = torch.bmm(geo.columns(p, "window").transpose(1, 2), x).view(BH, nr, geo.w, bs, -1)
+    for slot in range(geo.w):
+        geo.window_slot(grad_heads, slot).add_(window[:, :, slot])
     if geo.r:
         geo.add_random(grad_heads, random_rows, torch.bmm(geo.columns(p, "random").transpose(1, 2), x))
     return grad_heads
@@ -589,14 +629,16 @@ def _weights_t_times_rows(p: torch.Tensor, x: torch.Tensor, heads: torch.Tensor,
 
 class _SlotScores(torch.autograd.Function):
     """scores [B*H*nr, bs, K*bs] = terms + q . k^T for the sparse rows of a structured layout, written into the
-    relative terms' buffer when there is one (else a new one). q [B*H*nr, bs, D]; k [B*H, T, D] with its halo;
-    random_rows: the random blocks' rows of k viewed as [B, H*T/bs, bs*D]."""
+    relative terms' buffer when there is one (else a new one), with the masked keys filled in (`_fill_masked_tiles`:
+    their gradient is the softmax's, zero). q [B*H*nr, bs, D]; k [B*H, T, D] with its halo; random_rows: the random
+    blocks' rows of k viewed as [B, H*T/bs, bs*D]; valid [B, H, nr, K, bs]: the attended keys."""
 
     @staticmethod
-    def forward(ctx, q, k, terms, random_rows, geo: _SlotGeometry):
+    def forward(ctx, q, k, terms, random_rows, valid, geo: _SlotGeometry):
         random = geo.select_random(k, random_rows) if geo.r else None
         out = q.new_empty(q.shape[0], geo.bs, geo.K * geo.bs) if terms is None else terms
         _rows_times_slots(q, k, random, out, geo, beta=0.0 if terms is None else 1.0)
+        _fill_masked_tiles(out, valid)
         if terms is not None:
             ctx.mark_dirty(terms)
         ctx.geo = geo
@@ -609,7 +651,7 @@ class _SlotScores(torch.autograd.Function):
         geo = ctx.geo
         grad_q = _weights_times_slots(grad, k, random, geo) if ctx.needs_input_grad[0] else None
         grad_k = _weights_t_times_rows(grad, q, k, random_rows, geo) if ctx.needs_input_grad[1] else None
-        return grad_q, grad_k, grad if ctx.needs_input_grad[2] else None, None, None
+        return grad_q, grad_k, grad if ctx.needs_input_grad[2] else None, None, None, None
 
 
 class _SlotContext(torch.autograd.Function):
