@@ -23,11 +23,18 @@ Setup
     estimated peak exceeds `--memory-budget-gib` are recorded as skipped, never run; a child that fails or times
     out is recorded, and the run goes on.
 
+    Each timed run's minor page faults are recorded too. With glibc's default settings a run whose temporaries
+    exceed its heap-trim threshold (at most 64 MiB) gets its memory back from the kernel, zeroed, on every run: at
+    1k tokens that is ~60k faults and 20-30% of bigbird-ja's forward in some runs and not in others. `--malloc keep`
+    runs every case with the heap kept (the behaviour of jemalloc/tcmalloc, which PyTorch's CPU tuning guide
+    recommends), so that times compare compute alone.
+
 Run (from the repository root)
     python benchmarks/bench_cpu.py                       # everything, ~10-15 min on 2 cores
     python benchmarks/bench_cpu.py --quick               # 1k and 4k, forward only, 1 timed run: ~1 min
     python benchmarks/bench_cpu.py --lengths 1024 2048 --modes forward
     python benchmarks/bench_cpu.py --profile 4096        # torch.profiler table of bigbird-ja's forward, then exit
+    python benchmarks/bench_cpu.py --malloc keep --out benchmarks/results/cpu-2core/cpu_attention_malloc_keep.json
 
 Output: a markdown table (stdout and --out with .md), the JSON (--out, default
 benchmarks/results/cpu-2core/cpu_attention.json) with every run, the load average before each case and the
@@ -71,6 +78,13 @@ DEFAULT_LENGTHS = (1024, 2048, 4096, 8192, 16384)
 QUADRATIC_BYTES = {"hf-deberta-v2": 23.5, "hf-bigbird": 4.6}
 LINEAR_BYTES_PER_TOKEN_LAYER = 64 * 1024
 
+# glibc hands the top of its heap back to the OS once more than its trim threshold is free there (at most 64 MiB with
+# its default, self-adjusting thresholds), so a forward whose temporaries exceed that faults its pages in again
+# (zeroed by the kernel) on every run. 'keep' raises the trim threshold (which fixes the mmap threshold too: at
+# glibc's 32 MiB maximum), as jemalloc or tcmalloc would behave; times then compare compute alone.
+MALLOC_SETTINGS = {"default": {}, "keep": {"MALLOC_TRIM_THRESHOLD_": str(64 * GIB),
+                                           "MALLOC_MMAP_THRESHOLD_": str(32 * MIB)}}
+
 
 def estimated_bytes(case: str, length: int, mode: str, layers: int) -> float:
     live_layers = layers if mode == "train" else 1
@@ -100,16 +114,19 @@ def run_mode(model, inputs, mode: str, repeats: int, time_budget_s: float) -> di
     rss_before = current_rss_bytes()
     once()
     peak_mib = (peak_rss_bytes() - rss_before) / MIB
-    times, cpu_times = [], []
+    times, cpu_times, faults = [], [], []
     while len(times) < repeats:
+        faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         start, cpu_start = time.perf_counter(), time.process_time()
         once()
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before)
         if sum(times) + times[-1] > time_budget_s:
             break
     return {"status": "ok", "time_s": statistics.median(times), "times_s": times, "time_min_s": min(times),
-            "cpu_time_s": statistics.median(cpu_times), "peak_mib": peak_mib, "peak_was_reset": peak_was_reset}
+            "cpu_time_s": statistics.median(cpu_times), "page_faults": faults,
+            "page_faults_median": statistics.median(faults), "peak_mib": peak_mib, "peak_was_reset": peak_was_reset}
 
 
 def release_free_heap() -> None:
@@ -174,7 +191,7 @@ def run_case(case: str, length: int, args) -> list[dict]:
                "--layers", str(args.layers), "--memory-budget-gib", str(args.memory_budget_gib),
                "--time-budget", str(args.time_budget)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
-               TOKENIZERS_PARALLELISM="false")
+               TOKENIZERS_PARALLELISM="false", **MALLOC_SETTINGS[args.malloc])
     start = time.perf_counter()
     try:
         proc = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, env=env)
@@ -320,6 +337,9 @@ def parse_args(argv=None):
     p.add_argument("--memory-budget-gib", type=float, default=12.0,
                    help="skip cases estimated above this; also each child's address-space headroom")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per (case, length) child")
+    p.add_argument("--malloc", choices=list(MALLOC_SETTINGS), default="default",
+                   help="glibc heap settings of every child (the same for every case): 'default', or 'keep' (freed "
+                        "memory stays in the heap: no page faults once warm)")
     p.add_argument("--note", default="", help="free text stored in the JSON (e.g. 'machine shared with 3 jobs')")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output; .md and .png go beside it")
     p.add_argument("--profile", type=int, metavar="N", help="print a profile of bigbird-ja's forward at N, exit")
@@ -352,6 +372,7 @@ def main(argv=None) -> int:
                                   "window_blocks": WINDOW, "global_blocks": GLOBAL, "random_blocks": RANDOM,
                                   "position_buckets": BUCKETS},
                         "batch": 1, "dtype": "float32", "repeats": args.repeats, "time_budget_s": args.time_budget,
+                        "malloc": {"choice": args.malloc, "environment": MALLOC_SETTINGS[args.malloc]},
                         "memory_budget_gib": args.memory_budget_gib,
                         "train_loss": "mean(last_hidden_state ** 2), eval mode (no dropout)",
                         "peak_definition": "ru_maxrss of the warm-up run - RSS just before it, after malloc_trim(0)"}}
@@ -388,7 +409,8 @@ def main(argv=None) -> int:
                       + ", ".join(f"{r['length']}: {r['peak_ratio']:.2f} / {r['time_ratio']:.2f}" for r in rows))
     dev = env["device"]
     plot(records, args.cases, args.modes, out.with_suffix(".png"),
-         f"{args.layers} base layers, batch 1, float32, {args.threads} threads on {dev['cpu_count']} CPUs "
+         f"{args.layers} base layers, batch 1, float32, {args.threads} threads on {dev['cpu_count']} CPUs, "
+         f"malloc {args.malloc} "
          f"({dev['cpu_model'] or dev['processor']}), {env['date_utc']}")
     print(f"\nwrote {out}, {out.with_suffix('.md').name}, {out.with_suffix('.png').name}")
     return 0
