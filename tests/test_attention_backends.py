@@ -407,3 +407,59 @@ def test_dense_path_is_chosen_only_while_it_costs_no_more_than_the_sparse_one():
     # base settings: 2 global + 3 window + 3 random slots, block 64
     assert _dense_is_cheaper(8, 2, 8) and _dense_is_cheaper(10, 2, 8)  # 512 and 640 tokens
     assert not _dense_is_cheaper(12, 2, 8) and not _dense_is_cheaper(256, 2, 8)  # 768 and 16k tokens
+
+
+def _default_op_inputs(length, seed, dtype=torch.float64):
+    config = tiny_config(max_position_embeddings=512, position_buckets=32)
+    q, k, v, pos_key, pos_query, padding = make_inputs(config, 2, length, seed=seed, dtype=dtype)
+    args = (layout_for(config, 0, length), padding, 0.37, pos_key, pos_query, RelativePositionSpec.from_config(config))
+    return (q.detach(), k.detach(), v.detach()), args
+
+
+def test_blocked_no_grad_reuses_its_workspace_across_lengths_and_inference_mode(monkeypatch):
+    """The no-gradient CPU forward takes its scratch buffers from a kept workspace: calls at growing and shrinking
+    lengths, under no_grad and inference_mode in turn, each equal the reference; the buffers are kept between calls
+    and release_workspace frees them; with gradients enabled nothing is taken from it."""
+    from bigbird_ja.attention import blocked
+
+    monkeypatch.setattr(blocked, "DENSE_MARGIN", 0.0)
+    blocked.release_workspace()
+    for step, length in enumerate([67, 200, 131, 40, 131]):  # grown under inference_mode, reused outside it
+        tensors, args = _default_op_inputs(length, seed=step)
+        context = torch.inference_mode() if step % 2 else torch.no_grad()
+        with context:
+            out = disentangled_attention(*tensors, *args, backend="blocked")
+        ref = disentangled_attention(*tensors, *args, backend="reference")
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
+        assert blocked._WORKSPACE._local.buffers  # kept for the next call
+    blocked.release_workspace()
+    tensors, args = _default_op_inputs(131, seed=9)
+    disentangled_attention(*tensors, *args, backend="blocked")  # gradients enabled: fresh tensors only
+    assert not getattr(blocked._WORKSPACE._local, "buffers", None)
+
+
+def test_blocked_no_grad_workspace_is_per_thread():
+    """Threads running the op at once never share a scratch buffer: each result equals the reference."""
+    import threading
+
+    from bigbird_ja.attention import blocked
+
+    cases = [_default_op_inputs(length, seed=length) for length in (131, 200, 96, 131)]
+    results = [None] * len(cases)
+    start = threading.Barrier(len(cases))
+
+    def work(i):
+        start.wait()
+        with torch.no_grad():
+            for _ in range(3):
+                results[i] = disentangled_attention(*cases[i][0], *cases[i][1], backend="blocked")
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for (tensors, args), out in zip(cases, results):
+        torch.testing.assert_close(out, disentangled_attention(*tensors, *args, backend="reference"), rtol=0,
+                                   atol=1e-10)
+    blocked.release_workspace()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .blocked import blocked_attention
+from .blocked import blocked_attention, release_workspace
 from .layout import BlockLayout, SparsitySpec, attention_mask, build_layout, layout_for, num_blocks_for
 from .reference import masked_softmax, reference_attention
 from .relative import RelativePositionSpec, log_bucket_position, relative_index_table
@@ -21,7 +21,7 @@ from .relative import RelativePositionSpec, log_bucket_position, relative_index_
 __all__ = [
     "BlockLayout", "RelativePositionSpec", "SparsitySpec", "attention_mask", "blocked_attention", "build_layout",
     "disentangled_attention", "layout_for", "log_bucket_position", "masked_softmax", "num_blocks_for",
-    "reference_attention", "relative_index_table", "resolve_backend",
+    "reference_attention", "relative_index_table", "release_workspace", "resolve_backend",
 ]
 
 

@@ -38,6 +38,8 @@ Masks: the sparse rows of structured layouts (eager) fill only the tiles with a 
 the layout's unused slots and blocks with padding), the global rows take no mask when nothing is padded, and
 without gradients the softmax overwrites its scores. Tensors the rest of the op does not need (products, indices)
 are dropped as soon as the terms are read: the op's peak memory, and the pages a fresh heap must fault in, shrink.
+Without gradients on CPU the largest scratch tensors (products, terms/scores/probabilities, p2c reads, random
+blocks) come from a per-thread workspace kept between calls (`_Workspace`; `release_workspace()` frees it).
 
 Export: everything below branches only on Python ints (shapes and the layout's and spec's static fields), never on
 tensor values; a symbolic number of blocks always takes the sparse path.
@@ -46,6 +48,8 @@ tensor values; a symbolic number of blocks always takes the sparse path.
 from __future__ import annotations
 
 import dataclasses
+import math
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -69,13 +73,13 @@ def _dense_is_cheaper(num_blocks, num_global: int, slots: int) -> bool:
     return num_blocks * num_blocks <= DENSE_MARGIN * sparse
 
 
-def _select_blocks(x: torch.Tensor, index: torch.Tensor, traced: bool) -> torch.Tensor:
-    """x [B, n, bs*D] -> [B, len(index), bs*D]: whole blocks copied. At batch 1 (eager) along dim 0 of a 2-D view,
-    which torch copies row by row (index_select along dim 1 goes element by element: ~9x slower on CPU); traced
-    graphs take one path for every batch size."""
+def _select_blocks(x: torch.Tensor, index: torch.Tensor, traced: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [B, n, bs*D] -> [B, len(index), bs*D]: whole blocks copied (into `out` if given, eager). At batch 1 (eager)
+    along dim 0 of a 2-D view, which torch copies row by row (index_select along dim 1 goes element by element: ~9x
+    slower on CPU); traced graphs take one path for every batch size."""
     if not traced and x.shape[0] == 1:
-        return x[0].index_select(0, index).unsqueeze(0)
-    return x.index_select(1, index)
+        return torch.index_select(x[0], 0, index, **({} if out is None else {"out": out[0]})).unsqueeze(0)
+    return torch.index_select(x, 1, index, **({} if out is None else {"out": out}))
 
 
 def _softmax(scores: torch.Tensor, mask: torch.Tensor | None, dropout_p: float, training: bool) -> torch.Tensor:
@@ -119,6 +123,57 @@ def _band(x: torch.Tensor, tiles: int, tile_step: int, shape: tuple[int, int], s
     return x.as_strided((B, H, tiles, *shape), (H * rows * R, rows * R, tile_step, *strides), first)
 
 
+class _Workspace:
+    """Scratch buffers that the no-gradient forward on CPU reuses from call to call: one per role, per thread, device
+    and dtype, grown to the largest request up to `max_bytes` (larger requests get fresh tensors).
+
+    Why: torch's CPU allocator is malloc. Tensors over glibc's mmap threshold (at most 32 MiB) are mapped fresh and
+    faulted in, zeroed by the kernel, on every call, and smaller ones do the same whenever the heap's top is trimmed
+    between layers. The per-bucket products and the scores are the op's largest tensors; refilling kept pages instead
+    costs e.g. 12 ms instead of 29 ms for one product at 2k tokens. Everything taken from here is dead when the op
+    returns (its output is a fresh tensor), and threads never share a buffer. `release_workspace()` frees them."""
+
+    max_bytes = 128 << 20  # bounds what is kept (7 roles; at base dims every buffer is kept up to 4k tokens)
+
+    def __init__(self):
+        self._local = threading.local()
+
+    def empty(self, role: str, shape, like: torch.Tensor) -> torch.Tensor:
+        numel = math.prod(shape)
+        if numel * like.element_size() > self.max_bytes:
+            return like.new_empty(shape)
+        buffers = self._local.__dict__.setdefault("buffers", {})
+        key = (role, like.device, like.dtype)
+        buffer = buffers.get(key)
+        if buffer is None or buffer.numel() < numel:
+            buffers.pop(key, None)  # free the smaller one first
+            with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode
+                buffer = buffers[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return buffer[:numel].view(shape)
+
+    def release(self) -> None:
+        self._local.__dict__.pop("buffers", None)
+
+
+_WORKSPACE = _Workspace()
+
+
+def release_workspace() -> None:
+    """Free the calling thread's scratch buffers of the no-gradient CPU forward (they are kept between calls)."""
+    _WORKSPACE.release()
+
+
+def _product(x: torch.Tensor, y: torch.Tensor, workspace: _Workspace | None, role: str) -> torch.Tensor:
+    """x [B, H, n, D] @ y [H, D, m] -> [B, H, n, m], into a workspace buffer when one is given."""
+    if workspace is None:
+        return x @ y.unsqueeze(0)
+    B, H, n, D = x.shape
+    m = y.shape[-1]
+    out = workspace.empty(role, (B * H, n, m), x)
+    y = y if B == 1 else y.unsqueeze(0).expand(B, -1, -1, -1).reshape(B * H, D, m)
+    return torch.bmm(x.reshape(B * H, n, D), y, out=out).view(B, H, n, m)
+
+
 class _Relative:
     """The per-bucket products and where the relative terms of each row read them.
 
@@ -127,11 +182,12 @@ class _Relative:
     them: c2p at (row i, column 2S - 1 - delta), p2c at flat element (hw*bs + j) * 2S + delta of kp's [T * 2S]
     plane, so p2c's index is the key row's offset + 2S - 1 minus c2p's (one index is built per read)."""
 
-    def __init__(self, q, k_halo, pos_key, pos_query, spec: RelativePositionSpec, hw: int, bs: int):
+    def __init__(self, q, k_halo, pos_key, pos_query, spec: RelativePositionSpec, hw: int, bs: int,
+                 workspace: _Workspace | None = None):
         self.spec, self.hw, self.bs = spec, hw, bs
         self.two_s = 2 * spec.span
-        self.qp = None if pos_key is None else q @ pos_key.flip(1).transpose(-1, -2).unsqueeze(0)
-        self.kp = None if pos_query is None else k_halo @ pos_query.transpose(-1, -2).unsqueeze(0)
+        self.qp = None if pos_key is None else _product(q, pos_key.flip(1).transpose(-1, -2), workspace, "qp")
+        self.kp = None if pos_query is None else _product(k_halo, pos_query.transpose(-1, -2), workspace, "kp")
         self.pos_key, self.pos_query = pos_key, pos_query
         Np = q.shape[2]
         self.table = relative_index_table(Np, spec, q.device)  # [2Np - 1]: delta at distance d is entry d + Np - 1
@@ -188,6 +244,7 @@ class _TermReads:
     gathers: list = field(default_factory=list)
     band: tuple | None = None
     band_position: int = 0  # the band's place among the gathered parts (in column order)
+    workspace: _Workspace | None = None  # where the forward's buffers come from (no-gradient CPU calls), else fresh
 
     def indices(self) -> list[torch.Tensor]:
         """Every index tensor, in a fixed order (dense rows' pair, then each gathered part's pair)."""
@@ -215,18 +272,20 @@ class _TermReads:
         B, H, rows = self.B, self.H, self.dense_rows
         return torch.gather(qp[:, :, :rows], -1, self.dense[0].expand(B, H, rows, self.Np), out=out)
 
-    def dense_p2c(self, kp) -> torch.Tensor:  # [B, H, rows, Np]
+    def dense_p2c(self, kp, out=None) -> torch.Tensor:  # [B, H, rows, Np]; out: [B, H, rows * Np]
         B, H = self.B, self.H
-        return kp.view(B, H, -1).gather(-1, self.dense[1].expand(B, H, -1)).view(B, H, self.dense_rows, self.Np)
+        return torch.gather(kp.view(B, H, -1), -1, self.dense[1].expand(B, H, -1), out=out).view(
+            B, H, self.dense_rows, self.Np)
 
     def c2p_gather(self, qp, index, out=None) -> torch.Tensor:  # [B, H, nr, bs, width]
         B, H, nr, bs = self.B, self.H, self.nr, self.bs
         return torch.gather(qp[:, :, self.g * bs:].view(B, H, nr, bs, -1), -1,
                             index.unsqueeze(0).expand(B, H, -1, -1, -1), out=out)
 
-    def p2c_gather(self, kp, index) -> torch.Tensor:  # [B, H, nr, bs, width]
+    def p2c_gather(self, kp, index, out=None) -> torch.Tensor:  # [B, H, nr, bs, width]; out: [B, H, nr*bs*width]
         B, H = self.B, self.H
-        return kp.view(B, H, -1).gather(-1, index.unsqueeze(0).expand(B, H, -1)).view(B, H, self.nr, self.bs, -1)
+        return torch.gather(kp.view(B, H, -1), -1, index.unsqueeze(0).expand(B, H, -1), out=out).view(
+            B, H, self.nr, self.bs, -1)
 
     def c2p_band(self, src) -> torch.Tensor:  # [B, H, nr, bs, w*bs]
         R, bs = src.shape[-1], self.bs
@@ -271,22 +330,26 @@ class _TermReads:
         def p2c_into(out, term):  # the p2c term onto the c2p term already there, or alone
             return out.copy_(term) if qp is None else out.add_(term)
 
+        def scratch(numel: int) -> torch.Tensor | None:  # where a p2c gather goes before it is added: [B, H, n]
+            return None if self.workspace is None else self.workspace.empty("p2c", (B, H, numel // (B * H)), src)
+
         # 3-D, as the score matmul (baddbmm_) writes them in place: in-place writes into views would cost copies
-        dense_3d = src.new_empty(B * H, rows, Np if rows else 0)
+        dense_3d = self._empty("dense terms", (B * H, rows, Np if rows else 0), src)
         if rows:
             dense = dense_3d.view(B, H, rows, Np)
             if qp is not None:
                 self.dense_c2p(qp, out=dense)
             if kp is not None:
-                p2c_into(dense, self.dense_p2c(kp))
-        sparse_3d = src.new_empty(B * H * nr, bs, self.K * bs if (self.gathers or self.band) else 0)
+                p2c_into(dense, self.dense_p2c(kp, out=scratch(dense.numel())))
+        sparse_3d = self._empty("sparse terms", (B * H * nr, bs, self.K * bs if (self.gathers or self.band) else 0),
+                                src)
         sparse = sparse_3d.view(B, H, nr, bs, sparse_3d.shape[-1])
         for start, width, c2p_index, p2c_index in self.gathers:
             out = sparse[..., start:start + width]
             if qp is not None:
                 self.c2p_gather(qp, c2p_index, out=out)
             if kp is not None:
-                p2c_into(out, self.p2c_gather(kp, p2c_index))
+                p2c_into(out, self.p2c_gather(kp, p2c_index, out=scratch(out.numel())))
         if self.band is not None:  # the band's c2p comes from qp whenever qp exists (its own product or qp)
             out = sparse[..., self.g * bs:(self.g + self.w) * bs]
             if band_c2p is not None:
@@ -295,6 +358,9 @@ class _TermReads:
                 for s in range(self.w):
                     p2c_into(out[..., s * bs:(s + 1) * bs], self.p2c_band(band_p2c, s))
         return dense_3d, sparse_3d
+
+    def _empty(self, role: str, shape, like: torch.Tensor) -> torch.Tensor:
+        return like.new_empty(shape) if self.workspace is None else self.workspace.empty(role, shape, like)
 
     def scatter_grads(self, grad_dense, grad_sparse, gqp, gkp, grad_band_c2p, grad_band_p2c) -> None:
         """The backward: adds the terms' gradients into the zero-filled gradients of qp, kp and the products the
@@ -415,10 +481,12 @@ def blocked_attention(
         key_valid = key_padding_mask.bool()
     key_valid = F.pad(key_valid, (0, Np - N), value=False)  # [B, Np]
     rel = reads = dense_terms = sparse_terms = None
-    if pos_key is not None or pos_query is not None:
-        rel = _Relative(q, k_halo, pos_key, pos_query, rel_spec, hw, bs)
-        reads = _TermReads(B, H, Np, bs, g, w, K, rel.two_s)
     traced = isinstance(nb, torch.SymInt) or torch.compiler.is_compiling()
+    # no autograd graph can hold the scratch buffers: reuse them (_Workspace)
+    workspace = _WORKSPACE if not torch.is_grad_enabled() and not traced and dev.type == "cpu" else None
+    if pos_key is not None or pos_query is not None:
+        rel = _Relative(q, k_halo, pos_key, pos_query, rel_spec, hw, bs, workspace)
+        reads = _TermReads(B, H, Np, bs, g, w, K, rel.two_s, workspace=workspace)
     q_s = q[:, :, g * bs:].view(B, H, nr, bs, D)
     key_blocks = layout.key_blocks.to(dev)  # [H, nr, K]
     if reads is not None:
@@ -486,7 +554,7 @@ def blocked_attention(
     valid = key_valid.view(B, nb, bs)[:, key_blocks] & layout.key_valid.to(dev)[None, :, :, :, None]
     mask = valid.view(B, H, nr, 1, K * bs)  # attended: the slot is valid in the layout and its key is not padding
     if w > 0 and not traced:  # structured layout, eager: the global and window blocks read in place
-        geometry = _SlotGeometry(B, H, nr, bs, g, w, K)
+        geometry = _SlotGeometry(B, H, nr, bs, g, w, K, workspace)
         heads = torch.arange(H, device=dev)[:, None, None]
         k_rows = (heads * (nb + 2 * hw) + key_blocks[..., g + w:] + hw).view(-1)  # random blocks in the halo rows
         scores = _SlotScores.apply(q_s.reshape(B * H * nr, bs, D), k_halo.reshape(B * H, -1, D), sparse_terms,
@@ -523,6 +591,7 @@ class _SlotGeometry:
     g: int
     w: int
     K: int
+    workspace: _Workspace | None = field(default=None, compare=False)  # for the random blocks' copies (no gradient)
 
     @property
     def r(self) -> int:
@@ -556,10 +625,14 @@ class _SlotGeometry:
             x = x[bh * self.nr:(bh + 1) * self.nr]
         return x[..., start * bs:stop * bs]
 
-    def select_random(self, heads: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """The random blocks, copied: [B*H*nr, r*bs, D]."""
+    def select_random(self, heads: torch.Tensor, rows: torch.Tensor, role: str) -> torch.Tensor:
+        """The random blocks, copied: [B*H*nr, r*bs, D] (role: the workspace buffer, if there is a workspace)."""
         BH, _, D = heads.shape
-        return _select_blocks(heads.view(self.B, -1, self.bs * D), rows, False).view(BH * self.nr, self.r * self.bs, D)
+        out = None
+        if self.workspace is not None:
+            out = self.workspace.empty(role, (self.B, rows.numel(), self.bs * D), heads)
+        return _select_blocks(heads.view(self.B, -1, self.bs * D), rows, False, out).view(
+            BH * self.nr, self.r * self.bs, D)
 
     def add_random(self, heads: torch.Tensor, rows: torch.Tensor, blocks: torch.Tensor) -> None:
         """heads[random block rows] += blocks ([B*H*nr, r*bs, D]; a block listed twice gets both); the inverse of
@@ -635,7 +708,7 @@ class _SlotScores(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, terms, random_rows, valid, geo: _SlotGeometry):
-        random = geo.select_random(k, random_rows) if geo.r else None
+        random = geo.select_random(k, random_rows, "random keys") if geo.r else None
         out = q.new_empty(q.shape[0], geo.bs, geo.K * geo.bs) if terms is None else terms
         _rows_times_slots(q, k, random, out, geo, beta=0.0 if terms is None else 1.0)
         _fill_masked_tiles(out, valid)
@@ -660,7 +733,7 @@ class _SlotContext(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, probs, v, random_rows, geo: _SlotGeometry):
-        random = geo.select_random(v, random_rows) if geo.r else None
+        random = geo.select_random(v, random_rows, "random values") if geo.r else None
         ctx.geo = geo
         ctx.save_for_backward(probs, v, random, random_rows)
         return _weights_times_slots(probs, v, random, geo)
