@@ -184,7 +184,8 @@ class _Relative:
 
     def __init__(self, q, k_halo, pos_key, pos_query, spec: RelativePositionSpec, hw: int, bs: int,
                  workspace: _Workspace | None = None):
-        self.spec, self.hw, self.bs = spec, hw, bs
+        self.spec, self.hw, self.bs, self.workspace = spec, hw, bs, workspace
+        self._columns = None
         self.two_s = 2 * spec.span
         self.qp = None if pos_key is None else _product(q, pos_key.flip(1).transpose(-1, -2), workspace, "qp")
         self.kp = None if pos_query is None else _product(k_halo, pos_query.transpose(-1, -2), workspace, "kp")
@@ -204,21 +205,36 @@ class _Relative:
         p2c = (positions + self.hw * self.bs) * self.two_s + (self.two_s - 1) - c2p
         return c2p, p2c.view(-1)
 
-    def slot_index(self, query_blocks, key_blocks, nb: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def block_columns(self, nb: int) -> torch.Tensor:
+        """c2p columns of one tile per block distance e = query block - key block + nb - 1: [2nb - 1, bs(a), bs(b)].
+        Built once per call."""
+        if self._columns is None:
+            a = torch.arange(self.bs, device=self.table.device)
+            blocks = torch.arange(-(nb - 1), nb, device=a.device) * self.bs
+            self._columns = (self.two_s - 1) - self.delta(blocks[:, None, None] + a[None, :, None] - a[None, None, :])
+        return self._columns
+
+    def slot_index(self, query_blocks, key_blocks, nb: int, role: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Sparse query blocks against M of their key blocks each: query_blocks [nr], key_blocks [h, nr, M] (h = 1:
         the same for every head) -> c2p columns [h, nr, bs, M*bs] and p2c flat offsets [h, nr*bs*M*bs], in the
-        scores' order (query row a, then slot, then key b)."""
-        bs, two_s, dev = self.bs, self.two_s, self.table.device
+        scores' order (query row a, then slot, then key b); in workspace buffers named after `role` if there is a
+        workspace."""
+        bs, two_s = self.bs, self.two_s
         h, nr, M = key_blocks.shape
-        a = torch.arange(bs, device=dev)
-        # columns per block distance e = query block - key block + nb - 1, laid out [a, e, b] so that one indexing
-        # op writes the scores' order directly (whole rows of bs, no transposing copy)
-        distance = a[:, None, None] - a[None, None, :] + (torch.arange(-(nb - 1), nb, device=dev) * bs)[None, :, None]
-        columns = (two_s - 1) - self.delta(distance)  # [bs(a), 2nb - 1, bs(b)]
+        columns = self.block_columns(nb)
+        shape = (h, nr, bs, M, bs)
+        tiles_out = c2p_out = p2c_out = None
+        if self.workspace is not None:
+            tiles_out = self.workspace.empty(role + " tiles", (h * nr * M, bs, bs), columns)
+            c2p_out = self.workspace.empty(role + " c2p index", shape, columns)
+            p2c_out = self.workspace.empty(role + " p2c index", shape, columns)
         e = query_blocks[:, None] - key_blocks + (nb - 1)  # [h, nr, M]
-        c2p = columns[a[:, None], e[:, :, None, :]]  # [h, nr, bs(a), M, bs(b)]
-        key_row = ((key_blocks + self.hw) * bs)[:, :, None, :, None] + a  # [h, nr, 1, M, bs]: row of key b in kp
-        p2c = torch.sub(key_row * two_s + (two_s - 1), c2p)
+        # whole tiles copied, then put in the scores' order: faster than one gather or indexing op in that order
+        tiles = torch.index_select(columns, 0, e.reshape(-1), out=tiles_out).view(h, nr, M, bs, bs)
+        c2p = tiles.permute(0, 1, 3, 2, 4)  # [h, nr, bs(a), M, bs(b)]
+        c2p = c2p.contiguous() if c2p_out is None else c2p_out.copy_(c2p)
+        key_row = ((key_blocks + self.hw) * bs)[:, :, None, :, None] + torch.arange(bs, device=e.device)  # of key b
+        p2c = torch.sub(key_row * two_s + (two_s - 1), c2p, out=p2c_out)
         return c2p.view(h, nr, bs, M * bs), p2c.view(h, -1)
 
 
@@ -499,14 +515,14 @@ def blocked_attention(
             if w > 0:  # [global | window | random]: the global slots are blocks 0..g-1 for every head and row
                 if g > 0:
                     reads.gathers.append((0, g * bs, *rel.slot_index(
-                        query_blocks, torch.arange(g, device=dev).expand(1, nr, g), nb)))
+                        query_blocks, torch.arange(g, device=dev).expand(1, nr, g), nb, "global")))
                 band_c2p, band_p2c, reads.band = _window_sources(rel, q_s, k_halo, g, w)
                 reads.band_position = len(reads.gathers)
                 if K > g + w:
                     reads.gathers.append(((g + w) * bs, (K - g - w) * bs,
-                                          *rel.slot_index(query_blocks, key_blocks[..., g + w:], nb)))
+                                          *rel.slot_index(query_blocks, key_blocks[..., g + w:], nb, "random")))
             else:
-                reads.gathers.append((0, K * bs, *rel.slot_index(query_blocks, key_blocks, nb)))
+                reads.gathers.append((0, K * bs, *rel.slot_index(query_blocks, key_blocks, nb, "slots")))
         if traced:  # plain ops, differentiated by autograd (a graph of the custom function's pieces)
             dense_terms, sparse_terms = reads.assemble(
                 rel.qp, rel.kp, band_c2p if band_c2p is not None else rel.qp,
