@@ -1,0 +1,89 @@
+"""Where does bigbird-ja's CPU time go? Self time of every op, summed by part of the model.
+
+Setup: the same two base layers as bench_cpu.py (bench_memory.build_model), batch 1, float32; one forward (no_grad)
+or one forward+backward of mean(last_hidden_state ** 2), after two warm-up runs, under torch.profiler. Ops are put
+in parts by name (and, for bmm, by whether a dimension is the 2S = 512 relative buckets):
+
+    projections + FFN              addmm, mm, gelu (and its backward)
+    relative products              bmm with a 512 dimension (q.pos_key, k.pos_query and their gradients)
+    relative reads, indices, sums  gather, scatter_add_, index, sub, add_
+    scores and context matmuls     the other bmm, baddbmm_, addmm_
+    key/value block copies         index_select, index_add_
+    softmax + masks                softmax and its backward, masked_fill_, where, index_put_
+    other                          everything else (layer norms, copies, views, autograd bookkeeping)
+
+Run (from the repository root; PYTHONPATH=<another checkout> profiles that version with this script):
+    MALLOC_TRIM_THRESHOLD_=68719476736 MALLOC_MMAP_THRESHOLD_=33554432 python benchmarks/profile_parts.py 1024 fwd
+The malloc settings keep freed memory in the heap, so that page faults (see bench_cpu.py) do not blur the parts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_memory import build_model, make_inputs  # noqa: E402
+
+PARTS = ("projections + FFN", "relative products", "relative reads, indices, sums", "scores and context matmuls",
+         "key/value block copies", "softmax + masks", "other")
+
+
+def part_of(name: str, shapes) -> str:
+    if name in ("aten::addmm", "aten::mm", "aten::gelu", "aten::gelu_backward"):
+        return "projections + FFN"
+    if name == "aten::bmm" and any(512 in shape for shape in shapes if shape):
+        return "relative products"
+    if name in ("aten::gather", "aten::scatter_add_", "aten::index", "aten::sub", "aten::add_"):
+        return "relative reads, indices, sums"
+    if name in ("aten::bmm", "aten::baddbmm_", "aten::addmm_", "aten::baddbmm"):
+        return "scores and context matmuls"
+    if name in ("aten::index_select", "aten::index_add_"):
+        return "key/value block copies"
+    if name in ("aten::_softmax", "aten::_softmax_backward_data", "aten::masked_fill_", "aten::where",
+                "aten::index_put_"):
+        return "softmax + masks"
+    return "other"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("length", type=int)
+    p.add_argument("mode", choices=["fwd", "train"])
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    import torch
+    from torch.profiler import profile
+
+    import bigbird_ja
+
+    torch.set_num_threads(args.threads)
+    model, inputs = build_model("blocked", args.length, layers=2), make_inputs(args.length)
+
+    def once():
+        if args.mode == "fwd":
+            with torch.no_grad():
+                model(**inputs)
+        else:
+            model(**inputs).last_hidden_state.square().mean().backward()
+            model.zero_grad(set_to_none=True)
+
+    once()
+    once()
+    with profile(record_shapes=True) as prof:
+        once()
+    parts = collections.Counter()
+    for event in prof.key_averages(group_by_input_shape=True):
+        parts[part_of(event.key, event.input_shapes)] += max(event.self_cpu_time_total, 0) / 1e3
+    print(f"# {bigbird_ja.__file__}: n={args.length} {args.mode}, 2 base layers, {args.threads} thread(s), ms")
+    print("| part | ms |\n|---|---:|")
+    for name in PARTS:
+        print(f"| {name} | {parts[name]:.0f} |")
+    print(f"| total | {sum(parts.values()):.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
