@@ -100,8 +100,9 @@ def _softmax(scores: torch.Tensor, mask: torch.Tensor | None, dropout_p: float, 
 
 def _fill_masked_tiles(scores: torch.Tensor, valid: torch.Tensor) -> None:
     """scores [B*H*nr, bs, K*bs] of sparse rows: the masked keys of every (query block, slot) tile get the lowest
-    score (exp of it minus the row's maximum is 0, as with `_softmax`'s mask), touching only the tiles with a masked key (the layout's unused
-    slots and blocks with padding: few). valid [B, H, nr, K, bs]: whether each key of each slot is attended."""
+    score (exp of it minus the row's maximum is 0, as with `_softmax`'s mask), touching only the tiles with a masked
+    key (the layout's unused slots and blocks with padding: few). valid [B, H, nr, K, bs]: whether each key of each
+    slot is attended."""
     B, H, nr, K, bs = valid.shape
     if scores.is_meta:  # no values to fill (the planner's run on meta), and the tiles are small
         return
@@ -133,7 +134,7 @@ class _Workspace:
     costs e.g. 12 ms instead of 29 ms for one product at 2k tokens. Everything taken from here is dead when the op
     returns (its output is a fresh tensor), and threads never share a buffer. `release_workspace()` frees them."""
 
-    max_bytes = 128 << 20  # bounds what is kept (7 roles; at base dims every buffer is kept up to 4k tokens)
+    max_bytes = 128 << 20  # bounds what is kept: at base dims every buffer is kept up to 4k tokens (~0.6 GiB)
 
     def __init__(self):
         self._local = threading.local()
@@ -223,14 +224,15 @@ class _Relative:
         h, nr, M = key_blocks.shape
         columns = self.block_columns(nb)
         shape = (h, nr, bs, M, bs)
-        tiles_out = c2p_out = p2c_out = None
+        c2p_out = p2c_out = None
         if self.workspace is not None:
-            tiles_out = self.workspace.empty(role + " tiles", (h * nr * M, bs, bs), columns)
             c2p_out = self.workspace.empty(role + " c2p index", shape, columns)
             p2c_out = self.workspace.empty(role + " p2c index", shape, columns)
         e = query_blocks[:, None] - key_blocks + (nb - 1)  # [h, nr, M]
-        # whole tiles copied, then put in the scores' order: faster than one gather or indexing op in that order
-        tiles = torch.index_select(columns, 0, e.reshape(-1), out=tiles_out).view(h, nr, M, bs, bs)
+        # whole tiles copied (into p2c's buffer, overwritten below), then put in the scores' order: faster than one
+        # gather or indexing op in that order
+        tiles = torch.index_select(columns, 0, e.reshape(-1), out=None if p2c_out is None else p2c_out.view(
+            h * nr * M, bs, bs)).view(h, nr, M, bs, bs)
         c2p = tiles.permute(0, 1, 3, 2, 4)  # [h, nr, bs(a), M, bs(b)]
         c2p = c2p.contiguous() if c2p_out is None else c2p_out.copy_(c2p)
         key_row = ((key_blocks + self.hw) * bs)[:, :, None, :, None] + torch.arange(bs, device=e.device)  # of key b
