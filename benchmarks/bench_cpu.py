@@ -35,6 +35,7 @@ Run (from the repository root)
     python benchmarks/bench_cpu.py --lengths 1024 2048 --modes forward
     python benchmarks/bench_cpu.py --profile 4096        # torch.profiler table of bigbird-ja's forward, then exit
     python benchmarks/bench_cpu.py --malloc keep --out benchmarks/results/cpu-2core/cpu_attention_malloc_keep.json
+    python benchmarks/bench_cpu.py --dtype bfloat16 --out benchmarks/results/cpu-2core/cpu_attention_bf16.json
 
 Output: a markdown table (stdout and --out with .md), the JSON (--out, default
 benchmarks/results/cpu-2core/cpu_attention.json) with every run, the load average before each case and the
@@ -151,7 +152,7 @@ def child_main(args) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    model = build_model(BUILD_CASE[args.case], args.length, layers=args.layers)
+    model = build_model(BUILD_CASE[args.case], args.length, layers=args.layers).to(getattr(torch, args.dtype))
     inputs = make_inputs(args.length)
     # Cap the address space: an allocation beyond the budget fails here instead of taking the machine down.
     limit = virtual_size_bytes() + int(args.memory_budget_gib * GIB)
@@ -189,7 +190,7 @@ def run_case(case: str, length: int, args) -> list[dict]:
     command = [sys.executable, str(Path(__file__).resolve()), "--child", "--case", case, "--length", str(length),
                "--modes", *modes, "--repeats", str(args.repeats), "--threads", str(args.threads),
                "--layers", str(args.layers), "--memory-budget-gib", str(args.memory_budget_gib),
-               "--time-budget", str(args.time_budget)]
+               "--time-budget", str(args.time_budget), "--dtype", args.dtype]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                TOKENIZERS_PARALLELISM="false", **MALLOC_SETTINGS[args.malloc])
     start = time.perf_counter()
@@ -337,6 +338,8 @@ def parse_args(argv=None):
     p.add_argument("--memory-budget-gib", type=float, default=12.0,
                    help="skip cases estimated above this; also each child's address-space headroom")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per (case, length) child")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="every model's weights (and so its compute) in this dtype: bfloat16 for CPUs with AVX512-BF16/AMX")
     p.add_argument("--malloc", choices=list(MALLOC_SETTINGS), default="default",
                    help="glibc heap settings of every child (the same for every case): 'default', or 'keep' (freed "
                         "memory stays in the heap: no page faults once warm)")
@@ -371,7 +374,7 @@ def main(argv=None) -> int:
                                   "intermediate": INTERMEDIATE, "vocab": VOCAB, "block_size": BLOCK,
                                   "window_blocks": WINDOW, "global_blocks": GLOBAL, "random_blocks": RANDOM,
                                   "position_buckets": BUCKETS},
-                        "batch": 1, "dtype": "float32", "repeats": args.repeats, "time_budget_s": args.time_budget,
+                        "batch": 1, "dtype": args.dtype, "repeats": args.repeats, "time_budget_s": args.time_budget,
                         "malloc": {"choice": args.malloc, "environment": MALLOC_SETTINGS[args.malloc]},
                         "memory_budget_gib": args.memory_budget_gib,
                         "train_loss": "mean(last_hidden_state ** 2), eval mode (no dropout)",
@@ -409,7 +412,7 @@ def main(argv=None) -> int:
                       + ", ".join(f"{r['length']}: {r['peak_ratio']:.2f} / {r['time_ratio']:.2f}" for r in rows))
     dev = env["device"]
     plot(records, args.cases, args.modes, out.with_suffix(".png"),
-         f"{args.layers} base layers, batch 1, float32, {args.threads} threads on {dev['cpu_count']} CPUs, "
+         f"{args.layers} base layers, batch 1, {args.dtype}, {args.threads} threads on {dev['cpu_count']} CPUs, "
          f"malloc {args.malloc} "
          f"({dev['cpu_model'] or dev['processor']}), {env['date_utc']}")
     print(f"\nwrote {out}, {out.with_suffix('.md').name}, {out.with_suffix('.png').name}")
