@@ -132,6 +132,12 @@ def test_low_precision_stays_within_budget_of_float64():
     error = (blocked.double() - ref).abs().max()
     print(f"bf16 blocked error {error:.3e}, budget {budget:.3e}")
     assert error <= budget
+    with torch.no_grad():  # the no-gradient path (masks in place, workspace buffers) in bf16 too
+        q, k, v, pos_key, pos_query, padding = inputs16
+        args = (layout_for(config, 0, 90), padding, 0.37, pos_key, pos_query, RelativePositionSpec.from_config(config))
+        for _ in range(2):  # the second call reuses the workspace
+            out = disentangled_attention(q, k, v, *args, backend="blocked")
+            assert out.dtype == torch.bfloat16 and (out.double() - ref).abs().max() <= budget
 
 
 def test_bad_inputs_are_rejected_with_clear_errors():
