@@ -619,13 +619,12 @@ class _SlotGeometry:
         hw = self.w // 2
         return heads[:, hw * self.bs:(hw + self.g) * self.bs]
 
-    def window(self, heads: torch.Tensor, bh: int, slot: int | None = None) -> torch.Tensor:
-        """Batch row and head bh: [nr, w*bs, D] (every window slot) or [nr, bs, D] (one slot): an overlapping
-        strided view, block n starting at halo block g + n (+ slot)."""
+    def window(self, heads: torch.Tensor, bh: int) -> torch.Tensor:
+        """Batch row and head bh: [nr, w*bs, D], every window slot: an overlapping strided view, block n starting at
+        halo block g + n."""
         bs, D = self.bs, heads.shape[-1]
-        rows = self.w * bs if slot is None else bs
-        first = heads[bh].storage_offset() + (self.g + (slot or 0)) * bs * D
-        return heads[bh].as_strided((self.nr, rows, D), (bs * D, D, 1), first)
+        first = heads[bh].storage_offset() + self.g * bs * D
+        return heads[bh].as_strided((self.nr, self.w * bs, D), (bs * D, D, 1), first)
 
     def window_slot(self, heads: torch.Tensor, slot: int) -> torch.Tensor:
         """Every batch row and head (heads contiguous): [B*H, nr, bs, D], block n of head bh at halo block g + n +
