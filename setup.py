@@ -14,7 +14,8 @@ setup(
     + find_packages("kernels", include=["bigbird_ja_kernels", "bigbird_ja_kernels.*"]),
     package_dir={"bigbird_ja_kernels": "kernels/bigbird_ja_kernels"},
     # the sample corpus lets `bigbird-ja prepare` and the examples run on a fresh machine without downloads
-    package_data={"bigbird_ja": ["py.typed", "resources/sample_corpus/*.txt"]},
+    # the C source of the CPU kernel is compiled on first use (bigbird_ja/attention/cpu_kernels.py)
+    package_data={"bigbird_ja": ["py.typed", "resources/sample_corpus/*.txt", "attention/csrc/*.c"]},
     install_requires=[
         # Install torch first (the CPU build on machines without a GPU): a bare requirement pulls a CUDA build.
         "torch>=2.4",

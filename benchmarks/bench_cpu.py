@@ -168,6 +168,10 @@ def child_main(args) -> int:
             result = {"status": "failed", "message": brief, "error": text[:500]}
         if args.case == "hf-bigbird":  # transformers falls back to full attention for short inputs: check
             result["hf_attention_type"] = model.encoder.attention_type
+        if BUILD_CASE[args.case] == "blocked":  # whether the relative terms ran in the C kernel (built and loaded)
+            from bigbird_ja.attention import cpu_kernels
+
+            result["cpu_kernel_used"] = cpu_kernels._loaded.get("library") is not None
         print(RESULT_MARKER + json.dumps({"mode": mode, **result}), flush=True)
     return 0
 
@@ -192,7 +196,8 @@ def run_case(case: str, length: int, args) -> list[dict]:
                "--layers", str(args.layers), "--memory-budget-gib", str(args.memory_budget_gib),
                "--time-budget", str(args.time_budget), "--dtype", args.dtype]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
-               TOKENIZERS_PARALLELISM="false", **MALLOC_SETTINGS[args.malloc])
+               TOKENIZERS_PARALLELISM="false", BIGBIRD_JA_CPU_KERNELS="1" if args.cpu_kernel == "on" else "0",
+               **MALLOC_SETTINGS[args.malloc])
     start = time.perf_counter()
     try:
         proc = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, env=env)
@@ -343,6 +348,8 @@ def parse_args(argv=None):
     p.add_argument("--malloc", choices=list(MALLOC_SETTINGS), default="default",
                    help="glibc heap settings of every child (the same for every case): 'default', or 'keep' (freed "
                         "memory stays in the heap: no page faults once warm)")
+    p.add_argument("--cpu-kernel", choices=["on", "off"], default="on",
+                   help="bigbird-ja's C kernel for the relative terms (off: BIGBIRD_JA_CPU_KERNELS=0, the PyTorch reads)")
     p.add_argument("--note", default="", help="free text stored in the JSON (e.g. 'machine shared with 3 jobs')")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output; .md and .png go beside it")
     p.add_argument("--profile", type=int, metavar="N", help="print a profile of bigbird-ja's forward at N, exit")
@@ -376,6 +383,7 @@ def main(argv=None) -> int:
                                   "position_buckets": BUCKETS},
                         "batch": 1, "dtype": args.dtype, "repeats": args.repeats, "time_budget_s": args.time_budget,
                         "malloc": {"choice": args.malloc, "environment": MALLOC_SETTINGS[args.malloc]},
+                        "cpu_kernel": args.cpu_kernel,
                         "memory_budget_gib": args.memory_budget_gib,
                         "train_loss": "mean(last_hidden_state ** 2), eval mode (no dropout)",
                         "peak_definition": "ru_maxrss of the warm-up run - RSS just before it, after malloc_trim(0)"}}

@@ -1,5 +1,6 @@
 """Every backend against the dense reference in float64: odd lengths, random padding (a fully padded sequence
-included), every head and layer, forward and gradients."""
+included), every head and layer, forward and gradients. The blocked backend's relative terms have two eager CPU forms,
+the C kernel (cpu_kernels) and the pure-PyTorch reads: every test here runs with each (the `term_reads` fixture)."""
 
 import pytest
 import torch
@@ -8,6 +9,18 @@ from bigbird_ja.attention import RelativePositionSpec, disentangled_attention, l
 from conftest import tiny_config
 
 LENGTHS = [1, 5, 8, 37, 64, 65, 131]
+
+
+@pytest.fixture(autouse=True, params=["c-kernel", "torch-reads"])
+def term_reads(request, monkeypatch):
+    """Runs the test with the C kernel's relative terms (where a compiler is) and again with the pure-PyTorch reads."""
+    from bigbird_ja.attention import blocked, cpu_kernels
+
+    if request.param == "torch-reads":
+        monkeypatch.setattr(blocked, "relative_terms_kernel", lambda: None)
+    elif cpu_kernels.relative_terms() is None:
+        pytest.skip("the CPU kernel cannot be built here (no C compiler)")
+    return request.param
 
 
 def make_inputs(config, batch, length, seed, dtype=torch.float64, fully_padded_row=True):

@@ -1,0 +1,159 @@
+"""CPU kernels in C for what PyTorch ops do slowly: the relative terms of block-sparse scores (csrc/relative_terms.c).
+
+Built on first use with the system's C compiler (about a second: plain C and pthreads, no torch headers), cached per
+source, compiler and machine under $BIGBIRD_JA_CACHE (default ~/.cache/bigbird_ja) and loaded with ctypes, as
+DeepSpeed builds its CPU ops. Without a compiler, or with BIGBIRD_JA_CPU_KERNELS=0, `relative_terms()` returns None
+and the blocked backend takes its pure-PyTorch reads (the same function, slower). A failed build is logged once.
+
+The pure-PyTorch reads in blocked.py are this kernel's reference; tests compare both with the dense reference in
+float64.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "relative_terms.c"
+FLAGS = ["-O3", "-fPIC", "-shared", "-pthread"]
+# tried first: with OpenMP the kernel shares torch's thread pool (see the C source); without, it starts pthreads
+OPENMP_FLAGS = ["-fopenmp"]
+SUFFIXES = {torch.float32: "f32", torch.float64: "f64"}
+
+_lock = threading.Lock()
+_loaded: dict = {}  # "library": the RelativeTermsKernel or None, once tried
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("BIGBIRD_JA_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "bigbird_ja")
+    return Path(root) / "cpu_kernels"
+
+
+def enabled() -> bool:
+    return os.environ.get("BIGBIRD_JA_CPU_KERNELS", "1") != "0"
+
+
+def _compiler() -> list[str] | None:
+    if os.environ.get("CC"):
+        return shlex.split(os.environ["CC"])
+    found = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    return None if found is None else [found]
+
+
+def build(source: Path = SOURCE) -> Path:
+    """Compile `source` into the cache (if not there yet) and return the shared library's path. The build writes a
+    temporary file and renames it, so ranks building at once on a shared file system never load half a file."""
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
+    code = source.read_bytes()
+    version = subprocess.run([*compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(b"\0".join([code, " ".join(compiler).encode(), version.encode(), platform.machine().encode(),
+                                     " ".join(FLAGS + OPENMP_FLAGS).encode()])).hexdigest()[:16]
+    target = cache_dir() / f"{source.stem}-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        for flags in (FLAGS + OPENMP_FLAGS, FLAGS):  # e.g. Apple's clang has no -fopenmp
+            result = subprocess.run([*compiler, *flags, "-o", tmp, str(source)], capture_output=True, text=True)
+            if result.returncode == 0:
+                break
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(compiler)} failed on {source}:\n{result.stderr[-2000:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+class RelativeTermsKernel:
+    """ctypes bindings of csrc/relative_terms.c (see its header for what the two functions compute)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        lib = ctypes.CDLL(str(path))
+        args = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 12 + [ctypes.c_int]
+        self._functions = {}
+        for direction in ("forward", "backward"):
+            for dtype, suffix in SUFFIXES.items():
+                fn = getattr(lib, f"bbja_terms_{direction}_{suffix}")
+                fn.argtypes, fn.restype = args, ctypes.c_int
+                self._functions[direction, dtype] = fn
+
+    @staticmethod
+    def _pointer(t: torch.Tensor | None):
+        return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+    def _call(self, direction, dtype, tensors, table, kblocks, P, H, nq, q_block0, K, bs, R, Np, T, hw):
+        kblocks_3d = kblocks if kblocks.dim() == 3 else kblocks.view(1, *kblocks.shape)
+        assert kblocks_3d.stride(-1) == 1 and table.is_contiguous() and table.dtype == kblocks.dtype == torch.int64
+        kb_sh = kblocks_3d.stride(0) if kblocks_3d.shape[0] > 1 else 0
+        kb_sn = kblocks_3d.stride(1) if kblocks_3d.shape[1] > 1 else 0
+        status = self._functions[direction, dtype](
+            *[self._pointer(t) for t in tensors], self._pointer(table), self._pointer(kblocks_3d),
+            P, H, nq, q_block0, K, bs, R, Np, T, hw, kb_sh, kb_sn, torch.get_num_threads())
+        if status != 0:
+            raise MemoryError("bigbird_ja CPU kernel: out of memory for its thread list")
+
+    def forward(self, qp, kp, out, table, kblocks, *, H, q_block0, bs, hw):
+        """out [P, nq, bs, K*bs] (contiguous) = the terms of query blocks q_block0.. against kblocks [h|1, nq|1, K]
+        (h: head; size 1: the same for every head or row); qp [P, Np, R] or None, kp [P, T, R] or None."""
+        src = qp if qp is not None else kp
+        P, nq, K = out.shape[0], out.shape[1], out.shape[-1] // bs
+        Np = table.numel() // 2 + 1
+        for t in (qp, kp, out):
+            assert t is None or (t.is_contiguous() and t.dtype == src.dtype and t.device.type == "cpu")
+        self._call("forward", src.dtype, (qp, kp, out), table, kblocks, P, H, nq, q_block0, K, bs,
+                   src.shape[-1], Np, 0 if kp is None else kp.shape[-2], hw)
+
+    def backward(self, grad, gqp, gkp, table, kblocks, *, H, q_block0, bs, hw):
+        """gqp / gkp (zero-filled or accumulating, contiguous, either None) += the gradient of forward's reads."""
+        dst = gqp if gqp is not None else gkp
+        grad = grad.contiguous()
+        P, nq, K = grad.shape[0], grad.shape[1], grad.shape[-1] // bs
+        Np = table.numel() // 2 + 1
+        for t in (gqp, gkp):
+            assert t is None or (t.is_contiguous() and t.dtype == grad.dtype)
+        self._call("backward", grad.dtype, (grad, gqp, gkp), table, kblocks, P, H, nq, q_block0, K, bs,
+                   dst.shape[-1], Np, 0 if gkp is None else gkp.shape[-2], hw)
+
+
+def relative_terms() -> RelativeTermsKernel | None:
+    """The kernel, built and loaded on first call; None where it is disabled or cannot be built (logged once)."""
+    if not enabled():
+        return None
+    if not SOURCE.exists():  # a model folder's flat copy of this module (hub.py) has no csrc/: the PyTorch reads
+        return None
+    if "library" not in _loaded:
+        with _lock:
+            if "library" not in _loaded:
+                try:
+                    _loaded["library"] = RelativeTermsKernel(build())
+                except Exception as error:  # no compiler, read-only cache, ...: the PyTorch reads serve instead
+                    logger.warning("bigbird_ja: the CPU relative-terms kernel is not available (%s); using the "
+                                   "slower pure-PyTorch reads. BIGBIRD_JA_CPU_KERNELS=0 silences this.", error)
+                    _loaded["library"] = None
+    return _loaded["library"]
+
+
+def supports(t: torch.Tensor) -> bool:
+    """Whether the kernel can take tensors like t (CPU, float32 or float64, not meta)."""
+    return t.device.type == "cpu" and t.dtype in SUFFIXES

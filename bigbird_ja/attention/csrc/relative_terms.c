@@ -1,0 +1,292 @@
+/* DeBERTa's relative terms of block-sparse scores on CPU, read and scattered in one pass.
+
+   For plane p (batch row and head, p = b * H + h), query block n of the nq listed ones (block q_block0 + n) and
+   slot s of its K key blocks (block kb = kblocks[h * kb_sh + n * kb_sn + s]), query a and key c of the tile are
+   tokens i = (q_block0 + n) * bs + a and j = kb * bs + c, and
+
+       terms[p, n, a, s * bs + c] = qp[p, i, R - 1 - delta] + kp[p, (kb + hw) * bs + c, delta]
+       delta = table[i - j + Np - 1]
+
+   qp [P, Np, R] holds q . pos_key with its columns reversed, kp [P, T, R] holds k . pos_query with hw halo blocks
+   before the keys (see blocked.py's _Relative). Either may be NULL (that term is absent). The backward adds the
+   terms' gradient where each term was read; it runs one plane per thread, as different query blocks read the same
+   key rows of kp. Plain C with OpenMP (or pthreads where the compiler has no OpenMP): no torch headers, so it
+   builds in about a second wherever a C compiler is. */
+
+#include <stdint.h>
+#include <stdlib.h>
+
+typedef struct {
+    const void *qp, *kp, *grad;
+    void *out, *gqp, *gkp;
+    const int64_t *table, *kblocks;
+    int64_t P, H, nq, q_block0, K, bs, R, Np, T, hw, kb_sh, kb_sn;
+    int64_t first, last; /* this worker's share of the work items */
+    void *scratch;       /* CHUNK * bs * bs elements of this worker's own */
+} Job;
+
+/* Tiles come in three kinds, by the deltas of their distances d in [d0 - (bs - 1), d0 + (bs - 1)] (d0 = (qb - kb) *
+   bs), checked step by step (DeBERTa's buckets are exact near 0, logarithmic beyond, clamped at the ends):
+     SHIFT     delta = d + const on the whole tile (the window, near blocks): rows of qp and of kp read contiguously;
+     CONSTANT  one delta for the whole tile (far blocks, where the buckets saturate): one value per query and key;
+     GENERAL   anything else: delta looked up per element.
+   kp's part of a tile is read key by key (row c of kp, along a: consecutive deltas) and written transposed into a
+   scratch tile, which the query rows then read in order: reading kp query by query would step R elements per key,
+   a power-of-two stride that maps every row to the same few cache sets. */
+enum { SHIFT, CONSTANT, GENERAL };
+
+#define CHUNK 8 /* slots whose kp parts are kept at once: CHUNK * bs * bs elements of scratch per thread */
+
+static int tile_kind(const int64_t *deltas, int64_t bs) { /* deltas: the table at d0 (index by a - c) */
+    int shift = 1, constant = 1;
+    for (int64_t t = -(bs - 1); t < bs - 1; t++) {
+        const int64_t step = deltas[t + 1] - deltas[t];
+        shift &= step == 1;
+        constant &= step == 0;
+    }
+    return shift ? SHIFT : constant ? CONSTANT : GENERAL;
+}
+
+#define DEFINE_KERNELS(TYPE, SUFFIX)                                                                              \
+    /* kp's part of one tile into the scratch: [bs(a), bs(c)] (SHIFT, GENERAL) or [bs(c)] (CONSTANT) */             \
+    static void kp_part_##SUFFIX(const TYPE *kp_rows, TYPE *scratch, const int64_t *deltas, int kind, int64_t bs,  \
+                                 int64_t R) {                                                                   \
+        if (kind == CONSTANT) {                                                                                 \
+            for (int64_t c = 0; c < bs; c++) scratch[c] = kp_rows[c * R + deltas[0]];                           \
+            return;                                                                                             \
+        }                                                                                                       \
+        for (int64_t c = 0; c < bs; c++) {                                                                      \
+            const TYPE *krow = kp_rows + c * R;                                                                 \
+            TYPE *dst = scratch + c;                                                                            \
+            const int64_t *d = deltas - c;                                                                      \
+            if (kind == SHIFT) {                                                                                \
+                const TYPE *k0 = krow + d[0];                                                                   \
+                for (int64_t a = 0; a < bs; a++) dst[a * bs] = k0[a];                                           \
+            } else {                                                                                            \
+                for (int64_t a = 0; a < bs; a++) dst[a * bs] = krow[d[a]];                                      \
+            }                                                                                                   \
+        }                                                                                                       \
+    }                                                                                                           \
+    /* query row a of one tile: row[c] = qp's term (qrow: qp row a, NULL if absent) + kp's (scratch, if any) */    \
+    static void tile_row_##SUFFIX(TYPE *row, const TYPE *qrow, const TYPE *scratch, const int64_t *deltas,     \
+                                  int kind, int64_t a, int64_t bs, int64_t R) {                                 \
+        if (kind == CONSTANT) {                                                                                 \
+            const TYPE q = qrow ? qrow[R - 1 - deltas[0]] : 0;                                                  \
+            if (scratch)                                                                                        \
+                for (int64_t c = 0; c < bs; c++) row[c] = q + scratch[c];                                       \
+            else                                                                                                \
+                for (int64_t c = 0; c < bs; c++) row[c] = q;                                                    \
+            return;                                                                                             \
+        }                                                                                                       \
+        const TYPE *src = scratch ? scratch + a * bs : 0;                                                       \
+        if (!qrow) {                                                                                            \
+            for (int64_t c = 0; c < bs; c++) row[c] = src[c];                                                   \
+            return;                                                                                             \
+        }                                                                                                       \
+        const TYPE *q_last = qrow + R - 1;                                                                      \
+        if (kind == SHIFT) { /* column R - 1 - delta(a - c) rises with c */                                     \
+            const TYPE *q0 = q_last - deltas[a];                                                                \
+            if (src)                                                                                            \
+                for (int64_t c = 0; c < bs; c++) row[c] = q0[c] + src[c];                                  \
+            else                                                                                                \
+                for (int64_t c = 0; c < bs; c++) row[c] = q0[c];                                                \
+        } else {                                                                                                \
+            const int64_t *d = deltas + a;                                                                      \
+            if (src)                                                                                            \
+                for (int64_t c = 0; c < bs; c++) row[c] = q_last[-d[-c]] + src[c];                        \
+            else                                                                                                \
+                for (int64_t c = 0; c < bs; c++) row[c] = q_last[-d[-c]];                                      \
+        }                                                                                                       \
+    }                                                                                                           \
+    /* one query block against its slots, CHUNK slots at a time: their kp parts first, then row by row (each qp  \
+       row read once per chunk, the output written in order) */                                                 \
+    static void forward_items_##SUFFIX(const Job *j, TYPE *scratch) {                                           \
+        const TYPE *qp = (const TYPE *)j->qp, *kp = (const TYPE *)j->kp;                                        \
+        TYPE *out = (TYPE *)j->out;                                                                             \
+        const int64_t bs = j->bs, R = j->R, K = j->K, width = K * bs;                                           \
+        const int64_t *deltas[CHUNK];                                                                           \
+        int kinds[CHUNK];                                                                                       \
+        for (int64_t item = j->first; item < j->last; item++) { /* item = p * nq + n */                         \
+            const int64_t p = item / j->nq, n = item % j->nq, h = p % j->H, qb = j->q_block0 + n;               \
+            const TYPE *qp_rows = qp ? qp + (p * j->Np + qb * bs) * R : 0;                                     \
+            TYPE *item_rows = out + item * bs * width;                                                          \
+            for (int64_t s0 = 0; s0 < K; s0 += CHUNK) {                                                         \
+                const int64_t slots = K - s0 < CHUNK ? K - s0 : CHUNK;                                          \
+                for (int64_t s = 0; s < slots; s++) {                                                           \
+                    const int64_t kb = j->kblocks[h * j->kb_sh + n * j->kb_sn + s0 + s];                        \
+                    deltas[s] = j->table + (qb - kb) * bs + j->Np - 1;                                          \
+                    kinds[s] = tile_kind(deltas[s], bs);                                                        \
+                    if (kp)                                                                                     \
+                        kp_part_##SUFFIX(kp + (p * j->T + (kb + j->hw) * bs) * R, scratch + s * bs * bs,        \
+                                         deltas[s], kinds[s], bs, R);                                           \
+                }                                                                                               \
+                for (int64_t a = 0; a < bs; a++)                                                                \
+                    for (int64_t s = 0; s < slots; s++)                                                         \
+                        tile_row_##SUFFIX(item_rows + a * width + (s0 + s) * bs, qp_rows ? qp_rows + a * R : 0, \
+                                          kp ? scratch + s * bs * bs : 0, deltas[s], kinds[s], a, bs, R);       \
+            }                                                                                                   \
+        }                                                                                                       \
+    }                                                                                                           \
+    static void backward_tile_##SUFFIX(const TYPE *tile, TYPE *gq_rows, TYPE *gk_rows, TYPE *scratch,           \
+                                       const int64_t *deltas, int64_t bs, int64_t R, int64_t width) {           \
+        const int kind = tile_kind(deltas, bs);                                                                 \
+        if (kind == CONSTANT) { /* row sums into qp's gradient, column sums into kp's */                         \
+            const int64_t delta = deltas[0];                                                                    \
+            for (int64_t c = 0; c < bs; c++) scratch[c] = 0;                                                    \
+            for (int64_t a = 0; a < bs; a++) {                                                                  \
+                const TYPE *row = tile + a * width;                                                             \
+                TYPE sum = 0;                                                                                   \
+                for (int64_t c = 0; c < bs; c++) {                                                              \
+                    sum += row[c];                                                                              \
+                    scratch[c] += row[c];                                                                       \
+                }                                                                                               \
+                if (gq_rows) gq_rows[a * R + R - 1 - delta] += sum;                                             \
+            }                                                                                                   \
+            if (gk_rows)                                                                                        \
+                for (int64_t c = 0; c < bs; c++) gk_rows[c * R + delta] += scratch[c];                          \
+            return;                                                                                             \
+        }                                                                                                       \
+        for (int64_t a = 0; a < bs; a++) {                                                                      \
+            const TYPE *row = tile + a * width;                                                                 \
+            if (gk_rows) /* transposed into the scratch, added key by key below */                              \
+                for (int64_t c = 0; c < bs; c++) scratch[c * bs + a] = row[c];                                  \
+            if (!gq_rows) continue;                                                                             \
+            TYPE *gqrow = gq_rows + a * R + R - 1;                                                              \
+            if (kind == SHIFT) {                                                                                \
+                TYPE *g0 = gqrow - deltas[a];                                                                   \
+                for (int64_t c = 0; c < bs; c++) g0[c] += row[c];                                               \
+            } else {                                                                                            \
+                const int64_t *d = deltas + a;                                                                  \
+                for (int64_t c = 0; c < bs; c++) gqrow[-d[-c]] += row[c];                                       \
+            }                                                                                                   \
+        }                                                                                                       \
+        if (!gk_rows) return;                                                                                   \
+        for (int64_t c = 0; c < bs; c++) {                                                                      \
+            TYPE *gkrow = gk_rows + c * R;                                                                      \
+            const TYPE *src = scratch + c * bs;                                                                 \
+            if (kind == SHIFT) {                                                                                \
+                TYPE *g0 = gkrow + deltas[-c];                                                                  \
+                for (int64_t a = 0; a < bs; a++) g0[a] += src[a];                                               \
+            } else {                                                                                            \
+                const int64_t *d = deltas - c;                                                                  \
+                for (int64_t a = 0; a < bs; a++) gkrow[d[a]] += src[a];                                         \
+            }                                                                                                   \
+        }                                                                                                       \
+    }                                                                                                           \
+    static void backward_planes_##SUFFIX(const Job *j, TYPE *scratch) {                                         \
+        const TYPE *grad = (const TYPE *)j->grad;                                                               \
+        TYPE *gqp = (TYPE *)j->gqp, *gkp = (TYPE *)j->gkp;                                                      \
+        const int64_t bs = j->bs, R = j->R, K = j->K, width = K * bs;                                           \
+        for (int64_t p = j->first; p < j->last; p++) {                                                          \
+            const int64_t h = p % j->H;                                                                         \
+            for (int64_t n = 0; n < j->nq; n++) {                                                               \
+                const int64_t qb = j->q_block0 + n;                                                             \
+                TYPE *gq_rows = gqp ? gqp + (p * j->Np + qb * bs) * R : 0;                                     \
+                for (int64_t s = 0; s < K; s++) {                                                               \
+                    const int64_t kb = j->kblocks[h * j->kb_sh + n * j->kb_sn + s];                             \
+                    TYPE *gk_rows = gkp ? gkp + (p * j->T + (kb + j->hw) * bs) * R : 0;                        \
+                    backward_tile_##SUFFIX(grad + (p * j->nq + n) * bs * width + s * bs, gq_rows, gk_rows,      \
+                                           scratch, j->table + (qb - kb) * bs + j->Np - 1, bs, R, width);       \
+                }                                                                                               \
+            }                                                                                                   \
+        }                                                                                                       \
+    }                                                                                                           \
+    static void forward_task_##SUFFIX(const Job *j) { forward_items_##SUFFIX(j, (TYPE *)j->scratch); }          \
+    static void backward_task_##SUFFIX(const Job *j) { backward_planes_##SUFFIX(j, (TYPE *)j->scratch); }
+
+DEFINE_KERNELS(float, f32)
+DEFINE_KERNELS(double, f64)
+
+typedef void (*Work)(const Job *);
+
+#ifdef _OPENMP
+#include <omp.h>
+/* Built with -fopenmp, the kernel joins the process's OpenMP pool, which is torch's own when torch runs on OpenMP
+   (its libgomp is loaded first and shares the soname): no second set of threads competes with torch's. */
+static int run_parallel(Work work, const Job *job, int64_t items, int threads, size_t element_size) {
+    if (threads > items) threads = (int)items;
+    if (threads < 1) threads = 1;
+    char *scratch = (char *)malloc(element_size * CHUNK * job->bs * job->bs * threads);
+    if (!scratch) return -1;
+#pragma omp parallel num_threads(threads)
+    {
+        const int t = omp_get_thread_num(), n = omp_get_num_threads();
+        Job share = *job;
+        share.first = items * t / n;
+        share.last = items * (t + 1) / n;
+        share.scratch = scratch + element_size * CHUNK * job->bs * job->bs * t;
+        work(&share);
+    }
+    free(scratch);
+    return 0;
+}
+#else
+#include <pthread.h>
+
+typedef struct {
+    Work work;
+    Job job;
+} Task;
+
+static void *run_task(void *task) {
+    Task *t = (Task *)task;
+    t->work(&t->job);
+    return 0;
+}
+
+/* Without OpenMP: splits [0, items) into `threads` contiguous shares; the calling thread takes the first. */
+static int run_parallel(Work work, const Job *job, int64_t items, int threads, size_t element_size) {
+    if (threads > items) threads = (int)items;
+    if (threads < 1) threads = 1;
+    Task *tasks = (Task *)malloc(sizeof(Task) * threads);
+    pthread_t *ids = (pthread_t *)malloc(sizeof(pthread_t) * threads);
+    char *scratch = (char *)malloc(element_size * CHUNK * job->bs * job->bs * threads);
+    if (!tasks || !ids || !scratch) {
+        free(tasks);
+        free(ids);
+        free(scratch);
+        return -1;
+    }
+    int started = 1;
+    for (int t = 0; t < threads; t++) {
+        tasks[t].work = work;
+        tasks[t].job = *job;
+        tasks[t].job.first = items * t / threads;
+        tasks[t].job.last = items * (t + 1) / threads;
+        tasks[t].job.scratch = scratch + element_size * CHUNK * job->bs * job->bs * t;
+    }
+    for (int t = 1; t < threads; t++) {
+        if (pthread_create(&ids[t], 0, run_task, &tasks[t]) != 0) break;
+        started++;
+    }
+    /* shares whose thread could not start run here */
+    for (int t = started; t < threads; t++) run_task(&tasks[t]);
+    run_task(&tasks[0]);
+    for (int t = 1; t < started; t++) pthread_join(ids[t], 0);
+    free(tasks);
+    free(ids);
+    free(scratch);
+    return 0;
+}
+#endif
+
+#define DEFINE_ENTRY_POINTS(TYPE, SUFFIX)                                                                               \
+    int bbja_terms_forward_##SUFFIX(const void *qp, const void *kp, void *out, const int64_t *table,             \
+                                    const int64_t *kblocks, int64_t P, int64_t H, int64_t nq, int64_t q_block0, \
+                                    int64_t K, int64_t bs, int64_t R, int64_t Np, int64_t T, int64_t hw,        \
+                                    int64_t kb_sh, int64_t kb_sn, int threads) {                                \
+        Job job = {qp, kp, 0, out, 0, 0, table, kblocks, P, H, nq, q_block0, K, bs, R, Np, T, hw, kb_sh, kb_sn, \
+                   0, 0, 0};                                                                                    \
+        return run_parallel(forward_task_##SUFFIX, &job, P * nq, threads, sizeof(TYPE));                                     \
+    }                                                                                                           \
+    int bbja_terms_backward_##SUFFIX(const void *grad, void *gqp, void *gkp, const int64_t *table,               \
+                                     const int64_t *kblocks, int64_t P, int64_t H, int64_t nq, int64_t q_block0, \
+                                     int64_t K, int64_t bs, int64_t R, int64_t Np, int64_t T, int64_t hw,       \
+                                     int64_t kb_sh, int64_t kb_sn, int threads) {                               \
+        Job job = {0, 0, grad, 0, gqp, gkp, table, kblocks, P, H, nq, q_block0, K, bs, R, Np, T, hw, kb_sh,     \
+                   kb_sn, 0, 0, 0};                                                                             \
+        return run_parallel(backward_task_##SUFFIX, &job, P, threads, sizeof(TYPE));                                        \
+    }
+
+DEFINE_ENTRY_POINTS(float, f32)
+DEFINE_ENTRY_POINTS(double, f64)
