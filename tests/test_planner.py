@@ -77,11 +77,17 @@ def test_live_bytes_counts_new_storages_until_freed_and_not_views_or_weights():
 @pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("attention_type", ["block_sparse", "full"])
 def test_activation_peak_on_meta_equals_torchs_mem_tracker_on_a_real_cpu_step(attention_type, checkpointing,
-                                                                            with_grads):
+                                                                            with_grads, monkeypatch):
     # torch's own tracker, independent of ours: live storages of a real forward + backward on CPU, at its peak
     from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 
+    from bigbird_ja.attention import blocked
     from bigbird_ja.modeling import BigBirdJaForMaskedLM
+
+    # The planner counts the blocked backend's PyTorch ops (what a GPU without the Triton kernels runs, and what the
+    # meta run traces); the CPU-only C kernel of the relative terms keeps less (no index tensors: 2.4% less activation
+    # memory than predicted at this size, so the plan errs on the safe side), so it is off here.
+    monkeypatch.setattr(blocked, "relative_terms_kernel", lambda: None)
 
     config, facts = _tiny_facts(seq=256, attention_type=attention_type)
     torch.manual_seed(0)
