@@ -127,6 +127,23 @@ static int tile_kind(const int64_t *deltas, int64_t bs) { /* deltas: the table a
             }                                                                                                   \
         }                                                                                                       \
     }                                                                                                           \
+    /* dst[sign * d[step * t]] += src[t] for t < n, summing runs of equal deltas before one store each: adding   \
+       element by element into the same place makes each add wait for the previous one's store */                 \
+    static void add_runs_##SUFFIX(TYPE *dst, const TYPE *src, const int64_t *d, int64_t sign, int64_t step,       \
+                                  int64_t n) {                                                                   \
+        int64_t at = d[0];                                                                                      \
+        TYPE sum = src[0];                                                                                      \
+        for (int64_t t = 1; t < n; t++) {                                                                       \
+            const int64_t next = d[step * t];                                                                   \
+            if (next != at) {                                                                                   \
+                dst[sign * at] += sum;                                                                          \
+                at = next;                                                                                      \
+                sum = 0;                                                                                        \
+            }                                                                                                   \
+            sum += src[t];                                                                                      \
+        }                                                                                                       \
+        dst[sign * at] += sum;                                                                                  \
+    }                                                                                                           \
     static void backward_tile_##SUFFIX(const TYPE *tile, TYPE *gq_rows, TYPE *gk_rows, TYPE *scratch,           \
                                        const int64_t *deltas, int64_t bs, int64_t R, int64_t width) {           \
         const int kind = tile_kind(deltas, bs);                                                                 \
@@ -156,8 +173,7 @@ static int tile_kind(const int64_t *deltas, int64_t bs) { /* deltas: the table a
                 TYPE *g0 = gqrow - deltas[a];                                                                   \
                 for (int64_t c = 0; c < bs; c++) g0[c] += row[c];                                               \
             } else {                                                                                            \
-                const int64_t *d = deltas + a;                                                                  \
-                for (int64_t c = 0; c < bs; c++) gqrow[-d[-c]] += row[c];                                       \
+                add_runs_##SUFFIX(gqrow, row, deltas + a, -1, -1, bs); /* gqrow[-d[-c]] += row[c] */          \
             }                                                                                                   \
         }                                                                                                       \
         if (!gk_rows) return;                                                                                   \
@@ -168,8 +184,7 @@ static int tile_kind(const int64_t *deltas, int64_t bs) { /* deltas: the table a
                 TYPE *g0 = gkrow + deltas[-c];                                                                  \
                 for (int64_t a = 0; a < bs; a++) g0[a] += src[a];                                               \
             } else {                                                                                            \
-                const int64_t *d = deltas - c;                                                                  \
-                for (int64_t a = 0; a < bs; a++) gkrow[d[a]] += src[a];                                         \
+                add_runs_##SUFFIX(gkrow, src, deltas - c, 1, 1, bs); /* gkrow[d[a]] += src[a] */               \
             }                                                                                                   \
         }                                                                                                       \
     }                                                                                                           \
