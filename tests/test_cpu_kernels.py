@@ -181,3 +181,14 @@ def test_a_model_folders_flat_copy_without_the_c_source_takes_the_pytorch_reads(
     with caplog.at_level(logging.DEBUG, logger=cpu_kernels.__name__):
         assert cpu_kernels.relative_terms() is None
     assert not caplog.records and not cpu_kernels._loaded
+
+
+def test_kernel_refuses_layouts_it_would_misread(kernel):
+    qp, kp, table, kblocks, kw = make_case("clamped buckets, sparse rows", torch.float64)
+    out = torch.empty(qp.shape[0], kblocks.shape[1], kw["bs"], kblocks.shape[2] * kw["bs"], dtype=torch.float64)
+    with pytest.raises(ValueError, match="contiguous"):
+        kernel.forward(qp.transpose(1, 2).contiguous().transpose(1, 2), kp, out, table, kblocks, **kw)
+    with pytest.raises(ValueError, match="one dtype"):
+        kernel.forward(qp.float(), kp, out, table, kblocks, **kw)
+    with pytest.raises(ValueError, match="int64"):
+        kernel.forward(qp, kp, out, table.int(), kblocks, **kw)

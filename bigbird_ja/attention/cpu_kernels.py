@@ -84,6 +84,12 @@ def build(source: Path = SOURCE) -> Path:
     return target
 
 
+def _require(condition: bool, what: str) -> None:
+    # not an assert: the C code trusts these, and asserts vanish under python -O
+    if not condition:
+        raise ValueError(f"bigbird_ja CPU kernel: {what}")
+
+
 class RelativeTermsKernel:
     """ctypes bindings of csrc/relative_terms.c (see its header for what the two functions compute)."""
 
@@ -104,7 +110,8 @@ class RelativeTermsKernel:
 
     def _call(self, direction, dtype, tensors, table, kblocks, P, H, nq, q_block0, K, bs, R, Np, T, hw):
         kblocks_3d = kblocks if kblocks.dim() == 3 else kblocks.view(1, *kblocks.shape)
-        assert kblocks_3d.stride(-1) == 1 and table.is_contiguous() and table.dtype == kblocks.dtype == torch.int64
+        _require(kblocks_3d.stride(-1) == 1 and table.is_contiguous() and table.dtype == kblocks.dtype == torch.int64
+                 and table.device.type == kblocks.device.type == "cpu", "table and kblocks: int64 on CPU, rows contiguous")
         kb_sh = kblocks_3d.stride(0) if kblocks_3d.shape[0] > 1 else 0
         kb_sn = kblocks_3d.stride(1) if kblocks_3d.shape[1] > 1 else 0
         status = self._functions[direction, dtype](
@@ -120,7 +127,8 @@ class RelativeTermsKernel:
         P, nq, K = out.shape[0], out.shape[1], out.shape[-1] // bs
         Np = table.numel() // 2 + 1
         for t in (qp, kp, out):
-            assert t is None or (t.is_contiguous() and t.dtype == src.dtype and t.device.type == "cpu")
+            _require(t is None or (t.is_contiguous() and t.dtype == src.dtype and t.device.type == "cpu"),
+                     "qp, kp and out: contiguous CPU tensors of one dtype")
         self._call("forward", src.dtype, (qp, kp, out), table, kblocks, P, H, nq, q_block0, K, bs,
                    src.shape[-1], Np, 0 if kp is None else kp.shape[-2], hw)
 
@@ -131,7 +139,8 @@ class RelativeTermsKernel:
         P, nq, K = grad.shape[0], grad.shape[1], grad.shape[-1] // bs
         Np = table.numel() // 2 + 1
         for t in (gqp, gkp):
-            assert t is None or (t.is_contiguous() and t.dtype == grad.dtype)
+            _require(t is None or (t.is_contiguous() and t.dtype == grad.dtype and t.device.type == "cpu"),
+                     "gqp and gkp: contiguous CPU tensors of grad's dtype")
         self._call("backward", grad.dtype, (grad, gqp, gkp), table, kblocks, P, H, nq, q_block0, K, bs,
                    dst.shape[-1], Np, 0 if gkp is None else gkp.shape[-2], hw)
 
