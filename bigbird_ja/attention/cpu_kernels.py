@@ -31,7 +31,7 @@ SOURCE = Path(__file__).with_name("csrc") / "relative_terms.c"
 FLAGS = ["-O3", "-fPIC", "-shared", "-pthread"]
 # tried first: with OpenMP the kernel shares torch's thread pool (see the C source); without, it starts pthreads
 OPENMP_FLAGS = ["-fopenmp"]
-SUFFIXES = {torch.float32: "f32", torch.float64: "f64"}
+SUFFIXES = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16"}
 
 _lock = threading.Lock()
 _loaded: dict = {}  # "library": the RelativeTermsKernel or None, once tried
@@ -164,5 +164,5 @@ def relative_terms() -> RelativeTermsKernel | None:
 
 
 def supports(t: torch.Tensor) -> bool:
-    """Whether the kernel can take tensors like t (CPU, float32 or float64, not meta)."""
+    """Whether the kernel can take tensors like t (CPU, float32, float64 or bfloat16, not meta)."""
     return t.device.type == "cpu" and t.dtype in SUFFIXES

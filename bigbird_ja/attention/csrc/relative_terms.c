@@ -47,60 +47,76 @@ static int tile_kind(const int64_t *deltas, int64_t bs) { /* deltas: the table a
     return shift ? SHIFT : constant ? CONSTANT : GENERAL;
 }
 
-#define DEFINE_KERNELS(TYPE, SUFFIX)                                                                              \
+/* bfloat16 storage, float arithmetic: the forward's sums round once, like PyTorch's bf16 add; the backward sums in
+   float and rounds at each store into the bf16 gradients (round to nearest even, as c10::BFloat16). */
+static inline float bf16_load(uint16_t h) {
+    union { uint32_t u; float f; } v;
+    v.u = (uint32_t)h << 16;
+    return v.f;
+}
+
+static inline uint16_t bf16_store(float f) {
+    union { uint32_t u; float f; } v;
+    v.f = f;
+    if ((v.u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN */
+    v.u += 0x7fffu + ((v.u >> 16) & 1u);
+    return (uint16_t)(v.u >> 16);
+}
+
+#define DEFINE_KERNELS(TYPE, ACC, LD, ST, SUFFIX)                                                                 \
     /* kp's part of one tile into the scratch: [bs(a), bs(c)] (SHIFT, GENERAL) or [bs(c)] (CONSTANT) */             \
-    static void kp_part_##SUFFIX(const TYPE *kp_rows, TYPE *scratch, const int64_t *deltas, int kind, int64_t bs,  \
+    static void kp_part_##SUFFIX(const TYPE *kp_rows, ACC *scratch, const int64_t *deltas, int kind, int64_t bs,  \
                                  int64_t R) {                                                                   \
         if (kind == CONSTANT) {                                                                                 \
-            for (int64_t c = 0; c < bs; c++) scratch[c] = kp_rows[c * R + deltas[0]];                           \
+            for (int64_t c = 0; c < bs; c++) scratch[c] = LD(kp_rows[c * R + deltas[0]]);                        \
             return;                                                                                             \
         }                                                                                                       \
         for (int64_t c = 0; c < bs; c++) {                                                                      \
             const TYPE *krow = kp_rows + c * R;                                                                 \
-            TYPE *dst = scratch + c;                                                                            \
+            ACC *dst = scratch + c;                                                                             \
             const int64_t *d = deltas - c;                                                                      \
             if (kind == SHIFT) {                                                                                \
                 const TYPE *k0 = krow + d[0];                                                                   \
-                for (int64_t a = 0; a < bs; a++) dst[a * bs] = k0[a];                                           \
+                for (int64_t a = 0; a < bs; a++) dst[a * bs] = LD(k0[a]);                                       \
             } else {                                                                                            \
-                for (int64_t a = 0; a < bs; a++) dst[a * bs] = krow[d[a]];                                      \
+                for (int64_t a = 0; a < bs; a++) dst[a * bs] = LD(krow[d[a]]);                                  \
             }                                                                                                   \
         }                                                                                                       \
     }                                                                                                           \
     /* query row a of one tile: row[c] = qp's term (qrow: qp row a, NULL if absent) + kp's (scratch, if any) */    \
-    static void tile_row_##SUFFIX(TYPE *row, const TYPE *qrow, const TYPE *scratch, const int64_t *deltas,     \
+    static void tile_row_##SUFFIX(TYPE *row, const TYPE *qrow, const ACC *scratch,  const int64_t *deltas,     \
                                   int kind, int64_t a, int64_t bs, int64_t R) {                                 \
         if (kind == CONSTANT) {                                                                                 \
-            const TYPE q = qrow ? qrow[R - 1 - deltas[0]] : 0;                                                  \
+            const ACC q = qrow ? LD(qrow[R - 1 - deltas[0]]) : 0;                                                \
             if (scratch)                                                                                        \
-                for (int64_t c = 0; c < bs; c++) row[c] = q + scratch[c];                                       \
+                for (int64_t c = 0; c < bs; c++) row[c] = ST(q + scratch[c]);                                   \
             else                                                                                                \
-                for (int64_t c = 0; c < bs; c++) row[c] = q;                                                    \
+                for (int64_t c = 0; c < bs; c++) row[c] = ST(q);                                                \
             return;                                                                                             \
         }                                                                                                       \
-        const TYPE *src = scratch ? scratch + a * bs : 0;                                                       \
+        const ACC *src = scratch ? scratch + a * bs : 0;                                                        \
         if (!qrow) {                                                                                            \
-            for (int64_t c = 0; c < bs; c++) row[c] = src[c];                                                   \
+            for (int64_t c = 0; c < bs; c++) row[c] = ST(src[c]);                                               \
             return;                                                                                             \
         }                                                                                                       \
         const TYPE *q_last = qrow + R - 1;                                                                      \
         if (kind == SHIFT) { /* column R - 1 - delta(a - c) rises with c */                                     \
             const TYPE *q0 = q_last - deltas[a];                                                                \
             if (src)                                                                                            \
-                for (int64_t c = 0; c < bs; c++) row[c] = q0[c] + src[c];                                  \
+                for (int64_t c = 0; c < bs; c++) row[c] = ST(LD(q0[c]) + src[c]);                                  \
             else                                                                                                \
                 for (int64_t c = 0; c < bs; c++) row[c] = q0[c];                                                \
         } else {                                                                                                \
             const int64_t *d = deltas + a;                                                                      \
             if (src)                                                                                            \
-                for (int64_t c = 0; c < bs; c++) row[c] = q_last[-d[-c]] + src[c];                        \
+                for (int64_t c = 0; c < bs; c++) row[c] = ST(LD(q_last[-d[-c]]) + src[c]);                        \
             else                                                                                                \
                 for (int64_t c = 0; c < bs; c++) row[c] = q_last[-d[-c]];                                      \
         }                                                                                                       \
     }                                                                                                           \
     /* one query block against its slots, CHUNK slots at a time: their kp parts first, then row by row (each qp  \
        row read once per chunk, the output written in order) */                                                 \
-    static void forward_items_##SUFFIX(const Job *j, TYPE *scratch) {                                           \
+    static void forward_items_##SUFFIX(const Job *j, ACC *scratch) {                                            \
         const TYPE *qp = (const TYPE *)j->qp, *kp = (const TYPE *)j->kp;                                        \
         TYPE *out = (TYPE *)j->out;                                                                             \
         const int64_t bs = j->bs, R = j->R, K = j->K, width = K * bs;                                           \
@@ -129,22 +145,22 @@ static int tile_kind(const int64_t *deltas, int64_t bs) { /* deltas: the table a
     }                                                                                                           \
     /* dst[sign * d[step * t]] += src[t] for t < n, summing runs of equal deltas before one store each: adding   \
        element by element into the same place makes each add wait for the previous one's store */                 \
-    static void add_runs_##SUFFIX(TYPE *dst, const TYPE *src, const int64_t *d, int64_t sign, int64_t step,       \
+    static void add_runs_##SUFFIX(TYPE *dst, const ACC *src,  const int64_t *d, int64_t sign, int64_t step,       \
                                   int64_t n) {                                                                   \
         int64_t at = d[0];                                                                                      \
-        TYPE sum = src[0];                                                                                      \
+        ACC sum = src[0];                                                                                       \
         for (int64_t t = 1; t < n; t++) {                                                                       \
             const int64_t next = d[step * t];                                                                   \
             if (next != at) {                                                                                   \
-                dst[sign * at] += sum;                                                                          \
+                dst[sign * at] = ST(LD(dst[sign * at]) + sum);                                                  \
                 at = next;                                                                                      \
                 sum = 0;                                                                                        \
             }                                                                                                   \
             sum += src[t];                                                                                      \
         }                                                                                                       \
-        dst[sign * at] += sum;                                                                                  \
+        dst[sign * at] = ST(LD(dst[sign * at]) + sum);                                                          \
     }                                                                                                           \
-    static void backward_tile_##SUFFIX(const TYPE *tile, TYPE *gq_rows, TYPE *gk_rows, TYPE *scratch,           \
+    static void backward_tile_##SUFFIX(const TYPE *tile, TYPE *gq_rows, TYPE *gk_rows, ACC *scratch,            \
                                        const int64_t *deltas, int64_t bs, int64_t R, int64_t width) {           \
         const int kind = tile_kind(deltas, bs);                                                                 \
         if (kind == CONSTANT) { /* row sums into qp's gradient, column sums into kp's */                         \
@@ -152,43 +168,45 @@ static int tile_kind(const int64_t *deltas, int64_t bs) { /* deltas: the table a
             for (int64_t c = 0; c < bs; c++) scratch[c] = 0;                                                    \
             for (int64_t a = 0; a < bs; a++) {                                                                  \
                 const TYPE *row = tile + a * width;                                                             \
-                TYPE sum = 0;                                                                                   \
+                ACC sum = 0;                                                                                    \
                 for (int64_t c = 0; c < bs; c++) {                                                              \
-                    sum += row[c];                                                                              \
-                    scratch[c] += row[c];                                                                       \
+                    sum += LD(row[c]);                                                                          \
+                    scratch[c] += LD(row[c]);                                                                       \
                 }                                                                                               \
-                if (gq_rows) gq_rows[a * R + R - 1 - delta] += sum;                                             \
+                if (gq_rows) gq_rows[a * R + R - 1 - delta] = ST(LD(gq_rows[a * R + R - 1 - delta]) + sum);                                       \
             }                                                                                                   \
             if (gk_rows)                                                                                        \
-                for (int64_t c = 0; c < bs; c++) gk_rows[c * R + delta] += scratch[c];                          \
+                for (int64_t c = 0; c < bs; c++) gk_rows[c * R + delta] = ST(LD(gk_rows[c * R + delta]) + scratch[c]);                      \
             return;                                                                                             \
         }                                                                                                       \
         for (int64_t a = 0; a < bs; a++) {                                                                      \
             const TYPE *row = tile + a * width;                                                                 \
             if (gk_rows) /* transposed into the scratch, added key by key below */                              \
-                for (int64_t c = 0; c < bs; c++) scratch[c * bs + a] = row[c];                                  \
+                for (int64_t c = 0; c < bs; c++) scratch[c * bs + a] = LD(row[c]);                              \
             if (!gq_rows) continue;                                                                             \
             TYPE *gqrow = gq_rows + a * R + R - 1;                                                              \
             if (kind == SHIFT) {                                                                                \
                 TYPE *g0 = gqrow - deltas[a];                                                                   \
-                for (int64_t c = 0; c < bs; c++) g0[c] += row[c];                                               \
+                for (int64_t c = 0; c < bs; c++) g0[c] = ST(LD(g0[c]) + LD(row[c]));                                         \
             } else {                                                                                            \
-                add_runs_##SUFFIX(gqrow, row, deltas + a, -1, -1, bs); /* gqrow[-d[-c]] += row[c] */          \
+                ACC *values = scratch + bs * bs; /* the row in ACC (the scratch holds CHUNK >= 2 tiles) */                   \
+                for (int64_t c = 0; c < bs; c++) values[c] = LD(row[c]);                                       \
+                add_runs_##SUFFIX(gqrow, values, deltas + a, -1, -1, bs); /* gqrow[-d[-c]] += row[c] */          \
             }                                                                                                   \
         }                                                                                                       \
         if (!gk_rows) return;                                                                                   \
         for (int64_t c = 0; c < bs; c++) {                                                                      \
             TYPE *gkrow = gk_rows + c * R;                                                                      \
-            const TYPE *src = scratch + c * bs;                                                                 \
+            const ACC *src = scratch + c * bs;                                                                  \
             if (kind == SHIFT) {                                                                                \
                 TYPE *g0 = gkrow + deltas[-c];                                                                  \
-                for (int64_t a = 0; a < bs; a++) g0[a] += src[a];                                               \
+                for (int64_t a = 0; a < bs; a++) g0[a] = ST(LD(g0[a]) + src[a]);                                         \
             } else {                                                                                            \
                 add_runs_##SUFFIX(gkrow, src, deltas - c, 1, 1, bs); /* gkrow[d[a]] += src[a] */               \
             }                                                                                                   \
         }                                                                                                       \
     }                                                                                                           \
-    static void backward_planes_##SUFFIX(const Job *j, TYPE *scratch) {                                         \
+    static void backward_planes_##SUFFIX(const Job *j, ACC *scratch) {                                          \
         const TYPE *grad = (const TYPE *)j->grad;                                                               \
         TYPE *gqp = (TYPE *)j->gqp, *gkp = (TYPE *)j->gkp;                                                      \
         const int64_t bs = j->bs, R = j->R, K = j->K, width = K * bs;                                           \
@@ -206,11 +224,13 @@ static int tile_kind(const int64_t *deltas, int64_t bs) { /* deltas: the table a
             }                                                                                                   \
         }                                                                                                       \
     }                                                                                                           \
-    static void forward_task_##SUFFIX(const Job *j) { forward_items_##SUFFIX(j, (TYPE *)j->scratch); }          \
-    static void backward_task_##SUFFIX(const Job *j) { backward_planes_##SUFFIX(j, (TYPE *)j->scratch); }
+    static void forward_task_##SUFFIX(const Job *j) { forward_items_##SUFFIX(j, (ACC *)j->scratch);  }          \
+    static void backward_task_##SUFFIX(const Job *j) { backward_planes_##SUFFIX(j, (ACC *)j->scratch);  }
 
-DEFINE_KERNELS(float, f32)
-DEFINE_KERNELS(double, f64)
+#define PLAIN(x) (x)
+DEFINE_KERNELS(float, float, PLAIN, PLAIN, f32)
+DEFINE_KERNELS(double, double, PLAIN, PLAIN, f64)
+DEFINE_KERNELS(uint16_t, float, bf16_load, bf16_store, bf16)
 
 typedef void (*Work)(const Job *);
 
@@ -285,14 +305,14 @@ static int run_parallel(Work work, const Job *job, int64_t items, int threads, s
 }
 #endif
 
-#define DEFINE_ENTRY_POINTS(TYPE, SUFFIX)                                                                               \
+#define DEFINE_ENTRY_POINTS(ACC, SUFFIX)                                                                               \
     int bbja_terms_forward_##SUFFIX(const void *qp, const void *kp, void *out, const int64_t *table,             \
                                     const int64_t *kblocks, int64_t P, int64_t H, int64_t nq, int64_t q_block0, \
                                     int64_t K, int64_t bs, int64_t R, int64_t Np, int64_t T, int64_t hw,        \
                                     int64_t kb_sh, int64_t kb_sn, int threads) {                                \
         Job job = {qp, kp, 0, out, 0, 0, table, kblocks, P, H, nq, q_block0, K, bs, R, Np, T, hw, kb_sh, kb_sn, \
                    0, 0, 0};                                                                                    \
-        return run_parallel(forward_task_##SUFFIX, &job, P * nq, threads, sizeof(TYPE));                                     \
+        return run_parallel(forward_task_##SUFFIX, &job, P * nq, threads, sizeof(ACC));                                     \
     }                                                                                                           \
     int bbja_terms_backward_##SUFFIX(const void *grad, void *gqp, void *gkp, const int64_t *table,               \
                                      const int64_t *kblocks, int64_t P, int64_t H, int64_t nq, int64_t q_block0, \
@@ -300,8 +320,9 @@ static int run_parallel(Work work, const Job *job, int64_t items, int threads, s
                                      int64_t kb_sh, int64_t kb_sn, int threads) {                               \
         Job job = {0, 0, grad, 0, gqp, gkp, table, kblocks, P, H, nq, q_block0, K, bs, R, Np, T, hw, kb_sh,     \
                    kb_sn, 0, 0, 0};                                                                             \
-        return run_parallel(backward_task_##SUFFIX, &job, P, threads, sizeof(TYPE));                                        \
+        return run_parallel(backward_task_##SUFFIX, &job, P, threads, sizeof(ACC));                                        \
     }
 
 DEFINE_ENTRY_POINTS(float, f32)
 DEFINE_ENTRY_POINTS(double, f64)
+DEFINE_ENTRY_POINTS(float, bf16)
