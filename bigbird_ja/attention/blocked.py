@@ -27,11 +27,12 @@ at delta(i, j) in one of two ways:
          indexing op from per-block-distance tables ([bs, 2nb - 1, bs]): one index for all heads where the blocks
          are the same for every head (dense rows, global slots), [H, nr, bs, r*bs] for the random slots; p2c's
          index is derived from c2p's (`_Relative`).
-Eagerly on CPU in float32, float64 and bfloat16 a C kernel (`cpu_kernels`, built on first use) computes every term from the delta
-table and the block numbers in one pass, and scatters the gradients in one pass back (`_KernelReads`): no index
-tensors, no bands (the op at base dims and 1-4k tokens: forward 1.1-1.6x, forward+backward 1.1-1.3x faster). The
-PyTorch reads do the same everywhere else (traced graphs, float16, other devices, no C compiler,
-BIGBIRD_JA_CPU_KERNELS=0) and are its reference. `_TermReads` says where every term of a row is read. Eagerly, `_RelativeTerms` (an autograd.Function) writes all
+Eagerly on CPU in float32, float64 and bfloat16 a C kernel (`cpu_kernels`, built on first use) computes every term
+from the delta table and the block numbers in one pass, and scatters the gradients in one pass back
+(`_KernelReads`): no index tensors, no bands (the op at base dims and 1-4k tokens: forward 1.2-1.4x,
+forward+backward 1.1-1.4x faster, benchmarks/bench_relative_kernel.py). The PyTorch reads do the same everywhere
+else (traced graphs, float16, other devices, no C compiler, BIGBIRD_JA_CPU_KERNELS=0) and are its reference.
+`_TermReads` says where every term of a row is read. Eagerly, `_RelativeTerms` (an autograd.Function) writes all
 terms of the dense and of the sparse rows into one buffer each, the score matmul adds q.k into that buffer in place
 (baddbmm_), and its backward scatters the terms' gradients into one zero-filled gradient per product. (Autograd
 through the reads would zero a full product per gather and per strided view and then sum them, and every in-place

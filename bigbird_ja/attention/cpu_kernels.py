@@ -111,7 +111,8 @@ class RelativeTermsKernel:
     def _call(self, direction, dtype, tensors, table, kblocks, P, H, nq, q_block0, K, bs, R, Np, T, hw):
         kblocks_3d = kblocks if kblocks.dim() == 3 else kblocks.view(1, *kblocks.shape)
         _require(kblocks_3d.stride(-1) == 1 and table.is_contiguous() and table.dtype == kblocks.dtype == torch.int64
-                 and table.device.type == kblocks.device.type == "cpu", "table and kblocks: int64 on CPU, rows contiguous")
+                 and table.device.type == kblocks.device.type == "cpu",
+                 "table and kblocks: int64 on CPU, rows contiguous")
         kb_sh = kblocks_3d.stride(0) if kblocks_3d.shape[0] > 1 else 0
         kb_sn = kblocks_3d.stride(1) if kblocks_3d.shape[1] > 1 else 0
         status = self._functions[direction, dtype](
