@@ -197,3 +197,24 @@ def test_kernel_refuses_layouts_it_would_misread(kernel):
         kernel.forward(qp.float(), kp, out, table, kblocks, **kw)
     with pytest.raises(ValueError, match="int64"):
         kernel.forward(qp, kp, out, table.int(), kblocks, **kw)
+
+
+def test_kernel_refuses_bounds_it_would_overrun(kernel):
+    """The C code reads where the block numbers and the table say: anything out of range is refused first."""
+    qp, kp, table, kblocks, kw = make_case("clamped buckets, sparse rows", torch.float64)
+    nb = qp.shape[1] // kw["bs"]
+    out = torch.empty(qp.shape[0], kblocks.shape[1], kw["bs"], kblocks.shape[2] * kw["bs"], dtype=torch.float64)
+    bad_blocks = kblocks.clone()
+    bad_blocks[0, 0, 0] = nb
+    with pytest.raises(ValueError, match="key blocks outside"):
+        kernel.forward(qp, kp, out, table, bad_blocks, **kw)
+    bad_table = table.clone()
+    bad_table[3] = qp.shape[-1]
+    with pytest.raises(ValueError, match="deltas outside"):
+        kernel.forward(qp, kp, out, bad_table, kblocks, **kw)
+    with pytest.raises(ValueError, match="query blocks"):
+        kernel.forward(qp, kp, out, table, kblocks, **{**kw, "q_block0": kw["q_block0"] + 1})
+    with pytest.raises(ValueError, match="kp"):
+        kernel.forward(qp, kp[:, :-kw["bs"]].contiguous(), out, table, kblocks, **kw)
+    with pytest.raises(ValueError, match="qp"):
+        kernel.backward(out, torch.zeros_like(qp[:, :-1]), None, table, kblocks, **kw)

@@ -115,6 +115,21 @@ class RelativeTermsKernel:
                  "table and kblocks: int64 on CPU, rows contiguous")
         kb_sh = kblocks_3d.stride(0) if kblocks_3d.shape[0] > 1 else 0
         kb_sn = kblocks_3d.stride(1) if kblocks_3d.shape[1] > 1 else 0
+        # every bound the C code relies on (it reads and writes where these say, unchecked)
+        q_like, k_like, tiles = (tensors[0], tensors[1], tensors[2]) if direction == "forward" else tensors[1:] + (
+            tensors[0],)
+        nb = Np // bs
+        _require(Np % bs == 0 and tiles.dim() == 4 and tuple(tiles.shape) == (P, nq, bs, K * bs) and P % H == 0,
+                 f"tiles {tuple(tiles.shape)}: [B*H, query blocks, {bs}, K*{bs}] with H = {H}")
+        _require(0 <= q_block0 and q_block0 + nq <= nb, f"query blocks {q_block0}..{q_block0 + nq} of {nb}")
+        _require(kblocks_3d.shape[0] in (1, H) and kblocks_3d.shape[1] in (1, nq) and kblocks_3d.shape[2] == K,
+                 f"kblocks {tuple(kblocks.shape)} for {H} heads, {nq} query blocks, {K} slots")
+        _require(kblocks.numel() == 0 or (int(kblocks.min()) >= 0 and int(kblocks.max()) < nb),
+                 f"key blocks outside 0..{nb - 1}")
+        _require(int(table.min()) >= 0 and int(table.max()) < R, f"deltas outside 0..{R - 1}")
+        _require(q_like is None or tuple(q_like.shape) == (P, Np, R), f"qp: [{P}, {Np}, {R}]")
+        _require(k_like is None or (k_like.dim() == 3 and k_like.shape[0] == P and k_like.shape[2] == R
+                                    and k_like.shape[1] >= (nb + 2 * hw) * bs), f"kp: [{P}, >= {(nb + 2 * hw) * bs}, {R}]")
         status = self._functions[direction, dtype](
             *[self._pointer(t) for t in tensors], self._pointer(table), self._pointer(kblocks_3d),
             P, H, nq, q_block0, K, bs, R, Np, T, hw, kb_sh, kb_sn, torch.get_num_threads())
