@@ -2,9 +2,10 @@
 against the same op with the pure-PyTorch reads, in one process, interleaved.
 
 Setup: one layer's op at base dims (12 heads x 64, block 64, window 3, global 2, random 3, 256 buckets, c2p + p2c),
-batch 1, float32, random inputs; forward without gradients and forward+backward of sum(out ** 2); the minimum of
---repeats runs of each, the two forms taking turns so that both see the same machine. The heap is kept
-(MALLOC_TRIM_THRESHOLD_ / MALLOC_MMAP_THRESHOLD_, see bench_cpu.py's --malloc keep) when the script starts itself.
+batch 1, float32 (or --dtype bfloat16), random inputs; forward without gradients and forward+backward of sum(out **
+2); the minimum of --repeats runs of each, the two forms taking turns so that both see the same machine. The heap is
+kept (MALLOC_TRIM_THRESHOLD_ / MALLOC_MMAP_THRESHOLD_, see bench_cpu.py's --malloc keep) when the script starts
+itself.
 
 Run (from the repository root):
     python benchmarks/bench_relative_kernel.py --lengths 1024 2048 4096 \
@@ -23,7 +24,7 @@ from pathlib import Path
 KEEP_HEAP = {"MALLOC_TRIM_THRESHOLD_": str(64 << 30), "MALLOC_MMAP_THRESHOLD_": str(32 << 20)}
 
 
-def measure(length: int, repeats: int) -> dict:
+def measure(length: int, repeats: int, dtype: str = "float32") -> dict:
     import torch
 
     import bigbird_ja
@@ -36,8 +37,9 @@ def measure(length: int, repeats: int) -> dict:
     spec = RelativePositionSpec.from_config(config)
     H, D = config.num_attention_heads, config.hidden_size // config.num_attention_heads
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, H, length, D, generator=gen, requires_grad=True) for _ in range(3))
-    pos_key, pos_query = (torch.randn(H, 2 * spec.span, D, generator=gen, requires_grad=True) for _ in range(2))
+    dt = getattr(torch, dtype)
+    q, k, v = (torch.randn(1, H, length, D, generator=gen).to(dt).requires_grad_() for _ in range(3))
+    pos_key, pos_query = (torch.randn(H, 2 * spec.span, D, generator=gen).to(dt).requires_grad_() for _ in range(2))
     args = (layout_for(config, 0, length), None, D ** -0.5, pos_key, pos_query, spec)
     forms = {"c kernel": lambda: kernel, "pytorch reads": lambda: None}
     best = {}
@@ -65,6 +67,7 @@ def main(argv=None) -> int:
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--out", type=Path, default=None, help="JSON output (the table is printed either way)")
     args = p.parse_args(argv)
     if any(os.environ.get(name) != value for name, value in KEEP_HEAP.items()):
@@ -75,7 +78,7 @@ def main(argv=None) -> int:
     rows = []
     print("| n | mode | C kernel | PyTorch reads | speed-up |\n|---:|---|---:|---:|---:|")
     for length in args.lengths:
-        result = measure(length, args.repeats)
+        result = measure(length, args.repeats, args.dtype)
         for mode in ("forward", "forward+backward"):
             ours, theirs = result[f"c kernel {mode} ms"], result[f"pytorch reads {mode} ms"]
             rows.append({"length": length, "mode": mode, "c_kernel_ms": ours, "pytorch_reads_ms": theirs,
@@ -87,7 +90,7 @@ def main(argv=None) -> int:
         from bigbird_ja.common.atomic_io import atomic_write_text
 
         payload = {"question": __doc__.split("\n\n")[0], "command": " ".join(["python", *sys.argv]),
-                   "threads": args.threads, "repeats": args.repeats, "torch": torch.__version__,
+                   "threads": args.threads, "repeats": args.repeats, "dtype": args.dtype, "torch": torch.__version__,
                    "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
                    "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}
         atomic_write_text(args.out, json.dumps(payload, indent=2) + "\n")
