@@ -576,7 +576,7 @@ def blocked_attention(
     q_s = q[:, :, g * bs:].view(B, H, nr, bs, D)
     key_blocks = layout.key_blocks.to(dev)  # [H, nr, K]
     kernel = None if reads is None or traced or not kernel_supports(q) else relative_terms_kernel()
-    if kernel is not None:  # eager CPU in float32/64: the C kernel reads every term (no indices, no bands)
+    if kernel is not None:  # eager CPU in float32/64 or bf16: the C kernel reads every term
         reads = _KernelReads(kernel, B, H, Np, bs, hw, Np if dense else g * bs, rel.table,
                              None if dense else key_blocks.contiguous(), workspace)
         dense_terms, sparse_terms = _RelativeTerms.apply(rel.qp, rel.kp, None, None, reads)
