@@ -197,6 +197,8 @@ def test_kernel_refuses_layouts_it_would_misread(kernel):
         kernel.forward(qp.float(), kp, out, table, kblocks, **kw)
     with pytest.raises(ValueError, match="int64"):
         kernel.forward(qp, kp, out, table.int(), kblocks, **kw)
+    with pytest.raises(ValueError, match="both None"):
+        kernel.backward(out, None, None, table, kblocks, **kw)
 
 
 def test_kernel_refuses_bounds_it_would_overrun(kernel):

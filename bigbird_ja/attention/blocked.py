@@ -572,16 +572,16 @@ def blocked_attention(
     workspace = _WORKSPACE if not torch.is_grad_enabled() and not traced and dev.type == "cpu" else None
     if pos_key is not None or pos_query is not None:
         rel = _Relative(q, k_halo, pos_key, pos_query, rel_spec, hw, bs, workspace)
-        reads = _TermReads(B, H, Np, bs, g, w, K, rel.two_s, workspace=workspace)
     q_s = q[:, :, g * bs:].view(B, H, nr, bs, D)
     key_blocks = layout.key_blocks.to(dev)  # [H, nr, K]
-    kernel = None if reads is None or traced or not kernel_supports(q) else relative_terms_kernel()
+    kernel = None if rel is None or traced or not kernel_supports(q) else relative_terms_kernel()
     if kernel is not None:  # eager CPU in float32/64 or bf16: the C kernel reads every term
         reads = _KernelReads(kernel, B, H, Np, bs, hw, Np if dense else g * bs, rel.table,
                              None if dense else key_blocks.contiguous(), workspace)
         dense_terms, sparse_terms = _RelativeTerms.apply(rel.qp, rel.kp, None, None, reads)
         rel = reads = None
-    elif reads is not None:
+    elif rel is not None:
+        reads = _TermReads(B, H, Np, bs, g, w, K, rel.two_s, workspace=workspace)
         reads.dense_rows = Np if dense else g * bs
         if reads.dense_rows:
             reads.dense = rel.dense_index(reads.dense_rows, Np)

@@ -108,7 +108,14 @@ class RelativeTermsKernel:
     def _pointer(t: torch.Tensor | None):
         return None if t is None else ctypes.c_void_p(t.data_ptr())
 
-    def _call(self, direction, dtype, tensors, table, kblocks, P, H, nq, q_block0, K, bs, R, Np, T, hw):
+    def _call(self, direction, tiles, q_side, k_side, table, kblocks, H, q_block0, bs, hw):
+        """tiles [P, nq, bs, K*bs]: the terms (forward: written) or their gradient (backward: read); q_side [P, Np, R]
+        and k_side [P, T, R]: qp / kp (forward: read) or their gradients (backward: accumulated), either None."""
+        side = q_side if q_side is not None else k_side
+        _require(side is not None, "qp and kp (or their gradients) both None: nothing to read or write")
+        for t in (tiles, q_side, k_side):
+            _require(t is None or (t.is_contiguous() and t.dtype == tiles.dtype and t.device.type == "cpu"),
+                     "qp, kp and the terms (or their gradients): contiguous CPU tensors of one dtype")
         kblocks_3d = kblocks if kblocks.dim() == 3 else kblocks.view(1, *kblocks.shape)
         _require(kblocks_3d.stride(-1) == 1 and table.is_contiguous() and table.dtype == kblocks.dtype == torch.int64
                  and table.device.type == kblocks.device.type == "cpu",
@@ -116,8 +123,9 @@ class RelativeTermsKernel:
         kb_sh = kblocks_3d.stride(0) if kblocks_3d.shape[0] > 1 else 0
         kb_sn = kblocks_3d.stride(1) if kblocks_3d.shape[1] > 1 else 0
         # every bound the C code relies on (it reads and writes where these say, unchecked)
-        q_like, k_like, tiles = (tensors[0], tensors[1], tensors[2]) if direction == "forward" else tensors[1:] + (
-            tensors[0],)
+        P, nq, K = tiles.shape[0], tiles.shape[1], tiles.shape[-1] // bs
+        Np, R = table.numel() // 2 + 1, side.shape[-1]
+        T = 0 if k_side is None else k_side.shape[-2]
         nb = Np // bs
         _require(Np % bs == 0 and tiles.dim() == 4 and tuple(tiles.shape) == (P, nq, bs, K * bs) and P % H == 0,
                  f"tiles {tuple(tiles.shape)}: [B*H, query blocks, {bs}, K*{bs}] with H = {H}")
@@ -127,10 +135,12 @@ class RelativeTermsKernel:
         _require(kblocks.numel() == 0 or (int(kblocks.min()) >= 0 and int(kblocks.max()) < nb),
                  f"key blocks outside 0..{nb - 1}")
         _require(int(table.min()) >= 0 and int(table.max()) < R, f"deltas outside 0..{R - 1}")
-        _require(q_like is None or tuple(q_like.shape) == (P, Np, R), f"qp: [{P}, {Np}, {R}]")
-        _require(k_like is None or (k_like.dim() == 3 and k_like.shape[0] == P and k_like.shape[2] == R
-                                    and k_like.shape[1] >= (nb + 2 * hw) * bs), f"kp: [{P}, >= {(nb + 2 * hw) * bs}, {R}]")
-        status = self._functions[direction, dtype](
+        _require(q_side is None or tuple(q_side.shape) == (P, Np, R), f"qp: [{P}, {Np}, {R}]")
+        _require(k_side is None or (k_side.dim() == 3 and k_side.shape[0] == P and k_side.shape[2] == R
+                                    and T >= (nb + 2 * hw) * bs), f"kp: [{P}, >= {(nb + 2 * hw) * bs}, {R}]")
+        # the C functions take (qp, kp, out) forward and (grad, gqp, gkp) backward
+        tensors = (q_side, k_side, tiles) if direction == "forward" else (tiles, q_side, k_side)
+        status = self._functions[direction, tiles.dtype](
             *[self._pointer(t) for t in tensors], self._pointer(table), self._pointer(kblocks_3d),
             P, H, nq, q_block0, K, bs, R, Np, T, hw, kb_sh, kb_sn, torch.get_num_threads())
         if status != 0:
@@ -139,26 +149,11 @@ class RelativeTermsKernel:
     def forward(self, qp, kp, out, table, kblocks, *, H, q_block0, bs, hw):
         """out [P, nq, bs, K*bs] (contiguous) = the terms of query blocks q_block0.. against kblocks [h|1, nq|1, K]
         (h: head; size 1: the same for every head or row); qp [P, Np, R] or None, kp [P, T, R] or None."""
-        src = qp if qp is not None else kp
-        P, nq, K = out.shape[0], out.shape[1], out.shape[-1] // bs
-        Np = table.numel() // 2 + 1
-        for t in (qp, kp, out):
-            _require(t is None or (t.is_contiguous() and t.dtype == src.dtype and t.device.type == "cpu"),
-                     "qp, kp and out: contiguous CPU tensors of one dtype")
-        self._call("forward", src.dtype, (qp, kp, out), table, kblocks, P, H, nq, q_block0, K, bs,
-                   src.shape[-1], Np, 0 if kp is None else kp.shape[-2], hw)
+        self._call("forward", out, qp, kp, table, kblocks, H, q_block0, bs, hw)
 
     def backward(self, grad, gqp, gkp, table, kblocks, *, H, q_block0, bs, hw):
         """gqp / gkp (zero-filled or accumulating, contiguous, either None) += the gradient of forward's reads."""
-        dst = gqp if gqp is not None else gkp
-        grad = grad.contiguous()
-        P, nq, K = grad.shape[0], grad.shape[1], grad.shape[-1] // bs
-        Np = table.numel() // 2 + 1
-        for t in (gqp, gkp):
-            _require(t is None or (t.is_contiguous() and t.dtype == grad.dtype and t.device.type == "cpu"),
-                     "gqp and gkp: contiguous CPU tensors of grad's dtype")
-        self._call("backward", grad.dtype, (grad, gqp, gkp), table, kblocks, P, H, nq, q_block0, K, bs,
-                   dst.shape[-1], Np, 0 if gkp is None else gkp.shape[-2], hw)
+        self._call("backward", grad.contiguous(), gqp, gkp, table, kblocks, H, q_block0, bs, hw)
 
 
 def relative_terms() -> RelativeTermsKernel | None:
