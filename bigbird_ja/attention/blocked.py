@@ -640,6 +640,8 @@ def blocked_attention(
     outputs = []
     if g > 0:  # global query blocks: every key
         every_key = key_padding_mask is None and N == Np  # known from shapes alone: no branch on values
+        if not every_key and not traced and dev.type == "cpu":  # eager CPU (no device sync): an all-ones
+            every_key = bool(key_valid.all())  # attention mask costs no masking pass, forward or backward
         outputs.append(dense_rows(g * bs, None if every_key else key_valid.view(B, 1, 1, 1, Np)))
 
     # Sparse query blocks against their K listed key blocks: scores = relative terms + q.k in one matmul.
@@ -665,7 +667,9 @@ def blocked_attention(
         v_rows = (torch.arange(H, device=dev)[:, None, None] * nb + key_blocks).view(-1)
         v_slots = _select_blocks(v.reshape(B, H * nb, bs * D), v_rows, traced).view(B, H, nr, K * bs, D)
         out = probs.to(v.dtype) @ v_slots
-    out = out * mask.any(dim=-1, keepdim=True)  # [B, H, nr, bs, D]
+    attends = mask.any(dim=-1, keepdim=True)  # [B, H, nr, bs, 1]: rows with something to attend to
+    if traced or dev.type != "cpu" or not bool(attends.all()):  # eager CPU: no pass where every row attends
+        out = out * attends  # [B, H, nr, bs, D]
     outputs.append(out.view(B, H, nr * bs, D))
     return torch.cat(outputs, dim=2)[:, :, :N]
 
