@@ -21,7 +21,10 @@ import sys
 import time
 from pathlib import Path
 
-KEEP_HEAP = {"MALLOC_TRIM_THRESHOLD_": str(64 << 30), "MALLOC_MMAP_THRESHOLD_": str(32 << 20)}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_cpu import MALLOC_SETTINGS  # noqa: E402  one home for the heap-kept settings
+
+KEEP_HEAP = MALLOC_SETTINGS["keep"]
 
 
 def measure(length: int, repeats: int, dtype: str = "float32") -> dict:

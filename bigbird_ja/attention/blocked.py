@@ -41,8 +41,9 @@ take the same reads as plain ops (`_TermReads.assemble`) and leave the gradients
 
 Masks: the sparse rows of structured layouts (eager) fill only the tiles with a masked key (`_fill_masked_tiles`:
 the layout's unused slots and blocks with padding), the global rows take no mask when nothing is padded (known
-from the shapes, or eagerly on CPU from an all-ones mask), and without gradients the softmax overwrites its scores. Tensors the rest of the op does not need (products, indices)
-are dropped as soon as the terms are read: the op's peak memory, and the pages a fresh heap must fault in, shrink.
+from the shapes, or eagerly on CPU from an all-ones mask), and without gradients the softmax overwrites its scores.
+Tensors the rest of the op does not need (products, indices) are dropped as soon as the terms are read: the op's
+peak memory, and the pages a fresh heap must fault in, shrink.
 Without gradients on CPU the largest scratch tensors (products, terms/scores/probabilities, p2c reads, random
 blocks) come from a per-thread workspace kept between calls (`_Workspace`; `release_workspace()` frees it).
 

@@ -2,8 +2,9 @@
 
 Built on first use with the system's C compiler (about a second: plain C with OpenMP, or pthreads where the compiler
 has none; no torch headers), cached per source, compiler and machine under $BIGBIRD_JA_CACHE (default
-~/.cache/bigbird_ja) and loaded with ctypes, as DeepSpeed builds its CPU ops. Without a compiler, or with BIGBIRD_JA_CPU_KERNELS=0, `relative_terms()` returns None
-and the blocked backend takes its pure-PyTorch reads (the same function, slower). A failed build is logged once.
+~/.cache/bigbird_ja) and loaded with ctypes, as DeepSpeed builds its CPU ops. Without a compiler, or with
+BIGBIRD_JA_CPU_KERNELS=0, `relative_terms()` returns None and the blocked backend takes its pure-PyTorch reads (the
+same function, slower). A failed build is logged once.
 
 The pure-PyTorch reads in blocked.py are this kernel's reference; tests compare both with the dense reference in
 float64.

@@ -63,12 +63,12 @@ static inline uint16_t bf16_store(float f) {
     return (uint16_t)(v.u >> 16);
 }
 
-#define DEFINE_KERNELS(TYPE, ACC, LD, ST, SUFFIX)                                                                 \
-    /* kp's part of one tile into the scratch: [bs(a), bs(c)] (SHIFT, GENERAL) or [bs(c)] (CONSTANT) */             \
-    static void kp_part_##SUFFIX(const TYPE *kp_rows, ACC *scratch, const int64_t *deltas, int kind, int64_t bs,  \
+#define DEFINE_KERNELS(TYPE, ACC, LD, ST, SUFFIX)                                                               \
+    /* kp's part of one tile into the scratch: [bs(a), bs(c)] (SHIFT, GENERAL) or [bs(c)] (CONSTANT) */         \
+    static void kp_part_##SUFFIX(const TYPE *kp_rows, ACC *scratch, const int64_t *deltas, int kind, int64_t bs, \
                                  int64_t R) {                                                                   \
         if (kind == CONSTANT) {                                                                                 \
-            for (int64_t c = 0; c < bs; c++) scratch[c] = LD(kp_rows[c * R + deltas[0]]);                        \
+            for (int64_t c = 0; c < bs; c++) scratch[c] = LD(kp_rows[c * R + deltas[0]]);                       \
             return;                                                                                             \
         }                                                                                                       \
         for (int64_t c = 0; c < bs; c++) {                                                                      \
@@ -83,11 +83,11 @@ static inline uint16_t bf16_store(float f) {
             }                                                                                                   \
         }                                                                                                       \
     }                                                                                                           \
-    /* query row a of one tile: row[c] = qp's term (qrow: qp row a, NULL if absent) + kp's (scratch, if any) */    \
-    static void tile_row_##SUFFIX(TYPE *row, const TYPE *qrow, const ACC *scratch,  const int64_t *deltas,     \
+    /* query row a of one tile: row[c] = qp's term (qrow: qp row a, NULL if absent) + kp's (scratch, if any) */ \
+    static void tile_row_##SUFFIX(TYPE *row, const TYPE *qrow, const ACC *scratch, const int64_t *deltas,      \
                                   int kind, int64_t a, int64_t bs, int64_t R) {                                 \
         if (kind == CONSTANT) {                                                                                 \
-            const ACC q = qrow ? LD(qrow[R - 1 - deltas[0]]) : 0;                                                \
+            const ACC q = qrow ? LD(qrow[R - 1 - deltas[0]]) : 0;                                               \
             if (scratch)                                                                                        \
                 for (int64_t c = 0; c < bs; c++) row[c] = ST(q + scratch[c]);                                   \
             else                                                                                                \
@@ -103,18 +103,18 @@ static inline uint16_t bf16_store(float f) {
         if (kind == SHIFT) { /* column R - 1 - delta(a - c) rises with c */                                     \
             const TYPE *q0 = q_last - deltas[a];                                                                \
             if (src)                                                                                            \
-                for (int64_t c = 0; c < bs; c++) row[c] = ST(LD(q0[c]) + src[c]);                                  \
+                for (int64_t c = 0; c < bs; c++) row[c] = ST(LD(q0[c]) + src[c]);                               \
             else                                                                                                \
                 for (int64_t c = 0; c < bs; c++) row[c] = q0[c];                                                \
         } else {                                                                                                \
             const int64_t *d = deltas + a;                                                                      \
             if (src)                                                                                            \
-                for (int64_t c = 0; c < bs; c++) row[c] = ST(LD(q_last[-d[-c]]) + src[c]);                        \
+                for (int64_t c = 0; c < bs; c++) row[c] = ST(LD(q_last[-d[-c]]) + src[c]);                      \
             else                                                                                                \
-                for (int64_t c = 0; c < bs; c++) row[c] = q_last[-d[-c]];                                      \
+                for (int64_t c = 0; c < bs; c++) row[c] = q_last[-d[-c]];                                       \
         }                                                                                                       \
     }                                                                                                           \
-    /* one query block against its slots, CHUNK slots at a time: their kp parts first, then row by row (each qp  \
+    /* one query block against its slots, CHUNK slots at a time: their kp parts first, then row by row (each qp \
        row read once per chunk, the output written in order) */                                                 \
     static void forward_items_##SUFFIX(const Job *j, ACC *scratch) {                                            \
         const TYPE *qp = (const TYPE *)j->qp, *kp = (const TYPE *)j->kp;                                        \
@@ -124,7 +124,7 @@ static inline uint16_t bf16_store(float f) {
         int kinds[CHUNK];                                                                                       \
         for (int64_t item = j->first; item < j->last; item++) { /* item = p * nq + n */                         \
             const int64_t p = item / j->nq, n = item % j->nq, h = p % j->H, qb = j->q_block0 + n;               \
-            const TYPE *qp_rows = qp ? qp + (p * j->Np + qb * bs) * R : 0;                                     \
+            const TYPE *qp_rows = qp ? qp + (p * j->Np + qb * bs) * R : 0;                                      \
             TYPE *item_rows = out + item * bs * width;                                                          \
             for (int64_t s0 = 0; s0 < K; s0 += CHUNK) {                                                         \
                 const int64_t slots = K - s0 < CHUNK ? K - s0 : CHUNK;                                          \
@@ -143,10 +143,10 @@ static inline uint16_t bf16_store(float f) {
             }                                                                                                   \
         }                                                                                                       \
     }                                                                                                           \
-    /* dst[sign * d[step * t]] += src[t] for t < n, summing runs of equal deltas before one store each: adding   \
-       element by element into the same place makes each add wait for the previous one's store */                 \
-    static void add_runs_##SUFFIX(TYPE *dst, const ACC *src,  const int64_t *d, int64_t sign, int64_t step,       \
-                                  int64_t n) {                                                                   \
+    /* dst[sign * d[step * t]] += src[t] for t < n, summing runs of equal deltas before one store each: adding  \
+       element by element into the same place makes each add wait for the previous one's store */               \
+    static void add_runs_##SUFFIX(TYPE *dst, const ACC *src, const int64_t *d, int64_t sign, int64_t step,     \
+                                  int64_t n) {                                                                  \
         int64_t at = d[0];                                                                                      \
         ACC sum = src[0];                                                                                       \
         for (int64_t t = 1; t < n; t++) {                                                                       \
@@ -163,7 +163,7 @@ static inline uint16_t bf16_store(float f) {
     static void backward_tile_##SUFFIX(const TYPE *tile, TYPE *gq_rows, TYPE *gk_rows, ACC *scratch,            \
                                        const int64_t *deltas, int64_t bs, int64_t R, int64_t width) {           \
         const int kind = tile_kind(deltas, bs);                                                                 \
-        if (kind == CONSTANT) { /* row sums into qp's gradient, column sums into kp's */                         \
+        if (kind == CONSTANT) { /* row sums into qp's gradient, column sums into kp's */                        \
             const int64_t delta = deltas[0];                                                                    \
             for (int64_t c = 0; c < bs; c++) scratch[c] = 0;                                                    \
             for (int64_t a = 0; a < bs; a++) {                                                                  \
@@ -171,12 +171,18 @@ static inline uint16_t bf16_store(float f) {
                 ACC sum = 0;                                                                                    \
                 for (int64_t c = 0; c < bs; c++) {                                                              \
                     sum += LD(row[c]);                                                                          \
-                    scratch[c] += LD(row[c]);                                                                       \
+                    scratch[c] += LD(row[c]);                                                                   \
                 }                                                                                               \
-                if (gq_rows) gq_rows[a * R + R - 1 - delta] = ST(LD(gq_rows[a * R + R - 1 - delta]) + sum);                                       \
+                if (gq_rows) { /* one delta: the row's sum */                                                   \
+                    TYPE *g = gq_rows + a * R + R - 1 - delta;                                                  \
+                    *g = ST(LD(*g) + sum);                                                                      \
+                }                                                                                               \
             }                                                                                                   \
             if (gk_rows)                                                                                        \
-                for (int64_t c = 0; c < bs; c++) gk_rows[c * R + delta] = ST(LD(gk_rows[c * R + delta]) + scratch[c]);                      \
+                for (int64_t c = 0; c < bs; c++) {                                                              \
+                    TYPE *g = gk_rows + c * R + delta;                                                          \
+                    *g = ST(LD(*g) + scratch[c]);                                                               \
+                }                                                                                               \
             return;                                                                                             \
         }                                                                                                       \
         for (int64_t a = 0; a < bs; a++) {                                                                      \
@@ -187,11 +193,11 @@ static inline uint16_t bf16_store(float f) {
             TYPE *gqrow = gq_rows + a * R + R - 1;                                                              \
             if (kind == SHIFT) {                                                                                \
                 TYPE *g0 = gqrow - deltas[a];                                                                   \
-                for (int64_t c = 0; c < bs; c++) g0[c] = ST(LD(g0[c]) + LD(row[c]));                                         \
+                for (int64_t c = 0; c < bs; c++) g0[c] = ST(LD(g0[c]) + LD(row[c]));                            \
             } else {                                                                                            \
-                ACC *values = scratch + bs * bs; /* the row in ACC (the scratch holds CHUNK >= 2 tiles) */                   \
-                for (int64_t c = 0; c < bs; c++) values[c] = LD(row[c]);                                       \
-                add_runs_##SUFFIX(gqrow, values, deltas + a, -1, -1, bs); /* gqrow[-d[-c]] += row[c] */          \
+                ACC *values = scratch + bs * bs; /* the row in ACC (scratch: CHUNK >= 2 tiles) */               \
+                for (int64_t c = 0; c < bs; c++) values[c] = LD(row[c]);                                        \
+                add_runs_##SUFFIX(gqrow, values, deltas + a, -1, -1, bs); /* gqrow[-d[-c]] += row[c] */         \
             }                                                                                                   \
         }                                                                                                       \
         if (!gk_rows) return;                                                                                   \
@@ -200,9 +206,9 @@ static inline uint16_t bf16_store(float f) {
             const ACC *src = scratch + c * bs;                                                                  \
             if (kind == SHIFT) {                                                                                \
                 TYPE *g0 = gkrow + deltas[-c];                                                                  \
-                for (int64_t a = 0; a < bs; a++) g0[a] = ST(LD(g0[a]) + src[a]);                                         \
+                for (int64_t a = 0; a < bs; a++) g0[a] = ST(LD(g0[a]) + src[a]);                                \
             } else {                                                                                            \
-                add_runs_##SUFFIX(gkrow, src, deltas - c, 1, 1, bs); /* gkrow[d[a]] += src[a] */               \
+                add_runs_##SUFFIX(gkrow, src, deltas - c, 1, 1, bs); /* gkrow[d[a]] += src[a] */                \
             }                                                                                                   \
         }                                                                                                       \
     }                                                                                                           \
@@ -214,10 +220,10 @@ static inline uint16_t bf16_store(float f) {
             const int64_t h = p % j->H;                                                                         \
             for (int64_t n = 0; n < j->nq; n++) {                                                               \
                 const int64_t qb = j->q_block0 + n;                                                             \
-                TYPE *gq_rows = gqp ? gqp + (p * j->Np + qb * bs) * R : 0;                                     \
+                TYPE *gq_rows = gqp ? gqp + (p * j->Np + qb * bs) * R : 0;                                      \
                 for (int64_t s = 0; s < K; s++) {                                                               \
                     const int64_t kb = j->kblocks[h * j->kb_sh + n * j->kb_sn + s];                             \
-                    TYPE *gk_rows = gkp ? gkp + (p * j->T + (kb + j->hw) * bs) * R : 0;                        \
+                    TYPE *gk_rows = gkp ? gkp + (p * j->T + (kb + j->hw) * bs) * R : 0;                         \
                     backward_tile_##SUFFIX(grad + (p * j->nq + n) * bs * width + s * bs, gq_rows, gk_rows,      \
                                            scratch, j->table + (qb - kb) * bs + j->Np - 1, bs, R, width);       \
                 }                                                                                               \
@@ -305,22 +311,22 @@ static int run_parallel(Work work, const Job *job, int64_t items, int threads, s
 }
 #endif
 
-#define DEFINE_ENTRY_POINTS(ACC, SUFFIX)                                                                               \
-    int bbja_terms_forward_##SUFFIX(const void *qp, const void *kp, void *out, const int64_t *table,             \
+#define DEFINE_ENTRY_POINTS(ACC, SUFFIX)                                                                        \
+    int bbja_terms_forward_##SUFFIX(const void *qp, const void *kp, void *out, const int64_t *table,            \
                                     const int64_t *kblocks, int64_t P, int64_t H, int64_t nq, int64_t q_block0, \
                                     int64_t K, int64_t bs, int64_t R, int64_t Np, int64_t T, int64_t hw,        \
                                     int64_t kb_sh, int64_t kb_sn, int threads) {                                \
         Job job = {qp, kp, 0, out, 0, 0, table, kblocks, P, H, nq, q_block0, K, bs, R, Np, T, hw, kb_sh, kb_sn, \
                    0, 0, 0};                                                                                    \
-        return run_parallel(forward_task_##SUFFIX, &job, P * nq, threads, sizeof(ACC));                                     \
+        return run_parallel(forward_task_##SUFFIX, &job, P * nq, threads, sizeof(ACC));                         \
     }                                                                                                           \
-    int bbja_terms_backward_##SUFFIX(const void *grad, void *gqp, void *gkp, const int64_t *table,               \
+    int bbja_terms_backward_##SUFFIX(const void *grad, void *gqp, void *gkp, const int64_t *table,              \
                                      const int64_t *kblocks, int64_t P, int64_t H, int64_t nq, int64_t q_block0, \
                                      int64_t K, int64_t bs, int64_t R, int64_t Np, int64_t T, int64_t hw,       \
                                      int64_t kb_sh, int64_t kb_sn, int threads) {                               \
         Job job = {0, 0, grad, 0, gqp, gkp, table, kblocks, P, H, nq, q_block0, K, bs, R, Np, T, hw, kb_sh,     \
                    kb_sn, 0, 0, 0};                                                                             \
-        return run_parallel(backward_task_##SUFFIX, &job, P, threads, sizeof(ACC));                                        \
+        return run_parallel(backward_task_##SUFFIX, &job, P, threads, sizeof(ACC));                             \
     }
 
 DEFINE_ENTRY_POINTS(float, f32)
