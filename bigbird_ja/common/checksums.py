@@ -111,6 +111,20 @@ def verify_listing(folder: str | os.PathLike) -> list[str] | None:
     return check_listing(folder, files, LISTING)
 
 
+class DamagedFolderError(ValueError):
+    """A folder whose files disagree with its checksums.json (a ValueError: callers that caught one still do)."""
+
+
+def verify_model_folder(folder: str | os.PathLike) -> None:
+    """Check a model folder against its checksums.json, naming each damaged file; a folder without one (saved by
+    another tool or an earlier version) is taken as it is. Every consumer of a model folder calls this first
+    (fine-tuning, evaluation, the pipelines, ONNX export)."""
+    problems = verify_listing(folder)
+    if problems:
+        raise DamagedFolderError(f"model folder {folder} is damaged: {'; '.join(problems)}. Copy it again from where "
+                                 f"it came from, or re-run the export or fine-tuning that saved it")
+
+
 def save_model_folder(model, tokenizer, folder: str | os.PathLike) -> None:
     """A model and its tokenizer as a save_pretrained folder (`bigbird-ja export`, fine-tuning's model/): written
     under a temporary name beside ``folder``, checksums.json last, then renamed into place, replacing what was

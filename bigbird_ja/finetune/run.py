@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..common.atomic_io import atomic_write_text
-from ..common.checksums import save_model_folder, verify_listing
+from ..common.checksums import save_model_folder, verify_model_folder
 from ..common.config_io import read_yaml
 from ..common.distributed import broadcast_object, rank_and_world_size
 from .config import ConfigError, FinetuneConfig, load_finetune_config
@@ -83,15 +83,6 @@ def _prepare_output(cfg: FinetuneConfig) -> Path:
             (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     return out
-
-
-def verify_model_folder(folder: str | Path) -> None:
-    """Check a model folder against its checksums.json, naming each damaged file; a folder without one (saved by
-    another tool or an earlier version) is taken as it is."""
-    problems = verify_listing(folder)
-    if problems:
-        raise ValueError(f"model folder {folder} is damaged: {'; '.join(problems)}. Copy it again from where it "
-                         f"came from, or re-run the fine-tuning that saved it")
 
 
 def load_tokenizer(path: str | Path):
