@@ -3,6 +3,10 @@ out with plain indexing, on random tables and block lists; its build cache and i
 with and without it is compared with the dense reference in test_attention_backends.py.)"""
 
 import logging
+import os
+import struct
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -147,7 +151,8 @@ def test_build_is_cached_and_written_whole(kernel, tmp_path, monkeypatch):
     assert path.parent == tmp_path / "cpu_kernels" and path.exists()
     stamp = path.stat().st_mtime_ns
     assert cpu_kernels.build() == path and path.stat().st_mtime_ns == stamp  # found, not rebuilt
-    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
+    # the library and the record of its checksum; no temporary file left behind
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name, path.name + ".json"]
 
 
 def test_without_the_kernel_the_blocked_backend_takes_the_pytorch_reads(monkeypatch, tmp_path, caplog):
@@ -220,3 +225,106 @@ def test_kernel_refuses_bounds_it_would_overrun(kernel):
         kernel.forward(qp, kp[:, :-kw["bs"]].contiguous(), out, table, kblocks, **kw)
     with pytest.raises(ValueError, match="qp"):
         kernel.backward(out, torch.zeros_like(qp[:, :-1]), None, table, kblocks, **kw)
+
+
+# The cache: a damaged library must never reach ctypes (a cut-short one is a Bus error, bytes changed inside an
+# intact ELF header an Illegal instruction, both killing the process on every later run). Each damage is met in a
+# fresh process, so a signal shows as a negative return code instead of killing pytest.
+
+KERNEL_RUN = """
+import sys, torch
+from bigbird_ja.attention import cpu_kernels
+kernel = cpu_kernels.relative_terms()
+if kernel is None:
+    sys.exit("the kernel did not load")
+case = torch.load(sys.argv[1])
+out = torch.empty(case["shape"], dtype=torch.float64)
+kernel.forward(case["qp"], case["kp"], out, case["table"], case["kblocks"], **case["kw"])
+torch.save(out, sys.argv[2])
+"""
+
+
+def damage_by_cutting_short(data: bytes) -> bytes:
+    return data[:len(data) // 2]
+
+
+def damage_inside(data: bytes) -> bytes:
+    """Every byte of the code (.text) inverted; the ELF header and tables intact, so the loader maps it."""
+    start, size = text_section(data)
+    return data[:start] + bytes(b ^ 0xFF for b in data[start:start + size]) + data[start + size:]
+
+
+def text_section(data: bytes) -> tuple[int, int]:
+    """(file offset, size) of .text in a 64-bit little-endian ELF file (what the test machines build)."""
+    if data[:6] != b"\x7fELF\x02\x01":
+        pytest.skip("the kernel library is not a 64-bit little-endian ELF file")
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    entsize, count, names = struct.unpack_from("<HHH", data, 0x3A)
+    headers = [struct.unpack_from("<IIQQQQ", data, shoff + i * entsize) for i in range(count)]
+    name_table = headers[names][4]
+    for name, _, _, _, offset, size in headers:
+        if data[name_table + name:].startswith(b".text\0"):
+            return offset, size
+    raise AssertionError("no .text section")
+
+
+@pytest.mark.slow  # a fresh interpreter that imports torch: 5-10 s on 2 busy cores
+@pytest.mark.parametrize("damage", [damage_by_cutting_short, damage_inside])
+def test_a_damaged_cached_library_is_rebuilt_not_loaded(kernel, tmp_path, monkeypatch, damage):
+    monkeypatch.setenv("BIGBIRD_JA_CACHE", str(tmp_path / "cache"))
+    path = cpu_kernels.build()
+    intact = path.read_bytes()
+    path.write_bytes(damage(intact))
+    qp, kp, table, kblocks, kw = make_case("clamped buckets, sparse rows", torch.float64, seed=11)
+    shape = (qp.shape[0], kblocks.shape[1], kw["bs"], kblocks.shape[2] * kw["bs"])
+    torch.save(dict(qp=qp, kp=kp, table=table, kblocks=kblocks, kw=kw, shape=shape), tmp_path / "case.pt")
+
+    run = subprocess.run([sys.executable, "-c", KERNEL_RUN, str(tmp_path / "case.pt"), str(tmp_path / "out.pt")],
+                         capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, BIGBIRD_JA_CACHE=str(tmp_path / "cache")))
+    print(run.stderr[-3000:])
+    assert run.returncode == 0, f"exit {run.returncode} (negative: killed by signal {-run.returncode})"
+    expected = terms_by_definition(qp, kp, table, kblocks, nq=kblocks.shape[1], **kw)
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, rtol=0, atol=0)
+    warnings = [line for line in run.stderr.splitlines() if str(path) in line]
+    assert len(warnings) == 1 and "rebuil" in warnings[0], run.stderr
+    assert path.read_bytes() == intact  # repaired: the next run loads it without a word
+    assert cpu_kernels.build() == path and path.read_bytes() == intact
+
+
+def test_a_compiler_that_writes_nothing_caches_nothing(tmp_path, monkeypatch, caplog):
+    """A compiler that exits 0 without output (full disk, a wrapper script) leaves nothing in the cache: the run
+    takes the PyTorch reads with one warning, and a later run whose compiler works builds the kernel."""
+    works = tmp_path / "compiler-works"
+    fake = tmp_path / "cc"  # the same --version either way, so the same cache key
+    fake.write_text(f'#!/bin/sh\nif [ "$1" = --version ]; then echo "flaky cc 1.0"; exit 0; fi\n'
+                    f'if [ -e {works} ]; then exec cc "$@"; fi\nexit 0\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    monkeypatch.setenv("BIGBIRD_JA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cpu_kernels, "_loaded", {})
+    with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
+        assert cpu_kernels.relative_terms() is None
+        assert cpu_kernels.relative_terms() is None
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "wrote" in warnings[0], warnings
+    cached = tmp_path / "cache" / "cpu_kernels"
+    assert not cached.exists() or not list(cached.iterdir())
+
+    config = tiny_config(max_position_embeddings=512, position_buckets=32)
+    q, k, v, pos_key, pos_query, padding = make_inputs(config, 1, 75, seed=5)
+    args = (layout_for(config, 0, 75), padding, 0.37, pos_key, pos_query, RelativePositionSpec.from_config(config))
+    torch.testing.assert_close(disentangled_attention(q, k, v, *args, backend="blocked"),
+                               disentangled_attention(q, k, v, *args, backend="reference"), rtol=0, atol=1e-10)
+
+    works.touch()  # a later process, its compiler mended
+    monkeypatch.setattr(cpu_kernels, "_loaded", {})
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
+        built = cpu_kernels.relative_terms()
+    assert built is not None and not caplog.records
+    qp, kp, table, kblocks, kw = make_case("random table", torch.float64, seed=4)
+    out = torch.empty(qp.shape[0], kblocks.shape[1], kw["bs"], kblocks.shape[2] * kw["bs"], dtype=torch.float64)
+    built.forward(qp, kp, out, table, kblocks, **kw)
+    torch.testing.assert_close(out, terms_by_definition(qp, kp, table, kblocks, nq=kblocks.shape[1], **kw),
+                               rtol=0, atol=0)

@@ -15,6 +15,7 @@ import pytest
 
 from bigbird_ja import cli
 from bigbird_ja.data import PackedDataset, PrepareOptions, prepare, read_manifest, sample_documents
+from bigbird_ja.data.cleaning import CleaningOptions
 from bigbird_ja.data.format import check_shard_files
 from bigbird_ja.data.preparation import Slice, assign_slices, parse_worker, plan_slices, worker_from_env
 from bigbird_ja.data.sources import discover_inputs
@@ -208,3 +209,86 @@ def test_cli_refuses_overwrite_with_several_workers(tmp_path, tok_dir, inputs, c
     code = cli.main(["prepare", "--tokenizer", str(tok_dir), "--input", str(inputs[0]), "--out", str(tmp_path / "o"),
                      "--slice", "0/2", "--overwrite", "--no-progress"])
     assert code == 2 and "delete the output folder first" in capsys.readouterr().err
+
+
+# Workers sharing --out with other settings would never merge (each slice's key differs): each used to exit 0
+# saying the other slices are "still being packed". A worker or a merge meeting slices finished with other settings
+# is refused, naming each differing option with both values and the fix.
+OTHER_SETTINGS = {  # option: (the other worker's prepare arguments, the folder's value, the other value)
+    "--seq-len": (dict(seq_len=128), "64", "128"),
+    "--normalization": (dict(options=_options(cleaning=CleaningOptions(normalization=None))), "NFKC", "none"),
+    "--slice-bytes": (dict(options=PrepareOptions(slice_bytes=3000, durable=False)), "11000", "3000"),
+}
+
+
+@pytest.mark.parametrize("option", list(OTHER_SETTINGS))
+def test_a_worker_started_with_other_settings_is_refused_naming_them(tmp_path, tok_dir, inputs, reference, option):
+    other, folder_value, other_value = OTHER_SETTINGS[option]
+    out = tmp_path / "mixed"
+    assert not prepare(tok_dir, inputs, out, num_workers=0, options=_options(), worker=(0, 2), **ARGS).merged
+    finished = _files(out / "slices" / "slice-00000")
+    with pytest.raises(ValueError) as error:
+        prepare(tok_dir, inputs, out, num_workers=0, worker=(1, 2), **{**ARGS, "options": _options(), **other})
+    message = str(error.value)
+    print(message)
+    assert f"{option} {folder_value}" in message and f"{option} {other_value}" in message, message
+    assert "--overwrite" in message and "same" in message
+    # Refused before it packed or removed anything: a worker with the folder's settings completes the data set.
+    assert _files(out / "slices" / "slice-00000") == finished
+    assert prepare(tok_dir, inputs, out, num_workers=0, options=_options(), worker=(1, 2), **ARGS).merged
+    assert _files(out) == _files(reference)
+
+
+def test_merge_names_the_slices_finished_with_other_settings(tmp_path, tok_dir, inputs, reference):
+    """Two workers started at once with different --seq-len: neither saw the other's slices finished at its start.
+    (Made here by packing each worker's slices into a folder of its own and moving one worker's into the other's.)"""
+    out, elsewhere = tmp_path / "mixed", tmp_path / "elsewhere"
+    prepare(tok_dir, inputs, out, num_workers=0, options=_options(), worker=(0, 2), **ARGS)
+    prepare(tok_dir, inputs, elsewhere, num_workers=0, options=_options(), worker=(1, 2), **dict(ARGS, seq_len=128))
+    for name in ("slice-00001", "slice-00002"):
+        (elsewhere / "slices" / name).rename(out / "slices" / name)
+    with pytest.raises(ValueError) as error:
+        prepare(tok_dir, inputs, out, options=_options(), merge_only=True, **ARGS)
+    message = str(error.value)
+    print(message)
+    assert "slices [1, 2]" in message and "--seq-len 128" in message and "--seq-len 64" in message, message
+    assert "not finished" not in message
+    # The worker of the slices at 64 is refused as well (it would wait for ever) ...
+    with pytest.raises(ValueError, match=r"--seq-len 128"):
+        prepare(tok_dir, inputs, out, num_workers=0, options=_options(), worker=(0, 2), **ARGS)
+    # ... and the fix it names works: the other worker again with the same --seq-len packs its slices again.
+    assert prepare(tok_dir, inputs, out, num_workers=0, options=_options(), worker=(1, 2), **ARGS).merged
+    assert _files(out) == _files(reference)
+
+
+def test_cli_worker_with_other_settings_exits_with_the_message(tmp_path, tok_dir, inputs, capsys):
+    common = ["prepare", "--tokenizer", str(tok_dir), "--input", *map(str, inputs), "--out", str(tmp_path / "o"),
+              "--seed", "5", "--shard-tokens", str(64 * 6), "--slice-bytes", str(SLICE_BYTES), "--num-workers", "0",
+              "--no-progress"]
+    assert cli.main(common + ["--seq-len", "64", "--slice", "0/2"]) == 0
+    capsys.readouterr()
+    code = cli.main(common + ["--seq-len", "64", "--normalization", "none", "--slice", "1/2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--normalization NFKC" in err and "--normalization none" in err, err
+
+
+def test_a_worker_that_meets_other_settings_only_at_its_end_is_refused(tmp_path, tok_dir, inputs, monkeypatch):
+    """Started together, neither worker sees the other's slices at its start; the one to finish second must not
+    report the folder as waiting for slices that will never merge."""
+    from bigbird_ja.data import preparation as m
+
+    out, elsewhere = tmp_path / "mixed", tmp_path / "elsewhere"
+    prepare(tok_dir, inputs, elsewhere, num_workers=0, options=_options(), worker=(0, 2), **ARGS)
+    original = m._Run.pack_slice
+
+    def pack_while_the_other_worker_finishes(self, s, *args):
+        read = original(self, s, *args)
+        for name in ("slice-00000", "slice-00003"):  # the other worker (--seq-len 64) finishes meanwhile
+            if (elsewhere / "slices" / name).exists():
+                (elsewhere / "slices" / name).rename(out / "slices" / name)
+        return read
+
+    monkeypatch.setattr(m._Run, "pack_slice", pack_while_the_other_worker_finishes)
+    with pytest.raises(ValueError, match=r"slices \[0, 3\] were finished by workers started with --seq-len 64, "
+                                         r"while this worker has --seq-len 128"):
+        prepare(tok_dir, inputs, out, num_workers=0, options=_options(), worker=(1, 2), **dict(ARGS, seq_len=128))

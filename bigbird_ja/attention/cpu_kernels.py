@@ -6,6 +6,10 @@ has none; no torch headers), cached per source, compiler and machine under $BIGB
 BIGBIRD_JA_CPU_KERNELS=0, `relative_terms()` returns None and the blocked backend takes its pure-PyTorch reads (the
 same function, slower). A failed build is logged once.
 
+A cached library is loaded only when its size and sha256 match the record written beside it after it (a cut-short or
+altered library would kill the process with a Bus error or an Illegal instruction inside ctypes, not raise); any
+other is rebuilt with a warning. A build that leaves no loadable library is never cached.
+
 The pure-PyTorch reads in blocked.py are this kernel's reference; tests compare both with the dense reference in
 float64.
 """
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import json
 import logging
 import os
 import platform
@@ -56,8 +61,9 @@ def _compiler() -> list[str] | None:
 
 
 def build(source: Path = SOURCE) -> Path:
-    """Compile `source` into the cache (if not there yet) and return the shared library's path. The build writes a
-    temporary file and renames it, so ranks building at once on a shared file system never load half a file."""
+    """Compile `source` into the cache (unless an intact build is there) and return the shared library's path. The
+    library and then its record (`_record_path`) are written to temporary files and renamed, so ranks building at
+    once on a shared file system never load half a file, and a library is trusted only once its record is in."""
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
@@ -66,10 +72,15 @@ def build(source: Path = SOURCE) -> Path:
     key = hashlib.sha256(b"\0".join([code, " ".join(compiler).encode(), version.encode(), platform.machine().encode(),
                                      " ".join(FLAGS + OPENMP_FLAGS).encode()])).hexdigest()[:16]
     target = cache_dir() / f"{source.stem}-{key}.so"
-    if target.exists():
+    damage = _damage(target)
+    if damage is None:
         return target
+    if target.exists():
+        logger.warning("bigbird_ja: the cached CPU kernel %s %s: rebuilding it", target, damage)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    fd, tmp_record = tempfile.mkstemp(suffix=".json", dir=target.parent)
     os.close(fd)
     try:
         for flags in (FLAGS + OPENMP_FLAGS, FLAGS):  # e.g. Apple's clang has no -fopenmp
@@ -78,11 +89,51 @@ def build(source: Path = SOURCE) -> Path:
                 break
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(compiler)} failed on {source}:\n{result.stderr[-2000:]}")
+        _check_loadable(tmp, compiler)
+        data = Path(tmp).read_bytes()
+        Path(tmp_record).write_text(json.dumps({"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}))
         os.replace(tmp, target)
+        os.replace(tmp_record, _record_path(target))  # last: from now on the library is trusted
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for leftover in (tmp, tmp_record):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
     return target
+
+
+def _record_path(library: Path) -> Path:
+    return library.with_name(library.name + ".json")
+
+
+def _damage(library: Path) -> str | None:
+    """None when `library` is whole (its size and sha256 those recorded after its build), else what is wrong."""
+    try:
+        record = json.loads(_record_path(library).read_text())
+        expected_size, expected_sha256 = int(record["size"]), str(record["sha256"])
+    except FileNotFoundError:
+        return "has no record of its checksum (written by an older version, or its build was cut short)"
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"has an unreadable record of its checksum ({error})"
+    try:
+        data = library.read_bytes()
+    except OSError as error:
+        return f"cannot be read ({error})"
+    if len(data) != expected_size:
+        return f"is {len(data)} bytes where its build wrote {expected_size} (cut short or overwritten)"
+    if hashlib.sha256(data).hexdigest() != expected_sha256:
+        return "does not match the sha256 recorded at its build (damaged)"
+    return None
+
+
+def _check_loadable(path: str, compiler: list[str]) -> None:
+    """A compiler that exits 0 without writing a library (a wrapper script, a full disk) must not fill the cache."""
+    if os.path.getsize(path) == 0:
+        raise RuntimeError(f"{' '.join(compiler)} exited 0 but wrote nothing: nothing was cached")
+    try:
+        ctypes.CDLL(path)
+    except OSError as error:
+        raise RuntimeError(f"{' '.join(compiler)} wrote a library that cannot be loaded ({error}): nothing was "
+                           f"cached") from error
 
 
 def _require(condition: bool, what: str) -> None:

@@ -20,7 +20,9 @@ and a merge links the slices' shards into one data set (`format`, "Slices"). So 
 processes and nodes (``worker=(i, n)``, ``--slice I/N`` or ``--slice auto`` under srun / torchrun / mpirun: each
 worker packs a disjoint set of slices into the same output folder on a shared file system, the last to finish
 merges), resumes after a crash without redoing finished slices (run the same command again), and writes the same
-bytes whatever the number of workers, nodes or pool processes.
+bytes whatever the number of workers, nodes or pool processes. Workers sharing a folder must be started with the same
+settings (each slice.json records them by name): a worker or ``--merge`` that finds slices finished with others stops
+with an error naming each differing option, rather than waiting for slices that would never merge.
 
 Input problems are never silent: `cleaning` lists what is removed, normalised or skipped; each instance goes to
 ``issues.jsonl`` with its file and line, the counts to the manifest and the returned report. A few are fatal,
@@ -410,6 +412,10 @@ def prepare(tokenizer_dir, inputs, out_dir, seq_len: int = 4096, seed: int = 0, 
     if _prepare_out_dir(run.out, overwrite, keys, resumable=worker is not None or merge_only):
         return _report_of_manifest(report, read_manifest(run.out), "already complete")
 
+    # Workers with other settings would pack slices that never merge with these: refuse before any work (and
+    # after it, for one started at the same time). A one-process run packs every slice itself, so it has no peers.
+    if worker is not None or merge_only:
+        run.refuse_other_settings({s.index for s in mine}, merging=merge_only)
     started = time.perf_counter()
     todo = [s for s in mine if run.finished_slice(s, keys[s.index]) is None]
     report.slices_resumed = len(mine) - len(todo)
@@ -442,15 +448,23 @@ def prepare(tokenizer_dir, inputs, out_dir, seq_len: int = 4096, seed: int = 0, 
             bar.close()
 
     # The merge: by one process after its slices, by the worker that finds every slice finished, or on request.
+    if worker is not None:
+        run.refuse_other_settings({s.index for s in mine}, merging=False)
     manifests = [run.finished_slice(s, keys[s.index]) for s in slices]
     unfinished = [s.index for s, m in zip(slices, manifests) if m is None]
     if unfinished:
         if (run.out / MANIFEST_NAME).is_file():  # another worker merged meanwhile (and removed the slices)
             return _report_of_manifest(report, read_manifest(run.out), "merged by another worker")
         if merge_only:
-            raise ValueError(f"cannot merge {str(run.out)!r}: slices {_short_list(unfinished)} of {len(slices)} are "
-                             f"not finished: run (or re-run) the workers that pack them (`bigbird-ja prepare "
-                             f"--slice I/N ...` with the same arguments), then --merge again")
+            # finished under another key with these settings: packed before their input files changed, or damaged
+            stale = [i for i in unfinished if (run.folder(slices[i]) / SLICE_MANIFEST).is_file()]
+            waiting = [i for i in unfinished if i not in stale]
+            why = ([f"slices {_short_list(waiting)} of {len(slices)} are not finished"] if waiting else []) + (
+                [f"slices {_short_list(stale)} of {len(slices)} were finished under another key (their input "
+                 f"files changed since, or their files are damaged)"] if stale else [])
+            raise ValueError(f"cannot merge {str(run.out)!r}: {' and '.join(why)}: run (or re-run) the workers that "
+                             f"pack them (`bigbird-ja prepare --slice I/N ...` with the same arguments), then "
+                             f"--merge again")
         report.seconds = time.perf_counter() - started
         report.waiting_for = unfinished
         return report
@@ -576,6 +590,38 @@ class _Run:
                            for f in self.files[s.start:s.stop]]}
         return "sha256:" + hashlib.sha256(canonical_json(what)).hexdigest()
 
+    def settings(self) -> dict:
+        """What the key holds besides a slice's own files, flat and by name: the settings every worker sharing the
+        folder must agree on (recorded in each slice.json, compared by `refuse_other_settings`)."""
+        flat = {**self.common_meta, "special_token_ids": self.specials, "seqs_per_shard": self.seqs_per_shard,
+                "inputs": [f.path for f in self.files]}
+        for name, value in _options_json(self.options).items():
+            flat.update({f"{name}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {name: value})
+        return json.loads(canonical_json(flat))  # as read back from a slice.json (lists, not tuples)
+
+    def refuse_other_settings(self, mine: set[int], merging: bool) -> None:
+        """Raise naming each differing option when a slice folder (but ``mine``: this worker packs those again)
+        holds a slice finished with other settings: its key never matches ours, so the folder would never merge."""
+        ours, found = self.settings(), {}
+        for folder in sorted((self.out / SLICES_DIR).glob("*")):  # any plan's slices: --slice-bytes may differ
+            index = folder.name.rpartition("-")[2]
+            if not (index.isdigit() and folder.name == SLICE_STEM.format(index=int(index))) or int(index) in mine:
+                continue
+            with contextlib.suppress(OSError, ValueError):
+                theirs = json.loads((folder / SLICE_MANIFEST).read_bytes()).get("settings")
+                if isinstance(theirs, dict) and theirs != ours:
+                    found.setdefault(_describe_differences(theirs, ours), []).append(int(index))
+        if found:
+            who = "this merge" if merging else "this worker"
+            groups = "; ".join(f"slices {_short_list(indices)} were finished by workers started with {theirs}, "
+                               f"while {who} has {here}" for (theirs, here), indices in found.items())
+            raise ValueError(
+                f"{'cannot merge' if merging else 'output folder'} {str(self.out)!r}: {groups}. Workers "
+                f"sharing --out (and --merge) must be started with the same settings, or their slices never merge: "
+                f"use the same value everywhere (a worker started again with it packs its slices again), or start "
+                f"the folder again (delete it before starting the workers, or pack it in one process with "
+                f"--overwrite)")
+
     def _stats(self, s: Slice) -> list:
         # Not part of the key (nor of the output): an input rewritten since the slice was packed is packed again.
         return [os.stat(f.path).st_mtime_ns for f in self.files[s.start:s.stop]]
@@ -639,8 +685,8 @@ class _Run:
         listed.update({info.tokens_file: info.num_tokens * self.dtype.itemsize for info in shards})
         listed[ISSUES_NAME] = file_entry(folder / ISSUES_NAME)
         manifest = {
-            "format": FORMAT_NAME + "-slice", "key": key, "index": s.index, "files": listed,
-            "input_files": [s.start, s.stop], "input_mtimes": self._stats(s),
+            "format": FORMAT_NAME + "-slice", "key": key, "settings": self.settings(), "index": s.index,
+            "files": listed, "input_files": [s.start, s.stop], "input_mtimes": self._stats(s),
             "totals": _totals(report, reader.bytes_read), "shards": [info.to_json() for info in shards],
             "issues": report.issue_counts, "issue_examples": report.issue_examples,
         }
@@ -704,6 +750,35 @@ class _Run:
         shutil.rmtree(out / SLICES_DIR, ignore_errors=True)  # hard links: the shards stay
         if durable:
             fsync_dir(out)
+
+
+# The command-line spelling of the settings in `_Run.settings` (the others are fields of PrepareOptions), and the
+# settings that follow from another (not named again when that one differs).
+_SETTING_NAMES = {
+    "seq_len": "--seq-len", "seed": "--seed", "tokenizer_fingerprint": "--tokenizer (fingerprint)",
+    "vocab_size": "--tokenizer (vocabulary size)", "special_token_ids": "--tokenizer (special token ids)",
+    "seqs_per_shard": "sequences per shard (--shard-tokens / --seq-len)", "inputs": "--input",
+    "source.input_format": "--format", "source.text_field": "--text-field", "cleaning.normalization": "--normalization",
+    "cleaning.encoding": "--encoding", "slice_bytes": "--slice-bytes",
+}
+_DERIVED_SETTINGS = {"seqs_per_shard": "seq_len", "dtype": "vocab_size", "vocab_size": "tokenizer_fingerprint",
+                     "special_token_ids": "tokenizer_fingerprint"}
+
+
+def _describe_differences(theirs: dict, ours: dict) -> tuple[str, str]:
+    """("--seq-len 64, --normalization NFKC", "--seq-len 128, --normalization none"): each differing setting."""
+    differing = [k for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
+    differing = [k for k in differing if _DERIVED_SETTINGS.get(k) not in differing] or differing
+
+    def value(v) -> str:
+        if isinstance(v, list):
+            return "[" + ", ".join(map(str, v[:3])) + (f", ... ({len(v)} in all)" if len(v) > 3 else "") + "]"
+        return "none" if v is None else str(v)
+
+    def named(settings: dict) -> str:
+        return ", ".join(f"{_SETTING_NAMES.get(k, 'PrepareOptions ' + k)} {value(settings.get(k))}" for k in differing)
+
+    return named(theirs), named(ours)
 
 
 _TOTAL_KEYS = ("num_sequences", "num_documents", "num_document_tokens", "num_separator_tokens", "num_cls_tokens",
