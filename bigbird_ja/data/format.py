@@ -23,7 +23,8 @@ against the vocabulary (an id outside it is corruption: `CorruptDataError`), and
 (about ``slice_bytes`` of input each, so they are defined by the inputs alone, never by the number of workers).
 Each slice is packed on its own, as if it were the whole input (its last sequence padded), into
 ``slices/slice-NNNNN/`` with its own ``shard-*`` files, ``issues.jsonl`` and, written last, ``slice.json``: the
-slice's shards, totals, a key of everything that determines its bytes, and the size and sha256 of its files. A
+slice's shards, totals, a key of everything that determines its bytes, the settings behind that key by name (what
+every worker sharing the folder must agree on), and the size and sha256 of its files. A
 slice folder with a valid ``slice.json`` is finished and is never redone. The MERGE (the worker that finishes the
 last slice, or ``prepare --merge``) hard-links the slices' shards into the flat layout above in slice order,
 numbering them globally, rewrites each small ``shard-*.json`` with its global index, concatenates the issue logs,
