@@ -284,7 +284,7 @@ def test_a_full_disk_while_saving_says_so_and_leaves_the_earlier_checkpoints_int
     assert str(root) in message and re.search(r"had [\d.,]+ [GM]iB free", message) and "--resume auto" in message
     assert caught.value.errno == errno.ENOSPC
     assert _snapshot(root) == before  # earlier checkpoints and `latest` untouched, the temporary folder gone
-    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000004", "step-00000008"]
+    assert sorted(p.name for p in root.iterdir()) == ["latest", ckpt_mod.RUN_FILE, "step-00000004", "step-00000008"]
 
 
 class _RankEngine(_Engine):

@@ -5,13 +5,16 @@ The same function runs as one process, under the `deepspeed` launcher, `torchrun
 methods are the phases of a run, in order:
 
 1. `prepare_data`: if data.dir does not exist and prepare.inputs are given, rank 0 trains a tokenizer (if needed)
-   and runs `prepare`; every rank then runs the preflight checks (`preflight`). Any failure on any rank stops every
-   rank, each rank's message printed.
+   and runs `prepare`; every rank then runs the preflight checks (`preflight`), and checks that prepare.seq_len is
+   the length data.dir was packed at (the data's length is the one trained at; config.yaml must not say another).
+   Any failure on any rank stops every rank, each rank's message printed.
 2. `build_model`: the preset + overrides, vocab_size from the tokenizer, initialised from run.seed on every rank;
    then the disk check, which needs the parameter count.
-3. `choose_checkpoint`: `--resume auto` takes the newest checkpoint that verifies (sizes, sha256, rng files),
-   skipping damaged ones with a warning and refusing when step folders exist but none is usable; at another world
-   size (or ZeRO stage) it will be converted to DeepSpeed's universal format.
+3. `choose_checkpoint`: `--resume auto` takes the newest checkpoint of this run (its identity: checkpoints/run.json)
+   that verifies (sizes, sha256, rng files), skipping damaged ones with a warning, naming other runs' step folders
+   and refusing when step folders exist but none of this run's is usable, or when the run would have to save over
+   another run's; `--resume PATH` of another run's checkpoint forks it (a new run). At another world size (or ZeRO
+   stage) the checkpoint will be converted to DeepSpeed's universal format.
 4. `open_data_streams`: training reads all but the last data.eval_shards shards from the checkpoint's cursor;
    evaluation reads the first eval.samples of the held-out shards.
 5. `write_run_files` (the resolved config, the DeepSpeed JSON generated from it, the model config; printed only
@@ -45,8 +48,8 @@ from ..common.distributed import (
 )
 from ..common.optim import parameter_groups, rank_seed, seed_everything
 from .checkpoint import (
-    ENGINE_TAG, CheckpointWriter, convert_to_universal, engine_load_dir, list_checkpoints, load_rng, read_meta,
-    resolve_resume, set_rng_state, universal_dir,
+    ENGINE_TAG, CheckpointWriter, RunIdentity, choose_resume, convert_to_universal, engine_load_dir,
+    foreign_in_the_way, list_checkpoints, load_rng, read_meta, set_rng_state, universal_dir,
 )
 from .config import ConfigError, PretrainConfig, deepspeed_config, resolve_batch, to_dict
 from .flops import peak_tflops, training_flops
@@ -334,6 +337,12 @@ class Pretraining:
             problems.append(f"tokenizer: {err}")
         report = run_preflight(cfg, rank=self.env.rank, world_size=self.env.world_size,
                                num_nodes=self.env.num_nodes, tokenizer=self.tokenizer)
+        packed = report.manifest and int(report.manifest["seq_len"])
+        if packed and packed != cfg.prepare.seq_len:  # the data's length is trained at: config.yaml must say it
+            problems.append(f"data: prepare.seq_len={cfg.prepare.seq_len}, but {str(cfg.data.dir)!r} was packed at "
+                            f"{packed} tokens a sequence (its manifest.json), the length a run trains at. Set "
+                            f"--prepare.seq_len={packed}, or pack the data at {cfg.prepare.seq_len} into another "
+                            f"data.dir (`bigbird-ja prepare --seq-len {cfg.prepare.seq_len}`)")
         _stop_if_problems(problems + report.problems, "preflight")
         for warning in report.warnings:
             self.say(f"warning: {warning}")
@@ -405,12 +414,26 @@ class Pretraining:
         def choose():
             # Rank 0 verifies (sizes, every file's sha256, every rank's rng file) before any engine exists: a damaged
             # checkpoint is skipped for the next older one, never half-loaded; none usable is an error, not step 0.
-            ckpt = resolve_resume(resume, root, log=warn)
-            if ckpt is None and resume in (None, "none") and list_checkpoints(root):
+            decided = choose_resume(resume, root, log=warn)
+            if decided.path is None and resume in (None, "none") and list_checkpoints(root):
                 raise ValueError(f"{str(root)!r} already holds checkpoints ({list_checkpoints(root)[-1].name} is "
                                  f"the newest): pass --resume auto to continue that run, or set run.output_dir / "
                                  f"checkpoint.dir to a new folder")
-            chosen.append(ckpt)
+            start = read_meta(decided.path)["step"] if decided.path else 0
+
+            def saves_at(step: int) -> bool:  # whether this run writes a checkpoint of `step` (SIGTERM aside)
+                return start < step <= cfg.train.max_steps and (step == cfg.train.max_steps or
+                                                                self._due(cfg.checkpoint.every_steps, step))
+
+            # refused now rather than after the steps before it: the writer never overwrites another run's folder
+            blocking = foreign_in_the_way(root, decided.identity, saves_at)
+            if blocking:
+                raise ValueError(
+                    f"this run (run {decided.identity.run_id}) would save its checkpoints over step folders in "
+                    f"{str(root)!r} that are not its own:\n" + "\n".join(f"    {name}: {why}" for name, why in blocking)
+                    + f"\nThey are left as they are: move them out of {str(root)!r}, or stop this run before them "
+                    f"(train.max_steps), then start again")
+            chosen.append((str(decided.path) if decided.path else None, decided.identity.to_dict(), decided.forked))
 
         problems = []
         if env.is_main:
@@ -419,7 +442,8 @@ class Pretraining:
             except (OSError, ValueError) as err:
                 problems.append(str(err))
         _stop_if_problems(problems, "resume")
-        self.ckpt = broadcast_object(str(chosen[0]) if chosen and chosen[0] else None)
+        self.ckpt, identity, self.forked = broadcast_object(chosen[0] if chosen else None)
+        self.identity = self.writer.identity = RunIdentity.from_dict(identity)
         self.meta = read_meta(Path(self.ckpt)) if self.ckpt else None
         self.universal = False
         self.saved_stage = None
@@ -543,6 +567,11 @@ class Pretraining:
             seed_everything(rank_seed(cfg.run.seed, env.rank, self.state.step))
         self.say(f"resumed from {ckpt} at step {self.state.step} ({self.state.samples:,} samples, data cursor "
                  f"{saved['data']['global_position']:,})")
+        if self.forked:
+            origin = self.identity.forked_from
+            of = f"run {origin['run_id']}" if origin["run_id"] else "a run written before run identities"
+            self.say(f"this is a fork of {of} at step {origin['step']}: a new run, {self.identity.run_id}, whose "
+                     f"checkpoints go to {str(cfg.checkpoint_dir)!r} (recorded in its run.json and checkpoints)")
 
     # -- 6. the loop ----------------------------------------------------------------------------------------------
     def train(self) -> PretrainResult:
@@ -556,7 +585,8 @@ class Pretraining:
                                                        cfg.train.precision)
         self.flops_per_step = training_flops(self.model_config, self.seq_len, plan.micro_batch_size,
                                              plan.grad_accum_steps)
-        self.reporter.record("start", step=self.state.step, resumed_from=self.ckpt, world_size=env.world_size,
+        self.reporter.record("start", step=self.state.step, resumed_from=self.ckpt, run_id=self.identity.run_id,
+                             forked_from=self.identity.forked_from, world_size=env.world_size,
                              global_batch_size=plan.global_batch_size, grad_accum_steps=plan.grad_accum_steps,
                              seq_len=self.seq_len, num_params=self.num_params,
                              flops_per_step_per_device=self.flops_per_step,
