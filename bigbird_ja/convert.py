@@ -2,8 +2,10 @@
 
 Every source tensor is either mapped to a named parameter of the target model or reported; every target parameter
 is either filled from the source or reported. Either report makes the conversion fail unless the caller allows it
-(`allow_missing` / `allow_unused`), so nothing is dropped silently. Tokenizer files are copied along. The output
-folder is written to a temporary folder beside it and renamed into place.
+(`allow_missing` / `allow_unused`), so nothing is dropped silently. A source tensor holding NaN or inf is an error
+naming it (a damaged or diverged checkpoint is not a warm start). Tokenizer files are copied along. The output
+folder is written to a temporary folder beside it, checksums.json last (what `from_pretrained` through the package
+and every other consumer of a model folder check), and renamed into place.
 
 Functions are kept: by default the converted model computes what the source computed (with attention_type="full");
 the sparsity settings only decide which keys each query may see.
@@ -21,12 +23,13 @@ from pathlib import Path
 
 import torch
 
+from .common.checksums import LISTING, write_listing
 from .configuration import BigBirdJaConfig
 
 SOURCE_TYPES = ("deberta-v2", "big_bird")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
-SKIPPED_FILES = set(WEIGHT_FILES) | {"config.json", "generation_config.json", "training_args.bin"}
+SKIPPED_FILES = set(WEIGHT_FILES) | {"config.json", "generation_config.json", "training_args.bin", LISTING}
 
 # DeBERTa-v2 fields copied as they are (the config keeps their names and meanings).
 DEBERTA_FIELDS = (
@@ -197,6 +200,12 @@ def convert_checkpoint(src, dst, *, attention_type=None, block_size=None, max_le
         raise ConversionError(f"model_type {kind!r} in {src / 'config.json'} is not supported: convert from "
                               "'deberta-v2' (DeBERTa-v2/v3) or 'big_bird' (BigBird ITC) checkpoints.")
     state = load_source_state_dict(src)
+    # torch.equal and every later comparison would pass NaN along; a warm start from it trains nothing
+    non_finite = sorted(n for n, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all())
+    if non_finite:
+        raise ConversionError(f"{len(non_finite)} source tensors hold NaN or inf: {', '.join(non_finite[:20])}"
+                              f"{' ...' if len(non_finite) > 20 else ''}; {src} is damaged or its training diverged. "
+                              f"Copy it again from where it came from, or convert another checkpoint")
     head = _head_of([_rename(n, kind) for n in state])
     report = ConversionReport(source_type=kind, target_class=HEAD_CLASSES[head])
     overrides = dict(attention_type=attention_type, block_size=block_size, max_length=max_length,
@@ -262,6 +271,7 @@ def convert_checkpoint(src, dst, *, attention_type=None, block_size=None, max_le
                 shutil.copy2(item, tmp / item.name)
                 report.copied_files.append(item.name)
         (tmp / "conversion_report.json").write_text(json.dumps(asdict(report), indent=2, ensure_ascii=False))
+        write_listing(tmp)  # last: a folder with a listing is complete
         if dst.exists():
             shutil.rmtree(dst)
         os.replace(tmp, dst)

@@ -12,6 +12,8 @@ import difflib
 import functools
 import inspect
 import math
+import os
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -241,6 +243,20 @@ class BigBirdJaPreTrainedModel(PreTrainedModel):
     base_model_prefix = "bigbird_ja"
     supports_gradient_checkpointing = True
     _no_split_modules = ["BigBirdJaLayer"]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, verify_checksums: bool = True, **kwargs):
+        """transformers' `from_pretrained`, a local folder first checked against its checksums.json (`bigbird-ja
+        export`, `finetune` and `convert` write one last): a damaged file is a `DamagedFolderError` (a ValueError)
+        naming it, before any weight is read. A folder without one (`save_pretrained`'s, another tool's) and a Hub
+        id load as before. verify_checksums=False skips the check, for a caller that has just made it itself."""
+        if verify_checksums and isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
+            folder = Path(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
+            if folder.is_dir():
+                from .common.checksums import verify_model_folder
+
+                verify_model_folder(folder)
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     def _init_weights(self, module):
         super()._init_weights(module)

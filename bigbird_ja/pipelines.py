@@ -24,8 +24,24 @@ beside `<run>/model`, the file `bigbird-ja evaluate --model <run>/model` reads; 
 else fine-tuning's defaults (`DataSection`, `EvalSection`). `top_k` (default 1) answers are returned per question:
 a dict for top_k=1, else a list of at most top_k distinct spans, best first.
 
-Score: start logit + end logit of the span, the quantity the answers are ranked by (not a probability). An empty
-context gets the empty answer scored -inf, as in `bigbird-ja evaluate`.
+Answers are bounded in characters as well as tokens: `max_answer_chars` (default `ANSWER_CHARS_PER_TOKEN` = 8 per
+answer token, 240 for max_answer_tokens=30; Japanese text has 1-3 characters a token) drops any span longer than
+that from the candidates, so a span whose token offsets are wider than the text they hold never becomes a long
+"answer" (byte pieces carry their own character's span, see `finetune.qa_features`; what is left is a token's end
+extended over characters NFKC absorbed). `bigbird-ja evaluate` sets no such bound; the answers agree wherever the
+bound does not bind.
+
+Score: start logit + end logit of the span, the quantity the answers are ranked by (not a probability). When no
+candidate span fits the bounds (none of the n_best starts pairs with one of the n_best ends within
+max_answer_tokens and max_answer_chars), the answer is the empty one scored -inf, as in `bigbird-ja evaluate`.
+
+What is refused, with a ValueError that names the argument: a question or context that is empty or holds only
+whitespace and control characters, or that is not valid Unicode (a lone surrogate such as "\\ud800", which no
+tokenizer takes). A model folder is checked against its checksums.json before it is used: `from_pretrained` of
+the package's models does it before reading a weight (`pipeline(...)` reports its DamagedFolderError inside
+transformers' "Could not load model" error, as it does every loading error), the pipeline itself the folder of any
+other model. Non-finite logits (NaN, inf: damaged or diverged weights) are an error naming the model folder, never
+an answer.
 
 Batching (`batch_size=`): windows of several questions share a forward pass only when they have the same length,
 so no window is ever padded and an answer is computed the same way alone or in any batch: `batch_size` changes the
@@ -39,6 +55,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
+import re
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +65,9 @@ from transformers.pipelines.base import ChunkPipeline
 
 QA_TASK = "long-document-question-answering"
 _WINDOW_KEYS = ("max_length", "doc_stride", "max_query_length", "truncate")
-_SPAN_KEYS = ("n_best", "max_answer_tokens", "top_k")
+_SPAN_KEYS = ("n_best", "max_answer_tokens", "max_answer_chars", "top_k")
+ANSWER_CHARS_PER_TOKEN = 8  # max_answer_chars' default, per answer token
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +81,8 @@ class QASettings:
     n_best: start and end candidates per window (eval.n_best).
     max_answer_tokens: longest answer, in tokens (eval.max_answer_tokens).
     top_k: answers returned per question.
+    max_answer_chars: longest answer, in characters; None: ANSWER_CHARS_PER_TOKEN x max_answer_tokens
+        (`answer_char_limit`).
     source: where the defaults came from (a run's config.yaml, or fine-tuning's defaults).
     """
 
@@ -71,7 +93,21 @@ class QASettings:
     n_best: int
     max_answer_tokens: int
     top_k: int = 1
+    max_answer_chars: int | None = None
     source: str = "fine-tuning's defaults"
+
+    @property
+    def answer_char_limit(self) -> int:
+        """The longest answer in characters: max_answer_chars, else derived from max_answer_tokens."""
+        if self.max_answer_chars is not None:
+            return self.max_answer_chars
+        return ANSWER_CHARS_PER_TOKEN * self.max_answer_tokens
+
+
+def _model_folder(model) -> Path | None:
+    """The local folder `model` was loaded from, else None (a Hub id, a model built in memory)."""
+    name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", "")
+    return Path(name) if name and Path(name).is_dir() else None
 
 
 def _run_config(model) -> Path | None:
@@ -83,10 +119,10 @@ def _run_config(model) -> Path | None:
     from .common.config_io import read_yaml
     from .finetune.tasks import TASKS, QATask
 
-    name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", "")
-    if not name or not Path(name).is_dir():
+    folder = _model_folder(model)
+    if folder is None:
         return None
-    candidate = Path(name).parent / "config.yaml"
+    candidate = folder.parent / "config.yaml"
     if not candidate.is_file():
         return None
     task = read_yaml(candidate, "fine-tune config").get("task")
@@ -119,6 +155,12 @@ class LongDocumentQuestionAnsweringPipeline(ChunkPipeline):
     _load_feature_extractor = False
 
     def __init__(self, model, *args, **kwargs):
+        from .common.checksums import verify_model_folder
+        from .modeling import BigBirdJaPreTrainedModel
+
+        folder = _model_folder(model)
+        if folder is not None and not isinstance(model, BigBirdJaPreTrainedModel):  # whose from_pretrained did it
+            verify_model_folder(folder)
         self.qa_settings = qa_settings_for(model)  # before Pipeline.__init__, which checks the keyword arguments
         super().__init__(model, *args, **kwargs)
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
@@ -133,7 +175,7 @@ class LongDocumentQuestionAnsweringPipeline(ChunkPipeline):
     def __call__(self, inputs=None, *, question=None, context=None, **kwargs):
         """inputs: {"question": str, "context": str}, or a list of them; or question= and context= (strings, or
         lists of equal length). Keywords: top_k, max_length, doc_stride, max_query_length, truncate, n_best,
-        max_answer_tokens, batch_size (windows per forward pass)."""
+        max_answer_tokens, max_answer_chars, batch_size (windows per forward pass)."""
         if (question is None) != (context is None) or (inputs is None) == (question is None):
             raise ValueError(f"{QA_TASK}: pass inputs ({{'question': ..., 'context': ...}} or a list of them), or "
                              f"question= and context=")
@@ -148,10 +190,11 @@ class LongDocumentQuestionAnsweringPipeline(ChunkPipeline):
         return super().__call__(inputs, **kwargs)
 
     def _sanitize_parameters(self, max_length=None, doc_stride=None, max_query_length=None, truncate=None,
-                             n_best=None, max_answer_tokens=None, top_k=None):
+                             n_best=None, max_answer_tokens=None, max_answer_chars=None, top_k=None):
         given = dict(max_length=max_length, doc_stride=doc_stride, max_query_length=max_query_length,
-                     truncate=truncate, n_best=n_best, max_answer_tokens=max_answer_tokens, top_k=top_k)
-        for name in ("max_length", "max_query_length", "n_best", "max_answer_tokens", "top_k"):
+                     truncate=truncate, n_best=n_best, max_answer_tokens=max_answer_tokens,
+                     max_answer_chars=max_answer_chars, top_k=top_k)
+        for name in ("max_length", "max_query_length", "n_best", "max_answer_tokens", "max_answer_chars", "top_k"):
             value = given[name]
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name}={value!r}: must be an integer >= 1")
@@ -173,6 +216,8 @@ class LongDocumentQuestionAnsweringPipeline(ChunkPipeline):
                 or not isinstance(inputs.get("context"), str):
             got = sorted(inputs) if isinstance(inputs, dict) else type(inputs).__name__
             raise ValueError(f"{QA_TASK}: each input is a dict with 'question' and 'context' (strings); got {got}")
+        _check_text("question", inputs["question"], "ask it in words")
+        _check_text("context", inputs["context"], "pass the text that holds the answer")
         s = dataclasses.replace(self.qa_settings, **settings)
         limit = getattr(self.model.config, "max_position_embeddings", None)
         if limit is not None and s.max_length > limit:
@@ -188,6 +233,11 @@ class LongDocumentQuestionAnsweringPipeline(ChunkPipeline):
         except ValueError as err:  # its messages name the fine-tuning fields (data.*): the same settings
             raise ValueError(f"{err} (the pipeline's max_length={s.max_length}, doc_stride={s.doc_stride}, "
                              f"max_query_length={s.max_query_length})") from None
+        # Guards for a tokenizer that drops characters (ours never does: byte fallback, "▁" for spaces)
+        if not len(docs["0"]):
+            raise ValueError("context holds no token for the model: the tokenizer reads nothing in it")
+        if features[0].context_start == 2:  # [CLS] [SEP]: no question token
+            raise ValueError("question holds no token for the model: the tokenizer reads nothing in it")
         for i, feature in enumerate(features):
             yield {"feature": feature, "example": example, "doc": docs["0"], "is_last": i == len(features) - 1}
 
@@ -208,6 +258,12 @@ class LongDocumentQuestionAnsweringPipeline(ChunkPipeline):
             out = self.model(**batch)
             starts = out.start_logits.float().cpu().numpy()  # [b, N], as bigbird-ja evaluate reads them
             ends = out.end_logits.float().cpu().numpy()
+            if not (np.isfinite(starts).all() and np.isfinite(ends).all()):  # NaN would rank as an answer
+                name = getattr(self.model, "name_or_path", "") or f"(a {type(self.model).__name__} built in memory)"
+                raise ValueError(f"model {name} gives non-finite start/end logits (NaN or inf) on a window of "
+                                 f"{ids.shape[1]} tokens: its weights are damaged or diverged in training. Check "
+                                 f"the folder against its checksums.json, copy it again, or re-run the fine-tuning "
+                                 f"that saved it")
             for row, i in enumerate(group):
                 start_logits[i], end_logits[i] = starts[row], ends[row]
         outputs = {"start_logits": start_logits, "end_logits": end_logits, **rows}
@@ -221,7 +277,8 @@ class LongDocumentQuestionAnsweringPipeline(ChunkPipeline):
             all_outputs[0]["example"], all_outputs[0]["doc"], [o["feature"] for o in all_outputs],
             [np.asarray(o["start_logits"]).reshape(-1) for o in all_outputs],
             [np.asarray(o["end_logits"]).reshape(-1) for o in all_outputs],
-            n_best=s.n_best, max_answer_tokens=s.max_answer_tokens, top_k=s.top_k)
+            n_best=s.n_best, max_answer_tokens=s.max_answer_tokens, top_k=s.top_k,
+            max_answer_chars=s.answer_char_limit)
         results = [{"score": a.score, "start": a.start, "end": a.end, "answer": a.text} for a in answers]
         return results[0] if s.top_k == 1 else results
 
@@ -237,6 +294,19 @@ class LongDocumentQuestionAnsweringPipeline(ChunkPipeline):
         self.tokenizer.save_pretrained(save_directory, **kwargs)
 
 
+def _check_text(argument: str, text: str, fix: str) -> None:
+    """A ValueError naming `argument` for text that means nothing or is not valid Unicode."""
+    surrogate = _SURROGATE.search(text)
+    if surrogate:
+        raise ValueError(f"{argument} is not valid Unicode: a lone surrogate U+{ord(surrogate.group()):04X} at "
+                         f"character {surrogate.start()} (text decoded with errors='surrogateescape' or cut inside "
+                         f"a UTF-16 pair); decode it with errors='replace', or fix where it comes from")
+    # stops at the first visible character: cheap on a whole document
+    if not any(not c.isspace() and unicodedata.category(c) not in ("Cc", "Cf") for c in text):
+        raise ValueError(f"{argument} is empty or holds only whitespace and control characters ({text[:20]!r}); "
+                         f"{fix}")
+
+
 def register_pipeline() -> None:
     """Register `QA_TASK` with transformers' pipeline registry (done by `import bigbird_ja`)."""
     from transformers import AutoModelForQuestionAnswering
@@ -248,4 +318,5 @@ def register_pipeline() -> None:
                                             pt_model=AutoModelForQuestionAnswering, type="text")
 
 
-__all__ = ["LongDocumentQuestionAnsweringPipeline", "QASettings", "QA_TASK", "qa_settings_for", "register_pipeline"]
+__all__ = ["ANSWER_CHARS_PER_TOKEN", "LongDocumentQuestionAnsweringPipeline", "QASettings", "QA_TASK",
+           "qa_settings_for", "register_pipeline"]

@@ -380,7 +380,9 @@ def test_a_finetuned_model_folder_is_checksummed_and_a_damaged_file_is_a_clear_e
     model, valid = out / "model", out / "data" / "valid.json"
     evaluate_model("longrange", model, valid)  # intact: loads
     _damage(model / "model.safetensors")
-    with pytest.raises(ValueError, match=r"model.safetensors has sha256 .*checksums.json"):
+    from bigbird_ja.common.checksums import DamagedFolderError
+
+    with pytest.raises(DamagedFolderError, match=r"model.safetensors has sha256 .*checksums.json"):
         evaluate_model("longrange", model, valid)
     listed = json.loads((model / "checksums.json").read_text())["files"]
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(listed)

@@ -9,7 +9,7 @@ from transformers import AutoModel, AutoModelForMaskedLM, BigBirdConfig, BigBird
 import bigbird_ja
 from bigbird_ja.cli import main as cli_main
 from bigbird_ja.convert import ConversionError, convert_checkpoint
-from conftest import deberta_config, random_batch, randomize_
+from conftest import deberta_config, random_batch, randomize_, tiny_config
 
 
 def bigbird_config(**overrides):
@@ -143,3 +143,63 @@ def test_cli_layout_draws_a_png(tmp_path):
     assert cli_main(["layout", "--seq-len", "512", "--num-window-blocks", "4", "--out", str(out)]) == 2
     preset = __import__("pathlib").Path(__file__).parents[1] / "configs" / "model" / "tiny-cpu.yaml"
     assert cli_main(["layout", "--config", str(preset), "--seq-len", "1024", "--out", str(out)]) == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Issue 25: every consumer of a model folder verifies it; NaN is never a sound weight
+
+
+def _damage(path, count=64):
+    """Invert ``count`` bytes in the middle of a file: bit flips that keep its size."""
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + count):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_convert_writes_checksums_last_and_from_pretrained_refuses_a_damaged_output(tmp_path):
+    from bigbird_ja.common.checksums import LISTING, DamagedFolderError, files_under, verify_listing
+
+    BigBirdForMaskedLM(bigbird_config()).save_pretrained(tmp_path / "src")
+    _save_tiny_tokenizer(tmp_path / "src")
+    convert_checkpoint(tmp_path / "src", tmp_path / "dst", attention_type="full")
+    listed = json.loads((tmp_path / "dst" / LISTING).read_text())["files"]
+    assert sorted(listed) == files_under(tmp_path / "dst", exclude=(LISTING,))  # everything, the report included
+    assert {"model.safetensors", "config.json", "tokenizer.json", "conversion_report.json"} <= set(listed)
+    assert verify_listing(tmp_path / "dst") == []
+    AutoModelForMaskedLM.from_pretrained(tmp_path / "dst")  # intact: loads
+
+    _damage(tmp_path / "dst" / "model.safetensors")
+    for load in (AutoModelForMaskedLM.from_pretrained, bigbird_ja.BigBirdJaForMaskedLM.from_pretrained):
+        with pytest.raises(DamagedFolderError, match=r"dst is damaged: model.safetensors has sha256 .*checksums.json"):
+            load(tmp_path / "dst")
+    # the opt-out, for a caller that has just verified the folder itself
+    assert AutoModelForMaskedLM.from_pretrained(tmp_path / "dst", verify_checksums=False) is not None
+
+
+def test_from_pretrained_checks_a_subfolder_and_leaves_folders_without_a_listing_alone(tmp_path):
+    from bigbird_ja.common.checksums import DamagedFolderError, write_listing
+
+    model = randomize_(bigbird_ja.BigBirdJaModel(tiny_config()), seed=5)
+    model.save_pretrained(tmp_path / "run" / "model")  # save_pretrained writes no listing: loads as before
+    again = AutoModel.from_pretrained(tmp_path / "run" / "model")
+    torch.testing.assert_close(again.embeddings.word_embeddings.weight, model.embeddings.word_embeddings.weight)
+    write_listing(tmp_path / "run" / "model")
+    with open(tmp_path / "run" / "model" / "model.safetensors", "ab") as weights:  # changed after the listing
+        weights.write(bytes(8))
+    with pytest.raises(DamagedFolderError, match=r"model.safetensors has \d+ bytes, checksums.json says"):
+        AutoModel.from_pretrained(tmp_path / "run", subfolder="model")
+
+
+def test_non_finite_source_weights_stop_the_conversion_by_name(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    BigBirdModel(bigbird_config(), add_pooling_layer=False).save_pretrained(tmp_path / "src")
+    weights = load_file(tmp_path / "src" / "model.safetensors")
+    weights["encoder.layer.1.output.dense.weight"][2, 3] = float("nan")
+    weights["embeddings.word_embeddings.weight"][0, 0] = float("inf")
+    save_file(weights, tmp_path / "src" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ConversionError, match=r"2 source tensors hold NaN or inf: embeddings\.word_embeddings\.weight"
+                                              r", encoder\.layer\.1\.output\.dense\.weight"):
+        convert_checkpoint(tmp_path / "src", tmp_path / "dst")
+    assert not (tmp_path / "dst").exists()

@@ -155,3 +155,116 @@ def test_compile_with_dynamic_shapes_does_not_recompile_per_length():
     # torch specialises size 1 (batch 1 is a graph of its own), as for any model; nothing more.
     assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
     assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# `bigbird-ja export-onnx` on damaged folders and bad destinations: one line that names the file and the fix, and no
+# .onnx that looks good (issue 25, cases 3 and 9)
+
+
+def _saved_folder(folder: Path, checksums: bool) -> Path:
+    from bigbird_ja.common.checksums import write_listing
+
+    _model(BigBirdJaForQuestionAnswering, num_hidden_layers=1).save_pretrained(folder)
+    if checksums:
+        write_listing(folder)  # as `bigbird-ja export` and fine-tuning leave a folder
+    return folder
+
+
+def _poison_weight(weights: Path, fragment: str) -> str:
+    """Write a NaN over the first value of the first tensor whose name holds `fragment` (what a flipped exponent
+    bit does to a float32), in place and at the same size; returns the tensor's name."""
+    data = bytearray(weights.read_bytes())
+    header_size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + header_size])
+    name = next(key for key in sorted(header) if fragment in key)
+    assert header[name]["dtype"] == "F32"
+    start = 8 + header_size + header[name]["data_offsets"][0]
+    data[start:start + 4] = bytes.fromhex("0000c07f")  # float32 NaN, little-endian
+    weights.write_bytes(bytes(data))
+    return name
+
+
+def _export_onnx_cli(capsys, *args) -> tuple[int, str]:
+    from bigbird_ja import cli
+
+    capsys.readouterr()  # what saving the folder printed (progress bars) is not the command's
+    code = cli.main(["export-onnx", *map(str, args)])
+    return code, capsys.readouterr().err
+
+
+def test_export_onnx_refuses_a_folder_whose_checksums_disagree_and_writes_nothing(tmp_path, capsys):
+    folder = _saved_folder(tmp_path / "model", checksums=True)
+    _poison_weight(folder / "model.safetensors", "word_embeddings")
+    code, err = _export_onnx_cli(capsys, folder, tmp_path / "model.onnx")
+    print(err)
+    assert code == 2
+    assert "model.safetensors" in err and "damaged" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_export_onnx_refuses_non_finite_weights_in_a_folder_without_checksums(tmp_path, capsys):
+    # A folder saved by another tool has no checksums.json: the weights themselves must be finite.
+    folder = _saved_folder(tmp_path / "model", checksums=False)
+    name = _poison_weight(folder / "model.safetensors", "qa_outputs")
+    code, err = _export_onnx_cli(capsys, folder, tmp_path / "model.onnx")
+    print(err)
+    assert code == 2
+    assert name.split(".", 1)[-1] in err and "NaN" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+@pytest.mark.parametrize("cut", ["half", "header"])
+def test_export_onnx_on_a_truncated_weights_file_names_the_file_and_the_fix(tmp_path, capsys, cut):
+    folder = _saved_folder(tmp_path / "model", checksums=False)
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:len(data) // 2] if cut == "half" else data[:5])
+    code, err = _export_onnx_cli(capsys, folder, tmp_path / "model.onnx")
+    print(err)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert str(weights) in err and "copy" in err.lower()
+    assert not (tmp_path / "model.onnx").exists()
+
+
+@pytest.mark.parametrize("where", ["directory", "under a file"])
+def test_export_onnx_refuses_an_out_it_cannot_write_before_exporting(tmp_path, capsys, where):
+    folder = _saved_folder(tmp_path / "model", checksums=True)
+    if where == "directory":
+        out = tmp_path / "graphs"
+        out.mkdir()
+    else:
+        (tmp_path / "notes.txt").write_text("not a folder")
+        out = tmp_path / "notes.txt" / "model.onnx"
+    code, err = _export_onnx_cli(capsys, folder, out)
+    print(err)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert str(out if where == "directory" else out.parent) in err
+
+
+@pytest.mark.parametrize("length", [0, -3, 513])
+def test_export_onnx_refuses_check_lengths_the_graph_does_not_take(tmp_path, capsys, length):
+    folder = _saved_folder(tmp_path / "model", checksums=True)
+    code, err = _export_onnx_cli(capsys, folder, tmp_path / "model.onnx", "--check-lengths", 40, length)
+    print(err)
+    assert code == 2
+    assert "--check-lengths" in err and str(length) in err and "1-512" in err
+    assert not (tmp_path / "model.onnx").exists()
+
+
+@pytest.mark.slow
+def test_a_failed_onnx_self_check_leaves_no_onnx_file(tmp_path, monkeypatch):
+    # onnxruntime returning NaN (a broken build, a bad kernel) must fail the check: NaN is not "within 1e-4".
+    pytest.importorskip("onnxruntime", reason="optional: pip install onnxruntime")
+    pytest.importorskip("onnxscript", reason="optional: the dynamo ONNX exporter needs onnxscript")
+    folder = _saved_folder(tmp_path / "model", checksums=True)
+    run_onnx = deploy.run_onnx
+    monkeypatch.setattr(deploy, "run_onnx", lambda *args: [torch.full_like(out, float("nan"))
+                                                           for out in run_onnx(*args)])
+    with pytest.raises(RuntimeError, match="nan") as caught:
+        deploy.export_onnx_folder(folder, tmp_path / "model.onnx", check_lengths=[40])
+    print(caught.value)
+    assert "not written" in str(caught.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no .onnx, no temporary left behind

@@ -7,12 +7,16 @@ and the answers must be the same. The tokenizer and the JSQuAD subsets are test_
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import unicodedata
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 import bigbird_ja
 from bigbird_ja import cli
@@ -158,8 +162,8 @@ def test_without_a_run_config_the_defaults_are_fine_tunings(tokenizer_dir, tmp_p
         qa({"question": "質問?", "context": "本文。"})  # 4,096-token windows do not fit this model
     answer = qa({"question": "質問?", "context": "本文。"}, max_length=256, doc_stride=64)
     assert set(answer) == {"answer", "start", "end", "score"}
-    assert qa({"question": "質問?", "context": ""}, max_length=256, doc_stride=64) == \
-        {"answer": "", "start": 0, "end": 0, "score": -math.inf}  # as bigbird-ja evaluate answers an empty context
+    with pytest.raises(ValueError, match="^context is empty"):
+        qa({"question": "質問?", "context": ""}, max_length=256, doc_stride=64)  # nothing to answer from
 
 
 def test_a_saved_pipeline_loads_again_without_remote_code(qa, examples, tmp_path):
@@ -173,3 +177,190 @@ def test_a_saved_pipeline_loads_again_without_remote_code(qa, examples, tmp_path
     inputs = {"question": examples[0].question, "context": examples[0].context}
     assert again(inputs) == qa(inputs)
     torch.testing.assert_close(again.model.qa_outputs.weight, qa.model.qa_outputs.weight, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Issue 25, case 4: damaged models, inputs that mean nothing, answers bounded in characters
+
+# Short windows (8 blocks of 16), so that long contexts cost little: what the bounds tests and the properties use.
+SHORT_WINDOWS = dict(max_length=128, doc_stride=32, max_query_length=32)
+
+
+@pytest.fixture(scope="module")
+def bare_qa(tokenizer_dir, tmp_path_factory):
+    """A pipeline over a model folder without a run config (fine-tuning's span defaults: max_answer_tokens=30)."""
+    from transformers import pipeline
+
+    folder = _tiny_qa_model(tokenizer_dir, tmp_path_factory.mktemp("bare-qa") / "model", seed=2)
+    return pipeline(QA_TASK, model=str(folder), device="cpu", **SHORT_WINDOWS)
+
+
+def _damage(path: Path, count: int = 64) -> None:
+    """Invert ``count`` bytes in the middle of a file: bit flips that keep its size."""
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + count):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_model_folder_is_refused_before_it_answers_naming_the_file(tokenizer_dir, tmp_path):
+    from transformers import AutoTokenizer, pipeline
+
+    from bigbird_ja.common.checksums import DamagedFolderError, save_model_folder
+
+    built = _tiny_qa_model(tokenizer_dir, tmp_path / "built", seed=3)
+    model = bigbird_ja.BigBirdJaForQuestionAnswering.from_pretrained(str(built))
+    save_model_folder(model, AutoTokenizer.from_pretrained(str(built)), tmp_path / "model")  # as export writes it
+    _damage(tmp_path / "model" / "model.safetensors")
+    with pytest.raises(DamagedFolderError, match=r"model folder .*model is damaged: model.safetensors has sha256") as err:
+        qa = pipeline(QA_TASK, model=str(tmp_path / "model"), device="cpu", **SHORT_WINDOWS)
+        print("answered:", qa({"question": "東京はどこ?", "context": "東京は日本の首都である。"}))
+    # the message itself, not transformers' "Could not load model ... See the original errors" with traceback text
+    assert "Could not load model" not in str(err.value) and "Traceback" not in str(err.value)
+
+
+def test_non_finite_logits_are_an_error_naming_the_model_folder_never_an_answer(tokenizer_dir, tmp_path):
+    """A folder without checksums.json (another tool's, or weights that diverged in training) is loaded as it is;
+    its NaN logits are caught before they rank anything."""
+    from transformers import pipeline
+
+    folder = _tiny_qa_model(tokenizer_dir, tmp_path / "model", seed=4)
+    model = bigbird_ja.BigBirdJaForQuestionAnswering.from_pretrained(str(folder))
+    with torch.no_grad():
+        model.bigbird_ja.encoder.layer[0].output.dense.weight[3, 5] = math.nan
+    model.save_pretrained(str(folder))
+    qa = pipeline(QA_TASK, model=str(folder), device="cpu", **SHORT_WINDOWS)
+    with pytest.raises(ValueError, match=rf"{folder}.*non-finite.*(damaged|diverged)"):
+        print("answered:", qa({"question": "東京はどこ?", "context": "東京は日本の首都である。"}))
+
+
+@pytest.mark.parametrize("question, context, argument", [
+    ("", "東京は日本の首都である。", "question"),
+    (" \u3000\n\t", "東京は日本の首都である。", "question"),
+    ("\x00\x07", "東京は日本の首都である。", "question"),
+    ("東京はどこ?", "", "context"),
+    ("東京はどこ?", " \n\u3000 ", "context"),
+    ("東京\ud800はどこ?", "東京は日本の首都である。", "question"),
+    ("東京はどこ?", "東京は日本の\udfff首都である。", "context"),
+], ids=["empty-question", "blank-question", "control-question", "empty-context", "blank-context",
+        "surrogate-question", "surrogate-context"])
+def test_inputs_that_mean_nothing_are_refused_naming_the_argument(bare_qa, question, context, argument):
+    with pytest.raises(ValueError, match=rf"^{argument} "):
+        print("answered:", bare_qa({"question": question, "context": context}))
+    with pytest.raises(ValueError, match=rf"^{argument} "):
+        bare_qa(question=[question], context=[context])
+
+
+def test_byte_pieces_get_the_span_of_their_own_character():
+    """Byte fallback turns a run of characters outside the vocabulary into one piece per byte, and `tokenizers`
+    gives every one of them the span of the whole run; each byte piece is given its own character's span."""
+    from tokenizers import Tokenizer, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    from bigbird_ja.finetune.qa_features import tokenize_document
+
+    vocab = [("[UNK]", 0.0), ("a", -1.0), ("b", -1.0)] + [(f"<0x{i:02X}>", -10.0) for i in range(256)]
+    backend = Tokenizer(models.Unigram(vocab, unk_id=0, byte_fallback=True))
+    backend.normalizer = normalizers.NFKC()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    context = "a😀\x01é\U0001F389b"
+    doc = tokenize_document(tokenizer, context)
+    expected = [(0, 1)] + [(1, 2)] * 4 + [(2, 3)] + [(3, 4)] * 2 + [(4, 5)] * 4 + [(5, 6)]
+    assert [tuple(span) for span in backend.encode(context).offsets][1:3] == [(1, 5), (1, 5)]  # the whole run
+    assert doc.offsets == expected
+    assert doc.ends == [end for _, end in expected]
+    # where NFKC changed the run ("ｶ" -> "カ") its bytes are not the original's: the run's span is kept
+    assert tokenize_document(tokenizer, "aｶ😀b").offsets == [(0, 1)] + [(1, 3)] * 7 + [(3, 4)]
+
+
+@pytest.mark.parametrize("run", ["😀", "\x01\x02", "🎉\u200d"], ids=["emoji", "control", "emoji-zwj"])
+def test_answers_are_bounded_in_characters_over_runs_of_byte_pieces(bare_qa, run):
+    context = "本文は東京にある。" + run * 300 + "終わり。"
+    inputs = {"question": "東京はどこ?", "context": context}
+    default_limit = 8 * bare_qa.qa_settings.max_answer_tokens  # the documented default: 8 characters a token
+    for limit, given in ((default_limit, {}), (7, {"max_answer_chars": 7})):
+        answers = bare_qa(inputs, top_k=5, **given)
+        print([(a["start"], a["end"], round(a["score"], 3)) for a in answers])
+        assert answers
+        for answer in answers:
+            assert 0 < len(answer["answer"]) <= limit
+            assert context[answer["start"]:answer["end"]] == answer["answer"]
+            assert math.isfinite(answer["score"])
+    assert bare_qa.qa_settings.answer_char_limit == default_limit == 240
+    with pytest.raises(ValueError, match="max_answer_chars=0"):
+        bare_qa(inputs, max_answer_chars=0)
+
+
+# Property: whatever the question and context, a call answers within the bounds or refuses naming the argument.
+_JAPANESE = st.characters(min_codepoint=0x3041, max_codepoint=0x30FF) | st.characters(min_codepoint=0x4E00,
+                                                                                      max_codepoint=0x6FFF)
+_EMOJI = st.characters(min_codepoint=0x1F300, max_codepoint=0x1FAFF) | st.sampled_from("\u200d\ufe0f")
+_CONTROL = st.characters(categories=["Cc", "Cf"])
+_WHITESPACE = st.sampled_from(" \t\n\r\u3000\u00a0\u2028\x0b\x0c")
+_HALF_WIDTH = st.characters(min_codepoint=0xFF61, max_codepoint=0xFF9F)  # NFKC composes ｶﾞ into ガ
+_ANY = st.characters(codec="utf-8")
+_SURROGATE = st.characters(categories=["Cs"])
+
+
+@st.composite
+def _texts(draw, min_segments: int, max_segments: int, with_surrogates: bool) -> str:
+    """Text made of segments: short mixed strings and long runs of one character (emoji, control characters,
+    whitespace: what byte fallback and NFKC make hard); with_surrogates: a lone surrogate put somewhere in it."""
+    alphabet = _JAPANESE | _EMOJI | _CONTROL | _WHITESPACE | _HALF_WIDTH | _ANY
+    runs = st.builds(lambda char, n: char * n, _EMOJI | _CONTROL | _WHITESPACE | _JAPANESE, st.integers(1, 80))
+    text = "".join(draw(st.lists(st.text(alphabet, min_size=1, max_size=24) | runs, min_size=min_segments,
+                                 max_size=max_segments)))
+    if with_surrogates:
+        at = draw(st.integers(0, len(text)))
+        text = text[:at] + draw(_SURROGATE) + text[at:]
+    return text
+
+
+def _token_count(doc, start: int, end: int) -> int | None:
+    """The fewest document tokens whose span is [start, end) (bytes of one character share its span), or None."""
+    firsts = [i for i, (s, _) in enumerate(doc.offsets) if s == start]
+    if not firsts:
+        return None
+    lasts = [j for j in range(firsts[-1], len(doc.ids)) if doc.ends[j] == end]
+    return lasts[0] - firsts[-1] + 1 if lasts else None
+
+
+@pytest.mark.slow
+@settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                                 HealthCheck.data_too_large])
+@given(data=st.data(), with_surrogates=st.booleans(), top_k=st.integers(1, 3),
+       max_answer_tokens=st.sampled_from([None, 1, 4, 30]), max_answer_chars=st.sampled_from([None, 1, 5, 40]))
+def test_every_question_and_context_is_answered_within_bounds_or_refused_naming_the_argument(
+        bare_qa, data, with_surrogates, top_k, max_answer_tokens, max_answer_chars):
+    from bigbird_ja.finetune.qa_features import tokenize_document
+
+    question = data.draw(_texts(1, 3, with_surrogates and data.draw(st.booleans())), label="question")
+    context = data.draw(_texts(1, 6, with_surrogates), label="context")
+    given_settings = {k: v for k, v in dict(max_answer_tokens=max_answer_tokens,
+                                            max_answer_chars=max_answer_chars).items() if v is not None}
+    bounds = dataclasses.replace(bare_qa.qa_settings, **given_settings)
+    try:
+        answers = bare_qa({"question": question, "context": context}, top_k=top_k, **given_settings)
+    except ValueError as err:
+        argument = str(err).split(" ", 1)[0]
+        assert argument in ("question", "context"), str(err)
+        text = question if argument == "question" else context
+        if "surrogate" in str(err):  # and never a refusal of text that holds something
+            assert any(0xD800 <= ord(c) <= 0xDFFF for c in text), str(err)
+        else:
+            assert all(c.isspace() or unicodedata.category(c) in ("Cc", "Cf") for c in text), str(err)
+        event(f"refused: {argument} " + ("(lone surrogate)" if "surrogate" in str(err) else "(nothing in it)"))
+        return
+    answers = [answers] if top_k == 1 else answers
+    assert 1 <= len(answers) <= top_k
+    if answers == [{"answer": "", "start": 0, "end": 0, "score": -math.inf}]:
+        event("no span")  # no candidate within the bounds among the n_best starts and ends: documented
+        return
+    doc = tokenize_document(bare_qa.tokenizer, context)
+    for answer in answers:
+        assert context[answer["start"]:answer["end"]] == answer["answer"] != ""
+        assert len(answer["answer"]) <= bounds.answer_char_limit
+        tokens = _token_count(doc, answer["start"], answer["end"])
+        assert tokens is not None and tokens <= bounds.max_answer_tokens, (answer, tokens)
+        assert math.isfinite(answer["score"])
+    event("answered")

@@ -111,8 +111,10 @@ def verify_listing(folder: str | os.PathLike) -> list[str] | None:
     return check_listing(folder, files, LISTING)
 
 
-class DamagedFolderError(ValueError):
-    """A folder whose files disagree with its checksums.json (a ValueError: callers that caught one still do)."""
+class DamagedFolderError(Exception):
+    """A folder whose files disagree with its checksums.json. Deliberately not a ValueError or OSError: transformers'
+    `pipeline()` catches those while it tries model classes and re-raises them as one "Could not load model" message
+    with traceback text in it; this error reaches the user as it is."""
 
 
 def verify_model_folder(folder: str | os.PathLike) -> None:

@@ -8,9 +8,13 @@ later (`doc_stride` is the overlap, as in transformers' QA examples), the last o
 `truncate=True` keeps only the first window: what a model that sees `max_length` tokens and no more is given.
 
 Documents and questions are tokenized once each (not once per question-document pair) with character offsets
-into the original text. Token ends are extended over characters that belong to no token: where NFKC composes
-several characters into one (half-width "ｶﾞ" -> "ガ"), the tokenizer gives the composed character the span of its
-first source character only; a token's end is moved to the next token's start across such a gap (never across
+into the original text. Byte pieces get their own character's span: byte fallback spells a run of characters
+outside the vocabulary (emoji, control characters, rare kanji) as one piece per UTF-8 byte, and `tokenizers` gives
+every piece the span of the whole run, so one piece of a run of 300 emoji "was" 300 characters; each piece is
+given the span of the character its byte belongs to (where the pieces' bytes are the run's own: NFKC left it
+unchanged). Token ends are extended over characters that belong to no token: where NFKC composes several
+characters into one (half-width "ｶﾞ" -> "ガ"), the tokenizer gives the composed character the span of its first
+source character only; a token's end is moved to the next token's start across such a gap (never across
 whitespace, which a word-level tokenizer leaves between tokens). Answer positions come from these offsets: the
 answer starts in the token holding its first character and ends in the token holding its last; when those tokens
 start and end exactly at the answer, the gold answer is recoverable from the tokens.
@@ -30,6 +34,7 @@ from .documents import QAExample
 
 WINDOWS_WITHOUT_ANSWER = ("cls", "drop")
 _NON_SPACE = re.compile(r"\S*")
+_BYTE_PIECE = re.compile(r"<0x([0-9A-F]{2})>")  # SentencePiece's byte-fallback pieces
 
 
 @dataclass
@@ -102,7 +107,7 @@ def tokenize_document(tokenizer, context: str) -> DocumentTokens:
     # without transformers' warning about documents longer than model_max_length (they are windowed here).
     enc = _backend(tokenizer).encode(context, add_special_tokens=False)
     ids = list(enc.ids)
-    offsets = [tuple(span) for span in enc.offsets]
+    offsets = _byte_piece_spans(context, enc.tokens, [tuple(span) for span in enc.offsets])
     ends = [end for _, end in offsets]
     # Walk backwards keeping the start of the next token that begins after the current one (tokens that share a
     # span, such as the byte pieces of one character, all look past each other to it). A gap up to it is made of
@@ -115,6 +120,27 @@ def tokenize_document(tokenizer, context: str) -> DocumentTokens:
         if i == 0 or offsets[i - 1][0] < start:
             next_start = start
     return DocumentTokens(ids, offsets, ends)
+
+
+def _byte_piece_spans(context: str, tokens: list[str], offsets: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """`offsets` with each run of byte pieces that shares one span of several characters split into the span of
+    each piece's own character, where the pieces' bytes are exactly that span's UTF-8 (else it stays as it is)."""
+    out = list(offsets)
+    i = 0
+    while i < len(tokens):
+        j = i
+        while j < len(tokens) and offsets[j] == offsets[i] and _BYTE_PIECE.fullmatch(tokens[j]):
+            j += 1
+        start, end = offsets[i]
+        if j - i > 1 and end - start > 1 and \
+                bytes(int(t[3:5], 16) for t in tokens[i:j]) == context[start:end].encode("utf-8"):
+            k = i
+            for position in range(start, end):
+                width = len(context[position].encode("utf-8"))  # this character's bytes: as many pieces
+                out[k:k + width] = [(position, position + 1)] * width
+                k += width
+        i = max(j, i + 1)
+    return out
 
 
 def window_starts(num_tokens: int, capacity: int, doc_stride: int, truncate: bool = False) -> list[int]:

@@ -51,18 +51,20 @@ def span_candidates(start_logits: np.ndarray, end_logits: np.ndarray, lo: int, h
 
 
 def rank_answers(example: QAExample, doc: DocumentTokens | None, features: list[QAFeature], start_logits,
-                 end_logits, *, n_best: int = 20, max_answer_tokens: int = 30, top_k: int = 1
-                 ) -> list[SpanPrediction]:
+                 end_logits, *, n_best: int = 20, max_answer_tokens: int = 30, top_k: int = 1,
+                 max_answer_chars: int | None = None) -> list[SpanPrediction]:
     """The `top_k` best distinct answers (character spans) to one question over all of its windows, best first.
 
     features: the windows of `example` in order, with one 1-D logit array each (padding beyond a window's
     input_ids is ignored). doc: the example's document tokens. Equal scores keep the earlier window (and, within a
     window, the order of `span_candidates`), so top_k=1 is `predict_answers`' choice. A span that several
-    overlapping windows propose is listed once, with its best score. No candidate at all (an empty context): one
-    empty answer scored -inf.
+    overlapping windows propose is listed once, with its best score. max_answer_chars: a span longer than this in
+    characters is no candidate (None: no such bound; `bigbird-ja evaluate` sets none). No candidate at all (an empty
+    context): one empty answer scored -inf.
     """
-    if n_best < 1 or max_answer_tokens < 1 or top_k < 1:
-        raise ValueError(f"n_best={n_best}, max_answer_tokens={max_answer_tokens} and top_k={top_k} must be >= 1")
+    if n_best < 1 or max_answer_tokens < 1 or top_k < 1 or (max_answer_chars is not None and max_answer_chars < 1):
+        raise ValueError(f"n_best={n_best}, max_answer_tokens={max_answer_tokens}, top_k={top_k} and "
+                         f"max_answer_chars={max_answer_chars} must be >= 1")
     if len(start_logits) != len(features) or len(end_logits) != len(features):
         raise ValueError(f"got logits for {len(start_logits)}/{len(end_logits)} features, expected {len(features)}")
     ranked: list[tuple[float, int, int]] = []  # (score, start character, end character)
@@ -76,6 +78,8 @@ def rank_answers(example: QAExample, doc: DocumentTokens | None, features: list[
         for s, e, score in span_candidates(s_logits, e_logits, lo, lo + feature.num_context_tokens, n_best,
                                            max_answer_tokens):
             span = doc.span_text(s + shift, e + shift)
+            if max_answer_chars is not None and span[1] - span[0] > max_answer_chars:
+                continue
             if span not in spans:
                 spans.add(span)
                 ranked.append((score, *span))
