@@ -38,9 +38,9 @@ max_answer_tokens and max_answer_chars), the answer is the empty one scored -inf
 What is refused, with a ValueError that names the argument: a question or context that is empty or holds only
 whitespace and control characters, or that is not valid Unicode (a lone surrogate such as "\\ud800", which no
 tokenizer takes). A model folder is checked against its checksums.json before it is used: `from_pretrained` of
-the package's models does it before reading a weight (`pipeline(...)` reports its DamagedFolderError inside
-transformers' "Could not load model" error, as it does every loading error), the pipeline itself the folder of any
-other model. Non-finite logits (NaN, inf: damaged or diverged weights) are an error naming the model folder, never
+the package's models does it before reading a weight (its DamagedFolderError is not a ValueError, so `pipeline(...)`
+lets it through as it is rather than inside its "Could not load model" summary), the pipeline itself the folder of
+any other model. Non-finite logits (NaN, inf: damaged or diverged weights) are an error naming the model folder, never
 an answer.
 
 Batching (`batch_size=`): windows of several questions share a forward pass only when they have the same length,
