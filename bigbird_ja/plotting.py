@@ -21,7 +21,7 @@ def block_categories(config, seq_len: int, layer_idx: int = 0) -> torch.Tensor:
     q = torch.arange(nb)[:, None]
     kb = torch.arange(nb)[None, :]
     is_global = (q < g) | (kb < g)
-    is_window = (q - kb).abs() <= config.num_window_blocks // 2
+    is_window = (q - kb).abs() <= layout.num_window_blocks // 2  # the layout's (none in full attention)
     categories = torch.full(attended.shape, 3, dtype=torch.long)
     categories[:, is_window.expand(nb, nb)] = 2
     categories[:, is_global.expand(nb, nb)] = 1

@@ -140,3 +140,55 @@ def test_one_builder_for_presets_folders_and_overrides(tmp_path):
         assert build_model_config(source).to_dict() == config.to_dict()
     wider = build_model_config(None, {"hidden_size": 96, "num_attention_heads": 4})
     assert wider.embedding_size == wider.pooler_hidden_size == 96
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run-config loader (common/config_io.py): what tests/test_cli_properties.py found
+
+
+PRETRAIN_PRESET = Path(__file__).parents[1] / "configs" / "pretrain" / "tiny-cpu.yaml"
+
+
+@pytest.mark.parametrize("typed,meant", [("0010", 10), ("-007", -7), ("0_100", 100), ("09", 9), ("0x1F", 31)])
+def test_whole_numbers_with_leading_zeros_are_decimal_in_overrides_and_presets(tmp_path, typed, meant):
+    """YAML 1.1 reads 0010 as the octal 8 (and 09 as 9): --checkpoint.every_steps=0500 would save every 320
+    steps. The project's dialect reads them as YAML 1.2 does, in decimal (found by the override properties)."""
+    from bigbird_ja.training.config import load_pretrain_config
+
+    assert load_pretrain_config(PRETRAIN_PRESET, [f"--run.seed={typed}"]).run.seed == meant
+    (tmp_path / "preset.yaml").write_text(f"run:\n  seed: {typed}\n")
+    assert load_pretrain_config(tmp_path / "preset.yaml").run.seed == meant
+    (tmp_path / "model.yaml").write_text(f"hidden_size: 64\nnum_attention_heads: 4\nrandom_seed: {typed}\n")
+    if meant >= 0:
+        from bigbird_ja.configuration import build_model_config
+
+        assert build_model_config(tmp_path / "model.yaml").random_seed == meant
+
+
+@pytest.mark.parametrize("override", ["--optim.lr=1" + "0" * 400, "--optim.betas=[0.9, 1" + "0" * 320 + "]",
+                                      "--train.max_steps=" + "9" * 5000, "--masking.span_p=-" + "7" * 330])
+def test_a_number_too_large_to_read_is_refused_naming_the_key(override):
+    """An integer beyond a float's range for a float field raised OverflowError, one beyond Python's 4,300 digits
+    a ValueError that named no key (found by the override properties)."""
+    from bigbird_ja.common.config_io import ConfigError
+    from bigbird_ja.training.config import load_pretrain_config
+
+    key = override[2:].split("=")[0]
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_pretrain_config(PRETRAIN_PRESET, [override])
+
+
+def test_a_mapping_given_whole_replaces_the_presets_and_a_dotted_key_sets_one_entry():
+    """--model.overrides={} was merged key by key into the preset's mapping, so it changed nothing (found by the
+    override properties: the loaded value was not the given one); a dotted key still adds one entry."""
+    from bigbird_ja.training.config import load_pretrain_config
+
+    assert load_pretrain_config(PRETRAIN_PRESET).model.overrides == {"max_position_embeddings": 256}
+    assert load_pretrain_config(PRETRAIN_PRESET, ["--model.overrides={}"]).model.overrides == {}
+    whole = load_pretrain_config(PRETRAIN_PRESET, ["--model.overrides={hidden_size: 64}"]).model.overrides
+    assert whole == {"hidden_size": 64}
+    one = load_pretrain_config(PRETRAIN_PRESET, ["--model.overrides.hidden_size=64"]).model.overrides
+    assert one == {"max_position_embeddings": 256, "hidden_size": 64}
+    both = load_pretrain_config(PRETRAIN_PRESET, ["--model.overrides={}", "--model.overrides.block_size=16"])
+    assert both.model.overrides == {"block_size": 16}
+    assert "!!" not in both.to_yaml()  # plain mappings: the saved config.yaml reads back

@@ -155,3 +155,107 @@ def test_attention_mask_rejects_bad_arguments():
         bigbird_ja.attention_mask(tiny_config(), 10, layer_idx=3)
     with pytest.raises(ValueError, match="seq_len"):
         bigbird_ja.attention_mask(tiny_config(), 0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# `bigbird-ja layout` at lengths the model cannot take or no drawing can show (issue 25, case 9)
+
+
+def _layout(capsys, tmp_path, *args: str) -> tuple[int, str]:
+    from bigbird_ja.cli import main
+
+    code = main(["layout", "--out", str(tmp_path / "layout.png"), *args])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seq_len", [4097, 10_000_000])
+def test_layout_beyond_the_models_length_is_refused_naming_the_limit_and_the_fix(capsys, tmp_path, seq_len):
+    """Case 9: the command raised max_position_embeddings to the length and built the layout: 10M tokens tried to
+    allocate ~195 GB."""
+    code, err = _layout(capsys, tmp_path, "--seq-len", str(seq_len))
+    assert code == 2 and f"--seq-len {seq_len}" in err and "max_position_embeddings=4096" in err, err
+    assert f"--max-length {seq_len}" in err and not (tmp_path / "layout.png").exists(), err
+
+
+@pytest.mark.parametrize("attention_type", ["block_sparse", "full"])
+def test_a_longer_model_is_drawn_up_to_the_blocks_a_picture_can_show(capsys, tmp_path, attention_type):
+    """--max-length lays a longer maximum over the config (the fix the refusal names); past 1,024 blocks a side (more
+    cells than pixels, and memory that grows with their square) the drawing is refused, naming the limit."""
+    code, err = _layout(capsys, tmp_path, "--max-length", "8192", "--seq-len", "8000", "--num-heads", "4",
+                        "--attention-type", attention_type)
+    assert code == 0 and (tmp_path / "layout.png").read_bytes()[:4] == b"\x89PNG", err
+    code, err = _layout(capsys, tmp_path, "--max-length", "10000000", "--seq-len", "10000000",
+                        "--attention-type", attention_type)
+    assert code == 2 and "--seq-len 10000000" in err and "1,024 blocks" in err and "65,536 tokens" in err, err
+
+
+@pytest.mark.parametrize("option,value,named", [("--seq-len", "0", "--seq-len"), ("--seq-len", "-5", "--seq-len"),
+                                                ("--num-heads", "5", "--num-heads"),
+                                                ("--block-size", "3", "--block-size"),
+                                                ("--layer", "99", "--layer"), ("--head", "-1", "--head")])
+def test_layout_options_out_of_range_are_refused_naming_the_option(capsys, tmp_path, option, value, named):
+    code, err = _layout(capsys, tmp_path, "--seq-len", "512", f"{option}={value}")
+    assert code == 2 and named in err, err
+
+
+def test_a_random_draw_beyond_the_memory_limit_is_refused_naming_random_block_span():
+    """The random blocks are drawn from hash keys of every (head, query block, candidate block): quadratic in the
+    blocks. A length whose draw needs more than the limit is refused before anything is allocated."""
+    from bigbird_ja.attention.layout import MAX_RANDOM_DRAW_ELEMENTS, SparsitySpec, build_layout
+
+    spec = SparsitySpec("block_sparse", 64, 3, 2, 3, 0, 12, horizon_blocks=1_000_000)
+    with pytest.raises(ValueError, match=r"more than the limit of .*random_block_span"):
+        build_layout(spec, 0, 4096)
+    assert 12 * 4094 * 1_000_000 > MAX_RANDOM_DRAW_ELEMENTS
+    small = SparsitySpec("block_sparse", 64, 3, 2, 3, 0, 12, horizon_blocks=64)
+    assert build_layout(small, 0, 64).key_blocks.shape == (12, 62, 8)
+
+
+@pytest.mark.parametrize("max_length", [10 ** 12, 3 * 10 ** 311], ids=["1e12", "3e311"])
+def test_a_model_too_long_to_draw_random_blocks_for_is_refused_naming_the_option(capsys, tmp_path, max_length):
+    """Found by the layout properties: --max-length 3e311 raised OverflowError (the layout's refusal counted GiB in
+    a float) and the refusal of --max-length 1e12 named the config's fields but not the option that set them."""
+    from bigbird_ja.attention.layout import SparsitySpec, build_layout
+
+    code, err = _layout(capsys, tmp_path, "--config", "configs/model/tiny-cpu.yaml", "--seq-len", "512",
+                        f"--max-length={max_length}")
+    assert code == 2 and "--max-length" in err and f"drawn over {-(-max_length // 32):,}" in err, err
+    with pytest.raises(ValueError, match="random_block_span"):  # the layout's own refusal, for any caller
+        build_layout(SparsitySpec("block_sparse", 32, 3, 2, 2, 0, 4, horizon_blocks=-(-max_length // 32)), 0, 16)
+
+
+def test_full_attention_ignores_absurd_sparse_settings():
+    """Found by the layout properties: with attention_type='full' the window and random settings are unused (and
+    unchecked), but the empty slot list was sized by them: 2**62 random blocks raised TypeError / "Stride calculation
+    overflowed" in the layout and in the model's forward."""
+    from bigbird_ja import BigBirdJaModel
+
+    config = tiny_config(attention_type="full", num_random_blocks=2 ** 62, num_window_blocks=2 ** 61 + 1)
+    assert bool(bigbird_ja.attention_mask(config, 40, 0).all())
+    hidden = BigBirdJaModel(config)(torch.randint(5, 100, (1, 40))).last_hidden_state
+    assert hidden.shape == (1, 40, config.hidden_size) and bool(hidden.isfinite().all())
+
+
+def test_the_drawing_of_full_attention_ignores_absurd_window_settings(capsys, tmp_path):
+    """Found by the layout properties: --attention-type full --num-window-blocks 100000000000000000001 raised
+    OverflowError where the drawing coloured the window cells (full attention has none: every cell is global)."""
+    from bigbird_ja.plotting import block_categories
+
+    config = tiny_config(attention_type="full", num_window_blocks=10 ** 20 + 1)
+    assert bool((block_categories(config, 100, 0) == 1).all())  # every cell global
+    code, err = _layout(capsys, tmp_path, "--config", "configs/model/tiny-cpu.yaml", "--attention-type", "full",
+                        "--num-window-blocks", str(10 ** 20 + 1), "--seq-len", "256", "--head", "0")
+    assert code == 0 and (tmp_path / "layout.png").is_file(), err
+
+
+def test_a_layout_too_big_to_draw_is_refused_before_it_is_built(capsys, tmp_path):
+    """Within the model's length, many heads over many small blocks still made a layout of gigabytes for one picture
+    (32 heads x 1,024 blocks of 1 token: ~1.3 GB, 128 heads: ~5 GB): refused naming the options that shrink it."""
+    tiny = "configs/model/tiny-cpu.yaml"
+    code, err = _layout(capsys, tmp_path, "--config", tiny, "--seq-len", "1024", "--block-size", "1", "--num-heads",
+                        "32", "--head", "0")
+    assert code == 2 and "16,777,216 cells" in err and "--num-heads" in err and "--block-size" in err, err
+    code, err = _layout(capsys, tmp_path, "--config", tiny, "--seq-len", "64", "--num-heads", "128")
+    assert code == 2 and "128 heads" in err and "--head" in err, err
+    code, err = _layout(capsys, tmp_path, "--config", tiny, "--seq-len", "64", "--num-heads", "128", "--head", "127")
+    assert code == 0, err

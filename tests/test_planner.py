@@ -3,12 +3,15 @@ activation count against real tensors, bad input, every attention type, the writ
 
 from __future__ import annotations
 
+import functools
+import json
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
+from bigbird_ja import BigBirdJaConfig
 from bigbird_ja.configuration import build_model_config
 from bigbird_ja.training import planner
 from conftest import cli_command, subprocess_env
@@ -261,3 +264,118 @@ def test_the_written_preset_passes_pretrain_dry_run(tmp_path):
     assert f'"train_micro_batch_size_per_gpu": {b.micro_batch}' in proc.stdout
     assert f'"stage": {b.stage}' in proc.stdout
     assert not (tmp_path / "run").exists()  # a dry run writes nothing
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad input: a clear line naming the option and the fix, exit status 2 (issue 25, cases 6 and 9)
+
+
+_MEASURE = planner.model_facts
+
+
+@functools.lru_cache(maxsize=None)
+def _counted_facts(config_json: str, seq_len: int, precision: str, threshold: int):
+    return _MEASURE(BigBirdJaConfig.from_dict(json.loads(config_json)), seq_len, precision, threshold)
+
+
+@pytest.fixture
+def plan_cli(capsys, monkeypatch):
+    """`bigbird-ja plan` on the tiny model, in-process: (exit status, stdout, stderr). The activation count (a meta
+    forward + backward) is made once per model and length for all these tests."""
+    from bigbird_ja.cli import main
+
+    monkeypatch.setattr(planner, "model_facts", lambda config, seq_len, precision, threshold=100_000: _counted_facts(
+        config.to_json_string(), seq_len, precision, threshold))
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main(["plan", "--model", TINY, "--seq-len", "256", "--tokens", "1e9", "--gpu", "h100", *args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+@pytest.mark.parametrize("seq_len", [1025, 100_000])
+def test_a_length_beyond_the_models_maximum_is_refused_naming_the_fix(plan_cli, seq_len):
+    """Case 6: the planner raised max_position_embeddings to the length and printed a full plan for a model that
+    refuses such inputs."""
+    code, out, err = plan_cli("--seq-len", str(seq_len))
+    assert code == 2 and "recommended" not in out, out[-500:]
+    assert f"--seq-len {seq_len}" in err and "max_position_embeddings=1024" in err, err
+    assert f"--model-override max_position_embeddings={seq_len}" in err, err
+    with pytest.raises(ValueError, match=f"--seq-len {seq_len}"):
+        planner.plan_run(TINY, seq_len, planner.resolve_gpu("h100"), 1, 8, 1e9)
+
+
+def test_the_plan_is_of_the_model_as_given_and_an_override_lengthens_it():
+    """A length below the maximum plans the model as it is (not one cut to the length); the override named in the
+    refusal plans the longer model."""
+    gpu = planner.resolve_gpu("h100")
+    config = planner.plan_model_config(TINY, 256, {})
+    assert config.max_position_embeddings == 1024  # the preset's, not max(256, 512)
+    longer = planner.plan_run(TINY, 2048, gpu, 1, 8, 1e9, model_overrides={"max_position_embeddings": 2048})
+    assert longer.recommended.fits and longer.seq_len == 2048
+
+
+@pytest.mark.parametrize("micro_batch", ["0", "-3"])
+def test_a_micro_batch_below_one_is_refused(plan_cli, micro_batch):
+    """Case 6: --micro-batch 0 was ignored (the largest that fits was planned instead), a negative one planned."""
+    code, out, err = plan_cli("--micro-batch", micro_batch)
+    assert code == 2 and "recommended" not in out
+    assert f"--micro-batch {micro_batch}" in err and "positive" in err, err
+
+
+@pytest.mark.parametrize("option,value", [("--tokens", "inf"), ("--tokens", "nan"), ("--tokens", "-1"),
+                                          ("--memory-gib", "0"), ("--peak-tflops", "0"), ("--peak-tflops", "nan"),
+                                          ("--intra-node-gbps", "0"), ("--inter-node-gbps", "-5"),
+                                          ("--compute-efficiency", "nan"), ("--nodes", "0"),
+                                          ("--gpus-per-node", "-1"), ("--global-batch", "0")])
+def test_a_number_out_of_range_is_refused_naming_the_option(plan_cli, option, value):
+    """Case 9: --tokens inf raised OverflowError; --peak-tflops 0 ZeroDivisionError; nan went on to a plan."""
+    code, out, err = plan_cli("--nodes", "2", f"{option}={value}")
+    assert code == 2 and "recommended" not in out, out[-300:]
+    assert option in err and "Traceback" not in err, err
+
+
+def test_a_gpu_too_small_for_any_setting_is_refused_naming_the_options_that_change_it(plan_cli):
+    """Found by the plan properties: --memory-gib 1 was refused ("no setting fits") without naming an option."""
+    code, out, err = plan_cli("--memory-gib", "1")
+    assert code == 2 and "no setting fits" in err and "--memory-gib" in err and "--nodes" in err, err
+
+
+def test_write_and_json_out_into_a_missing_folder_or_onto_a_folder_name_the_path_and_the_fix(plan_cli, tmp_path):
+    """Case 9: a missing folder gave an error about the hidden temporary file (.NAME.tmp-PID); a folder as the file
+    raised IsADirectoryError with a traceback."""
+    missing = tmp_path / "no" / "such" / "plan.yaml"
+    for option in ("--write", "--json-out"):
+        code, _, err = plan_cli(option, str(missing))
+        assert code == 2 and str(missing) in err and "does not exist" in err and ".tmp-" not in err, err
+        code, _, err = plan_cli(option, str(tmp_path))
+        assert code == 2 and str(tmp_path) in err and "folder" in err and ".tmp-" not in err, err
+    assert not list(tmp_path.rglob("*"))  # nothing left behind
+
+
+def test_write_into_a_folder_without_permission_names_the_path(plan_cli, tmp_path, monkeypatch):
+    """Case 9: a read-only folder gave PermissionError's traceback about the temporary file. (As root, a read-only
+    mode does not stop a write: the file system's refusal is simulated where the file is opened.)"""
+    import errno
+    import os
+
+    from bigbird_ja.common import atomic_io
+
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o500)
+    if os.geteuid() == 0:
+        def refuse(path, mode="r", *args, **kwargs):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+        monkeypatch.setattr(atomic_io, "open", refuse, raising=False)
+    try:
+        for option in ("--write", "--json-out"):
+            code, _, err = plan_cli(option, str(folder / "plan.yaml"))
+            assert code == 2 and str(folder / "plan.yaml") in err and "permission" in err.lower(), err
+            assert ".tmp-" not in err, err
+    finally:
+        folder.chmod(0o700)
+    assert not list(folder.iterdir())

@@ -130,6 +130,11 @@ def _hash(*parts) -> torch.Tensor:
     return state
 
 
+# The draw holds a hash key for every (head, query block, candidate block): quadratic in the blocks, ~40 bytes each
+# at its peak. Beyond this many (~10 GiB, a minute of CPU) a layout is refused with the fix rather than exhaust memory.
+MAX_RANDOM_DRAW_ELEMENTS = 2 ** 28
+
+
 def _random_blocks(spec: SparsitySpec, layer_idx: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The drawn random blocks of query blocks `rows` ([nr] int64): ([H, nr, r] int64 blocks, [H, nr, r] bool).
 
@@ -137,6 +142,12 @@ def _random_blocks(spec: SparsitySpec, layer_idx: int, rows: torch.Tensor) -> tu
     where fewer than r are left): the r smallest hash keys among the allowed blocks. Nothing here depends on a
     sequence's length, only on q, so rows past M (inputs longer than max_position_embeddings) are defined too."""
     H, M, r = spec.num_heads, spec.horizon_blocks, spec.num_random_blocks
+    nr = rows.shape[0]
+    if isinstance(nr, int) and H * nr * M > MAX_RANDOM_DRAW_ELEMENTS:  # (a symbolic length is bounded when run)
+        raise ValueError(f"the random blocks of {nr:,} query blocks x {H} heads, drawn over {M:,} blocks, need "
+                         f"{H} x {nr:,} x {M:,} hash keys, more than the limit of {MAX_RANDOM_DRAW_ELEMENTS:,} "
+                         f"(~10 GiB): draw them over fewer blocks (a smaller random_block_span, e.g. 65536 tokens, "
+                         f"or max_position_embeddings), or use shorter sequences")
     half = spec.num_window_blocks // 2
     columns = torch.arange(M)  # candidate key blocks
     excluded = (columns[None, :] < spec.num_global_blocks) | ((columns[None, :] - rows[:, None]).abs() <= half)
@@ -185,7 +196,8 @@ def _build_layout(spec: SparsitySpec, layer_idx: int, num_blocks) -> BlockLayout
     half = spec.num_window_blocks // 2
     w, r = spec.num_window_blocks, spec.num_random_blocks
     if nr == 0:
-        empty = torch.zeros(H, 0, g + w + r, dtype=torch.long)
+        # no sparse rows; full attention reads no slots (its window and random settings are unused, and unchecked)
+        empty = torch.zeros(H, 0, g if spec.attention_type == "full" else g + w + r, dtype=torch.long)
         return BlockLayout(spec.block_size, nb, g, empty, empty.bool())
 
     rows = torch.arange(g, nb)  # query block index of each sparse row, [nr]

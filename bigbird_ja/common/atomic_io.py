@@ -3,12 +3,15 @@
 A file is written to a hidden temporary name beside it (``.NAME.tmp-PID``), flushed, fsync'ed and renamed over the
 final name with ``os.replace`` (atomic on POSIX), then the folder is fsync'ed, so a reader sees the old file or the
 new one, never a part, and a power cut cannot leave the new name pointing at unwritten data. ``durable=False``
-skips the fsyncs (the rename stays atomic for a killed process); tests and throwaway outputs use it.
+skips the fsyncs (the rename stays atomic for a killed process); tests and throwaway outputs use it. An error about
+the path (a missing or read-only folder, a folder where the file should be) names the caller's path and the fix,
+not the temporary name.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from pathlib import Path
 from typing import IO, Iterator
@@ -45,19 +48,52 @@ def temp_path(path: str | os.PathLike) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+def _about_target(err: OSError, path: Path) -> OSError:
+    """``err``, raised on the temporary file, as an error about ``path`` (the file the caller named) that says what
+    to do; the same class (a read-only file system: PermissionError) and errno, so callers that look at either
+    still can. Errors that are not about the path (a full disk) are returned as they are."""
+    folder = str(path.parent)
+    problems = {
+        errno.ENOENT: (FileNotFoundError, f"its folder {folder!r} does not exist (create it first, or write "
+                                          f"somewhere else)"),
+        errno.ENOTDIR: (NotADirectoryError, f"a part of {folder!r} is a file, not a folder (write somewhere else)"),
+        errno.EACCES: (PermissionError, f"no permission to write in the folder {folder!r} (write somewhere else, or "
+                                        f"change its permissions)"),
+        errno.EROFS: (PermissionError, f"the folder {folder!r} is on a read-only file system (write somewhere "
+                                       f"else)"),
+        errno.EISDIR: (IsADirectoryError, "that is a folder (give a file name, e.g. one inside it)"),
+    }
+    problems[errno.EPERM] = problems[errno.EACCES]
+    if err.errno not in problems:
+        return err
+    cls, what = problems[err.errno]
+    about = cls(f"cannot write {str(path)!r}: {what}")
+    about.errno = err.errno
+    return about
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, durable: bool = True) -> Iterator[IO[bytes]]:
-    """Write ``path`` (binary) through a temporary file; it appears under its name only if the block completes."""
+    """Write ``path`` (binary) through a temporary file; it appears under its name only if the block completes.
+    Errors about the path name ``path``, never the temporary file."""
     path = Path(path)
+    if path.name in ("", ".", ".."):  # "", ".", "/", "..": a folder
+        raise _about_target(IsADirectoryError(errno.EISDIR, "Is a directory"), path)
     tmp = temp_path(path)
-    f = open(tmp, "wb")
+    try:
+        f = open(tmp, "wb")
+    except OSError as err:
+        raise _about_target(err, path) from None
     try:
         yield f
         f.flush()
         if durable:
             os.fsync(f.fileno())
         f.close()
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as err:
+            raise _about_target(err, path) from None
         if durable:
             fsync_dir(path.parent)
     except BaseException:

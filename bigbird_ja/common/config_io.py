@@ -12,7 +12,9 @@ Nothing here knows of pretraining or fine-tuning; any dataclass tree works.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -26,19 +28,36 @@ class ConfigError(ValueError):
 
 
 class _ConfigLoader(yaml.SafeLoader):
-    """PyYAML's safe loader without YAML 1.1's base-60 numbers: "3:4" stays the text "3:4" (as in YAML 1.2)
-    instead of becoming 184, so slices and times written in a preset or an override mean what they say."""
+    """PyYAML's safe loader with YAML 1.2's numbers where YAML 1.1 surprises: "3:4" stays the text "3:4" instead of
+    the base-60 number 184, and a leading zero is decimal (0010 is ten, not the octal 8; 09 is nine, not the text
+    "09"), so slices, times and numbers written in a preset or an override mean what they say."""
 
 
 def _number_or_text(constructor):
     def construct(loader, node):
         text = loader.construct_scalar(node)
-        return text if ":" in text else constructor(loader, node)
+        if ":" in text:
+            return text
+        try:
+            return constructor(loader, node)
+        except ValueError as err:  # e.g. more digits than Python reads (4,300): an error of the YAML, with its place
+            raise yaml.constructor.ConstructorError(None, None, f"cannot read the number {text[:12]}... "
+                                                    f"({len(text):,} characters): {err}", node.start_mark) from None
     return construct
 
 
-_ConfigLoader.add_constructor("tag:yaml.org,2002:int", _number_or_text(yaml.SafeLoader.construct_yaml_int))
+def _construct_int(loader, node):
+    text = loader.construct_scalar(node).replace("_", "")
+    digits = text.lstrip("+-")
+    if len(digits) > 1 and digits[0] == "0" and all(c in "0123456789" for c in digits):  # not 0x.., 0b..
+        return int(text)
+    return yaml.SafeLoader.construct_yaml_int(loader, node)
+
+
+_ConfigLoader.add_constructor("tag:yaml.org,2002:int", _number_or_text(_construct_int))
 _ConfigLoader.add_constructor("tag:yaml.org,2002:float", _number_or_text(yaml.SafeLoader.construct_yaml_float))
+# YAML 1.1 has no integer with a leading zero and a digit above 7 (09 is text there): read it as the number
+_ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?0[0-9_]+$"), list("-+0"))
 
 
 def load_yaml_text(text: str):
@@ -117,10 +136,15 @@ def _coerce(value, tp, where: str):
             number = float(value) if isinstance(value, (int, float)) else float(str(value))
         except ValueError:
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        except OverflowError:  # an integer beyond a float's range
+            number = math.inf
         if not math.isfinite(number):  # .inf / .nan in YAML: no setting of the project means that
             raise ConfigError(f"{where}: {value!r} is not a finite number")
         return number
     if tp is str:
+        if isinstance(value, (bool, int, float, datetime.date)):  # text YAML took for a number, a date, yes / no
+            raise ConfigError(f"{where}: expected a string, got {value!r} (YAML reads that as a "
+                              f"{type(value).__name__}; put it in quotes to keep it text)")
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
@@ -161,11 +185,16 @@ def to_dict(obj) -> dict:
     return plain(dataclasses.asdict(obj))
 
 
+class _Whole(dict):
+    """A mapping given whole as an override's value (``--model.overrides={hidden_size: 64}``): `merge` puts it in
+    place of the mapping there (``{}`` empties it) instead of merging it key by key, as a dotted key does."""
+
+
 def parse_overrides(args: list[str] | None) -> dict:
     """``["--train.max_steps=10", "--optim.lr", "3e-4"]`` -> ``{"train": {"max_steps": 10}, "optim": {...}}``.
 
     Values are parsed as YAML (``10`` is an int, ``[0.9,0.98]`` a list, ``null`` None); a key may go deeper than a
-    section (``--model.overrides.hidden_size=64``).
+    section (``--model.overrides.hidden_size=64`` sets one key; ``--model.overrides={...}`` the whole mapping).
     """
     result: dict = {}
     args = list(args or [])
@@ -193,16 +222,19 @@ def parse_overrides(args: list[str] | None) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {arg!r} conflicts with an earlier override of {part!r}")
-        node[parts[-1]] = value
+        node[parts[-1]] = _Whole(value) if isinstance(value, dict) else value
     return result
 
 
 def merge(base: dict, overrides: dict) -> dict:
-    """``overrides`` laid over ``base`` (mappings merged key by key, everything else replaced)."""
+    """``overrides`` laid over ``base`` (mappings merged key by key, except a mapping given whole; everything else
+    replaced). The result holds plain dicts only."""
     out = dict(base)
     for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if isinstance(value, dict) and not isinstance(value, _Whole) and isinstance(out.get(key), dict):
             out[key] = merge(out[key], value)
+        elif isinstance(value, dict):
+            out[key] = merge({}, value)
         else:
             out[key] = value
     return out

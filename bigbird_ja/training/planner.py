@@ -141,11 +141,48 @@ GPUS = {
 }
 
 
+# What the planner takes. Outside these ranges an input is a typo, not a machine or a run, and the arithmetic would
+# divide by zero or overflow into inf / nan figures: refused, naming the option (the CLI's; `preset_plan` reads the
+# same options from a preset's `# plan-args:` line).
+GPU_RANGES = {  # GpuSpec field: (option, lowest, highest)
+    "memory_gib": ("--memory-gib", 1e-3, 1e6),
+    "peak_tflops_override": ("--peak-tflops", 1e-3, 1e6),
+    "intra_node_gbps": ("--intra-node-gbps", 1e-3, 1e6),
+    "inter_node_gbps": ("--inter-node-gbps", 1e-3, 1e6),
+}
+EFFICIENCY_RANGE = (1e-3, 1.0)
+MAX_TOKENS = 1e18  # a million times the largest runs' budgets
+MAX_GPUS = 10_000_000
+MAX_GLOBAL_BATCH = 1_000_000_000
+
+
+def _shown(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _check_number(option: str, value, lowest: float, highest: float, what: str) -> None:
+    """``value`` is a finite number in [lowest, highest], else a ValueError naming ``option``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lowest <= value <= highest:
+        raise ValueError(f"{option} {_shown(value)}: must be a number from {lowest:g} to {highest:g} ({what})")
+
+
+def _check_count(option: str, value, highest: int | None = None, what: str = "") -> None:
+    """``value`` is a whole number >= 1 (and <= ``highest``), else a ValueError naming ``option``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{option} {_shown(value)}: must be a positive whole number{what and f' ({what})'}")
+    if highest is not None and value > highest:
+        raise ValueError(f"{option} {value}: the planner takes at most {highest:,}{what and f' ({what})'}")
+
+
 def resolve_gpu(kind: str, memory_gib=None, peak_tflops=None, intra_node_gbps=None,
                 inter_node_gbps=None) -> GpuSpec:
     """A known kind (overrides laid over it) or, for any other name, a spec made entirely of the overrides."""
     given = {"memory_gib": memory_gib, "peak_tflops_override": peak_tflops, "intra_node_gbps": intra_node_gbps,
              "inter_node_gbps": inter_node_gbps}
+    for key, value in given.items():
+        if value is not None:
+            option, lowest, highest = GPU_RANGES[key]
+            _check_number(option, value, lowest, highest, "GiB, TFLOP/s, GB/s of one GPU")
     key = kind.lower()
     if key in GPUS:
         return replace(GPUS[key], **{k: v for k, v in given.items() if v is not None})
@@ -585,53 +622,64 @@ def evaluate(config, facts, gpu, nodes, gpus_per_node, seq_len, stage, ckpt, mic
     return row
 
 
+def plan_model_config(model, seq_len: int, overrides: dict | None = None):
+    """The model a plan is for: ``model`` (preset, config.json or folder) with ``overrides`` laid over it, as
+    pretraining builds it. A length beyond its max_position_embeddings is refused: the model refuses such inputs."""
+    from ..configuration import build_model_config
+
+    config = build_model_config(model, overrides, what="--model-override")
+    if seq_len > config.max_position_embeddings:
+        raise ValueError(f"--seq-len {seq_len} is longer than the model's max_position_embeddings="
+                         f"{config.max_position_embeddings} ({model}), and the model refuses longer inputs. Plan "
+                         f"--seq-len {config.max_position_embeddings} or less, or a longer model: --model-override "
+                         f"max_position_embeddings={seq_len} (pretraining then needs "
+                         f"--model.overrides.max_position_embeddings={seq_len} too)")
+    return config
+
+
 def plan_run(model: str, seq_len: int, gpu: GpuSpec, nodes: int, gpus_per_node: int, tokens: float, *,
              global_batch: int = 2048, precision: str = "bf16", micro_batch: int | None = None,
              efficiency: float = DEFAULT_COMPUTE_EFFICIENCY, model_overrides: dict | None = None,
              zero: ZeroSettings = ZeroSettings(), facts: ModelFacts | None = None) -> Plan:
     """The table over ZeRO 0-3 x checkpointing at the largest micro-batch that fits (or ``micro_batch``)."""
-    from ..configuration import build_model_config
-
-    for name, value in (("nodes", nodes), ("gpus_per_node", gpus_per_node), ("seq_len", seq_len),
-                        ("global_batch", global_batch)):
-        if value < 1:
-            raise ValueError(f"{name}={value}: must be >= 1")
-    if tokens <= 0:
-        raise ValueError(f"tokens={tokens}: must be > 0 (the token budget of the run, e.g. 48e9)")
-    if not 0 < efficiency <= 1:
-        raise ValueError(f"compute efficiency={efficiency}: must be in (0, 1]")
-    config = build_model_config(model, {"max_position_embeddings": max(seq_len, 512), **(model_overrides or {})},
-                                what="plan model overrides")
+    _check_count("--seq-len", seq_len)
+    _check_count("--nodes", nodes)
+    _check_count("--gpus-per-node", gpus_per_node)
+    _check_count("--nodes x --gpus-per-node", nodes * gpus_per_node, MAX_GPUS, "GPUs")
+    _check_count("--global-batch", global_batch, MAX_GLOBAL_BATCH, "sequences per optimizer step")
+    if micro_batch is not None:
+        _check_count("--micro-batch", micro_batch, what="sequences per GPU; leave it out for the largest that fits")
+    _check_number("--tokens", tokens, 1.0, MAX_TOKENS, "the token budget of the run, e.g. 48e9")
+    _check_number("--compute-efficiency", efficiency, *EFFICIENCY_RANGE, "the fraction of peak the kernels reach")
+    config = plan_model_config(model, seq_len, model_overrides)
     facts = facts or model_facts(config, seq_len, precision, zero.stage3_param_persistence_threshold)
     plan = Plan(str(model), dict(model_overrides or {}), seq_len, gpu, nodes, gpus_per_node, tokens, precision, global_batch, efficiency,
                 facts.num_params)
     capacity = gpu.memory_gib * GIB
     target_micro = max(1, global_batch // plan.world)
-    largest = {}
-    for stage in range(4):
-        for ckpt in (False, True):
-            fit = _largest_fitting_micro(facts, stage, plan.world, ckpt, precision, zero, capacity)
-            largest[stage, ckpt] = fit
-            # no bigger than the target global batch asks of each GPU: the global batch is a training choice
-            micro = micro_batch or max(1, min(fit, target_micro))
-            row = evaluate(config, facts, gpu, nodes, gpus_per_node, seq_len, stage, ckpt, micro, global_batch,
-                           tokens, precision, efficiency, zero)
-            row.largest_micro_batch = fit
-            plan.rows.append(row)
+    largest = {(stage, ckpt): _largest_fitting_micro(facts, stage, plan.world, ckpt, precision, zero, capacity)
+               for stage in range(4) for ckpt in (False, True)}
     best_fit = max(largest.values())
     if best_fit == 0:
-        least = min(plan.rows, key=lambda r: memory_breakdown(facts, r.stage, plan.world, 1, r.checkpointing,
-                                                              precision, zero)["total"])
-        need = memory_breakdown(facts, least.stage, plan.world, 1, least.checkpointing, precision, zero)["total"]
+        need, stage, ckpt = min((memory_breakdown(facts, stage, plan.world, 1, ckpt, precision, zero)["total"], stage,
+                                 ckpt) for stage, ckpt in largest)
         raise ValueError(f"no setting fits: even one {seq_len}-token sequence per GPU needs {need / GIB:,.1f} GiB "
-                         f"(ZeRO-{least.stage}, checkpointing {'on' if least.checkpointing else 'off'}) on a "
-                         f"{gpu.memory_gib:g} GiB {gpu.name}. Use a GPU with more memory, more GPUs (ZeRO-3 shards "
-                         f"the states over them), or shorter sequences")
+                         f"(ZeRO-{stage}, checkpointing {'on' if ckpt else 'off'}) on a "
+                         f"{gpu.memory_gib:g} GiB {gpu.name}. Use a GPU with more memory (--gpu, --memory-gib), "
+                         f"more GPUs (--nodes, --gpus-per-node: ZeRO-3 shards the states over them), or shorter "
+                         f"sequences (--seq-len)")
     if micro_batch is not None and micro_batch > best_fit:
         raise ValueError(f"--micro-batch {micro_batch} never fits a {gpu.memory_gib:g} GiB {gpu.name} at "
                          f"{seq_len} tokens: the largest that fits is {best_fit} (ZeRO-3 with activation "
                          f"checkpointing unless the table says otherwise). Use --micro-batch {best_fit} or less, or "
                          f"leave it out to see the largest per setting")
+    for (stage, ckpt), fit in largest.items():
+        # no bigger than the target global batch asks of each GPU: the global batch is a training choice
+        micro = micro_batch if micro_batch is not None else max(1, min(fit, target_micro))
+        row = evaluate(config, facts, gpu, nodes, gpus_per_node, seq_len, stage, ckpt, micro, global_batch,
+                       tokens, precision, efficiency, zero)
+        row.largest_micro_batch = fit
+        plan.rows.append(row)
     fitting = [r for r in plan.rows if r.fits]
     fastest = max(r.tokens_per_s for r in fitting)  # within 1% of it: the simpler setting wins
     best = min((r for r in fitting if r.tokens_per_s >= 0.99 * fastest), key=lambda r: (r.stage, r.checkpointing))
@@ -849,7 +897,6 @@ def preset_plan(args: list[str], cfg) -> tuple[Plan, Row, str]:
     gpu = resolve_gpu(a.gpu, a.memory_gib, a.peak_tflops, a.intra_node_gbps, a.inter_node_gbps)
     world = a.nodes * a.gpus_per_node
     seq = cfg.prepare.seq_len
-    from ..configuration import build_model_config
     from .config import resolve_batch
 
     batch = resolve_batch(cfg.batch, world)
@@ -861,7 +908,7 @@ def preset_plan(args: list[str], cfg) -> tuple[Plan, Row, str]:
     plan = plan_run(model, seq, gpu, a.nodes, a.gpus_per_node, tokens, global_batch=batch.global_batch_size,
                     precision=cfg.train.precision, efficiency=a.compute_efficiency, model_overrides=overrides,
                     zero=zero)
-    config = build_model_config(model, {"max_position_embeddings": max(seq, 512), **overrides})
+    config = plan_model_config(model, seq, overrides)
     facts = model_facts(config, seq, cfg.train.precision, z.stage3_param_persistence_threshold)
     row = evaluate(config, facts, gpu, a.nodes, a.gpus_per_node, seq, z.stage, cfg.train.activation_checkpointing,
                    batch.micro_batch_size, batch.global_batch_size, tokens, cfg.train.precision,
