@@ -28,7 +28,8 @@ from bigbird_ja.common.distributed import DistEnv
 from bigbird_ja.data.format import CorruptDataError
 from bigbird_ja.training import checkpoint as ckpt_mod
 from bigbird_ja.training.config import WatchdogSection, load_pretrain_config
-from bigbird_ja.training.watchdog import EXIT_HUNG, FaultInjection, Watchdog, heartbeat_path, process_state
+from bigbird_ja.training.faults import FaultInjection
+from bigbird_ja.training.watchdog import EXIT_HUNG, Watchdog, heartbeat_path, process_state
 from conftest import _deepspeed_launcher, _free_port, subprocess_env
 from test_pretrain import CKPT_EVERY, GLOBAL_BATCH, REPO, STEPS, TINY, _positions, _sessions
 from test_pretrain import tiny_data  # noqa: F401  (a fixture: the data the trainer's own preparation makes)
@@ -428,7 +429,8 @@ def test_a_fault_in_the_middle_of_a_run_stops_it_cleanly_naming_the_file(tiny_da
         assert "may write no file larger than 0.1 MiB (RLIMIT_FSIZE" in text
     root = out / "checkpoints"
     _nothing_half_written(root)
-    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000006"]
+    # run.json: the run's identity (written at its first step)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "run.json", "step-00000006"]
     assert (root / "latest").read_text().strip() == "step-00000006"
     end = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert end["event"] == "end" and end["reason"] == "error"

@@ -22,6 +22,7 @@ methods are the phases of a run, in order:
 6. `train`: `train_step` (accumulation over micro-batches), `log`, `evaluate`, `save`: every N steps, at the end
    and on SIGTERM. Each is a phase the watchdog times (`watchdog`: heartbeats, a hung phase ends the run, the ranks
    lost named); every collective gives up after distributed.timeout_minutes.
+   A rehearsal's fault ($BIGBIRD_JA_FAULT, `faults`) strikes through `Pretraining.fault_hook`, None otherwise.
 
 The trainer's state (`TrainState`: step, samples, tokens; with the data cursor and each rank's RNG) is saved in
 every checkpoint and restored on resume: a run killed after its checkpoint at step k and resumed repeats steps
@@ -37,12 +38,16 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, TextIO
 
 import torch
 
+from ..common.atomic_io import atomic_write_text
 from ..common.distributed import (
     DistEnv, agree, any_rank_flags, barrier, broadcast_object, import_deepspeed, init_process_group,
 )
@@ -51,13 +56,22 @@ from .checkpoint import (
     ENGINE_TAG, CheckpointWriter, RunIdentity, choose_resume, convert_to_universal, engine_load_dir,
     foreign_in_the_way, list_checkpoints, load_rng, read_meta, set_rng_state, universal_dir,
 )
-from .config import ConfigError, PretrainConfig, deepspeed_config, resolve_batch, to_dict
+from .config import BatchPlan, ConfigError, PretrainConfig, deepspeed_config, resolve_batch, to_dict
+from .faults import FaultHook, FaultInjection, FaultPoint
 from .flops import peak_tflops, training_flops
 from .preflight import (
     PreflightError, check_checkpoint_disk, estimate_open_files, format_problems, raise_open_file_limit, run_preflight,
 )
 from .reporting import Reporter, fmt, peak_memory_gib
-from .watchdog import FaultInjection, Watchdog, enable_crash_stacks
+from .watchdog import Watchdog, enable_crash_stacks
+
+if TYPE_CHECKING:  # the state's types only: the phases import these modules when they run
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from transformers import PreTrainedTokenizerBase
+
+    from ..configuration import BigBirdJaConfig
+    from ..data import MLMCollator, PackedDataset
+    from ..modeling import BigBirdJaForMaskedLM
 
 BUNDLED_CORPUS = "bundled:ja_sample"
 
@@ -285,7 +299,8 @@ def pretrain(cfg: PretrainConfig, *, resume: str | None = None, dry_run: bool = 
     env = init_process_group(cuda, timeout=timedelta(minutes=cfg.distributed.timeout_minutes),
                              trace_dir=Path(cfg.run.output_dir) / "watchdog")
     try:
-        return Pretraining(cfg, deepspeed, env, cuda).run(resume, dry_run)
+        # $BIGBIRD_JA_FAULT: a rehearsal's fault (`faults`); unset, the loop has no hook to call
+        return Pretraining(cfg, deepspeed, env, cuda, fault_hook=FaultInjection.from_env()).run(resume, dry_run)
     finally:  # every way out, errors included: without it the interpreter can abort at exit (ZeRO-3 threads)
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -293,15 +308,79 @@ def pretrain(cfg: PretrainConfig, *, resume: str | None = None, dry_run: bool = 
 
 class Pretraining:
     """One pretraining run on this process; each method is a phase of the module docstring, called in order by
-    `run`. Attributes are set by the phase that makes them and read by the later ones."""
+    `run`.
 
-    def __init__(self, cfg: PretrainConfig, deepspeed, env: DistEnv, cuda: bool):
+    Everything the trainer holds is declared below, with its type, under the phase that sets it; later phases read
+    it. Nothing else is set on a `Pretraining` (tests/test_trainer_state.py checks it after a dry run and a run).
+    """
+
+    # -- given, and derived from them (`__init__`) -------------------------------------------------------------------
+    cfg: PretrainConfig
+    deepspeed: ModuleType  # the imported package: its `initialize` builds the engine
+    env: DistEnv  # rank, world size, nodes, backend
+    cuda: bool
+    device: torch.device  # this rank's GPU, or the CPU
+    threads: int | None  # torch's CPU threads in this process (None on a GPU)
+    plan: BatchPlan  # micro-batch x accumulation x world size = the global batch
+    out: Path  # run.output_dir
+    state: TrainState  # step, samples, tokens: replaced by the checkpoint's in `start_engine`
+    fault_hook: FaultHook | None = None  # rehearsals and tests only (`faults`): the loop calls it when installed
+
+    # -- 1. prepare_data (or plan_data, in a dry run whose data is still to be made) ---------------------------------
+    tokenizer: PreTrainedTokenizerBase | None  # None only in such a dry run without a tokenizer yet
+    manifest: dict | None  # data.dir's manifest.json; None in such a dry run
+    seq_len: int  # the length the data was packed at (prepare.seq_len in such a dry run)
+    vocab_size: int
+    preflight_notes: list[str]  # printed by `write_run_files`
+
+    # -- 2. build_model -----------------------------------------------------------------------------------------------
+    model_config: BigBirdJaConfig
+    model: BigBirdJaForMaskedLM  # initialised from run.seed; the engine wraps it
+    num_params: int
+
+    # -- 3. choose_checkpoint -----------------------------------------------------------------------------------------
+    writer: CheckpointWriter  # saves, verifies and prunes this run's checkpoints
+    ckpt: str | None  # the checkpoint resumed from (None: a fresh run)
+    forked: bool  # ckpt is another run's: this run is a fork of it
+    identity: RunIdentity  # this run's id (and what it was forked from), recorded in every checkpoint
+    meta: dict | None  # ckpt's checkpoint.json
+    universal: bool  # ckpt is loaded through DeepSpeed's universal format (another world size or ZeRO stage)
+    saved_stage: int | None  # the ZeRO stage ckpt was saved with
+
+    # -- 4. open_data_streams (not in a dry run whose data is still to be made) ---------------------------------------
+    train_data: PackedDataset  # this rank's share of the training shards, from the checkpoint's cursor
+    collator: MLMCollator
+    eval_data: PackedDataset | None  # this rank's share of the held-out shards (None: data.eval_shards=0)
+    eval_per_rank: int  # micro-batches each rank evaluates
+    eval_start: dict  # eval_data's state at its start: every evaluation reads the same samples
+
+    # -- 5a. write_run_files ------------------------------------------------------------------------------------------
+    ds_config: dict  # the DeepSpeed JSON, generated from cfg
+    config_yaml: str  # the resolved config, saved beside the run and in every checkpoint
+
+    # -- 5b. start_engine ---------------------------------------------------------------------------------------------
+    engine: DeepSpeedEngine
+
+    # -- 6. train (the watchdog: `start_watchdog`) --------------------------------------------------------------------
+    reporter: Reporter  # rank 0's console lines, metrics.jsonl, TensorBoard
+    sample_log: TextIO | None  # samples-rankN.jsonl (log.sample_log)
+    peak: float | None  # the device's peak TFLOP/s, for MFU
+    flops_per_step: float  # per device
+    sigterm: bool  # set by the SIGTERM handler: save and stop after this step
+    result: PretrainResult
+    train_iter: Iterator[dict]  # samples of train_data
+    window: LogWindow  # the steps since the last log line
+    watchdog: Watchdog | None
+
+    def __init__(self, cfg: PretrainConfig, deepspeed: ModuleType, env: DistEnv, cuda: bool, *,
+                 fault_hook: FaultHook | None = None):
         self.cfg, self.deepspeed, self.env, self.cuda = cfg, deepspeed, env, cuda
         self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         self.threads = None if cuda else _cpu_threads(cfg.train.cpu_threads)
         self.plan = resolve_batch(cfg.batch, env.world_size)  # the same on every rank: all raise together
         self.out = Path(cfg.run.output_dir)
         self.state = TrainState()
+        self.fault_hook = fault_hook
 
     def say(self, text: str) -> None:
         if self.env.is_main:
@@ -514,9 +593,9 @@ class Pretraining:
             self.say("deepspeed config:\n" + json.dumps(self.ds_config, indent=1))
             return
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.yaml").write_text(self.config_yaml, encoding="utf-8")
-        (self.out / "ds_config.json").write_text(json.dumps(self.ds_config, indent=1) + "\n", encoding="utf-8")
-        self.model_config.to_json_file(str(self.out / "model_config.json"))
+        atomic_write_text(self.out / "config.yaml", self.config_yaml)
+        atomic_write_text(self.out / "ds_config.json", json.dumps(self.ds_config, indent=1) + "\n")
+        atomic_write_text(self.out / "model_config.json", self.model_config.to_json_string())  # as to_json_file
 
     # -- 5b. engine, then the checkpoint's state ---------------------------------------------------------------------
     def start_engine(self) -> None:
@@ -677,10 +756,9 @@ class Pretraining:
 
     # -- dead and hung ranks (`watchdog`) ---------------------------------------------------------------------
     def start_watchdog(self) -> None:
-        """Crash stacks on, $BIGBIRD_JA_FAULT read, and the watchdog thread (heartbeats; hang detection) started.
-        The folder exists for NCCL's flight-recorder dumps too (`distributed.flight_recorder`)."""
+        """Crash stacks on, and the watchdog thread (heartbeats; hang detection) started. The folder exists for NCCL's
+        flight-recorder dumps too (`distributed.flight_recorder`)."""
         enable_crash_stacks()
-        self.fault = FaultInjection.from_env()
         folder = self.out / "watchdog"
         folder.mkdir(parents=True, exist_ok=True)
 
@@ -694,6 +772,11 @@ class Pretraining:
     def phase(self, name: str, step: int):
         """A phase of the loop the watchdog times (a no-op without one)."""
         return self.watchdog.phase(name, step) if self.watchdog is not None else contextlib.nullcontext()
+
+    def fault_point(self, point: FaultPoint) -> None:
+        """Where a rehearsal's fault may strike this rank in the step being trained; nothing without a `fault_hook`."""
+        if self.fault_hook is not None:
+            self.fault_hook(point, self.env.rank, self.state.step + 1)
 
     def name_lost_ranks(self) -> None:
         """After an error on this rank: the ranks on this host that are gone or stopped (a failed collective's own
@@ -712,16 +795,15 @@ class Pretraining:
         plan, engine = self.plan, self.engine
         positions = []
         lr = own_norm = None
-        if self.fault is not None:
-            self.fault.at_step_start(self.env.rank, self.state.step + 1)
+        self.fault_point("step_start")
         for micro in range(plan.grad_accum_steps):
             samples = [next(self.train_iter) for _ in range(plan.micro_batch_size)]
             if self.sample_log is not None:
                 positions.extend((s["position"], s["index"]) for s in samples)
             batch = {k: v.to(self.device, non_blocking=True) for k, v in self.collator(samples).items()}
             loss = engine(**batch).loss
-            if self.fault is not None and micro == 0:
-                self.fault.mid_step(self.env.rank, self.state.step + 1)
+            if micro == 0:
+                self.fault_point("after_forward")
             engine.backward(loss)
             if micro == plan.grad_accum_steps - 1:
                 lr = engine.get_lr()[0]  # the rate this optimizer step uses (the scheduler moves after it)

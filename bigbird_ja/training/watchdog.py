@@ -1,4 +1,4 @@
-"""Dead and hung ranks: heartbeats, a watchdog that ends a hung run, crash stacks, and faults injected for rehearsals.
+"""Dead and hung ranks: heartbeats, a watchdog that ends a hung run, crash stacks.
 
 What torch.distributed and the launchers provide is used as it is: every collective fails after
 distributed.timeout_minutes (`init_process_group`); a rank that exits or is killed makes the launcher stop the
@@ -20,8 +20,8 @@ continues from the newest complete checkpoint; torch's flight recorder keeps eac
   name the ranks on this host that are gone.
 * `enable_crash_stacks`: a rank killed by SIGSEGV, SIGBUS (a shard truncated while it was mapped) or SIGABRT prints
   every thread's Python stack to stderr (faulthandler).
-* `FaultInjection`: $BIGBIRD_JA_FAULT makes one rank kill or stop itself in the middle of a step, or lose its room
-  to write, at a chosen step of a chosen attempt: how the rehearsal tests fail a rank for real.
+
+The faults that rehearse all this for real ($BIGBIRD_JA_FAULT) are injected by `bigbird_ja.training.faults`.
 """
 
 from __future__ import annotations
@@ -32,8 +32,6 @@ import faulthandler
 import json
 import os
 import pickle
-import resource
-import signal
 import socket
 import statistics
 import sys
@@ -42,7 +40,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..common.atomic_io import atomic_write_bytes, atomic_write_text
+from ..common.atomic_io import atomic_open, atomic_write_bytes, atomic_write_text
 
 EXIT_HUNG = 3  # the exit status of a rank the watchdog ended (any non-zero status makes a launcher restart or stop)
 MIN_DURATIONS = 3  # a phase is timed once this many of its durations are known
@@ -220,9 +218,9 @@ class Watchdog:
                 f"{self.factor:g} x its median {median:.3g} s and watchdog.min_seconds={self.min_seconds:g}")
         stacks = self.folder / f"stacks-rank-{self.rank:05d}.txt"
         with contextlib.suppress(OSError):
-            with open(stacks, "w", encoding="utf-8") as f:
+            with atomic_open(stacks, durable=False) as f:  # faulthandler writes to the file's descriptor
                 f.write(f"rank {self.rank} (pid {self.pid} on {self.host}), {time.strftime('%Y-%m-%d %H:%M:%S')}: "
-                        f"{what}\n\n")
+                        f"{what}\n\n".encode("utf-8"))
                 f.flush()
                 faulthandler.dump_traceback(file=f, all_threads=True)
         collective = dump_collectives(self.folder / f"fr_trace_rank_{self.rank}")
@@ -340,62 +338,3 @@ def enable_crash_stacks() -> None:
     to stderr before the process dies."""
     if not faulthandler.is_enabled():
         faulthandler.enable(file=sys.stderr, all_threads=True)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Fault injection (rehearsals and tests)
-
-
-FAULT_ENV = "BIGBIRD_JA_FAULT"
-FAULT_ACTIONS = ("kill", "stop", "fill-disk")
-
-
-@dataclass(frozen=True)
-class FaultInjection:
-    """One fault, from $BIGBIRD_JA_FAULT="ACTION:rank=R:step=S[:attempt=A][:bytes=N]":
-
-    kill: rank R SIGKILLs itself in the middle of step S (after the forward pass of its first micro-batch, before
-        the gradients are exchanged). stop: the same with SIGSTOP (a hung rank).
-    fill-disk: at the start of step S rank R may no longer write files beyond N bytes (RLIMIT_FSIZE): the next
-        checkpoint runs out of room as on a full disk.
-    attempt: only in that attempt of an elastic launcher (TORCHELASTIC_RESTART_COUNT, 0 when unset; default 0), so
-        an automatic restart runs clean.
-    """
-
-    action: str
-    rank: int
-    step: int
-    attempt: int = 0
-    bytes: int = 65536
-
-    @classmethod
-    def from_env(cls, environ=os.environ) -> "FaultInjection | None":
-        text = environ.get(FAULT_ENV)
-        if not text:
-            return None
-        action, *fields = text.split(":")
-        try:
-            values = {key: int(value) for key, value in (f.split("=", 1) for f in fields)}
-            fault = cls(action, **values)
-        except (TypeError, ValueError):
-            fault = None
-        if fault is None or action not in FAULT_ACTIONS:
-            raise ValueError(f"{FAULT_ENV}={text!r}: expected ACTION:rank=R:step=S[:attempt=A][:bytes=N] with ACTION "
-                             f"one of {list(FAULT_ACTIONS)}")
-        return fault
-
-    def due(self, rank: int, step: int) -> bool:
-        attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-        return (rank, step, attempt) == (self.rank, self.step, self.attempt)
-
-    def at_step_start(self, rank: int, step: int) -> None:
-        if self.action == "fill-disk" and self.due(rank, step):
-            print(f"[rank {rank}] {FAULT_ENV}: files limited to {self.bytes} bytes from step {step}", file=sys.stderr,
-                  flush=True)
-            resource.setrlimit(resource.RLIMIT_FSIZE, (self.bytes, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-
-    def mid_step(self, rank: int, step: int) -> None:
-        if self.action in ("kill", "stop") and self.due(rank, step):
-            print(f"[rank {rank}] {FAULT_ENV}: {self.action} in the middle of step {step}", file=sys.stderr,
-                  flush=True)
-            os.kill(os.getpid(), signal.SIGKILL if self.action == "kill" else signal.SIGSTOP)
