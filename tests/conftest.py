@@ -7,6 +7,7 @@ import socket
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 # Without a GPU the Triton kernels run in Triton's interpreter. It must be chosen before triton decorates the
@@ -20,6 +21,18 @@ except ImportError:
     pass
 
 import bigbird_ja  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """Every test sees the environment the session started with: the launcher code under test writes RANK,
+    WORLD_SIZE, MASTER_ADDR, ... into os.environ itself, where monkeypatch cannot undo it (WORLD_SIZE=16 from a launcher
+    test once made a later fine-tuning test refuse to run as "one of 16 processes")."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def tiny_config(**overrides) -> bigbird_ja.BigBirdJaConfig:
