@@ -1,10 +1,15 @@
 """bigbird-ja: long-context Japanese encoders (BigBird block-sparse x DeBERTa-v2 disentangled attention)."""
 
+import re
+
 from setuptools import find_packages, setup
+
+# one home for the version: bigbird_ja/version.py (read as text: importing the package needs its dependencies)
+VERSION = re.search(r'__version__ = "([^"]+)"', open("bigbird_ja/version.py", encoding="utf-8").read()).group(1)
 
 setup(
     name="bigbird-ja",
-    version="0.1.0",
+    version=VERSION,
     description="Long-context Japanese encoder: BigBird block-sparse attention with DeBERTa-v2 disentangled "
                 "relative positions, drop-in for transformers.",
     long_description=open("README.md", encoding="utf-8").read(),

@@ -2,8 +2,8 @@
 
 `import bigbird_ja` registers `BigBirdJaConfig` and the models with transformers' `Auto*` classes (the same heads
 as DeBERTa-v2, including `AutoModelForPreTraining` -> the masked-LM model and `AutoModelForTextEncoding` -> the
-encoder) and the "long-document-question-answering" pipeline (`bigbird_ja.pipelines`). It imports neither triton
-nor deepspeed.
+encoder), the "long-document-question-answering" pipeline (`bigbird_ja.pipelines`) and the writer of the model's
+code into every folder `save_pretrained` makes (`bigbird_ja.hub`). It imports neither triton nor deepspeed.
 """
 
 from transformers import (
@@ -20,6 +20,7 @@ from transformers import (
 
 from .attention import attention_mask, disentangled_attention
 from .configuration import BigBirdJaConfig
+from .hub import register_remote_code
 from .modeling import (
     BigBirdJaForMaskedLM,
     BigBirdJaForMultipleChoice,
@@ -30,8 +31,7 @@ from .modeling import (
     BigBirdJaPreTrainedModel,
 )
 from .pipelines import QA_TASK, LongDocumentQuestionAnsweringPipeline, register_pipeline
-
-__version__ = "0.1.0"
+from .version import __version__
 
 AutoConfig.register(BigBirdJaConfig.model_type, BigBirdJaConfig, exist_ok=True)
 for _auto, _model in (
@@ -46,6 +46,7 @@ for _auto, _model in (
 ):
     _auto.register(BigBirdJaConfig, _model, exist_ok=True)
 register_pipeline()
+register_remote_code()
 
 __all__ = [
     "BigBirdJaConfig", "BigBirdJaForMaskedLM", "BigBirdJaForMultipleChoice", "BigBirdJaForQuestionAnswering",

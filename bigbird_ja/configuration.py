@@ -8,7 +8,6 @@ combination raises a `ValueError` naming the field, the rule and the fix.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
 from pathlib import Path
 
@@ -107,17 +106,20 @@ class BigBirdJaConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         self.validate_bigbird_ja()
 
+    # What a saved folder carries beside config.json, written by hooks called as hook(config, folder) before
+    # config.json (so they may set fields of it, as auto_map). `import bigbird_ja` adds the remote-code writer
+    # (`bigbird_ja.hub.register_remote_code`), which lives above the model and is therefore not imported here. In a
+    # saved folder's copy of this class the list stays empty: transformers' `custom_object_save` copies the code.
+    save_hooks = []
+
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs):
-        """transformers' `save_pretrained`, and the folder loads where bigbird_ja is not installed:
-        `AutoModel.from_pretrained(folder, trust_remote_code=True)` finds `auto_map` in config.json and the model's
-        code beside it, generated from the package (`bigbird_ja.hub.write_remote_code`). Every model's
-        `save_pretrained` comes through here."""
-        if __name__ == "bigbird_ja.configuration" and not os.path.isfile(save_directory):
-            # Only the package generates. A copy of this file in a saved folder is saved by transformers itself
-            # (`custom_object_save` copies the folder's files as they are) and has no hub module beside it: the
-            # module is imported by name, so that neither transformers' scan of a copy's imports nor the
-            # generator takes it for part of the model's code.
-            importlib.import_module(".hub", __package__).write_remote_code(self, save_directory)
+        """transformers' `save_pretrained` after the `save_hooks`; with bigbird_ja imported, the folder loads where
+        bigbird_ja is not installed: `AutoModel.from_pretrained(folder, trust_remote_code=True)` finds `auto_map` in
+        config.json and the model's code beside it (`bigbird_ja.hub`). Every model's `save_pretrained` comes through
+        here."""
+        if not os.path.isfile(save_directory):  # a file: transformers' own error first
+            for hook in self.save_hooks:
+                hook(self, save_directory)
         super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     # --- derived quantities, one definition each -------------------------------------------------------------

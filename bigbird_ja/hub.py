@@ -6,122 +6,361 @@ module cache and imports them, with their relative imports (`from .x import y`: 
 no packages; `dynamic_module_utils.get_relative_imports`). Before running them it checks that every module they
 import outside a ``try`` block is installed (`check_imports`).
 
-`BigBirdJaConfig.save_pretrained` (so every model's `save_pretrained`: `bigbird-ja export`, `convert`, a
-fine-tuned model) calls `write_remote_code` before config.json is written. It
+transformers' own way to ship a class's code (`register_for_auto_class`, then `custom_object_save` on save) copies
+the file that defines the class and the files it imports relatively, as they are: it needs a flat folder of modules,
+and the package is a tree (``modeling.py`` imports the ``attention`` package). So the package's classes are not
+registered for it; instead `write_remote_code` generates, from the package,
 
-  1. copies `bigbird_ja.configuration`, `bigbird_ja.modeling` and every package module they import relatively, at
-     any depth (the attention package, ...), flat into the folder: ``configuration_bigbird_ja.py``,
-     ``modeling_bigbird_ja.py`` (the names transformers' own custom models use) and the module path with ``_`` for
-     ``.`` for the others (``bigbird_ja_attention.py`` is ``attention/__init__.py``, ``bigbird_ja_attention_layout.py``,
-     ...), each package-relative import rewritten to the flat name (``from .layout import`` in the attention package
-     becomes ``from .bigbird_ja_attention_layout import``); nothing else in the text changes;
-  2. sets ``config.auto_map``: AutoConfig, and every Auto class that `import bigbird_ja` registers (read from
-     transformers' registry, so this list and the registration cannot drift apart), to its class in those files.
+  - one file per part of the package that the model's code reaches: ``configuration_bigbird_ja.py`` and
+    ``modeling_bigbird_ja.py`` (the names transformers' own custom models use), and a file per subpackage or other
+    module, named by its path with ``_`` for ``.`` (``bigbird_ja_attention.py``: the attention package,
+    ``bigbird_ja_common.py``: the common helpers modeling reads checksums with, ...);
+  - each file is the part's modules concatenated in dependency order, every line as in the package except the
+    package's own imports, which are left out: the names they import are defined above in the same file, or imported
+    from another generated file by one generated line at its top (``from .bigbird_ja_attention import ...``);
+  - ``config.auto_map``: AutoConfig, and every Auto class that `import bigbird_ja` registers (read from
+    transformers' registry, so this list and the registration cannot drift apart), to its class in those files.
 
-The copies are generated, never edited: the package stays the one home of the model. They must not import
-bigbird_ja, and optional packages (triton, the kernels, deepspeed) only lazily inside a ``try`` block, so that a
-Python without them runs the blocked PyTorch backend (``attention_backend="auto"`` falls back to it when the
-kernels cannot be imported); a save that would break this is an error naming the file and the import.
+The generated folder is flat, so a model loaded from it saves again through transformers' own `custom_object_save`,
+which copies the files as they are. The copies are generated, never edited: the package stays the one home of the
+model. `register_remote_code` (called by `import bigbird_ja`) adds `write_remote_code` to
+`BigBirdJaConfig.save_hooks`: every `save_pretrained` of the config or of a model (`bigbird-ja export`, `convert`,
+a fine-tuned model) writes the code before config.json. The configuration and the model do not import this module:
+it sits above them.
+
+Rules for the package modules the model's code reaches, each checked when the code is generated, with an error
+naming the module, the line and the fix (tests/test_hub.py generates the package's code and breaks each rule):
+  1. the package is imported relatively (``from .x import names``), never by name: the copy has no package;
+  2. a relative import names the things it uses, not a module (``from .layout import build_layout``, not
+     ``from . import layout``), stands on lines of its own, at the top of the module or in a function;
+  3. modules that share a generated file share one namespace: they may not give one top-level name two meanings, or
+     read a builtin that another of them redefines, and they have the same ``from __future__`` imports;
+  4. optional packages (triton, deepspeed, the kernels) are imported only lazily, inside a ``try`` block, so that a
+     Python without them runs the blocked PyTorch backend (``attention_backend="auto"`` falls back to it when the
+     kernels cannot be imported).
+
+The checksum check of `BigBirdJaPreTrainedModel.from_pretrained` comes along (``bigbird_ja_common.py``): a copy
+loaded with trust_remote_code refuses a damaged folder as the package does.
 
 With bigbird_ja imported, the registered classes load such a folder (transformers prefers a registered class that is
 not its own over `auto_map`, even with trust_remote_code=True), so the package and the copy never mix in a process.
-A model loaded from the copies saves again through transformers' own `custom_object_save`, which copies the flat
-files as they are.
 """
 
 from __future__ import annotations
 
 import ast
 import importlib.util
-import re
+import symtable
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from transformers.dynamic_module_utils import get_imports
+
+from .common.atomic_io import atomic_write_text
+from .configuration import BigBirdJaConfig
+from .version import __version__
+
 PACKAGE = __name__.rpartition(".")[0]  # "bigbird_ja"
-CONFIG_MODULE = f"{PACKAGE}.configuration"
+# the modules transformers' auto_map points at, by their path in the package, and their files (the names of
+# transformers' own custom-code repositories)
+ROOT_FILES = {"configuration": "configuration_bigbird_ja", "modeling": "modeling_bigbird_ja"}
 MODELING_MODULE = f"{PACKAGE}.modeling"
-# the two files transformers' auto_map points at; names as in transformers' own custom-code repositories
-ROOT_FILES = {CONFIG_MODULE: "configuration_bigbird_ja", MODELING_MODULE: "modeling_bigbird_ja"}
 # imports the copies may make only lazily, inside a try block (transformers refuses a file that imports a missing
 # package anywhere else); bigbird_ja itself never
 OPTIONAL = ("triton", "deepspeed", "bigbird_ja_kernels")
 
-_IMPORT_HEAD = re.compile(r"from\s+\.+[\w.]*\s+import\b")
+
+def file_stem(module: str) -> str:
+    """The generated file a package module goes into: ``bigbird_ja.attention.layout`` -> ``bigbird_ja_attention``,
+    ``bigbird_ja.common.checksums`` -> ``bigbird_ja_common``; configuration and modeling keep transformers' names."""
+    package, _, rest = module.partition(".")
+    part = rest.split(".")[0]
+    return ROOT_FILES.get(part, f"{package}_{part}")
 
 
-def flat_name(module: str) -> str:
-    """The file stem of a package module in a saved folder: ``bigbird_ja.attention.layout`` ->
-    ``bigbird_ja_attention_layout``; configuration and modeling keep transformers' names."""
-    return ROOT_FILES.get(module, module.replace(".", "_"))
+def remote_code_sources(package: str = PACKAGE) -> dict[str, str]:
+    """``{file name: text}`` of the files `write_remote_code` puts in a folder (see the module's docstring); the
+    same text as long as the package's files are unchanged (then taken from a cache: saving is frequent)."""
+    package_dir = Path(importlib.util.find_spec(package).origin).parent
+    cached = _generated.get(package_dir)
+    if cached is not None and all(_stat(Path(path)) == stat for path, stat in cached[0].items()):
+        return dict(cached[1])
+    modules = _collect(package, package_dir)
+    origins = _origins(modules)
+    stems = list(dict.fromkeys(m.stem for m in modules.values()))
+    _check_no_cycle({stem: {modules[i.target].stem for m in modules.values() if m.stem == stem for i in m.imports}
+                     - {stem} for stem in stems})
+    sources = {}
+    for stem in stems:
+        members = _ordered([m for m in modules.values() if m.stem == stem], modules)
+        _check_shared_namespace(stem, members, origins)
+        imported: dict[str, set[str]] = {}  # generated file -> "name" / "name as alias" that this one takes from it
+        for m in members:
+            for i in m.imports:
+                if modules[i.target].stem != stem:
+                    imported.setdefault(modules[i.target].stem, set()).update(
+                        f"{a.name} as {a.asname}" if a.asname else a.name for a in i.node.names)
+        paths = [m.path.relative_to(package_dir.parent).as_posix() for m in members]
+        head = [f"# Generated by {__name__} ({PACKAGE} {__version__}) when this model was saved, from the package "
+                f"modules",
+                "# below in dependency order, each as it is but for its imports of the package: their names are "
+                "defined above",
+                "# in this file, or imported from the files named at the top. Edit the package, not this copy.",
+                *(f"#   {p}" for p in paths), ""]
+        if members[0].futures:
+            head += [f"from __future__ import {', '.join(sorted(members[0].futures))}", ""]
+        head += [f"from .{other} import {', '.join(sorted(names))}" for other, names in sorted(imported.items())]
+        body = [f"\n\n# ---- {p} {'-' * max(0, 110 - len(p))}\n\n{_without_package_imports(m).lstrip()}"
+                for p, m in zip(paths, members)]
+        text = "\n".join(head) + "\n" + "".join(body)
+        compile(text, f"{stem}.py", "exec")  # a generator bug shows here, not in a user's process
+        sources[f"{stem}.py"] = text
+    _generated[package_dir] = ({str(m.path): _stat(m.path) for m in modules.values()}, sources)
+    return dict(sources)
 
 
-def _spec(module: str):
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
-        raise FileNotFoundError(f"{module}: no Python source to copy into a saved model folder (found {spec!r})")
-    return spec
+# package folder -> (the stats of the files read, the sources generated from them)
+_generated: dict[Path, tuple[dict[str, tuple], dict[str, str]]] = {}
 
 
-def _relative_imports(module: str, tree: ast.Module, is_package: bool) -> list[tuple[ast.ImportFrom, str]]:
-    """Every package-relative ``from .x import y`` in ``tree`` (at any depth: lazy ones too), with the module it
-    names."""
-    anchor = module if is_package else module.rpartition(".")[0]
-    found = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level > 0:
-            if node.module is None:
-                raise ValueError(f"{module}: `from {'.' * node.level} import {node.names[0].name}` (line "
-                                 f"{node.lineno}) cannot be copied flat into a model folder; write "
-                                 f"`from .{node.names[0].name} import ...`")
-            found.append((node, importlib.util.resolve_name("." * node.level + node.module, anchor)))
-    return found
+def _stat(path: Path) -> tuple | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
 
 
-def _rewrite(module: str, source: str, imports: list[tuple[ast.ImportFrom, str]]) -> str:
-    """``source`` with the head of each relative import (``from .x``) pointing at the flat file of its module."""
-    lines = source.splitlines(keepends=True)
-    for node, target in sorted(imports, key=lambda item: (item[0].lineno, item[0].col_offset), reverse=True):
-        line = lines[node.lineno - 1]
-        head = _IMPORT_HEAD.match(line, node.col_offset)
-        if head is None:
-            raise ValueError(f"{module}, line {node.lineno}: write the relative import as `from .module import "
-                             f"names` on one line, so it can be rewritten for a saved folder: {line.strip()!r}")
-        lines[node.lineno - 1] = f"{line[:head.start()]}from .{flat_name(target)} import{line[head.end():]}"
-    return "".join(lines)
+@dataclass
+class _Import:
+    """A package-relative ``from .x import names`` of a module."""
+
+    node: ast.ImportFrom
+    target: str  # the module it names, e.g. bigbird_ja.attention.layout
+    at_import: bool  # runs when the module is imported (not inside a function)
+
+
+@dataclass
+class _Module:
+    """One package module as the generator sees it."""
+
+    name: str  # bigbird_ja.attention.layout
+    path: Path
+    source: str
+    tree: ast.Module
+    imports: list[_Import] = field(default_factory=list)
+    futures: frozenset[str] = frozenset()
+    # top-level name -> what the module binds it to: (module, name) for its own definitions, ("import", dotted
+    # path) for another package's, ("package", module, name) for a package import (resolved by `_origins`)
+    defines: dict[str, set[tuple]] = field(default_factory=dict)
+    reads: set[str] = field(default_factory=set)  # every name it reads as a global, in any function or class
+    sole: set[int] = field(default_factory=set)  # ids of the package imports that are alone in their block
+
+    @property
+    def stem(self) -> str:
+        return file_stem(self.name)
+
+
+def _statements(body: list[ast.stmt], scope: str = "module"):
+    """Every statement under ``body``, at any depth, as ``(statement, its block, "module" / "class" /
+    "function")``; expressions are not entered (imports are statements), which keeps this cheap."""
+    for node in body:
+        yield node, body, scope
+        inner = "function" if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) else \
+            "class" if isinstance(node, ast.ClassDef) and scope != "function" else scope
+        for block in (getattr(node, "body", None), getattr(node, "orelse", None), getattr(node, "finalbody", None),
+                      *(h.body for h in getattr(node, "handlers", ())), *(c.body for c in getattr(node, "cases", ()))):
+            if isinstance(block, list):
+                yield from _statements(block, inner)
 
 
 def _check_imports(module: str, tree: ast.Module) -> None:
-    """A copy must not import the package by name: only relative imports are rewritten to the flat files."""
-    for node in ast.walk(tree):
+    """Rule 1: a copy must not import the package by name (it has no package beside it)."""
+    package = module.split(".")[0]
+    for node, _, _ in _statements(tree.body):
         names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
             [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
         for name in names:
-            if name.split(".")[0] == PACKAGE:
+            if name.split(".")[0] == package:
                 raise ValueError(f"{module}, line {node.lineno}: `{name}` is imported absolutely; inside the package "
                                  f"use a relative import, which a saved model folder's copy can resolve")
 
 
-def remote_code_sources() -> dict[str, str]:
-    """``{file name: text}`` of the files `write_remote_code` puts in a folder: the configuration and modeling
-    modules and, transitively, every package module they import relatively."""
-    from . import __version__
+def _read(package_dir: Path, module: str) -> _Module:
+    rel = Path(*module.split(".")[1:])
+    path = package_dir / rel / "__init__.py" if (package_dir / rel).is_dir() else package_dir / f"{rel}.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"{module}: no Python source at {path} to generate a saved model folder's code from")
+    source = path.read_text(encoding="utf-8")
+    m = _Module(module, path, source, ast.parse(source, filename=str(path)))
+    _check_imports(module, m.tree)
+    anchor = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    blocks = {}  # id of a package import -> the statements it stands among
+    for node, block, scope in _statements(m.tree.body):
+        if isinstance(node, ast.ImportFrom) and node.module == "__future__":
+            m.futures |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level > 0:
+            if node.module is None:
+                raise ValueError(f"{module}, line {node.lineno}: `from {'.' * node.level} import "
+                                 f"{node.names[0].name}` imports a module; the generated copy has no modules of the "
+                                 f"package, only their names: write `from .{node.names[0].name} import names`")
+            if scope == "class" or any(a.name == "*" for a in node.names):
+                raise ValueError(f"{module}, line {node.lineno}: `{ast.unparse(node)}`: import the names you use, at "
+                                 f"the top of the module or in the function that uses them")
+            target = importlib.util.resolve_name("." * node.level + node.module, anchor)
+            m.imports.append(_Import(node, target, scope == "module"))
+            blocks[id(node)] = block
+            if scope == "module":
+                for a in node.names:
+                    m.defines.setdefault(a.asname or a.name, set()).add(("package", target, a.name))
+        elif isinstance(node, ast.ImportFrom) and scope == "module":
+            for a in node.names:
+                m.defines.setdefault(a.asname or a.name, set()).add(("import", f"{node.module}.{a.name}"))
+        elif isinstance(node, ast.Import) and scope == "module":
+            for a in node.names:  # `import a.b` binds a; `import a.b as c` binds c to a.b
+                bound = a.name if a.asname else a.name.split(".")[0]
+                m.defines.setdefault(a.asname or bound, set()).add(("import", bound))
+    # a block of nothing but package imports keeps a `pass` where its first one was
+    m.sole = {id(b[0]) for b in blocks.values() if all(id(s) in blocks for s in b)}
+    table = symtable.symtable(source, str(path), "exec")
+    scopes = [table]
+    while scopes:
+        scope = scopes.pop()
+        scopes += scope.get_children()
+        top = scope is table
+        for sym in scope.get_symbols():
+            name = sym.get_name()
+            if sym.is_referenced() and (top or sym.is_global()):
+                m.reads.add(name)
+            # definitions at top level, and `global x` then `x = ...` in a function
+            if sym.is_assigned() and not sym.is_imported() and (top or sym.is_declared_global()):
+                m.defines.setdefault(name, set()).add((module, name))
+    return m
 
-    sources, pending, seen = {}, [CONFIG_MODULE, MODELING_MODULE], set()
+
+def _collect(package: str, package_dir: Path) -> dict[str, _Module]:
+    """The configuration and modeling modules and every package module they import relatively, at any depth, lazy
+    imports included (as the code would run them), in the order they are found."""
+    modules, pending = {}, [f"{package}.{part}" for part in ROOT_FILES]
     while pending:
-        module = pending.pop(0)
-        if module in seen:
-            continue
-        seen.add(module)
-        spec = _spec(module)
-        source = Path(spec.origin).read_text(encoding="utf-8")
-        tree = ast.parse(source, filename=spec.origin)
-        _check_imports(module, tree)
-        imports = _relative_imports(module, tree, spec.submodule_search_locations is not None)
-        pending += [target for _, target in imports]
-        origin = Path(spec.origin).relative_to(Path(_spec(PACKAGE).origin).parent.parent).as_posix()
-        header = (f"# Generated by {PACKAGE}.hub from {origin} ({PACKAGE} {__version__}) when this model was saved.\n"
-                  f"# Edit the package, not this copy.\n")
-        sources[f"{flat_name(module)}.py"] = header + _rewrite(module, source, imports)
-    return sources
+        name = pending.pop(0)
+        if name not in modules:
+            modules[name] = _read(package_dir, name)
+            pending += [i.target for i in modules[name].imports]
+    return modules
+
+
+def _origins(modules: dict[str, _Module]) -> dict[str, dict[str, set]]:
+    """Per module, every name it binds in the generated file (its top-level names and those of its lazy package
+    imports, which become globals there) with what it binds them to, package imports resolved to the module that
+    defines the name. An imported name that is not defined at the top level of its module is an error (rule 2)."""
+
+    def resolve(origin: tuple, seen: tuple = ()) -> set:
+        if origin[0] != "package":
+            return {origin}
+        _, target, name = origin
+        if name not in modules[target].defines:
+            raise ValueError(f"`{name}` is not defined at the top level of {target} (a module? import the names you "
+                             f"use from it: the generated copy has the package's names, not its modules)")
+        if (target, name) in seen:
+            raise ValueError(f"`{name}` is imported in a cycle through {', '.join(t for t, _ in seen)}")
+        return set().union(*(resolve(o, (*seen, (target, name))) for o in modules[target].defines[name]))
+
+    resolved = {}
+    for m in modules.values():
+        binds = {name: set(what) for name, what in m.defines.items()}
+        for i in m.imports:
+            if not i.at_import:
+                for a in i.node.names:
+                    binds.setdefault(a.asname or a.name, set()).add(("package", i.target, a.name))
+        try:
+            resolved[m.name] = {name: set().union(*map(resolve, what)) for name, what in binds.items()}
+        except ValueError as err:
+            raise ValueError(f"{m.name}: {err}") from None
+    return resolved
+
+
+def _check_shared_namespace(stem: str, members: list[_Module], origins: dict[str, dict[str, set]]) -> None:
+    """Rule 3: the modules concatenated into ``stem``.py give each name one meaning, as each has in the package."""
+    if len({m.futures for m in members}) > 1:
+        raise ValueError(f"{stem}.py: its modules have different `from __future__` imports "
+                         f"({', '.join(f'{m.name}: {sorted(m.futures)}' for m in members)}); they share one generated "
+                         f"file, so give them the same ones")
+    meanings: dict[str, dict[str, set]] = {}
+    for m in members:
+        for name, what in origins[m.name].items():
+            meanings.setdefault(name, {})[m.name] = what
+    for name, by_module in meanings.items():
+        if len(by_module) > 1 and len(set().union(*by_module.values())) > 1:
+            raise ValueError(f"{stem}.py: `{name}` is defined by {' and '.join(by_module)} as different things; they "
+                             f"share one namespace in the generated file, so rename one of them")
+    for m in members:
+        for name in sorted(m.reads - set(m.defines)):
+            others = [o for o in meanings.get(name, {}) if o != m.name]
+            if others:
+                raise ValueError(f"{stem}.py: {m.name} reads `{name}`, which it does not define (a builtin?), and "
+                                 f"{others[0]} defines `{name}`; they share one namespace in the generated file, so "
+                                 f"rename the one in {others[0]}")
+
+
+def _ordered(members: list[_Module], modules: dict[str, _Module]) -> list[_Module]:
+    """``members`` with every module after those it imports at import time (its lazy imports run later)."""
+    done, order, active = set(), [], []
+
+    def visit(m: _Module) -> None:
+        if m.name in done:
+            return
+        if m.name in active:
+            raise ValueError(f"{m.stem}.py: its modules import each other in a cycle: {' -> '.join(active)} -> "
+                             f"{m.name}; make one of the imports lazy (inside the function that uses it)")
+        active.append(m.name)
+        for i in m.imports:
+            if i.at_import and modules[i.target].stem == m.stem:
+                visit(modules[i.target])
+        active.pop()
+        done.add(m.name)
+        order.append(m)
+
+    for m in members:
+        visit(m)
+    return order
+
+
+def _check_no_cycle(needs: dict[str, set[str]]) -> None:
+    """The generated files import each other at their top (``needs``: file -> the files it imports from), so they
+    may not do so in a cycle."""
+    done: set[str] = set()
+
+    def visit(stem: str, path: tuple[str, ...]) -> None:
+        if stem in path:
+            raise ValueError(f"the generated files would import each other in a cycle ({' -> '.join(path + (stem,))}"
+                             f"): a package import between those parts, even a lazy one, is an import at the top of "
+                             f"the generated file; move the shared code to the lower part")
+        if stem not in done:
+            for other in sorted(needs[stem]):
+                visit(other, path + (stem,))
+            done.add(stem)
+
+    for stem in needs:
+        visit(stem, ())
+
+
+def _without_package_imports(m: _Module) -> str:
+    """``m``'s source, every line as it is except its imports of the package and of ``__future__`` (which the
+    generated file has at its top). An import that renames (``from .x import a as b``) leaves ``b = a`` in its
+    place, one that was alone in its block leaves ``pass``."""
+    dropped = [(i.node, [f"{a.asname} = {a.name}" for a in i.node.names if a.asname]
+                or (["pass"] if id(i.node) in m.sole else [])) for i in m.imports]
+    dropped += [(n, []) for n in m.tree.body if isinstance(n, ast.ImportFrom) and n.module == "__future__"]
+    lines = m.source.splitlines(keepends=True)
+    for node, replacement in sorted(dropped, key=lambda d: d[0].lineno, reverse=True):
+        first, last = lines[node.lineno - 1].encode(), lines[node.end_lineno - 1].encode()  # offsets are in bytes
+        indent, rest = first[:node.col_offset].decode(), last[node.end_col_offset:].decode().strip()
+        if indent.strip() or (rest and not rest.startswith("#")):
+            raise ValueError(f"{m.name}, line {node.lineno}: put `{ast.unparse(node)}` on lines of its own (no `;`), "
+                             f"so that the generated copy can leave it out")
+        lines[node.lineno - 1:node.end_lineno] = [f"{indent}{text}\n" for text in replacement]
+    return "".join(lines)
 
 
 def auto_map() -> dict[str, str]:
@@ -130,9 +369,7 @@ def auto_map() -> dict[str, str]:
     import transformers.models.auto.modeling_auto as modeling_auto
     from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
-    from .configuration import BigBirdJaConfig
-
-    mapping = {"AutoConfig": f"{flat_name(CONFIG_MODULE)}.{BigBirdJaConfig.__name__}"}
+    mapping = {"AutoConfig": f"{ROOT_FILES['configuration']}.{BigBirdJaConfig.__name__}"}
     for name, auto in sorted(vars(modeling_auto).items()):
         if not (isinstance(auto, type) and issubclass(auto, _BaseAutoModelClass)) or name != auto.__name__:
             continue
@@ -143,17 +380,13 @@ def auto_map() -> dict[str, str]:
         if model_class.__module__ != MODELING_MODULE:
             raise ValueError(f"{name} is registered with {model_class.__module__}.{model_class.__qualname__}; a saved "
                              f"folder ships only {MODELING_MODULE} as its model code: define the class there")
-        mapping[name] = f"{flat_name(MODELING_MODULE)}.{model_class.__name__}"
+        mapping[name] = f"{ROOT_FILES['modeling']}.{model_class.__name__}"
     return mapping
 
 
 def write_remote_code(config, folder) -> list[Path]:
     """Write the remote-code files into ``folder`` and set ``config.auto_map`` (config.json is written after this,
     by `BigBirdJaConfig.save_pretrained`). Returns the files written."""
-    from transformers.dynamic_module_utils import get_imports
-
-    from .common.atomic_io import atomic_write_text
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
@@ -168,3 +401,10 @@ def write_remote_code(config, folder) -> list[Path]:
         written.append(path)
     config.auto_map = auto_map()
     return written
+
+
+def register_remote_code() -> None:
+    """Make every `save_pretrained` of the package's config and models write the remote code (`import bigbird_ja`
+    calls this, beside registering the Auto classes)."""
+    if write_remote_code not in BigBirdJaConfig.save_hooks:
+        BigBirdJaConfig.save_hooks.append(write_remote_code)

@@ -279,6 +279,134 @@ def test_an_absolute_import_of_the_package_is_refused_naming_the_fix():
         hub._check_imports("bigbird_ja.modeling", ast.parse("import torch\nfrom bigbird_ja.attention import x\n"))
 
 
+def test_the_configuration_and_the_model_do_not_import_the_hub_module():
+    """hub sits above the model (inference layer): `import bigbird_ja` plugs its writer into
+    `BigBirdJaConfig.save_hooks`; nothing the model's code reaches imports it, lazily or by name."""
+    from bigbird_ja import hub
+
+    modules = hub._collect("bigbird_ja", Path(bigbird_ja.__file__).parent)
+    assert {"bigbird_ja.configuration", "bigbird_ja.modeling", "bigbird_ja.attention"} <= set(modules)
+    assert "bigbird_ja.hub" not in modules
+    for module in modules.values():
+        by_name = [node.lineno for node in ast.walk(module.tree) if isinstance(node, ast.Call)
+                   and getattr(node.func, "attr", getattr(node.func, "id", None)) in ("import_module", "__import__")]
+        assert by_name == [], f"{module.name} imports a module by name at lines {by_name}"
+    assert bigbird_ja.BigBirdJaConfig.save_hooks == [hub.write_remote_code]
+
+
+def test_each_generated_file_is_its_package_modules_as_they_are_without_their_package_imports(saved_heads):
+    """No line of the package is rewritten: a generated file holds every line of its modules, in order, except
+    their imports of the package and of __future__; its only relative imports are the other generated files,
+    imported at its top."""
+    from bigbird_ja import hub
+
+    folder = Path(saved_heads[1]["AutoModel"])
+    package_dir = Path(bigbird_ja.__file__).parent
+    for module in hub._collect("bigbird_ja", package_dir).values():
+        generated = (folder / f"{hub.file_stem(module.name)}.py").read_text(encoding="utf-8").splitlines()
+        left_out = {line for node in ast.walk(module.tree) if isinstance(node, ast.ImportFrom)
+                    and (node.level or node.module == "__future__")
+                    for line in range(node.lineno, node.end_lineno + 1)}
+        section = f"# ---- {module.path.relative_to(package_dir.parent).as_posix()} "
+        position = next(i for i, line in enumerate(generated) if line.startswith(section))
+        for number, line in enumerate(module.source.splitlines(), 1):
+            if number not in left_out:
+                position = generated.index(line, position + 1)  # ValueError: a line missing or out of order
+    for path in folder.glob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        relative = [node for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level]
+        assert all(node in tree.body for node in relative), path.name
+        assert {node.module for node in relative} <= {p.stem for p in folder.glob("*.py")} - {path.stem}, path.name
+
+
+def test_a_config_saved_alone_carries_the_code_too(tmp_path):
+    config = tiny_config()
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text(encoding="utf-8"))
+    assert saved["auto_map"]["AutoConfig"] == "configuration_bigbird_ja.BigBirdJaConfig"
+    assert {"configuration_bigbird_ja.py", "modeling_bigbird_ja.py"} <= {p.name for p in tmp_path.glob("*.py")}
+
+
+def write_package(root: Path, name: str, files: dict[str, str]) -> str:
+    """A package ``name`` under ``root`` with ``files`` (path -> text; every folder gets an __init__.py)."""
+    for rel, text in {"__init__.py": "", **files}.items():
+        path = root / name / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for folder in path.relative_to(root).parents:
+            if folder != Path(".") and not (root / folder / "__init__.py").exists():
+                (root / folder / "__init__.py").write_text("", encoding="utf-8")
+        path.write_text(text, encoding="utf-8")
+    return name
+
+
+# A package the generator handles: a subpackage re-exporting names, a renamed import, a lazy import that was alone
+# in its block, a lazy import from another part, the same third-party import in two modules.
+GOOD_PACKAGE = {
+    "configuration.py": "from __future__ import annotations\n\nclass Config:\n    width = 3\n",
+    "modeling.py": ("from __future__ import annotations\n\nimport math\n\nfrom .configuration import Config\n"
+                    "from .parts import double, halve\n\n\ndef run(x):\n    if x < 0:\n"
+                    "        from .util.numbers import negate\n    return double(halve(x)) * Config.width\n"),
+    "parts/__init__.py": "from __future__ import annotations\n\nfrom .ops import double, halve\n",
+    "parts/ops.py": ("from __future__ import annotations\n\nimport math\n\nfrom .base import scale as base_scale\n\n\n"
+                     "def double(x):\n    return base_scale(x, 2)\n\n\ndef halve(x):\n"
+                     "    from .base import scale\n    return scale(x, 0.5) + math.floor(0)\n"),
+    "parts/base.py": "from __future__ import annotations\n\n\ndef scale(x, factor):\n    return x * factor\n",
+    "util/numbers.py": "from __future__ import annotations\n\n\ndef negate(x):\n    return -x\n",
+}
+
+
+def test_the_generated_code_of_a_package_runs_as_the_package(tmp_path, monkeypatch):
+    from bigbird_ja import hub
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    package = write_package(tmp_path, "hub_good_package", GOOD_PACKAGE)
+    sources = hub.remote_code_sources(package)
+    assert sorted(sources) == ["configuration_bigbird_ja.py", "hub_good_package_parts.py", "hub_good_package_util.py",
+                               "modeling_bigbird_ja.py"]
+    assert "base_scale = scale\n" in sources["hub_good_package_parts.py"]
+    assert "        pass\n" in sources["modeling_bigbird_ja.py"]
+    write_package(tmp_path, "hub_good_copy", sources)
+    copy = __import__("hub_good_copy.modeling_bigbird_ja", fromlist=["run"])
+    assert copy.run(4) == 12 and copy.run(-2) == -6
+
+
+@pytest.mark.parametrize("files, error", [
+    ({"modeling.py": "from . import configuration\n"},
+     r"hub_bad_0.modeling, line 1: `from . import configuration` imports a module; .* write `from .configuration "
+     r"import names`"),
+    ({"modeling.py": "from .parts import ops\n", "parts/ops.py": "X = 1\n"},
+     r"hub_bad_1.modeling: `ops` is not defined at the top level of hub_bad_1.parts \(a module\? import the names"),
+    ({"modeling.py": "from .parts.a import f\n", "parts/a.py": "from .b import g\n\ndef f():\n    return g()\n",
+      "parts/b.py": "def f():\n    return 1\n\ndef g():\n    return 2\n"},
+     r"hub_bad_2_parts.py: `f` is defined by hub_bad_2.parts.b and hub_bad_2.parts.a as different things; .* rename"),
+    ({"modeling.py": "from .parts.a import f\n", "parts/a.py": "from .b import g\n\ndef f(x):\n    return len(x)\n",
+      "parts/b.py": "def len(x):\n    return 0\n\ndef g():\n    return 2\n"},
+     r"hub_bad_3_parts.py: hub_bad_3.parts.a reads `len`, which it does not define \(a builtin\?\), and "
+     r"hub_bad_3.parts.b defines `len`; .* rename the one in hub_bad_3.parts.b"),
+    ({"modeling.py": "from .parts.a import f\n", "parts/a.py": "from __future__ import annotations\nfrom .b import g\n"
+      "f = g\n", "parts/b.py": "def g():\n    return 2\n"},
+     r"hub_bad_4_parts.py: its modules have different `from __future__` imports"),
+    ({"modeling.py": "import math; from .configuration import X\n", "configuration.py": "X = 1\n"},
+     r"hub_bad_5.modeling, line 1: put `from .configuration import X` on lines of its own"),
+    ({"modeling.py": "from .parts import f\n\ndef g():\n    return 1\n",
+      "parts/__init__.py": "def f():\n    from ..modeling import g\n    return g()\n"},
+     r"the generated files would import each other in a cycle \(modeling_bigbird_ja -> hub_bad_6_parts -> "
+     r"modeling_bigbird_ja\)"),
+    ({"modeling.py": "import hub_bad_7.parts\n"}, r"hub_bad_7.modeling, line 1: `hub_bad_7.parts` is imported "
+                                                   r"absolutely"),
+], ids=["module-import", "submodule-as-name", "two-meanings", "shadowed-builtin", "futures", "shared-line",
+        "file-cycle", "absolute"])
+def test_a_package_module_that_breaks_a_rule_of_the_generated_code_is_refused_naming_the_fix(
+        tmp_path, monkeypatch, files, error, request):
+    from bigbird_ja import hub
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    package = f"hub_bad_{request.node.callspec.indices['files']}"
+    write_package(tmp_path, package, {"configuration.py": "X = 1\n", **files})
+    with pytest.raises(ValueError, match=error):
+        hub.remote_code_sources(package)
+
+
 def test_a_checksummed_model_folder_lists_the_remote_code_files(tmp_path):
     """Fine-tuning's saved model (as `export`): the code is written by save_pretrained, checksums.json after it."""
     from types import SimpleNamespace
@@ -291,6 +419,37 @@ def test_a_checksummed_model_folder_lists_the_remote_code_files(tmp_path):
     listed = json.loads((tmp_path / "model" / LISTING).read_text(encoding="utf-8"))["files"]
     assert {"configuration_bigbird_ja.py", "modeling_bigbird_ja.py", "bigbird_ja_attention.py"} <= set(listed)
     assert verify_listing(tmp_path / "model") == []
+
+
+# Loads a damaged checksummed folder with trust_remote_code where bigbird_ja cannot be imported.
+DAMAGED = ISOLATION + r"""
+try:
+    transformers.AutoModelForQuestionAnswering.from_pretrained(job["folder"], trust_remote_code=True)
+except Exception as error:
+    results = {"error": type(error).__name__, "module": type(error).__module__, "message": str(error)}
+else:
+    results = {"error": None}
+results["imported"] = sorted(m for m in sys.modules if m.split(".")[0] in job["blocked"])
+torch.save(results, job["results"])
+"""
+
+
+def test_the_remote_code_checks_a_folder_against_its_checksums_as_the_package_does(tmp_path):
+    """The copies carry the package's checksum check (bigbird_ja_common.py): a damaged file is refused by name."""
+    from types import SimpleNamespace
+
+    from bigbird_ja.common.checksums import save_model_folder
+
+    model = bigbird_ja.BigBirdJaForQuestionAnswering(tiny_config())
+    save_model_folder(model, SimpleNamespace(save_pretrained=lambda folder: None), tmp_path / "model")
+    weights = tmp_path / "model" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # same size, other contents
+    weights.write_bytes(bytes(data))
+    results = run_child(DAMAGED, dict(blocked=BLOCKED, folder=str(tmp_path / "model")), tmp_path)
+    assert results["imported"] == []
+    assert results["error"] == "DamagedFolderError" and results["module"].startswith("transformers_modules.")
+    assert "model.safetensors has sha256" in results["message"]
 
 
 @pytest.mark.slow
