@@ -26,6 +26,7 @@ from bigbird_ja.training.config import load_pretrain_config
 from conftest import subprocess_env, tiny_config
 from test_checkpoint_integrity import (
     EIGHT_STEPS, MODEL_STATES, PRESET, WORDS, _model, _save, _snapshot, _strip_checksums, _writer,
+    eight_steps,  # noqa: F401  (a fixture: the 8-step run the slow tests copy)
 )
 from test_pretrain import REPO, _command, _run, _sessions, tiny_data  # noqa: F401  (tiny_data: a fixture)
 
@@ -291,14 +292,6 @@ def test_export_onto_an_existing_file_is_a_one_line_error_naming_it(runs, tmp_pa
 
 # ----------------------------------------------------------------------------------------------------------------
 # The reproduction, with `bigbird-ja pretrain` and `export`
-
-
-@pytest.fixture(scope="module")
-def eight_steps(tiny_data, tmp_path_factory):  # noqa: F811  (tiny_data is the imported fixture)
-    data, tok = tiny_data
-    out = tmp_path_factory.mktemp("eight") / "run"
-    _run(_command(1, out, data, tok, EIGHT_STEPS))
-    return out
 
 
 @pytest.mark.slow
