@@ -355,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="memory, step time and cost of a pretraining run on N GPUs, before booking them",
                        description="A table over ZeRO 0-3 x activation checkpointing at the largest micro-batch that "
                        "fits: memory per GPU, step time, tokens/s, MFU, scaling, days and GPU-hours; the model is "
-                       "written in bigbird_ja/training/planner.py.")
+                       "written in bigbird_ja/training/planner/.")
     p.add_argument("--model", default="configs/model/base-4096.yaml", help="model preset, config.json or "
                    "checkpoint folder (e.g. a `bigbird-ja convert` output)")
     p.add_argument("--model-override", action="append", default=[], metavar="KEY=VALUE", help="a BigBirdJaConfig "

@@ -1,4 +1,4 @@
-"""`bigbird-ja plan` (bigbird_ja/training/planner.py): the memory formulas by hand, DeepSpeed's own estimators, the
+"""`bigbird-ja plan` (bigbird_ja/training/planner/): the memory formulas by hand, DeepSpeed's own estimators, the
 activation count against real tensors, bad input, every attention type, the written preset and the preset headers."""
 
 from __future__ import annotations
@@ -113,6 +113,21 @@ def test_activation_peak_on_meta_equals_torchs_mem_tracker_on_a_real_cpu_step(at
     print(f"{attention_type}, checkpointing {checkpointing}, gradients kept {with_grads}: MemTracker {real:,} "
           f"predicted {predicted:,.0f}")
     assert abs(predicted / real - 1) < 0.01
+
+
+def test_the_planner_names_the_backend_it_counts_in_the_config_instead_of_patching_the_dispatcher():
+    package = REPO / "bigbird_ja" / "training" / "planner"
+    patching = [path.name for path in package.glob("*.py") if "unittest" in path.read_text(encoding="utf-8")]
+    assert patching == []
+    # "auto" is planned as a GPU run: the fused Triton kernels, which keep no score matrix (the blocked backend does;
+    # with checkpointing both peak in the MLM head's backward)
+    _, auto = _tiny_facts(precision="bf16", attention_backend="auto")
+    _, triton = _tiny_facts(precision="bf16", attention_backend="triton")
+    _, blocked = _tiny_facts(precision="bf16", attention_backend="blocked")
+    per_sequence = {name: {key: peak.per_sequence for key, peak in facts.activations.items()}
+                    for name, facts in (("auto", auto), ("triton", triton), ("blocked", blocked))}
+    assert per_sequence["auto"] == per_sequence["triton"]
+    assert all(per_sequence["triton"][False, grads] < per_sequence["blocked"][False, grads] for grads in (False, True))
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -283,6 +298,7 @@ def plan_cli(capsys, monkeypatch):
     """`bigbird-ja plan` on the tiny model, in-process: (exit status, stdout, stderr). The activation count (a meta
     forward + backward) is made once per model and length for all these tests."""
     from bigbird_ja.cli import main
+    from bigbird_ja.training.planner import search as planner  # plan_run looks model_facts up there
 
     monkeypatch.setattr(planner, "model_facts", lambda config, seq_len, precision, threshold=100_000: _counted_facts(
         config.to_json_string(), seq_len, precision, threshold))

@@ -28,7 +28,8 @@ __all__ = [
 def resolve_backend(requested: str, device: torch.device) -> str:
     """Turn "auto" into a concrete backend for `device`; refuse one that cannot run there.
 
-    "auto" is `triton` on CUDA when the kernels are installed, and `blocked` otherwise.
+    "auto" is `triton` on CUDA when the kernels are installed, and `blocked` otherwise. On the meta device (shapes
+    only: the planner's memory count) `triton` is taken as asked: its custom ops have meta implementations.
     """
     from .triton_backend import interpreting, kernels_importable
 
@@ -37,6 +38,8 @@ def resolve_backend(requested: str, device: torch.device) -> str:
             return "triton"
         return "blocked"
     if requested == "triton":
+        if device.type == "meta":
+            return "triton"
         if not kernels_importable():
             raise ImportError("attention_backend='triton' needs triton and the bigbird_ja_kernels package (pip "
                                "install -e '.[triton]'); use attention_backend='blocked' (pure PyTorch, any device).")

@@ -5,11 +5,15 @@ Modules, one concept each:
 * `config`       typed run-config sections, the batch identity and the DeepSpeed JSON of a run (loading, overrides
                  and the JSON builder are shared with fine-tuning in `bigbird_ja.common`)
 * `preflight`    fail-fast checks every rank runs before training (open files, shards, tokenizer, disk, offload)
-* `checkpoint`   atomic checkpoints (temporary folder, rename, `latest` last, keep last k), `--resume auto`
+* `checkpoint`   atomic checkpoints (temporary folder, rename, `latest` last, keep last k), the run's identity,
+                 `--resume auto`
 * `flops`        model FLOPs counted for the block-sparse pattern; peak TFLOP/s of known GPUs (MFU)
 * `reporting`    rank 0's console lines, metrics.jsonl and TensorBoard
 * `trainer`      `pretrain`: a `Pretraining` whose methods are the phases of a run, with a typed `TrainState`
+* `watchdog`     hung and dead ranks: heartbeats, phase timing, the stacks of a hung rank
+* `faults`       fault injection for the tests and rehearsals (one hook the loop calls only when installed)
 * `export`       a checkpoint as a save_pretrained folder
+* `planner/`     `bigbird-ja plan`: hardware, activations, memory, timing, search, preset headers
 
 Importing this package imports neither deepspeed nor the trainer's heavy dependencies; `pretrain` and
 `export_checkpoint` import DeepSpeed when called (`pip install 'bigbird-ja[train]'`).
