@@ -11,23 +11,25 @@ before it looks at the registry (`REMOVED_TASKS`), so the class is registered un
 custom-pipeline registry (`PIPELINE_REGISTRY.register_pipeline`) when `bigbird_ja` is imported. `pipeline()` then
 loads the model with `AutoModelForQuestionAnswering` and the tokenizer with `AutoTokenizer`, as for its own tasks.
 
-One implementation with fine-tuning: the windows are `finetune.qa_features.build_qa_features` (question first,
-overlapping windows of the document with `doc_stride` tokens shared) and the answers are
-`finetune.qa_prediction.rank_answers` (the best span over all windows, mapped back to the exact characters of the
-given context), the functions `bigbird-ja finetune` and `bigbird-ja evaluate` run. A pipeline call is one question
-about one context; `start` and `end` index that context (`context[start:end] == answer`).
+One implementation with fine-tuning: the windows are `qa.features.build_qa_features` (question first, overlapping
+windows of the document with `doc_stride` tokens shared) and the answers are `qa.prediction.rank_answers` (the best
+span over all windows, mapped back to the exact characters of the given context), the functions `bigbird-ja
+finetune` and `bigbird-ja evaluate` run. A pipeline call is one question about one context; `start` and `end` index
+that context (`context[start:end] == answer`).
 
-Settings (`qa.qa_settings`): max_length, doc_stride, max_query_length, truncate (the windows) and n_best,
-max_answer_tokens (the span search) are, in order of precedence, the call's keyword arguments, the
-`pipeline(...)` keyword arguments, the settings of the fine-tuning run that saved the model (`<run>/config.yaml`
-beside `<run>/model`, the file `bigbird-ja evaluate --model <run>/model` reads; its `data` and `eval` sections),
-else fine-tuning's defaults (`DataSection`, `EvalSection`). `top_k` (default 1) answers are returned per question:
-a dict for top_k=1, else a list of at most top_k distinct spans, best first.
+Settings (`qa.qa_settings`, a `qa.settings.QASettings`): max_length, doc_stride, max_query_length, truncate (the
+windows) and n_best, max_answer_tokens (the span search) are, in order of precedence, the call's keyword arguments,
+the `pipeline(...)` keyword arguments, the model's own (`qa_settings` in its config.json: what `bigbird-ja finetune`
+trained and evaluated it with), else the defaults (fine-tuning's). A folder saved before models carried their
+settings has none in its config.json; for it the settings of the fine-tuning run that saved it are read where
+`bigbird-ja evaluate --model <run>/model` reads them (`<run>/config.yaml` beside `<run>/model`; its `data` and `eval`
+keys), when the folder holds a question-answering model and the file names a task. `top_k` (default 1) answers are
+returned per question: a dict for top_k=1, else a list of at most top_k distinct spans, best first.
 
 Answers are bounded in characters as well as tokens: `max_answer_chars` (default `ANSWER_CHARS_PER_TOKEN` = 8 per
 answer token, 240 for max_answer_tokens=30; Japanese text has 1-3 characters a token) drops any span longer than
 that from the candidates, so a span whose token offsets are wider than the text they hold never becomes a long
-"answer" (byte pieces carry their own character's span, see `finetune.qa_features`; what is left is a token's end
+"answer" (byte pieces carry their own character's span, see `qa.features`; what is left is a token's end
 extended over characters NFKC absorbed). `bigbird-ja evaluate` sets no such bound; the answers agree wherever the
 bound does not bind.
 
@@ -63,45 +65,16 @@ import numpy as np
 import torch
 from transformers.pipelines.base import ChunkPipeline
 
+from .common.config_io import read_yaml
+from .qa.examples import QAExample
+from .qa.features import build_qa_features
+from .qa.prediction import rank_answers
+from .qa.settings import QASettings, check_qa_setting, read_qa_settings
+
 QA_TASK = "long-document-question-answering"
 _WINDOW_KEYS = ("max_length", "doc_stride", "max_query_length", "truncate")
 _SPAN_KEYS = ("n_best", "max_answer_tokens", "max_answer_chars", "top_k")
-ANSWER_CHARS_PER_TOKEN = 8  # max_answer_chars' default, per answer token
 _SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-@dataclasses.dataclass(frozen=True)
-class QASettings:
-    """The windowing and span-search settings of a pipeline (see the module docstring for where each comes from).
-
-    max_length: tokens per window, [CLS] question [SEP] ... [SEP] included (fine-tuning's data.max_length).
-    doc_stride: document tokens shared by consecutive windows (data.doc_stride).
-    max_query_length: question tokens kept (data.max_query_length).
-    truncate: keep only the first window of the document (data.truncate).
-    n_best: start and end candidates per window (eval.n_best).
-    max_answer_tokens: longest answer, in tokens (eval.max_answer_tokens).
-    top_k: answers returned per question.
-    max_answer_chars: longest answer, in characters; None: ANSWER_CHARS_PER_TOKEN x max_answer_tokens
-        (`answer_char_limit`).
-    source: where the defaults came from (a run's config.yaml, or fine-tuning's defaults).
-    """
-
-    max_length: int
-    doc_stride: int
-    max_query_length: int
-    truncate: bool
-    n_best: int
-    max_answer_tokens: int
-    top_k: int = 1
-    max_answer_chars: int | None = None
-    source: str = "fine-tuning's defaults"
-
-    @property
-    def answer_char_limit(self) -> int:
-        """The longest answer in characters: max_answer_chars, else derived from max_answer_tokens."""
-        if self.max_answer_chars is not None:
-            return self.max_answer_chars
-        return ANSWER_CHARS_PER_TOKEN * self.max_answer_tokens
 
 
 def _model_folder(model) -> Path | None:
@@ -110,38 +83,40 @@ def _model_folder(model) -> Path | None:
     return Path(name) if name and Path(name).is_dir() else None
 
 
-def _run_config(model) -> Path | None:
-    """`<run>/config.yaml` when the model was loaded from `<run>/model` of a QA fine-tuning run, else None.
+def _run_config_settings(model, folder: Path) -> QASettings | None:
+    """The settings of the QA fine-tuning run that saved `folder` as `<run>/model`, else None: for a folder saved
+    before models carried their settings in config.json.
 
-    The rule of `finetune.run.evaluate_model` (the run's config.yaml beside the model folder); a config.yaml there
-    that names no QA task (a pretraining run's, say) is not a fine-tuning run's and is not used.
+    The rule of `bigbird-ja evaluate --model` (the run's config.yaml beside the model folder), read as plain YAML:
+    a file that names no task (a pretraining run's, say), or one beside a model that is no question-answering model
+    (a classification run's), is not a QA fine-tuning run's and is not used.
     """
-    from .common.config_io import read_yaml
-    from .finetune.tasks import TASKS, QATask
-
-    folder = _model_folder(model)
-    if folder is None:
-        return None
     candidate = folder.parent / "config.yaml"
     if not candidate.is_file():
         return None
-    task = read_yaml(candidate, "fine-tune config").get("task")
-    return candidate if isinstance(task, str) and isinstance(TASKS.get(task), QATask) else None
+    run = read_yaml(candidate, "fine-tune config")
+    architectures = getattr(model.config, "architectures", None) or []
+    if not isinstance(run.get("task"), str) or not any(a.endswith("ForQuestionAnswering") for a in architectures):
+        return None
+    sections = {name: run.get(name) if isinstance(run.get(name), dict) else {} for name in ("data", "eval")}
+    given = {key: sections["data"][key] for key in _WINDOW_KEYS if key in sections["data"]}
+    given.update({key: sections["eval"][key] for key in ("n_best", "max_answer_tokens") if key in sections["eval"]})
+    try:
+        return QASettings(**given, source=str(candidate))
+    except ValueError as err:
+        raise ValueError(f"{candidate}: {err}") from None
 
 
 def qa_settings_for(model) -> QASettings:
-    """The default settings of a pipeline over `model`: its fine-tuning run's, else fine-tuning's defaults."""
-    from .finetune.config import DataSection, EvalSection, load_finetune_config
-
-    path = _run_config(model)
-    if path is None:
-        data, evaluation, source = DataSection(), EvalSection(), "fine-tuning's defaults"
-    else:
-        config = load_finetune_config(path)
-        data, evaluation, source = config.data, config.eval, str(path)
-    return QASettings(max_length=data.max_length, doc_stride=data.doc_stride,
-                      max_query_length=data.max_query_length, truncate=data.truncate, n_best=evaluation.n_best,
-                      max_answer_tokens=evaluation.max_answer_tokens, source=source)
+    """The default settings of a pipeline over `model`: its config's, else (a folder saved without them) its
+    fine-tuning run's, else the defaults. See the module docstring."""
+    folder = _model_folder(model)
+    source = str(folder / "config.json") if folder is not None else f"the config of {type(model).__name__}"
+    saved = read_qa_settings(model.config, source)
+    if saved is not None:
+        return saved
+    from_run = _run_config_settings(model, folder) if folder is not None else None
+    return from_run if from_run is not None else QASettings()
 
 
 class LongDocumentQuestionAnsweringPipeline(ChunkPipeline):
@@ -194,24 +169,15 @@ class LongDocumentQuestionAnsweringPipeline(ChunkPipeline):
         given = dict(max_length=max_length, doc_stride=doc_stride, max_query_length=max_query_length,
                      truncate=truncate, n_best=n_best, max_answer_tokens=max_answer_tokens,
                      max_answer_chars=max_answer_chars, top_k=top_k)
-        for name in ("max_length", "max_query_length", "n_best", "max_answer_tokens", "max_answer_chars", "top_k"):
-            value = given[name]
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name}={value!r}: must be an integer >= 1")
-        if doc_stride is not None and (isinstance(doc_stride, bool) or not isinstance(doc_stride, int)
-                                       or doc_stride < 0):
-            raise ValueError(f"doc_stride={doc_stride!r}: must be an integer >= 0")
-        if truncate is not None and not isinstance(truncate, bool):
-            raise ValueError(f"truncate={truncate!r}: must be True (the first window only) or False")
+        for name, value in given.items():
+            if value is not None:
+                check_qa_setting(name, value)
         preprocess = {k: given[k] for k in _WINDOW_KEYS if given[k] is not None}
         postprocess = {k: given[k] for k in _SPAN_KEYS if given[k] is not None}
         return preprocess, {}, postprocess
 
     def preprocess(self, inputs, **settings):
         """The windows of one question: build_qa_features over a one-question example."""
-        from .finetune.documents import QAExample
-        from .finetune.qa_features import build_qa_features
-
         if not isinstance(inputs, dict) or not isinstance(inputs.get("question"), str) \
                 or not isinstance(inputs.get("context"), str):
             got = sorted(inputs) if isinstance(inputs, dict) else type(inputs).__name__
@@ -230,7 +196,7 @@ class LongDocumentQuestionAnsweringPipeline(ChunkPipeline):
             features, docs, _ = build_qa_features([example], self.tokenizer, max_length=s.max_length,
                                                   doc_stride=s.doc_stride, max_query_length=s.max_query_length,
                                                   truncate=s.truncate)
-        except ValueError as err:  # its messages name the fine-tuning fields (data.*): the same settings
+        except ValueError as err:  # its messages name fine-tuning's fields (data.*): the same settings
             raise ValueError(f"{err} (the pipeline's max_length={s.max_length}, doc_stride={s.doc_stride}, "
                              f"max_query_length={s.max_query_length})") from None
         # Guards for a tokenizer that drops characters (ours never does: byte fallback, "▁" for spaces)
@@ -270,8 +236,6 @@ class LongDocumentQuestionAnsweringPipeline(ChunkPipeline):
         return outputs if batched else {k: v[0] for k, v in outputs.items()}
 
     def postprocess(self, all_outputs, **settings):
-        from .finetune.qa_prediction import rank_answers
-
         s = dataclasses.replace(self.qa_settings, **settings)
         answers = rank_answers(
             all_outputs[0]["example"], all_outputs[0]["doc"], [o["feature"] for o in all_outputs],
@@ -318,5 +282,4 @@ def register_pipeline() -> None:
                                             pt_model=AutoModelForQuestionAnswering, type="text")
 
 
-__all__ = ["ANSWER_CHARS_PER_TOKEN", "LongDocumentQuestionAnsweringPipeline", "QASettings", "QA_TASK",
-           "qa_settings_for", "register_pipeline"]
+__all__ = ["LongDocumentQuestionAnsweringPipeline", "QA_TASK", "qa_settings_for", "register_pipeline"]

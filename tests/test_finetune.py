@@ -29,10 +29,10 @@ from bigbird_ja.finetune.jglue import (
     DataFormatError, read_jcommonsenseqa, read_jnli, read_jsts, read_marc_ja, read_squad,
 )
 from bigbird_ja.finetune.metrics import normalize_answer, pearson, spearman, squad_scores
-from bigbird_ja.finetune.qa_features import answer_token_span, build_qa_features, tokenize_document, window_starts
-from bigbird_ja.finetune.qa_prediction import predict_answers
 from bigbird_ja.finetune.run import evaluate_model, evaluate_predictions
 from bigbird_ja.finetune.trainer import batch_order
+from bigbird_ja.qa.features import answer_token_span, build_qa_features, tokenize_document, window_starts
+from bigbird_ja.qa.prediction import predict_answers
 
 REPO = Path(__file__).resolve().parents[1]
 JGLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "jglue"
@@ -422,7 +422,7 @@ def test_a_document_longer_than_any_window_is_windowed_and_answered_from_its_las
 
 
 def test_a_token_span_maps_to_characters_from_the_document_tokens_alone():
-    from bigbird_ja.finetune.qa_features import DocumentTokens
+    from bigbird_ja.qa.features import DocumentTokens
 
     doc = DocumentTokens(ids=[5, 6, 7], offsets=[(0, 2), (2, 4), (5, 6)], ends=[2, 5, 6])
     assert doc.span_text(1, 2) == (2, 6) and doc.span_text(0, 0) == (0, 2)

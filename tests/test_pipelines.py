@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import unicodedata
 from pathlib import Path
 
@@ -25,8 +26,9 @@ from bigbird_ja.finetune import load_finetune_config
 from bigbird_ja.finetune.documents import build_qa_examples
 from bigbird_ja.finetune.jglue import read_squad
 from bigbird_ja.pipelines import QA_TASK
+from bigbird_ja.qa.settings import QASettings, write_qa_settings
 from conftest import randomize_
-from test_finetune import JSQUAD, REPO, _squad_subset, jsquad_raw, tokenizer_dir  # noqa: F401 (fixtures)
+from test_finetune import JSQUAD, REPO, TINY_MODEL, _squad_subset, jsquad_raw, tokenizer_dir  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.skipif(not JSQUAD.is_file(), reason="JGLUE data not found beside the repository")
 
@@ -180,6 +182,83 @@ def test_a_saved_pipeline_loads_again_without_remote_code(qa, examples, tmp_path
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The QA settings travel with the model: `qa_settings` in its config.json (`bigbird_ja.qa.settings`)
+
+
+def test_a_finetuned_qa_folder_carries_its_settings_to_the_pipeline_without_a_run_config(tokenizer_dir, subset,
+                                                                                          examples, tmp_path):
+    from transformers import pipeline
+
+    from bigbird_ja.finetune import finetune
+
+    # the first 8 questions: 6 about a one-window document, 2 about one of several windows
+    result = finetune("jsquad", None, overrides=TINY_MODEL + RUN_SETTINGS + [
+        f"--model.tokenizer={tokenizer_dir}", "--train.max_steps=2", "--data.max_train_examples=8",
+        "--data.max_valid_examples=8"], train=str(subset), valid=str(subset), output=str(tmp_path / "run"),
+        verbose=False)
+    saved = json.loads((result.files["model"] / "config.json").read_text(encoding="utf-8"))["qa_settings"]
+    assert saved == {"max_length": 192, "doc_stride": 48, "max_query_length": 29, "truncate": False, "n_best": 10,
+                     "max_answer_tokens": 20, "max_answer_chars": None}
+    moved = tmp_path / "elsewhere" / "model"  # the folder alone: no config.yaml beside it
+    shutil.copytree(result.files["model"], moved)
+    qa = pipeline(QA_TASK, model=str(moved), device="cpu")
+    assert qa.qa_settings == QASettings(**saved, source=str(moved / "config.json"))
+    asked = examples[:8]
+    assert max(len(list(qa.preprocess({"question": e.question, "context": e.context}))) for e in asked) >= 4
+    answers = qa([{"question": e.question, "context": e.context} for e in asked])
+    assert {e.id: a["answer"] for e, a in zip(asked, answers)} == result.predictions  # as the run evaluated it
+
+
+def test_the_models_own_settings_win_over_a_run_config_beside_it(run_dir, tmp_path):
+    from transformers import pipeline
+
+    shutil.copytree(run_dir, tmp_path / "run")
+    folder = tmp_path / "run" / "model"
+    model = bigbird_ja.BigBirdJaForQuestionAnswering.from_pretrained(str(folder))
+    write_qa_settings(model.config, QASettings(max_length=128, doc_stride=32, max_query_length=16, n_best=5,
+                                               max_answer_tokens=7))
+    model.save_pretrained(str(folder))
+    qa = pipeline(QA_TASK, model=str(folder), device="cpu")
+    settings = qa.qa_settings
+    assert (settings.max_length, settings.doc_stride, settings.max_query_length) == (128, 32, 16)
+    assert (settings.n_best, settings.max_answer_tokens, settings.source) == (5, 7, str(folder / "config.json"))
+
+
+@pytest.mark.parametrize("saved, message", [
+    ({"max_length": 0}, r"config\.json: qa_settings\.max_length=0: must be an integer >= 1"),
+    ({"doc_stride": 48, "window": 192}, r"config\.json: unknown qa_settings keys \['window'\]; valid keys are "
+                                        r"\['max_length', 'doc_stride'"),
+    ([192, 48], r"config\.json: qa_settings must be a mapping"),
+], ids=["bad-value", "unknown-key", "not-a-mapping"])
+def test_qa_settings_that_break_a_rule_are_refused_naming_the_config_file(tokenizer_dir, tmp_path, saved, message):
+    from transformers import pipeline
+
+    folder = _tiny_qa_model(tokenizer_dir, tmp_path / "model", seed=5)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    (folder / "config.json").write_text(json.dumps({**config, "qa_settings": saved}), encoding="utf-8")
+    with pytest.raises(ValueError, match=message):
+        pipeline(QA_TASK, model=str(folder), device="cpu")
+
+
+def test_qa_settings_survive_remote_code_loading_and_saving_where_bigbird_ja_cannot_be_imported(tmp_path):
+    from test_hub import BLOCKED, ISOLATION, run_child
+
+    config = build_model_config(REPO / "configs" / "model" / "tiny-cpu.yaml")
+    settings = QASettings(max_length=192, doc_stride=48, max_query_length=29, n_best=10, max_answer_tokens=20)
+    write_qa_settings(config, settings)
+    config.save_pretrained(str(tmp_path / "model"))
+    results = run_child(ISOLATION + r"""
+config = transformers.AutoConfig.from_pretrained(job["folder"], trust_remote_code=True)
+config.save_pretrained(job["resaved"])
+again = transformers.AutoConfig.from_pretrained(job["resaved"], trust_remote_code=True)
+torch.save({"module": type(config).__module__, "loaded": config.qa_settings, "resaved": again.qa_settings},
+           job["results"])
+""", dict(blocked=BLOCKED, folder=str(tmp_path / "model"), resaved=str(tmp_path / "resaved")), tmp_path)
+    assert results["module"].startswith("transformers_modules.")
+    assert results["loaded"] == results["resaved"] == settings.to_saved()
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Issue 25, case 4: damaged models, inputs that mean nothing, answers bounded in characters
 
 # Short windows (8 blocks of 16), so that long contexts cost little: what the bounds tests and the properties use.
@@ -257,7 +336,7 @@ def test_byte_pieces_get_the_span_of_their_own_character():
     from tokenizers import Tokenizer, models, normalizers
     from transformers import PreTrainedTokenizerFast
 
-    from bigbird_ja.finetune.qa_features import tokenize_document
+    from bigbird_ja.qa.features import tokenize_document
 
     vocab = [("[UNK]", 0.0), ("a", -1.0), ("b", -1.0)] + [(f"<0x{i:02X}>", -10.0) for i in range(256)]
     backend = Tokenizer(models.Unigram(vocab, unk_id=0, byte_fallback=True))
@@ -332,7 +411,7 @@ def _token_count(doc, start: int, end: int) -> int | None:
        max_answer_tokens=st.sampled_from([None, 1, 4, 30]), max_answer_chars=st.sampled_from([None, 1, 5, 40]))
 def test_every_question_and_context_is_answered_within_bounds_or_refused_naming_the_argument(
         bare_qa, data, with_surrogates, top_k, max_answer_tokens, max_answer_chars):
-    from bigbird_ja.finetune.qa_features import tokenize_document
+    from bigbird_ja.qa.features import tokenize_document
 
     question = data.draw(_texts(1, 3, with_surrogates and data.draw(st.booleans())), label="question")
     context = data.draw(_texts(1, 6, with_surrogates), label="context")

@@ -3,11 +3,10 @@ generated long-range QA task.
 
 Modules, one concept each:
 
+* `registry`        the task registry: task name -> task, the one list of tasks
 * `config`          typed run-config sections (strict YAML, `--section.key=value` overrides)
 * `jglue`           readers of the JGLUE files (JSQuAD, JNLI, JSTS, JCommonsenseQA, MARC-ja)
 * `documents`       QA examples over long documents (paragraphs of an article joined) or paragraphs; offset checks
-* `qa_features`     question-first windows with doc stride; answer token positions from character offsets
-* `qa_prediction`   best span over all windows, mapped back to the exact characters of the context
 * `metrics`         the JSQuAD metric as JGLUE defines it; accuracy, Pearson, Spearman
 * `answer_coverage` how many answers a tokenizer lets a span predictor recover exactly (token boundaries)
 * `classification`  sentence-pair and multiple-choice inputs
@@ -16,7 +15,9 @@ Modules, one concept each:
 * `trainer`         the training loop and batched prediction
 * `run`             `finetune`, `evaluate_predictions`, `evaluate_model`
 
-Importing this package imports neither DeepSpeed nor the tokenizer trainer (MeCab, sentencepiece).
+Long-document QA itself (windows, span ranking, the settings a QA model is saved with) is `bigbird_ja.qa`, which
+the pipeline shares. Importing this package imports neither DeepSpeed nor the tokenizer trainer (MeCab,
+sentencepiece).
 """
 
 from .config import FinetuneConfig, load_finetune_config

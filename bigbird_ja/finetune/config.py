@@ -18,6 +18,8 @@ from typing import Any, Literal
 import yaml
 
 from ..common.config_io import ConfigError, load_config, to_dict
+from ..qa.settings import QASettings
+from .registry import TASKS
 
 
 def _require(ok: bool, message: str) -> None:
@@ -86,13 +88,14 @@ class DataSection:
     valid: str | None = None
     max_train_examples: int = 0
     max_valid_examples: int = 0
-    max_length: int = 4096
-    doc_stride: int = 512
-    max_query_length: int = 128
+    # the QA window defaults are long-document QA's own (`bigbird_ja.qa.settings`), which the pipeline shares
+    max_length: int = QASettings.max_length
+    doc_stride: int = QASettings.doc_stride
+    max_query_length: int = QASettings.max_query_length
     long_document: bool = True
     on_mismatch: Literal["error", "skip"] = "error"
     windows_without_answer: Literal["cls", "drop"] = "cls"
-    truncate: bool = False
+    truncate: bool = QASettings.truncate
     train_articles: str | None = None
     valid_articles: str | None = None
 
@@ -107,7 +110,7 @@ class DataSection:
         _require(self.max_length >= 2, f"data.max_length={self.max_length}: must be >= 2")
         _require(self.doc_stride >= 0, f"data.doc_stride={self.doc_stride}: must be >= 0")
         # QA windows also need max_length > max_query_length + 3 > doc_stride + ...: checked where they are built
-        # (qa_features), since the classification tasks do not use those fields.
+        # (`bigbird_ja.qa.features`), since the classification tasks do not use those fields.
 
 
 @dataclass
@@ -186,8 +189,8 @@ class EvalSection:
     """
 
     batch_size: int = 32
-    n_best: int = 20
-    max_answer_tokens: int = 30
+    n_best: int = QASettings.n_best
+    max_answer_tokens: int = QASettings.max_answer_tokens
     truncated_max_length: int = 0
 
     def __post_init__(self):
@@ -256,8 +259,8 @@ class SyntheticSection:
 class FinetuneConfig:
     """Everything `bigbird-ja finetune` is told; each component reads only its own section.
 
-    task: the task (`bigbird_ja.finetune.tasks.TASKS` is the list); `bigbird-ja finetune TASK` sets it, and a
-        preset that names another task is refused.
+    task: the task (the registry `bigbird_ja.finetune.registry.TASKS` is the list); `bigbird-ja finetune TASK` sets
+        it, and a preset that names another task is refused.
     model, data, train, eval, output, synthetic: the sections above.
     """
 
@@ -270,9 +273,13 @@ class FinetuneConfig:
     synthetic: SyntheticSection = field(default_factory=SyntheticSection)
 
     def __post_init__(self):
-        from .tasks import TASKS  # the task registry; imported here because it imports this module
-
         _require(self.task in TASKS, f"task={self.task!r} is not a fine-tuning task; the tasks are {list(TASKS)}")
+
+    def qa_settings(self) -> QASettings:
+        """The windows and span search of this run (data and eval sections): what a QA model is saved with."""
+        return QASettings(max_length=self.data.max_length, doc_stride=self.data.doc_stride,
+                          max_query_length=self.data.max_query_length, truncate=self.data.truncate,
+                          n_best=self.eval.n_best, max_answer_tokens=self.eval.max_answer_tokens)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(to_dict(self), sort_keys=False, allow_unicode=True, width=120)

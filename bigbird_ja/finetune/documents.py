@@ -1,4 +1,5 @@
-"""QA examples from SQuAD-format data: long documents (every paragraph of an article) or single paragraphs.
+"""QA examples (`bigbird_ja.qa.examples`) from SQuAD-format data: long documents (every paragraph of an article) or
+single paragraphs.
 
 Long-document JSQuAD: the paragraphs of one article are joined, in file order, with `separator` between them (a
 newline: paragraph contexts never contain one) into one context; each answer's offset is shifted by the length of
@@ -20,33 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from statistics import median
 
+from ..qa.examples import Answer, QAExample
 from .jglue import DataFormatError, SquadArticle
 
 ON_MISMATCH = ("error", "skip")
-
-
-@dataclass(frozen=True)
-class Answer:
-    """A gold answer whose offsets were checked against its context."""
-
-    text: str
-    start: int  # character offset in the (document) context
-
-    @property
-    def end(self) -> int:
-        return self.start + len(self.text)
-
-
-@dataclass
-class QAExample:
-    """One question about one document. Questions of the same document share the same `context` string."""
-
-    id: str
-    question: str
-    context: str
-    document_id: str
-    answers: list[Answer]  # checked answers (training labels); may be empty
-    gold_texts: list[str]  # every gold text of the file, checked or not (the metric's golds)
 
 
 @dataclass
@@ -174,4 +152,4 @@ def build_qa_examples(articles: list[SquadArticle], *, long_document: bool = Tru
     return examples, report
 
 
-__all__ = ["Answer", "DocumentReport", "ON_MISMATCH", "OffsetMismatch", "QAExample", "build_qa_examples"]
+__all__ = ["DocumentReport", "ON_MISMATCH", "OffsetMismatch", "build_qa_examples"]

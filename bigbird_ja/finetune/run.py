@@ -8,7 +8,8 @@
   4. read and featurise the training and validation files; the data report goes to data_report.txt;
   5. train (train_log.jsonl), predict the validation file, write predictions.json and metrics.json (with the
      training summary and, when eval.truncated_max_length is set, the metrics of truncated inputs);
-  6. save the model and tokenizer to <out>/model (output.save_model), checksums.json last (`save_model_folder`).
+  6. save the model and tokenizer to <out>/model (output.save_model), checksums.json last (`save_model_folder`);
+     a QA model carries the run's windows and span search in its config.json (`qa_settings`, read by the pipeline).
 With train.deepspeed the command runs on every process of its launcher: rank 0 alone writes files, the ranks
 share the training batches and the prediction features, and an error on rank 0 stops every rank.
 
@@ -33,6 +34,7 @@ from ..common.atomic_io import atomic_write_text
 from ..common.checksums import save_model_folder, verify_model_folder
 from ..common.config_io import read_yaml
 from ..common.distributed import broadcast_object, rank_and_world_size
+from ..qa.settings import write_qa_settings
 from .config import ConfigError, FinetuneConfig, load_finetune_config
 from .jglue import read_json_file
 from .tasks import QATask, Task, get_task
@@ -284,6 +286,9 @@ def finetune(task: str, config: FinetuneConfig | str | Path | None = None, *, ov
     metrics["seconds"] = round(time.perf_counter() - started, 2)
     if cfg.output.save_model:
         files["model"] = out / "model"
+        # the pipeline answers with what the model was trained and evaluated with; other heads carry none (a QA
+        # checkpoint's settings do not describe a classifier fine-tuned from it)
+        write_qa_settings(net.config, cfg.qa_settings() if isinstance(spec, QATask) else None)
 
     def write_results() -> None:
         _write_json(files["predictions"], predictions)

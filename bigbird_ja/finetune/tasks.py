@@ -18,13 +18,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..qa.examples import QAExample
+from ..qa.features import QAFeature, build_qa_features
+from ..qa.prediction import predict_answers
 from . import jglue
 from .classification import ClassificationCollator, encode_choice_examples, encode_text_examples
 from .config import DataSection, EvalSection, TrainSection, parse_slice
-from .documents import QAExample, build_qa_examples
+from .documents import build_qa_examples
 from .metrics import pearson, spearman, squad_scores
-from .qa_features import QAFeature, build_qa_features
-from .qa_prediction import predict_answers
+from .registry import TASKS
 from .trainer import predict_outputs
 
 
@@ -238,16 +240,16 @@ class ChoiceTask(SequenceTask):
         return _accuracy(predictions, golds)
 
 
-# The task registry: the one list of tasks. `FinetuneConfig.task`, the choices of `bigbird-ja finetune` and
-# `bigbird-ja evaluate`, and `get_task` all read it; a task added here is a task everywhere.
-TASKS: dict[str, Task] = {task.name: task for task in (
+# Into the task registry (`registry.TASKS`), the one list of tasks. `FinetuneConfig.task`, the choices of
+# `bigbird-ja finetune` and `bigbird-ja evaluate`, and `get_task` all read it; a task added here is a task everywhere.
+TASKS.update({task.name: task for task in (
     QATask("jsquad"),
     QATask("longrange"),
     SequenceTask("jnli", jglue.read_jnli, jglue.JNLI_LABELS),
     SequenceTask("jsts", jglue.read_jsts, None),
     ChoiceTask("jcommonsenseqa", jglue.read_jcommonsenseqa),
     SequenceTask("marc-ja", jglue.read_marc_ja, jglue.MARC_LABELS),
-)}
+)})
 
 
 def get_task(name: str) -> Task:

@@ -1,4 +1,4 @@
-"""Extractive-QA features: the question first, then windows of the document.
+"""Extractive-QA features: the question first, then windows of the document (fine-tuning and the pipeline).
 
 Each feature is `[CLS] question [SEP] document tokens [SEP]` (token types 0, then 1, as the tokenizer's pair
 template makes them). The question comes first so that it falls in the model's global blocks, which every block
@@ -30,7 +30,7 @@ import bisect
 import re
 from dataclasses import dataclass, field
 
-from .documents import QAExample
+from .examples import QAExample
 
 WINDOWS_WITHOUT_ANSWER = ("cls", "drop")
 _NON_SPACE = re.compile(r"\S*")

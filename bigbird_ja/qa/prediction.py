@@ -5,7 +5,7 @@ of a window are paired (start <= end, at most `max_answer_tokens` tokens), score
 all windows wins (transformers' run_qa post-processing, without a null answer: JSQuAD is SQuAD v1.1). A document
 token appears in several windows where they overlap; each window's logits are its own votes. The winning tokens
 are mapped back to `context[offsets[first].start : ends[last]]`, a slice of the original context string (ends
-extended over characters NFKC absorbed; see `qa_features`). A question whose windows hold no document token (an
+extended over characters NFKC absorbed; see `features`). A question whose windows hold no document token (an
 empty context) gets the empty answer.
 
 `rank_answers` ranks the answers of one question (its `top_k` best distinct spans); `predict_answers` takes the
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .documents import QAExample
-from .qa_features import DocumentTokens, QAFeature
+from .examples import QAExample
+from .features import DocumentTokens, QAFeature
 
 
 @dataclass
