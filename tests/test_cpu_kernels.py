@@ -292,6 +292,20 @@ def test_a_damaged_cached_library_is_rebuilt_not_loaded(kernel, tmp_path, monkey
     assert cpu_kernels.build() == path and path.read_bytes() == intact
 
 
+def test_a_process_that_built_the_library_survives_its_cached_file_being_rewritten_in_place(tmp_path):
+    """The build's load check maps a copy, not the file renamed into the cache: a cached library truncated in place
+    (`cp` over it, a damaged disk) must not kill the process that built it (it died with SIGBUS at exit)."""
+    script = ("from bigbird_ja.attention import cpu_kernels\n"
+              "path = cpu_kernels.build()\n"
+              "data = path.read_bytes()\n"
+              "path.write_bytes(data[: len(data) // 2])\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, BIGBIRD_JA_CACHE=str(tmp_path / "cache")))
+    assert run.returncode == 0, f"exit {run.returncode} (negative: killed by signal {-run.returncode}): {run.stderr}"
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and p.suffix == ".so"
+                and p.name.startswith("tmp")], "the load check's copy was left behind"
+
+
 def test_a_compiler_that_writes_nothing_caches_nothing(tmp_path, monkeypatch, caplog):
     """A compiler that exits 0 without output (full disk, a wrapper script) leaves nothing in the cache: the run
     takes the PyTorch reads with one warning, and a later run whose compiler works builds the kernel."""

@@ -129,11 +129,18 @@ def _check_loadable(path: str, compiler: list[str]) -> None:
     """A compiler that exits 0 without writing a library (a wrapper script, a full disk) must not fill the cache."""
     if os.path.getsize(path) == 0:
         raise RuntimeError(f"{' '.join(compiler)} exited 0 but wrote nothing: nothing was cached")
+    # Loaded from a copy: a library stays mapped until the process exits, and the file renamed into the cache must
+    # not be that mapping (rewritten in place later, e.g. by `cp` over it, it would kill this process with SIGBUS).
+    fd, probe = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
+    os.close(fd)
     try:
-        ctypes.CDLL(path)
+        shutil.copyfile(path, probe)
+        ctypes.CDLL(probe)
     except OSError as error:
         raise RuntimeError(f"{' '.join(compiler)} wrote a library that cannot be loaded ({error}): nothing was "
                            f"cached") from error
+    finally:
+        os.unlink(probe)
 
 
 def _require(condition: bool, what: str) -> None:
