@@ -44,7 +44,7 @@ setup(
         # triton in the tests: the kernels run under TRITON_INTERPRET=1 on CPU and compile ahead of time for sm_80/90
         "test": ["pytest>=8", "hypothesis>=6.100", "matplotlib>=3.7", "sentencepiece>=0.2", "triton>=3.2", "fugashi>=1.3",
                  "unidic-lite>=1.0.8", "datasets>=2.14", "pyarrow>=12", "deepspeed>=0.14", "onnx>=1.16",
-                 "onnxscript>=0.2", "onnxruntime>=1.18"],
+                 "onnxscript>=0.2", "onnxruntime>=1.18", "sentence-transformers>=3.0", "peft>=0.10"],
     },
     entry_points={"console_scripts": ["bigbird-ja=bigbird_ja.cli:main"]},
 )

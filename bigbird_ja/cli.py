@@ -10,7 +10,8 @@ Subcommands:
   export    write a pretraining checkpoint as a save_pretrained folder (safetensors + tokenizer)
   finetune  fine-tune on a JGLUE task (jsquad over long documents, jnli, jsts, jcommonsenseqa, marc-ja) or the
             generated long-range QA task; --section.key=value overrides (configs/finetune/*.yaml)
-  evaluate  score a predictions file (SQuAD format for jsquad) or run a fine-tuned model over a data file
+  evaluate  score a predictions file (SQuAD format for jsquad) or run a fine-tuned model over a data file;
+            jsquad --retrieval: questions against every article by embedding (recall@k, MRR)
 
 Options that name a file or folder the command writes are spelled --out (--metrics-out, --predictions-out where a
 command writes several). Unknown arguments of pretrain, finetune and evaluate are run-config overrides
@@ -207,8 +208,13 @@ def cmd_finetune(args) -> int:
 def cmd_evaluate(args) -> int:
     import json
 
+    if args.retrieval:
+        return _evaluate_retrieval(args)
     from .finetune import evaluate_model, evaluate_predictions
 
+    if args.max_length is not None or args.truncate_to is not None:
+        raise ValueError("--max-length and --truncate-to apply to --retrieval runs; QA windows are "
+                         "--data.max_length=N overrides")
     if (args.predictions is None) == (args.model is None):
         raise ValueError("give exactly one of --predictions FILE (score a predictions file) or --model DIR (run a "
                          "fine-tuned model over --data)")
@@ -220,6 +226,23 @@ def cmd_evaluate(args) -> int:
     else:
         metrics = evaluate_model(args.task, args.model, args.data, args.config, overrides=args.overrides,
                                  output=args.metrics_out, predictions_out=args.predictions_out)
+    print(json.dumps(metrics, ensure_ascii=False))
+    if args.metrics_out:
+        print(f"wrote {args.metrics_out}")
+    return 0
+
+
+def _evaluate_retrieval(args) -> int:
+    import json
+
+    from .embeddings import evaluate_retrieval
+
+    if args.task != "jsquad" or args.model is None or args.predictions is not None or args.overrides:
+        raise ValueError("--retrieval runs an encoder over a JSQuAD file: bigbird-ja evaluate jsquad --retrieval "
+                         "--model DIR --data FILE [--max-length N] [--truncate-to N] (no --predictions or "
+                         "overrides)")
+    metrics = evaluate_retrieval(args.model, args.data, max_length=args.max_length, truncate_to=args.truncate_to,
+                                 output=args.metrics_out)
     print(json.dumps(metrics, ensure_ascii=False))
     if args.metrics_out:
         print(f"wrote {args.metrics_out}")
@@ -431,6 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="fine-tune preset for --model runs (data and eval sections)")
     p.add_argument("--metrics-out", metavar="FILE", help="write the metrics here as JSON")
     p.add_argument("--predictions-out", metavar="FILE", help="--model runs: write the predictions here as JSON")
+    p.add_argument("--retrieval", action="store_true", help="jsquad: rank every article of --data for each question "
+                   "by embedding (mean pooling) and report recall@k and MRR (bigbird_ja.embeddings)")
+    p.add_argument("--max-length", type=int, help="--retrieval: tokens per window (default: the model's length)")
+    p.add_argument("--truncate-to", type=int, help="--retrieval: read only each article's first N tokens")
     p.set_defaults(func=cmd_evaluate, takes_overrides=True)
     return parser
 

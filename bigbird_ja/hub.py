@@ -19,14 +19,19 @@ registered for it; instead `write_remote_code` generates, from the package,
     package's own imports, which are left out: the names they import are defined above in the same file, or imported
     from another generated file by one generated line at its top (``from .bigbird_ja_attention import ...``);
   - ``config.auto_map``: AutoConfig, and every Auto class that `import bigbird_ja` registers (read from
-    transformers' registry, so this list and the registration cannot drift apart), to its class in those files.
+    transformers' registry, so this list and the registration cannot drift apart), to its class in those files;
+  - ``pipeline_bigbird_ja.py``: the long-document QA pipeline (`bigbird_ja.pipelines` and the `qa` package it
+    reads), and for a question-answering model ``config.custom_pipelines`` naming it, so that
+    `pipeline("long-document-question-answering", model=folder, trust_remote_code=True)` runs without the package.
+    With the package imported, its registered pipeline answers instead (`_registered_elsewhere`), without
+    trust_remote_code, as before folders carried the pipeline.
 
 The generated folder is flat, so a model loaded from it saves again through transformers' own `custom_object_save`,
 which copies the files as they are. The copies are generated, never edited: the package stays the one home of the
-model. `register_remote_code` (called by `import bigbird_ja`) adds `write_remote_code` to
-`BigBirdJaConfig.save_hooks`: every `save_pretrained` of the config or of a model (`bigbird-ja export`, `convert`,
-a fine-tuned model) writes the code before config.json. The configuration and the model do not import this module:
-it sits above them.
+model. `register_remote_code` (called by `import bigbird_ja`) adds `write_remote_code` (and the writer of the
+sentence-transformers files, `bigbird_ja.embeddings`) to `BigBirdJaConfig.save_hooks`: every `save_pretrained` of
+the config or of a model (`bigbird-ja export`, `convert`, a fine-tuned model) writes the code before config.json.
+The configuration and the model do not import this module: it sits above them.
 
 Rules for the package modules the model's code reaches, each checked when the code is generated, with an error
 naming the module, the line and the fix (tests/test_hub.py generates the package's code and breaks each rule):
@@ -61,9 +66,11 @@ from .configuration import BigBirdJaConfig
 from .version import __version__
 
 PACKAGE = __name__.rpartition(".")[0]  # "bigbird_ja"
-# the modules transformers' auto_map points at, by their path in the package, and their files (the names of
-# transformers' own custom-code repositories)
-ROOT_FILES = {"configuration": "configuration_bigbird_ja", "modeling": "modeling_bigbird_ja"}
+# the modules transformers' auto_map and custom_pipelines point at, by their path in the package, and their files
+# (the names of transformers' own custom-code repositories)
+ROOT_FILES = {"configuration": "configuration_bigbird_ja", "modeling": "modeling_bigbird_ja",
+              "pipelines": "pipeline_bigbird_ja"}
+PIPELINE_CLASS = "LongDocumentQuestionAnsweringPipeline"  # bigbird_ja.pipelines' class, named in custom_pipelines
 MODELING_MODULE = f"{PACKAGE}.modeling"
 # imports the copies may make only lazily, inside a try block (transformers refuses a file that imports a missing
 # package anywhere else); bigbird_ja itself never
@@ -239,9 +246,11 @@ def _read(package_dir: Path, module: str) -> _Module:
 
 
 def _collect(package: str, package_dir: Path) -> dict[str, _Module]:
-    """The configuration and modeling modules and every package module they import relatively, at any depth, lazy
-    imports included (as the code would run them), in the order they are found."""
-    modules, pending = {}, [f"{package}.{part}" for part in ROOT_FILES]
+    """The configuration, modeling and pipeline modules and every package module they import relatively, at any
+    depth, lazy imports included (as the code would run them), in the order they are found."""
+    # the pipeline is optional (a package without one ships the model alone)
+    modules, pending = {}, [f"{package}.{part}" for part in ROOT_FILES
+                            if part != "pipelines" or (package_dir / f"{part}.py").is_file()]
     while pending:
         name = pending.pop(0)
         if name not in modules:
@@ -289,6 +298,8 @@ def _check_shared_namespace(stem: str, members: list[_Module], origins: dict[str
     meanings: dict[str, dict[str, set]] = {}
     for m in members:
         for name, what in origins[m.name].items():
+            if name == "__all__":  # nothing star-imports a generated file: each module's own list may differ
+                continue
             meanings.setdefault(name, {})[m.name] = what
     for name, by_module in meanings.items():
         if len(by_module) > 1 and len(set().union(*by_module.values())) > 1:
@@ -400,11 +411,56 @@ def write_remote_code(config, folder) -> list[Path]:
                              f"`try: ... except ImportError` (see attention/triton_backend.py `_kernels`)")
         written.append(path)
     config.auto_map = auto_map()
+    # ours follows the head being saved (one config may serve several heads); any other custom pipeline stays
+    from .pipelines import QA_TASK
+
+    pipelines = {task: info for task, info in (config.__dict__.get("custom_pipelines") or {}).items()
+                 if task != QA_TASK}
+    pipelines.update(custom_pipelines(config))
+    if pipelines:
+        config.custom_pipelines = pipelines
+    else:
+        config.__dict__.pop("custom_pipelines", None)
     return written
 
 
+def custom_pipelines(config) -> dict:
+    """``config.custom_pipelines`` of a question-answering model: the long-document QA pipeline, whose code is
+    ``pipeline_bigbird_ja.py`` beside it, so that `pipeline(QA_TASK, model=folder, trust_remote_code=True)` runs
+    without the package. Other heads get none: `pipeline(model=folder)` without a task would pick it for them."""
+    from .pipelines import QA_TASK
+
+    architectures = getattr(config, "architectures", None) or []
+    if not any(a.endswith("ForQuestionAnswering") for a in architectures):
+        return {}
+    return {QA_TASK: {"impl": f"{ROOT_FILES['pipelines']}.{PIPELINE_CLASS}", "pt": ["AutoModelForQuestionAnswering"],
+                      "tf": [], "type": "text"}}
+
+
+def _registered_elsewhere(config) -> dict:
+    """What transformers reads as a package config's `custom_pipelines`: the saved ones minus the tasks this process
+    has registered (`import bigbird_ja` registers QA_TASK), so `pipeline(QA_TASK, model=folder)` runs the package's
+    class without trust_remote_code, as it did before folders carried the pipeline's code. config.json keeps them
+    all (`to_dict` reads the instance's own dict)."""
+    from transformers.pipelines import PIPELINE_REGISTRY
+
+    saved = config.__dict__.get("custom_pipelines") or {}
+    return {task: info for task, info in saved.items() if task not in PIPELINE_REGISTRY.supported_tasks}
+
+
+def _keep_custom_pipelines(config, value) -> None:
+    config.__dict__["custom_pipelines"] = value
+
+
 def register_remote_code() -> None:
-    """Make every `save_pretrained` of the package's config and models write the remote code (`import bigbird_ja`
-    calls this, beside registering the Auto classes)."""
-    if write_remote_code not in BigBirdJaConfig.save_hooks:
-        BigBirdJaConfig.save_hooks.append(write_remote_code)
+    """Make every `save_pretrained` of the package's config and models write the remote code and the
+    sentence-transformers module files (`bigbird_ja.embeddings`; `import bigbird_ja` calls this, beside registering
+    the Auto classes), and let the package's registered pipeline answer for a folder's copy of it
+    (`_registered_elsewhere`)."""
+    from .embeddings import write_sentence_transformers_files
+
+    for hook in (write_remote_code, write_sentence_transformers_files):
+        if hook not in BigBirdJaConfig.save_hooks:
+            BigBirdJaConfig.save_hooks.append(hook)
+    # the package's config class only: a folder's copy reads its custom_pipelines as saved
+    BigBirdJaConfig.custom_pipelines = property(_registered_elsewhere, _keep_custom_pipelines)

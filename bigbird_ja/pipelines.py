@@ -20,7 +20,8 @@ that context (`context[start:end] == answer`).
 Settings (`qa.qa_settings`, a `qa.settings.QASettings`): max_length, doc_stride, max_query_length, truncate (the
 windows) and n_best, max_answer_tokens (the span search) are, in order of precedence, the call's keyword arguments,
 the `pipeline(...)` keyword arguments, the model's own (`qa_settings` in its config.json: what `bigbird-ja finetune`
-trained and evaluated it with), else the defaults (fine-tuning's). A folder saved before models carried their
+trained and evaluated it with), else the defaults (fine-tuning's, with windows cut to the model's
+max_position_embeddings when it is shorter: `default_qa_settings`). A folder saved before models carried their
 settings has none in its config.json; for it the settings of the fine-tuning run that saved it are read where
 `bigbird-ja evaluate --model <run>/model` reads them (`<run>/config.yaml` beside `<run>/model`; its `data` and `eval`
 keys), when the folder holds a question-answering model and the file names a task. `top_k` (default 1) answers are
@@ -65,6 +66,7 @@ import numpy as np
 import torch
 from transformers.pipelines.base import ChunkPipeline
 
+from .common.atomic_io import atomic_write_bytes
 from .common.config_io import read_yaml
 from .qa.examples import QAExample
 from .qa.features import build_qa_features
@@ -116,7 +118,20 @@ def qa_settings_for(model) -> QASettings:
     if saved is not None:
         return saved
     from_run = _run_config_settings(model, folder) if folder is not None else None
-    return from_run if from_run is not None else QASettings()
+    return from_run if from_run is not None else default_qa_settings(model.config)
+
+
+def default_qa_settings(config) -> QASettings:
+    """Fine-tuning's defaults, with windows no longer than the model takes: a model of fewer than 4,096 tokens gets
+    windows of its `max_position_embeddings` and a stride of at most a quarter of a window (fine-tuning's ratio)."""
+    defaults = QASettings()
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or limit >= defaults.max_length:
+        return defaults
+    return dataclasses.replace(defaults, max_length=limit, doc_stride=min(defaults.doc_stride, limit // 4),
+                               max_query_length=min(defaults.max_query_length, limit // 4),
+                               source=f"fine-tuning's defaults, windows cut to the model's "
+                                      f"max_position_embeddings={limit}")
 
 
 class LongDocumentQuestionAnsweringPipeline(ChunkPipeline):
@@ -247,15 +262,25 @@ class LongDocumentQuestionAnsweringPipeline(ChunkPipeline):
         return results[0] if s.top_k == 1 else results
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs):
-        """Save the model and the tokenizer, and nothing else.
+        """Save the model and the tokenizer: a folder the pipeline loads from again, with the package or (remote
+        code) without it.
 
-        transformers would also write `custom_pipelines` into config.json and copy this module beside it, after which
-        `pipeline(...)` refuses the folder without trust_remote_code=True; the task is registered by `import
-        bigbird_ja` instead.
+        Not transformers' own way (it copies the pipeline's module as it is: the package's, whose imports a folder
+        cannot resolve): the package's save hook writes the generated copy of this module and `custom_pipelines`
+        (`bigbird_ja.hub`). Run from that copy (no package), the model's save copies only the model's code, so the
+        files of this module that the saved config still names are copied beside it.
         """
         os.makedirs(save_directory, exist_ok=True)
         self.model.save_pretrained(save_directory, **kwargs)
         self.tokenizer.save_pretrained(save_directory, **kwargs)
+        impl = ((getattr(self.model.config, "custom_pipelines", None) or {}).get(QA_TASK) or {}).get("impl", "")
+        target = Path(save_directory) / f"{impl.rpartition('.')[0]}.py"
+        if impl and not target.exists() and Path(__file__).name == target.name:
+            from transformers.dynamic_module_utils import get_relative_import_files
+
+            for source in map(Path, [__file__, *get_relative_import_files(__file__)]):
+                if not (Path(save_directory) / source.name).exists():
+                    atomic_write_bytes(Path(save_directory) / source.name, source.read_bytes(), durable=False)
 
 
 def _check_text(argument: str, text: str, fix: str) -> None:
@@ -282,4 +307,5 @@ def register_pipeline() -> None:
                                             pt_model=AutoModelForQuestionAnswering, type="text")
 
 
-__all__ = ["LongDocumentQuestionAnsweringPipeline", "QA_TASK", "qa_settings_for", "register_pipeline"]
+__all__ = ["LongDocumentQuestionAnsweringPipeline", "QA_TASK", "default_qa_settings", "qa_settings_for",
+           "register_pipeline"]

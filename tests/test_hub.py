@@ -291,7 +291,25 @@ def test_the_configuration_and_the_model_do_not_import_the_hub_module():
         by_name = [node.lineno for node in ast.walk(module.tree) if isinstance(node, ast.Call)
                    and getattr(node.func, "attr", getattr(node.func, "id", None)) in ("import_module", "__import__")]
         assert by_name == [], f"{module.name} imports a module by name at lines {by_name}"
-    assert bigbird_ja.BigBirdJaConfig.save_hooks == [hub.write_remote_code]
+    from bigbird_ja.embeddings import write_sentence_transformers_files
+
+    assert bigbird_ja.BigBirdJaConfig.save_hooks == [hub.write_remote_code, write_sentence_transformers_files]
+    assert "bigbird_ja.embeddings" not in modules  # the copy needs no embedding code: sentence-transformers pools
+
+
+def test_only_question_answering_folders_name_the_qa_pipeline(saved_heads):
+    """custom_pipelines lets `pipeline(model=folder)` pick a task unasked: only where it is the model's task."""
+    _, folders, _, _ = saved_heads
+    for auto_name, folder in folders.items():
+        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+        assert (Path(folder) / "pipeline_bigbird_ja.py").is_file()
+        if auto_name == "AutoModelForQuestionAnswering":
+            assert list(config["custom_pipelines"]) == [bigbird_ja.QA_TASK]
+        else:
+            assert "custom_pipelines" not in config, auto_name
+    # loaded by the package, the folder's pipeline gives way to the registered one (no trust_remote_code needed)
+    loaded = transformers.AutoConfig.from_pretrained(folders["AutoModelForQuestionAnswering"])
+    assert loaded.custom_pipelines == {} and bigbird_ja.QA_TASK in loaded.to_dict()["custom_pipelines"]
 
 
 def test_each_generated_file_is_its_package_modules_as_they_are_without_their_package_imports(saved_heads):

@@ -18,7 +18,8 @@ LAYERS = {
     "bigbird_ja.configuration": 1, "bigbird_ja.attention": 1, "bigbird_ja.data": 1, "bigbird_ja.tokenization": 1,
     "bigbird_ja.modeling": 2,
     "bigbird_ja.hub": 3, "bigbird_ja.pipelines": 3, "bigbird_ja.qa": 3, "bigbird_ja.deploy": 3,
-    "bigbird_ja.convert": 3, "bigbird_ja.plotting": 3,
+    "bigbird_ja.convert": 3, "bigbird_ja.plotting": 3, "bigbird_ja.embeddings": 3,
+    "bigbird_ja.lora": 3,
     "bigbird_ja.training": 4, "bigbird_ja.finetune": 4,
     "bigbird_ja.cli": 5,
 }

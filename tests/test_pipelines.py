@@ -35,6 +35,8 @@ pytestmark = pytest.mark.skipif(not JSQUAD.is_file(), reason="JGLUE data not fou
 # Windows of 192 tokens (12 blocks of 16: sparse) over documents of up to ~600 tokens, 48 tokens of overlap.
 RUN_SETTINGS = ["--data.max_length=192", "--data.doc_stride=48", "--data.max_query_length=29",
                 "--eval.n_best=10", "--eval.max_answer_tokens=20", "--eval.batch_size=1"]
+# RUN_SETTINGS as the pipeline's keyword arguments
+SAVED_RUN_SETTINGS = dict(max_length=192, doc_stride=48, max_query_length=29, n_best=10, max_answer_tokens=20)
 ARTICLES = (11, 12, 16)  # 享保, 打楽器, アムハラ語: 46 questions
 
 
@@ -157,15 +159,25 @@ def test_without_a_run_config_the_defaults_are_fine_tunings(tokenizer_dir, tmp_p
     folder = _tiny_qa_model(tokenizer_dir, tmp_path / "bare", seed=1)
     qa = pipeline(QA_TASK, model=str(folder), device="cpu")
     data, evaluation = DataSection(), EvalSection()
-    assert qa.qa_settings.doc_stride == data.doc_stride and qa.qa_settings.max_query_length == data.max_query_length
+    assert data.max_length == 4096 and (data.doc_stride, data.max_query_length) == (512, 128)
+    # fine-tuning's windows do not fit this 256-token model: cut to its length, stride and question in proportion
+    assert (qa.qa_settings.max_length, qa.qa_settings.doc_stride, qa.qa_settings.max_query_length) == (256, 64, 64)
+    assert "max_position_embeddings=256" in qa.qa_settings.source
     assert (qa.qa_settings.n_best, qa.qa_settings.max_answer_tokens) == (evaluation.n_best,
                                                                         evaluation.max_answer_tokens)
-    with pytest.raises(ValueError, match="max_length=4096.*max_position_embeddings=256"):
-        qa({"question": "質問?", "context": "本文。"})  # 4,096-token windows do not fit this model
-    answer = qa({"question": "質問?", "context": "本文。"}, max_length=256, doc_stride=64)
+    answer = qa({"question": "質問?", "context": "本文。" * 200})  # several windows, none longer than the model
     assert set(answer) == {"answer", "start", "end", "score"}
+    with pytest.raises(ValueError, match="max_length=512.*max_position_embeddings=256"):
+        qa({"question": "質問?", "context": "本文。"}, max_length=512)  # asked for: refused, never cut silently
     with pytest.raises(ValueError, match="^context is empty"):
-        qa({"question": "質問?", "context": ""}, max_length=256, doc_stride=64)  # nothing to answer from
+        qa({"question": "質問?", "context": ""})  # nothing to answer from
+
+
+def test_a_model_of_fine_tunings_length_or_longer_keeps_fine_tunings_windows():
+    from bigbird_ja.pipelines import default_qa_settings
+
+    for length in (4096, 8192):
+        assert default_qa_settings(build_model_config(None, {"max_position_embeddings": length})) == QASettings()
 
 
 def test_a_saved_pipeline_loads_again_without_remote_code(qa, examples, tmp_path):
@@ -173,12 +185,45 @@ def test_a_saved_pipeline_loads_again_without_remote_code(qa, examples, tmp_path
 
     qa.save_pretrained(str(tmp_path / "saved"))
     config = json.loads((tmp_path / "saved" / "config.json").read_text(encoding="utf-8"))
-    assert "custom_pipelines" not in config and not (tmp_path / "saved" / "pipelines.py").exists()
-    again = pipeline(QA_TASK, model=str(tmp_path / "saved"), device="cpu", max_length=192, doc_stride=48,
-                     max_query_length=29, n_best=10, max_answer_tokens=20)
+    # the folder names its own copy of the pipeline (for Pythons without the package), never the package's module
+    assert config["custom_pipelines"][QA_TASK]["impl"] == "pipeline_bigbird_ja.LongDocumentQuestionAnsweringPipeline"
+    assert (tmp_path / "saved" / "pipeline_bigbird_ja.py").is_file()
+    assert not (tmp_path / "saved" / "pipelines.py").exists()
+    again = pipeline(QA_TASK, model=str(tmp_path / "saved"), device="cpu", **SAVED_RUN_SETTINGS)
     inputs = {"question": examples[0].question, "context": examples[0].context}
     assert again(inputs) == qa(inputs)
     torch.testing.assert_close(again.model.qa_outputs.weight, qa.model.qa_outputs.weight, rtol=0, atol=0)
+
+
+# Issue 30: the pipeline travels with the model. Where bigbird_ja cannot be imported (test_hub's isolation).
+REMOTE_PIPELINE = r"""
+from transformers import pipeline
+
+qa = pipeline(job["task"], model=job["folder"], trust_remote_code=True, device="cpu")
+answers = qa(job["inputs"])
+qa.save_pretrained(job["resaved"])  # from the copy: the folder must name and hold the pipeline's code again
+# the run's settings came from its config.yaml beside the model, which the new folder lacks: pass them
+again = pipeline(job["task"], model=job["resaved"], trust_remote_code=True, device="cpu", **job["settings"])
+torch.save({"answers": answers, "again": again(job["inputs"]), "module": type(qa).__module__,
+            "settings": [qa.qa_settings.max_length, qa.qa_settings.doc_stride, qa.qa_settings.n_best],
+            "imported": sorted(m for m in sys.modules if m.split(".")[0] in job["blocked"])}, job["results"])
+"""
+
+
+def test_the_pipeline_runs_from_the_folder_without_the_package_with_the_same_answers(qa, run_dir, examples,
+                                                                                      tmp_path):
+    from test_hub import BLOCKED, ISOLATION, run_child
+
+    inputs = [{"question": e.question, "context": e.context} for e in examples[:6]]
+    results = run_child(ISOLATION + REMOTE_PIPELINE, dict(blocked=BLOCKED, task=QA_TASK, folder=str(run_dir / "model"),
+                                                          inputs=inputs, resaved=str(tmp_path / "resaved"),
+                                                          settings=SAVED_RUN_SETTINGS), tmp_path)
+    assert results["module"].startswith("transformers_modules.") and results["imported"] == []
+    # the run's settings (config.yaml beside the model), read by the copy as by the package
+    assert results["settings"] == [qa.qa_settings.max_length, qa.qa_settings.doc_stride, qa.qa_settings.n_best]
+    expected = qa(inputs)
+    print(expected[:2], results["answers"][:2])
+    assert results["answers"] == expected and results["again"] == expected
 
 
 # ----------------------------------------------------------------------------------------------------------------
