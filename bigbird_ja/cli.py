@@ -1,7 +1,7 @@
 """`bigbird-ja <subcommand>`: the command line only parses arguments and calls library functions.
 
 Subcommands:
-  convert   warm-start a bigbird_ja checkpoint from a local DeBERTa-v2/v3 or BigBird checkpoint
+  convert   warm-start a bigbird_ja checkpoint from a local DeBERTa-v2/v3 or BigBird checkpoint; lengthen one
   layout    draw the block-sparse attention pattern of a config as a PNG
   train-tokenizer  train the Japanese SentencePiece unigram tokenizer (MeCab word boundaries, byte fallback)
   prepare   tokenise and pack text / JSON lines / Parquet / saved datasets into resumable pretraining shards
@@ -293,8 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     parser.subcommands = sub.choices  # name -> subparser
 
-    p = sub.add_parser("convert", help="warm-start from a local DeBERTa-v2/v3 or BigBird checkpoint")
-    p.add_argument("src", help="transformers checkpoint folder (config.json + weights + tokenizer files)")
+    p = sub.add_parser("convert", help="warm-start from a local DeBERTa-v2/v3 or BigBird checkpoint, or lengthen a "
+                       "bigbird-ja one (--max-length)")
+    p.add_argument("src", help="transformers checkpoint folder (config.json + weights + tokenizer files); a bigbird-ja "
+                   "folder is lengthened to --max-length, its outputs on shorter inputs unchanged")
     p.add_argument("dst", help="output folder (must not exist unless --overwrite)")
     _sparsity_arguments(p)
     p.add_argument("--max-length", type=int, help="new max_position_embeddings (relative-position models only "

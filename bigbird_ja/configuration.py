@@ -44,10 +44,17 @@ class BigBirdJaConfig(PreTrainedConfig):
         random_seed: seed of the random blocks.
         random_block_span: positions over which each query block's random blocks are drawn (None: the model's
             max_position_embeddings). An input keeps the drawn blocks that fall inside it, so a sequence sees the same
-            blocks whatever its batch is padded to. Pinned to a checkpoint's length when the checkpoint is made to
-            read longer inputs, so it keeps its random blocks on the lengths it knew.
+            blocks whatever its batch is padded to.
         attention_backend: "auto" (triton on CUDA when available, otherwise blocked), "reference" (dense O(n^2),
             the truth for tests), "blocked" (pure PyTorch, memory linear in length) or "triton".
+
+    Length and function. Two quantities that define what a model computes follow max_position_embeddings when left
+    unset: the relative-position range (max_relative_positions < 1) and the span the random blocks are drawn over
+    (random_block_span None). A saved config.json therefore holds them resolved (`to_dict`), so raising the length
+    of a saved model (`from_pretrained(folder, max_position_embeddings=n)`, `model.extend_length(n)`, `bigbird-ja
+    convert SRC DST --max-length n`, `model.overrides.max_position_embeddings`) keeps its outputs on every input it
+    already handled; longer distances share the last relative bucket and longer inputs see random blocks drawn over
+    the span it knew. `LENGTH_DEFINED_FIELDS` names them.
     """
 
     model_type = "bigbird-ja"
@@ -122,6 +129,11 @@ class BigBirdJaConfig(PreTrainedConfig):
                 hook(self, save_directory)
         super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
+    def to_dict(self) -> dict:
+        """transformers' `to_dict` with the length-defined fields resolved (see the class docstring): what
+        config.json, checkpoints and run files record is the function, not a rule that a new length would move."""
+        return resolve_length_fields(super().to_dict())
+
     # --- derived quantities, one definition each -------------------------------------------------------------
     @property
     def effective_max_relative_positions(self) -> int:
@@ -190,6 +202,41 @@ class BigBirdJaConfig(PreTrainedConfig):
                  f"{blocks_in_span} blocks of {bs}; use fewer random blocks or attention_type='full'.")
 
 
+# Fields whose unset value follows max_position_embeddings; they decide the model's function, not its shapes (with
+# log buckets; without them max_relative_positions sizes the relative embeddings too).
+LENGTH_DEFINED_FIELDS = ("max_relative_positions", "random_block_span")
+
+
+def resolve_length_fields(values: dict) -> dict:
+    """``values`` (a config dict) with the `LENGTH_DEFINED_FIELDS` that follow its max_position_embeddings set to
+    it; values already set stay. max_relative_positions is left alone without relative attention (nothing reads
+    it then)."""
+    values = dict(values)
+    length = values.get("max_position_embeddings") or BigBirdJaConfig.max_position_embeddings
+    if values.get("relative_attention", True) and (values.get("max_relative_positions") or -1) < 1:
+        values["max_relative_positions"] = length
+    if values.get("random_block_span") is None:
+        values["random_block_span"] = length
+    return values
+
+
+def lengthen_values(saved: dict, overrides: dict, *, where: str = "the saved model") -> dict:
+    """Overrides for a saved config (``saved``: its config.json) that raise or lower its max_position_embeddings
+    without changing its function: the `LENGTH_DEFINED_FIELDS` the saved config leaves to its length are pinned to
+    that length, unless ``overrides`` name them (then the caller asked for another function). Absolute position
+    embeddings (position_biased_input) cannot grow without training: refused, naming the fix."""
+    new = overrides.get("max_position_embeddings")
+    old = saved.get("max_position_embeddings", BigBirdJaConfig.max_position_embeddings)
+    if new is None or new == old:
+        return dict(overrides)
+    if saved.get("position_biased_input") and new > old:
+        raise ValueError(f"max_position_embeddings={new}: {where} adds absolute position embeddings ({old} of them), "
+                         f"which cannot be made longer without training; keep inputs at <= {old} tokens (long "
+                         f"documents are windowed)")
+    pinned = resolve_length_fields(saved)
+    return {**{k: pinned[k] for k in LENGTH_DEFINED_FIELDS if k not in overrides and k in pinned}, **overrides}
+
+
 # Keys a preset or overrides may set beside the dataclass fields: transformers' head settings (PreTrainedConfig
 # attributes) and DeBERTa's classifier dropout, which the heads read.
 HEAD_KEYS = ("num_labels", "id2label", "label2id", "problem_type", "cls_dropout")
@@ -223,6 +270,8 @@ def build_model_config(source=None, overrides: dict | None = None, *, what: str 
             raise FileNotFoundError(f"model config {str(file)!r} does not exist (give a save_pretrained folder, its "
                                     f"config.json, or a model preset from configs/model/)")
         values = json.loads(file.read_text(encoding="utf-8"))
+        # a saved config defines a function: a new length keeps it (lengthen_values pins what would follow it)
+        overrides = lengthen_values(values, overrides, where=str(file.parent))
         return BigBirdJaConfig.from_dict({**values, **overrides})  # from_dict: transformers' own keys are fine here
     if not path.is_file():
         raise FileNotFoundError(f"model preset {str(path)!r} does not exist (presets live in configs/model/)")

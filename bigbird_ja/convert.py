@@ -1,4 +1,5 @@
-"""Warm start: turn a local DeBERTa-v2/v3 or BigBird checkpoint (transformers layout) into a bigbird_ja checkpoint.
+"""Warm start: turn a local DeBERTa-v2/v3 or BigBird checkpoint (transformers layout) into a bigbird_ja checkpoint,
+or lengthen a bigbird_ja checkpoint (`lengthen_checkpoint`: `bigbird-ja convert FOLDER NEW_FOLDER --max-length N`).
 
 Every source tensor is either mapped to a named parameter of the target model or reported; every target parameter
 is either filled from the source or reported. Either report makes the conversion fail unless the caller allows it
@@ -196,6 +197,16 @@ def convert_checkpoint(src, dst, *, attention_type=None, block_size=None, max_le
         raise ConversionError(f"{dst} exists; choose a new folder or pass overwrite=True (--overwrite).")
     source_config = json.loads((src / "config.json").read_text())
     kind = source_config.get("model_type")
+    if kind == BigBirdJaConfig.model_type:
+        changes = {k: v for k, v in dict(attention_type=attention_type, block_size=block_size,
+                                         num_window_blocks=num_window_blocks, num_global_blocks=num_global_blocks,
+                                         num_random_blocks=num_random_blocks,
+                                         max_relative_positions=max_relative_positions).items() if v is not None}
+        if changes:
+            raise ConversionError(f"{src} is a bigbird-ja checkpoint: only --max-length applies to it (lengthening "
+                                  f"keeps its function); {sorted(changes)} would change what it computes. Convert "
+                                  f"the original DeBERTa/BigBird checkpoint with them instead")
+        return lengthen_checkpoint(src, dst, max_length, overwrite=overwrite)
     if kind not in SOURCE_TYPES:
         raise ConversionError(f"model_type {kind!r} in {src / 'config.json'} is not supported: convert from "
                               "'deberta-v2' (DeBERTa-v2/v3) or 'big_bird' (BigBird ITC) checkpoints.")
@@ -262,12 +273,24 @@ def convert_checkpoint(src, dst, *, attention_type=None, block_size=None, max_le
     model.load_state_dict(new_state, strict=False)
     model.tie_weights()
 
+    _write_folder(model, src, dst, report)
+    return report
+
+
+def _write_folder(model, src: Path, dst: Path, report: ConversionReport) -> None:
+    """save_pretrained into a temporary folder beside ``dst``, the source's other files (the tokenizer) copied
+    along, the report, checksums.json last; then renamed into place."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    # mkdtemp makes the folder private (0700); the result is an ordinary folder, readable as the umask allows
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         for item in sorted(src.iterdir()):
-            if item.is_file() and item.name not in SKIPPED_FILES and not item.name.endswith((".safetensors", ".bin")):
+            if (item.is_file() and item.name not in SKIPPED_FILES and not item.name.endswith((".safetensors", ".bin"))
+                    and not (tmp / item.name).exists()):  # save_pretrained's own files (the model's code) win
                 shutil.copy2(item, tmp / item.name)
                 report.copied_files.append(item.name)
         (tmp / "conversion_report.json").write_text(json.dumps(asdict(report), indent=2, ensure_ascii=False))
@@ -278,4 +301,32 @@ def convert_checkpoint(src, dst, *, attention_type=None, block_size=None, max_le
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def lengthen_checkpoint(src, dst, max_length: int, *, overwrite: bool = False) -> ConversionReport:
+    """A bigbird_ja checkpoint folder ``src`` made to read ``max_length`` tokens, written to ``dst``
+    (`PreTrainedModel.extend_length`): the same weights, and the same outputs on every input it already handled."""
+    from . import modeling
+
+    src, dst = Path(src), Path(dst)
+    if dst.exists() and not overwrite:
+        raise ConversionError(f"{dst} exists; choose a new folder or pass overwrite=True (--overwrite).")
+    if max_length is None:
+        raise ConversionError(f"{src} is already a bigbird-ja checkpoint: give --max-length N to lengthen it (the "
+                              f"only change that keeps its function)")
+    config = BigBirdJaConfig.from_pretrained(src)
+    name = (config.architectures or ["BigBirdJaModel"])[0]
+    if not name.startswith("BigBirdJa") or not hasattr(modeling, name):
+        raise ConversionError(f"{src / 'config.json'} names architecture {name!r}, which bigbird_ja does not have")
+    report = ConversionReport(source_type=BigBirdJaConfig.model_type, target_class=name)
+    model = getattr(modeling, name).from_pretrained(src)  # checked against its checksums.json first
+    before = model.config.to_dict()
+    try:
+        model.extend_length(max_length)
+    except ValueError as err:
+        raise ConversionError(f"{src} cannot read {max_length} tokens: {err}") from None
+    after = model.config.to_dict()
+    report.config_changes = {k: after[k] for k in sorted(after) if before.get(k) != after[k]}
+    report.mapped = len(model.state_dict())
+    _write_folder(model, src, dst, report)
     return report

@@ -250,19 +250,90 @@ class BigBirdJaPreTrainedModel(PreTrainedModel):
         export`, `finetune` and `convert` write one last): a damaged file is a `DamagedFolderError` (a ValueError)
         naming it, before any weight is read. A folder without one (`save_pretrained`'s, another tool's) and a Hub
         id load as before. verify_checksums=False skips the check, for a caller that has just made it itself."""
-        if verify_checksums and isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
+        if isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
             folder = Path(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
-            if folder.is_dir():
+            if verify_checksums and folder.is_dir():
                 from .common.checksums import verify_model_folder
 
                 verify_model_folder(folder)
+            if (folder / "config.json").is_file():
+                kwargs = _keep_function_at_new_length(folder, kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+    def extend_length(self, max_position_embeddings: int):
+        """Let the model read inputs of up to ``max_position_embeddings`` tokens without changing what it computes
+        on the inputs it already handled (the relative-position range and the span random blocks are drawn over
+        stay those of its old length; see `BigBirdJaConfig`). Returns the model; save it with save_pretrained.
+        Refused for absolute position embeddings (position_biased_input), which a new length would leave untrained."""
+        from .configuration import lengthen_values
+
+        config = self.config
+        if not isinstance(max_position_embeddings, int) or max_position_embeddings < 1:
+            raise ValueError(f"extend_length({max_position_embeddings!r}): give a positive number of tokens")
+        pinned = lengthen_values(config.to_dict() | {"max_position_embeddings": config.max_position_embeddings},
+                                 {"max_position_embeddings": max_position_embeddings}, where="this model")
+        before = {key: getattr(config, key) for key in pinned}
+        for key, value in pinned.items():
+            setattr(config, key, value)
+        try:
+            config.validate_bigbird_ja()
+        except ValueError:
+            for key, value in before.items():
+                setattr(config, key, value)
+            raise
+        return self
 
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, BigBirdJaLMPredictionHead):
             with torch.no_grad():
                 module.bias.zero_()
+
+
+def _keep_function_at_new_length(folder: Path, kwargs: dict) -> dict:
+    """The load-time check of `from_pretrained(folder, max_position_embeddings=n)` (or a config whose length differs
+    from the folder's): the length-defined fields the folder's config.json leaves unset (saved before they were
+    written resolved) are pinned to its length, so the loaded model computes what the saved one did on the inputs
+    it handled. A config given with another explicit value is the caller's choice: warned about, with the fix."""
+    import copy
+    import json
+    import warnings
+
+    from .configuration import LENGTH_DEFINED_FIELDS, lengthen_values, resolve_length_fields
+
+    saved = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    if saved.get("model_type") != BigBirdJaConfig.model_type:
+        return kwargs
+    given = kwargs.get("config")
+    if not isinstance(given, BigBirdJaConfig):
+        if "max_position_embeddings" in kwargs:
+            kwargs = {**kwargs, **lengthen_values(saved, {key: kwargs[key] for key in
+                                                          (*LENGTH_DEFINED_FIELDS, "max_position_embeddings")
+                                                          if key in kwargs}, where=str(folder))}
+        return kwargs
+    new = given.max_position_embeddings
+    if new == saved.get("max_position_embeddings", BigBirdJaConfig.max_position_embeddings):
+        return kwargs
+    pins = lengthen_values(saved, {"max_position_embeddings": new}, where=str(folder))
+    resolved = resolve_length_fields(saved)
+    config, changed = given, []
+    for key in LENGTH_DEFINED_FIELDS:
+        if key not in pins:
+            continue
+        value = getattr(given, key)
+        unset = value is None or (key == "max_relative_positions" and value < 1)
+        if unset and (saved.get(key) is None or (key == "max_relative_positions" and saved[key] < 1)):
+            if config is given:
+                config = copy.deepcopy(given)
+            setattr(config, key, pins[key])
+        elif (resolve_length_fields(given.to_dict())[key] if unset else value) != resolved[key]:
+            changed.append(f"{key}={value} (saved: {resolved[key]})")
+    if changed:
+        warnings.warn(f"loading {folder} at max_position_embeddings={new} with {', '.join(changed)}: the model will "
+                      f"compute something else than the saved one on the inputs it handled. To keep its function, "
+                      f"leave these fields as saved ({', '.join(f'{k}={resolved[k]}' for k in LENGTH_DEFINED_FIELDS)})",
+                      stacklevel=3)
+    return kwargs if config is given else {**kwargs, "config": config}
 
 
 def _check_inputs(config, input_ids, inputs_embeds, attention_mask):
@@ -274,8 +345,8 @@ def _check_inputs(config, input_ids, inputs_embeds, attention_mask):
     if shape[1] > config.max_position_embeddings:
         raise ValueError(
             f"sequence length {shape[1]} exceeds max_position_embeddings={config.max_position_embeddings}; truncate "
-            "or window the input (e.g. the tokenizer's max_length / stride), or convert the model with a larger "
-            "--max-length.")
+            "or window the input (e.g. the tokenizer's max_length / stride), or lengthen the model "
+            "(model.extend_length(n), or `bigbird-ja convert FOLDER NEW_FOLDER --max-length n`).")
     if attention_mask is not None and tuple(attention_mask.shape) != tuple(shape):
         raise ValueError(f"attention_mask must be [batch, seq_len] = {list(shape)} (1 = token, 0 = padding); got "
                          f"{tuple(attention_mask.shape)}. 3-D/4-D masks are not taken: the layout comes from the config.")

@@ -16,6 +16,7 @@ The loader (`load_config`, `from_dict`, `parse_overrides`) is `bigbird_ja.common
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -55,12 +56,17 @@ class RunSection:
 class ModelSection:
     """The encoder.
 
-    preset: a model preset (configs/model/*.yaml, strict BigBirdJaConfig fields) or a folder with config.json.
-    init_from: a save_pretrained folder (e.g. `bigbird-ja convert` output) whose weights start the run; its
-        config.json is the model config unless `preset` is given too.
-    overrides: BigBirdJaConfig fields laid over the preset (e.g. {attention_probs_dropout_prob: 0.0}).
-    The vocabulary size is always the tokenizer's (len(tokenizer)): a preset's vocab_size is replaced by it, and the
-    resolved model config is saved as config.json in every checkpoint.
+    preset: a model preset (configs/model/*.yaml, strict BigBirdJaConfig fields) or a folder with config.json,
+        trained from scratch; its vocab_size is replaced by the tokenizer's (len(tokenizer)).
+    init_from: a save_pretrained folder (`bigbird-ja convert` / `export` output) whose weights start the run; its
+        config.json defines the model (architecture, vocabulary size, padded or not) and its tokenizer is the one
+        the data must be prepared with (checked at preflight). Exactly one of preset and init_from: with
+        --model.init_from on the command line, the run preset's model section (a from-scratch preset and its
+        overrides) is left out, and a note says so.
+    overrides: BigBirdJaConfig fields laid over the preset or init_from's config (e.g. {attention_probs_dropout_prob:
+        0.0}). Over init_from: no field that sizes a weight; a new max_position_embeddings keeps the checkpoint's
+        function on the lengths it knew (`BigBirdJaConfig`, "Length and function").
+    The resolved model config is saved as config.json in every checkpoint.
     """
 
     preset: str | None = None
@@ -70,6 +76,10 @@ class ModelSection:
     def __post_init__(self):
         _require(self.preset is not None or self.init_from is not None,
                  "model: give model.preset (e.g. configs/model/base-4096.yaml) or model.init_from (a checkpoint)")
+        _require(self.preset is None or self.init_from is None,
+                 f"model: model.preset={self.preset!r} and model.init_from={self.init_from!r} are both given, but "
+                 f"the checkpoint's config.json defines its model: drop model.preset (--model.preset=null), and give "
+                 f"any change as model.overrides")
 
 
 @dataclass
@@ -426,9 +436,28 @@ class PretrainConfig:
         return yaml.safe_dump(to_dict(self), sort_keys=False, allow_unicode=True, width=120)
 
 
-def load_pretrain_config(path=None, overrides: list[str] | dict | None = None) -> PretrainConfig:
-    """A `PretrainConfig` from a preset and ``--section.key=value`` overrides (strict; see the module docstring)."""
-    return load_config(PretrainConfig, path, overrides, what="pretraining config", presets="configs/pretrain/")
+def load_pretrain_config(path=None, overrides: list[str] | dict | None = None, *, log=None) -> PretrainConfig:
+    """A `PretrainConfig` from a preset and ``--section.key=value`` overrides (strict; see the module docstring).
+
+    A warm start given on the command line (``--model.init_from=FOLDER``) over a run preset whose model section is
+    a from-scratch model: that section (model.preset and its overrides, e.g. a shorter max_position_embeddings) is
+    left out, since the checkpoint defines the model; ``log`` (default: stderr) gets a note naming what was left."""
+    from ..common.config_io import from_dict, merge, read_yaml
+
+    what, presets = "pretraining config", "configs/pretrain/"
+    given = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
+    data = read_yaml(path, what, presets) if path is not None else {}
+    cli_model = given.get("model") if isinstance(given.get("model"), dict) else {}
+    file_model = data.get("model") if isinstance(data.get("model"), dict) else {}
+    if cli_model.get("init_from") is not None and file_model.get("init_from") is None and file_model:
+        left = ", ".join(f"model.{k}={v!r}" for k, v in file_model.items())
+        data = {**data, "model": {}}
+        (log or (lambda text: print(text, file=sys.stderr)))(
+            f"note: --model.init_from={cli_model['init_from']} defines the model; the run preset's {left} "
+            f"{'is' if len(file_model) == 1 else 'are'} not used (give --model.overrides.KEY=VALUE to change a "
+            f"setting of the checkpoint)")
+    return from_dict(PretrainConfig, merge(data, given) if given else data,
+                     where=str(path) if path is not None else "config")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@
 * **Data.** Every shard the manifest lists is present, agrees with its own ``shard-*.json`` (seq_len, dtype, counts,
   fingerprint) and has the size its counts give (`data.format.check_shard_files`: metadata only; sha256 too with
   data.verify_checksums, on rank 0); the data holds sequences; and the tokenizer's fingerprint matches the one the
-  data was prepared with. Ids are checked against the vocabulary as samples are read (`PackedDataset`).
+  data was prepared with, and, in a warm start, the one saved with model.init_from (`check_model_tokenizer`). Ids
+  are checked against the vocabulary as samples are read (`PackedDataset`).
 * **Disk.** The checkpoint folder's file system has room for keep_last + 1 checkpoints (the newest is written before
   the oldest is deleted), estimated from the parameter count (`checkpoint_bytes`).
 * **Offload.** CPU offload runs only when asked for, and draws a warning on more than one node; it is refused when
@@ -140,6 +141,11 @@ def run_preflight(cfg: PretrainConfig, *, rank: int, world_size: int, num_nodes:
             check_tokenizer(data_dir, tokenizer)
         except TokenizerMismatchError as err:
             report.problems.append(f"tokenizer: {err}")
+    report.problems += check_model_folder_untouched(cfg)
+    if tokenizer is not None and cfg.model.init_from:
+        problem = check_model_tokenizer(cfg, tokenizer)
+        if problem:
+            report.problems.append(f"tokenizer: {problem}")
 
     if cfg.preflight.check_disk and num_params is not None:
         problem, size = check_checkpoint_disk(cfg, num_params)
@@ -157,6 +163,48 @@ def run_preflight(cfg: PretrainConfig, *, rank: int, world_size: int, num_nodes:
             f"of failures at this scale (host memory, pinned buffers, slow optimizer steps); prefer more GPUs or "
             f"ZeRO-3 without offload")
     return report
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def check_model_folder_untouched(cfg: PretrainConfig) -> list[str]:
+    """What the run would write into the model folder it reads (model.init_from): refused, naming the setting."""
+    if not cfg.model.init_from:
+        return []
+    folder = Path(cfg.model.init_from)
+    writes = {"run.output_dir": cfg.run.output_dir, "checkpoint.dir": str(cfg.checkpoint_dir)}
+    if not (Path(cfg.data.dir) / "manifest.json").is_file():
+        writes["data.dir"] = cfg.data.dir  # still to be prepared
+    return [f"{key}={value!r} lies inside model.init_from={str(folder)!r}: a run never writes into the model "
+            f"folder it starts from; choose a folder outside it" for key, value in writes.items()
+            if _inside(Path(value), folder)]
+
+
+def check_model_tokenizer(cfg: PretrainConfig, tokenizer) -> str | None:
+    """A warm start's data must be the checkpoint's tokenizer's ids: data.tokenizer (the data's, checked against the
+    manifest above) and the tokenizer saved in model.init_from must have the same fingerprint. With equal vocabulary
+    sizes nothing else would notice: the model would read every id as another token."""
+    from ..data.fingerprint import load_tokenizer, tokenizer_fingerprint
+
+    folder = Path(cfg.model.init_from)
+    if not ((folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()):
+        return None  # a folder without a tokenizer: the vocabulary-size check of the model config still applies
+    if Path(cfg.data.tokenizer).resolve() == folder.resolve():
+        return None
+    try:
+        own = tokenizer_fingerprint(load_tokenizer(folder))
+    except (OSError, ValueError) as err:
+        return f"the tokenizer saved in model.init_from={str(folder)!r} does not load ({err})"
+    data = tokenizer_fingerprint(tokenizer)
+    if own == data:
+        return None
+    return (f"data.tokenizer={cfg.data.tokenizer!r} ({data}) is not the tokenizer of model.init_from={str(folder)!r} "
+            f"({own}): the model would read the data's ids as other tokens. Prepare the data with the checkpoint's "
+            f"tokenizer (`bigbird-ja prepare --tokenizer {folder} --input ... --out DATA`) and pass "
+            f"--data.tokenizer={folder} --data.dir=DATA")
 
 
 OFFLOAD_BYTES_PER_PARAM = 16  # fp32 master weights + two Adam moments (12 B) + the fp32 gradient buffer (4 B)

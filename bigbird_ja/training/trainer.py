@@ -138,15 +138,31 @@ def _resolve_inputs(inputs: list[str]) -> list[str]:
     return [str(sample_corpus_path()) if x == BUNDLED_CORPUS else x for x in inputs]
 
 
+def _holds_tokenizer(folder: Path) -> bool:
+    """A saved tokenizer: tokenizer.json, or a tokenizer_config.json beside SentencePiece files (spm-only)."""
+    return (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()
+
+
 def ensure_data(cfg: PretrainConfig, log=print) -> None:
-    """Build data.tokenizer and data.dir from prepare.inputs when they do not exist (call on one process)."""
+    """Build data.tokenizer and data.dir from prepare.inputs when they do not exist (call on one process).
+
+    A warm start (model.init_from) never trains a tokenizer: the data must be the checkpoint's tokenizer's ids."""
     data_dir, tok_dir = Path(cfg.data.dir), Path(cfg.data.tokenizer)
     if (data_dir / "manifest.json").is_file() or not cfg.prepare.inputs:
         return  # present, or nothing to build it from (preflight says what is missing)
+    from .preflight import check_model_folder_untouched
+
+    problems = check_model_folder_untouched(cfg)
+    if problems:
+        raise ValueError("; ".join(problems))
     from ..data import prepare
 
     inputs = _resolve_inputs(cfg.prepare.inputs)
-    if not (tok_dir / "tokenizer.json").is_file():
+    if not _holds_tokenizer(tok_dir):
+        if cfg.model.init_from:
+            raise ValueError(f"data.tokenizer={str(tok_dir)!r} holds no tokenizer, and a warm start trains none: "
+                             f"the data must be tokenised with the checkpoint's own tokenizer. Pass "
+                             f"--data.tokenizer={cfg.model.init_from}")
         texts = [p for p in inputs if p.endswith(".txt")]
         if len(texts) != len(inputs):
             raise ValueError(f"data.tokenizer={str(tok_dir)!r} does not exist and prepare.inputs are not all .txt "
@@ -163,17 +179,44 @@ def ensure_data(cfg: PretrainConfig, log=print) -> None:
     log(report.summary())
 
 
+# BigBirdJaConfig fields that size a weight: a checkpoint's are fixed (what may change is how far it reads)
+WEIGHT_SHAPE_FIELDS = ("hidden_size", "embedding_size", "intermediate_size", "num_attention_heads",
+                       "num_hidden_layers", "vocab_size", "type_vocab_size", "position_buckets", "relative_attention",
+                       "position_biased_input", "share_att_key", "pos_att_type", "conv_kernel_size", "conv_groups")
+
+
 def resolve_model_config(cfg: PretrainConfig, vocab_size: int, seq_len: int):
-    """The run's BigBirdJaConfig: model.preset (or model.init_from's config) + model.overrides + the tokenizer's
-    vocab, through the one builder (`bigbird_ja.configuration.build_model_config`); checked against the data."""
+    """The run's BigBirdJaConfig, through the one builder (`bigbird_ja.configuration.build_model_config`); checked
+    against the data. From scratch: model.preset + model.overrides, vocab_size = the tokenizer's (``vocab_size``).
+    Warm start: model.init_from's config.json + model.overrides (none that sizes a weight; a new length keeps the
+    checkpoint's function); its vocabulary (padded or not) must hold the tokenizer's ``vocab_size`` ids."""
     from ..configuration import build_model_config
 
-    config = build_model_config(cfg.model.preset or cfg.model.init_from,
-                                {**cfg.model.overrides, "vocab_size": vocab_size})
+    if cfg.model.init_from:
+        source = Path(cfg.model.init_from)
+        if not (source / "config.json").is_file():
+            raise ConfigError(f"model.init_from={str(source)!r} is not a model folder (no config.json): give a "
+                              f"`bigbird-ja convert` or `export` output")
+        sizes = sorted(set(cfg.model.overrides) & set(WEIGHT_SHAPE_FIELDS))
+        if sizes:
+            raise ConfigError(f"model.overrides {sizes} would change the shapes of {source}'s weights; a warm start "
+                              f"keeps them (train a new size from a preset: model.preset)")
+        try:
+            config = build_model_config(source, cfg.model.overrides)
+        except ValueError as err:
+            raise ConfigError(f"model.init_from={str(source)!r}: {err}") from None
+        if config.vocab_size < vocab_size:
+            raise ConfigError(f"the data's tokenizer has {vocab_size} ids but model.init_from={str(source)!r} has "
+                              f"only {config.vocab_size} embeddings: prepare the data with the checkpoint's own "
+                              f"tokenizer (`bigbird-ja prepare --tokenizer {source} ...`)")
+    else:
+        config = build_model_config(cfg.model.preset, {**cfg.model.overrides, "vocab_size": vocab_size})
     if config.max_position_embeddings < seq_len:
+        lengthen = (f"lengthen the checkpoint first (`bigbird-ja convert {cfg.model.init_from} NEW_FOLDER "
+                    f"--max-length {seq_len}`) or " if cfg.model.init_from else "")
         raise ConfigError(f"model: max_position_embeddings={config.max_position_embeddings} is below the data's "
-                          f"seq_len={seq_len}; set model.overrides.max_position_embeddings >= {seq_len} or prepare "
-                          f"shorter sequences")
+                          f"seq_len={seq_len}; {lengthen}set model.overrides.max_position_embeddings >= {seq_len} "
+                          f"or prepare shorter sequences")
     return config
 
 
@@ -438,10 +481,13 @@ class Pretraining:
         cfg, env = self.cfg, self.env
         tokenizer_dir = Path(cfg.data.tokenizer)
         self.tokenizer, self.manifest, self.seq_len = None, None, cfg.prepare.seq_len
-        if (tokenizer_dir / "tokenizer.json").is_file():
+        if _holds_tokenizer(tokenizer_dir):
             self.tokenizer = load_tokenizer(tokenizer_dir)
             self.vocab_size = len(self.tokenizer)
             plan = f"tokenise {cfg.prepare.inputs} with {str(tokenizer_dir)!r}"
+        elif cfg.model.init_from:  # a warm start trains no tokenizer (`ensure_data`)
+            raise ConfigError(f"data.tokenizer={str(tokenizer_dir)!r} holds no tokenizer, and a warm start trains "
+                              f"none: pass --data.tokenizer={cfg.model.init_from}")
         else:  # an upper bound: the tokenizer trainer shrinks the vocabulary to what the corpus supports
             self.vocab_size = cfg.prepare.tokenizer_vocab_size
             plan = (f"train a tokenizer (at most {self.vocab_size:,} pieces) into {str(tokenizer_dir)!r} and "
@@ -529,8 +575,12 @@ class Pretraining:
         if self.meta is None:
             return
         self.saved_stage = int(self.meta["trainer"]["config"]["zero"]["stage"])
-        diffs = _model_config_differences(self.meta["trainer"]["model_config"],
-                                          json.loads(json.dumps(self.model_config.to_dict())))  # as JSON stored it
+        from ..configuration import resolve_length_fields
+
+        # a checkpoint saved before config dicts held the length-defined fields resolved: read it as it computed
+        saved = resolve_length_fields(self.meta["trainer"]["model_config"])
+        current = json.loads(json.dumps(self.model_config.to_dict()))  # as JSON stored it
+        diffs = _model_config_differences(saved, current)
         if diffs:
             raise ConfigError(f"--resume {self.ckpt}: the model differs from the checkpoint's ({'; '.join(diffs)})")
         if self.meta["world_size"] != env.world_size or self.saved_stage != cfg.zero.stage:
