@@ -7,21 +7,25 @@ attention op alone (q, k, v and the relative projections given), for n = 1k .. 1
   blocked     bigbird_ja's pure-PyTorch blocked path
   reference   bigbird_ja's dense O(n^2) reference
   flex        FlexAttention computing the same function: a block mask from the same layout plus a score_mod that
-              reads the same per-bucket projections (compiled)
+              reads the same per-bucket projections (compiled), on the layout's block size with kernel_options
+              tiles that divide it (Flex's default tiles on Hopper are 128 x 128, which a 64-token mask refuses)
+  flex-128    the same with a 128-token block mask (the mask_mod stays exact to the token) and Flex's own tiles
   hf-deberta  transformers' DebertaV2 DisentangledSelfAttention (dense, includes its q/k/v projections)
   sdpa        dense scaled_dot_product_attention without relative terms: a speed-of-light line
 
 FLOPs are counted over the attended blocks (A = attended (query block, key block) pairs summed over heads):
   forward  = B * A * bs^2 * 4 * D  +  B * H * Np * 2S * D * 2 * (number of relative terms)
   backward = 2.5 * forward (the usual 5 matmuls to the forward's 2)
-Dense cases count A = H * nb^2 (their full matrix). TFLOP/s = FLOPs / time.
+Dense cases count A = H * nb^2 (their full matrix). TFLOP/s = FLOPs / time; with --peak-tflops (a measured bf16
+matmul peak) each row also gives the fraction of that peak.
 
 Defaults: on CUDA 12 heads x 64, bfloat16, batch 8, block 64 (window 3, global 2, random 3); on CPU 12 x 64,
 float32, batch 1 and n up to 4k (triton there only with --interpret, which is far too slow to time).
 
 Run:  python benchmarks/bench_attention.py [--lengths 1024 2048 ...] [--cases triton blocked ...] [--out PATH]
-It prints a markdown table and writes JSON (with an environment block) and a PNG beside it. A case that fails
-or runs out of memory is recorded, not fatal.
+It prints a markdown table and writes JSON (with an environment block; rewritten after every row, so an
+interrupted run keeps what finished) and a PNG beside it. A case that fails or runs out of memory is recorded, not
+fatal. On CPU, triton runs only with --interpret and flex only uncompiled then (a stand-in, not a timing).
 """
 
 from __future__ import annotations
@@ -38,8 +42,9 @@ import torch
 
 import bigbird_ja
 from bigbird_ja.attention import RelativePositionSpec, disentangled_attention, layout_for, relative_index_table
+from bigbird_ja.common.atomic_io import atomic_write_text
 
-ALL_CASES = ("triton", "blocked", "reference", "flex", "hf-deberta", "sdpa")
+ALL_CASES = ("triton", "blocked", "reference", "flex", "flex-128", "hf-deberta", "sdpa")
 
 
 def make_config(args, length):
@@ -107,10 +112,11 @@ def build_case(case, config, length, batch, dtype, device):
         def run():
             return module(hidden, mask, relative_pos=relative_pos, rel_embeddings=rel_embeddings)[0]
         return run, [hidden, rel_embeddings]
-    if case == "flex":
+    if case in ("flex", "flex-128"):
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
         bs = config.block_size
+        mask_block = 128 if case == "flex-128" else bs
         blocks = layout.block_mask().to(device)  # [H, nb, nb]
         Np = layout.num_blocks * bs
         table = relative_index_table(Np, spec, device)
@@ -126,11 +132,17 @@ def build_case(case, config, length, batch, dtype, device):
             bucket = table[q_idx - kv_idx + offset]
             return score + qp[b, h, q_idx, bucket] + kp[b, h, kv_idx, bucket]
 
-        block_mask = create_block_mask(mask_mod, batch, H, length, length, device=device, BLOCK_SIZE=bs)
-        compiled = torch.compile(flex_attention)
+        block_mask = create_block_mask(mask_mod, batch, H, length, length, device=device, BLOCK_SIZE=mask_block)
+        # Tiles must divide the mask's blocks: forward BLOCK_M x BLOCK_N, backward dk/dv (M1 x N1) and dq (M2 x N2)
+        options = ({"BLOCK_M": bs, "BLOCK_N": bs, "BLOCK_M1": bs // 2, "BLOCK_N1": bs, "BLOCK_M2": bs,
+                    "BLOCK_N2": bs // 2} if case == "flex" else None)
+        # compiled on CUDA; elsewhere (the suite's CPU stand-in) eager, which checks the mask and score_mod only
+        attend = torch.compile(flex_attention) if device.type == "cuda" else flex_attention
+        if device.type != "cuda":  # Flex refuses inputs that need gradients on CPU
+            q_s, k, v, qp, kp = (t.detach() for t in (q_s, k, v, qp, kp))
 
         def run():
-            return compiled(q_s, k, v, score_mod=score_mod, block_mask=block_mask, scale=1.0)
+            return attend(q_s, k, v, score_mod=score_mod, block_mask=block_mask, scale=1.0, kernel_options=options)
         return run, [q_s, k, v, qp, kp]
     raise ValueError(case)
 
@@ -154,8 +166,8 @@ def time_it(fn, repeats, device):
 def measure(case, config, length, args, device, dtype):
     if case == "triton" and device.type != "cuda" and not args.interpret:
         return {"status": "skipped: triton needs CUDA (or --interpret, too slow to time)"}
-    if case == "flex" and device.type != "cuda":
-        return {"status": "skipped: FlexAttention is timed on CUDA only here"}
+    if case.startswith("flex") and device.type != "cuda" and not args.interpret:
+        return {"status": "skipped: FlexAttention is timed on CUDA only here (uncompiled with --interpret)"}
     estimate = 4 * args.batch * config.num_attention_heads * length * length * torch.empty(0, dtype=dtype).element_size()
     if case in ("reference", "hf-deberta") and estimate > args.memory_budget_gib * 2**30:
         return {"status": f"skipped: dense scores need ~{estimate / 2**30:.0f} GiB > budget"}
@@ -175,19 +187,33 @@ def measure(case, config, length, args, device, dtype):
                 grad_out = torch.randn_like(out)
             torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
 
-        total_s = time_it(forward_backward, args.repeats, device)
+        # Flex has no CPU backward: the CPU stand-in checks its forward only. A backward that fails keeps the
+        # forward's numbers (Flex's backward may find no default tiles dividing a 64-token mask block on Hopper).
+        total_s, backward_status = None, "skipped: no FlexAttention backward on CPU"
+        if not (case.startswith("flex") and device.type != "cuda"):
+            try:
+                total_s, backward_status = time_it(forward_backward, args.repeats, device), "ok"
+            except Exception as err:  # recorded, not fatal
+                backward_status = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
         peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
         check = {}
-        if case in ("triton", "flex"):  # a fast path is only as good as its agreement with the reference
+        if case in ("triton", "flex", "flex-128"):  # a fast path is only as good as its agreement with the reference
             with torch.no_grad():
                 blocked_run, _ = build_case("blocked", config, length, args.batch, dtype, device)
                 check["max_abs_diff_vs_blocked"] = (run().float() - blocked_run().float()).abs().max().item()
-    except (torch.OutOfMemoryError, RuntimeError, NotImplementedError, ValueError) as err:
+    except Exception as err:  # recorded, not fatal (compiler errors included: triton and inductor raise their own)
         return {"status": f"failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}"}
     fwd_flops, bwd_flops = flops(case, config, length, args.batch)
-    return {"status": "ok", "forward_ms": forward_s * 1e3, "forward_backward_ms": total_s * 1e3,
-            "forward_tflops": fwd_flops / forward_s / 1e12,
-            "forward_backward_tflops": (fwd_flops + bwd_flops) / total_s / 1e12, "peak_mib": peak, **check}
+    row = {"status": "ok", "forward_ms": forward_s * 1e3, "forward_tflops": fwd_flops / forward_s / 1e12,
+           "backward_status": backward_status, "forward_backward_ms": None, "forward_backward_tflops": None,
+           "peak_mib": peak, **check}
+    if total_s is not None:
+        row.update(forward_backward_ms=total_s * 1e3, forward_backward_tflops=(fwd_flops + bwd_flops) / total_s / 1e12)
+    if args.peak_tflops:
+        row["forward_fraction_of_peak"] = row["forward_tflops"] / args.peak_tflops
+        if total_s is not None:
+            row["forward_backward_fraction_of_peak"] = row["forward_backward_tflops"] / args.peak_tflops
+    return row
 
 
 def environment(device):
@@ -217,7 +243,7 @@ def plot(results, path):
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for case in sorted({r["case"] for r in results}):
-        rows = [r for r in results if r["case"] == case and r["status"] == "ok"]
+        rows = [r for r in results if r["case"] == case and r["status"] == "ok" and r["forward_backward_ms"]]
         if rows:
             axes[0].loglog([r["length"] for r in rows], [r["forward_backward_ms"] for r in rows], "o-", label=case)
             axes[1].semilogx([r["length"] for r in rows], [r["forward_backward_tflops"] for r in rows], "o-",
@@ -247,7 +273,10 @@ def main(argv=None):
                         choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--repeats", type=int, default=10 if cuda else 2)
     parser.add_argument("--memory-budget-gib", type=float, default=60.0 if cuda else 12.0)
-    parser.add_argument("--interpret", action="store_true", help="time triton under TRITON_INTERPRET on CPU")
+    parser.add_argument("--interpret", action="store_true", help="run triton (TRITON_INTERPRET=1) and flex "
+                        "(uncompiled) on CPU: a stand-in that exercises the code, not a timing")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="measured bf16 matmul peak (TFLOP/s): rows then give their fraction of it")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device>/attention.json)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if cuda else "cpu")
@@ -258,6 +287,9 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
 
     results = []
+    report = {"question": "attention op time, throughput and memory per backend vs length",
+              "flop_formula": __doc__.split("FLOPs are counted")[1].split("Defaults:")[0].strip(),
+              "settings": vars(args), "environment": env, "results": results}
     print(f"{env['device']}, {args.dtype}, batch {args.batch}, {args.heads} heads x {args.head_dim}, block "
           f"{args.block_size}\n")
     print("| tokens | case | fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd+bwd TFLOP/s | peak MiB | status |")
@@ -271,15 +303,18 @@ def main(argv=None):
                 peak = f"{row['peak_mib']:.0f}" if row["peak_mib"] is not None else "n/a"
                 check = f" (max diff vs blocked {row['max_abs_diff_vs_blocked']:.1e})" if "max_abs_diff_vs_blocked" \
                     in row else ""
-                print(f"| {length} | {case} | {row['forward_ms']:.2f} | {row['forward_backward_ms']:.2f} | "
-                      f"{row['forward_tflops']:.3g} | {row['forward_backward_tflops']:.3g} | {peak} | ok{check} |")
+                if row["backward_status"] != "ok":
+                    check += f" (backward {row['backward_status']})"
+                if "forward_backward_fraction_of_peak" in row:
+                    check += f" ({row['forward_backward_fraction_of_peak']:.0%} of measured peak fwd+bwd)"
+                both = ("n/a", "n/a") if row["forward_backward_ms"] is None else (
+                    f"{row['forward_backward_ms']:.2f}", f"{row['forward_backward_tflops']:.3g}")
+                print(f"| {length} | {case} | {row['forward_ms']:.2f} | {both[0]} | {row['forward_tflops']:.3g} | "
+                      f"{both[1]} | {peak} | ok{check} |")
             else:
                 print(f"| {length} | {case} | | | | | | {row['status']} |")
             sys.stdout.flush()
-    report = {"question": "attention op time, throughput and memory per backend vs length",
-              "flop_formula": __doc__.split("FLOPs are counted")[1].split("Defaults:")[0].strip(),
-              "settings": vars(args), "environment": env, "results": results}
-    out.write_text(json.dumps(report, indent=2))
+            atomic_write_text(out, json.dumps(report, indent=2), durable=False)  # what finished survives a kill
     plot(results, out.with_suffix(".png"))
     print(f"\nwrote {out} and {out.with_suffix('.png')}")
 

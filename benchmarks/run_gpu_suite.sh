@@ -1,21 +1,68 @@
 #!/usr/bin/env bash
-# Every GPU check in one go, for a session that is lent a GPU machine (its time is short):
-#   1. the GPU correctness tests (Triton kernels at real sizes against the float64 reference, model parity),
-#   2. the attention benchmark (writes benchmarks/results/<device>/attention.{json,png}),
-#   3. the pretraining benchmark (benchmarks/results/<device>/pretrain.{json,md,png}).
-# Usage: bash benchmarks/run_gpu_suite.sh [OUT_DIR]   (results are also copied to OUT_DIR when given)
-set -uo pipefail
+# The GPU suite: every GPU check and benchmark, as stages ordered by value, for a lent GPU machine (one command of at
+# most 10 minutes, no network, the repository copied as a working tree, torch/triton from the image).
+#
+#   OUT=/some/folder bash benchmarks/run_gpu_suite.sh            # on the GPU machine ($OUT defaults to ./gpu-suite)
+#   OUT=/tmp/dry bash benchmarks/run_gpu_suite.sh --dry-run      # CPU stand-in (CI): interpreter, tiny sizes
+#
+# Nothing is installed: the package and its kernels run from this working tree (PYTHONPATH). Each stage runs under
+# its own timeout, unbuffered, and writes $OUT/<stage>.json and $OUT/<stage>.log as soon as it ends; $OUT/summary.txt
+# gets one line per stage (exit code, seconds, budget). A stage that fails or times out does not stop the next.
+# The stages' budgets add up to the suite's (GPU_SUITE_BUDGET_S, default 540 s); a stage never runs past what is
+# left of it, and one that cannot get GPU_SUITE_MIN_STAGE_S (30 s) is skipped with a line saying so.
+set -u
 cd "$(dirname "$0")/.."
-out="${1:-}"
-export TRITON_DEFAULT_FP_FUSION=1
-python -m pip install -q torch triton 2>/dev/null || true
-python -m pip install -q -e ".[test]"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
-python -m pytest -q -m "gpu or triton" tests/test_triton_kernels.py -x 2>&1 | tee gpu-tests.log
-python benchmarks/bench_attention.py 2>&1 | tee gpu-bench.log
-# pretraining: base model at 4,096 tokens, fused vs dense attention (largest micro-batch, tokens/s, MFU), and the tiny
-# preset's per-ZeRO-stage table on this machine's CPU -> benchmarks/results/<device>/pretrain.{json,md,png}
-python benchmarks/bench_pretrain.py --stages 0 2 3 --steps 12 2>&1 | tee gpu-bench-pretrain.log
-if [ -n "$out" ]; then
-    mkdir -p "$out" && cp -r gpu-tests.log gpu-bench.log gpu-bench-pretrain.log benchmarks/results "$out"/
+
+dry=""
+if [ "${1:-}" = "--dry-run" ]; then
+    dry="--dry-run"
+elif [ $# -gt 0 ]; then
+    echo "usage: OUT=DIR bash benchmarks/run_gpu_suite.sh [--dry-run]" >&2
+    exit 2
 fi
+out="${OUT:-gpu-suite}"
+mkdir -p "$out"
+out="$(cd "$out" && pwd)"
+python="${PYTHON:-python3}"
+export PYTHONPATH="$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
+export BIGBIRD_JA_AUTOTUNE="${BIGBIRD_JA_AUTOTUNE:-suite}"  # the pruned autotuning space (4 tiles, not 15)
+deadline=$(( $(date +%s) + ${GPU_SUITE_BUDGET_S:-540} ))
+min_stage=${GPU_SUITE_MIN_STAGE_S:-30}
+
+{
+    echo "GPU suite $(date -u +%Y-%m-%dT%H:%M:%SZ) ${dry:-(real run)} python=$python"
+    if command -v nvidia-smi > /dev/null; then
+        nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
+    else
+        echo "nvidia-smi: not found"
+    fi
+} > "$out/summary.txt"
+
+# stage NAME BUDGET_S ARGS...: python benchmarks/gpu_suite.py ARGS under `timeout`, log to $out/NAME.log
+stage() {
+    local name=$1 budget=$2 left started rc
+    shift 2
+    left=$(( deadline - $(date +%s) ))
+    if [ "$left" -lt "$min_stage" ]; then
+        echo "$name: skipped, ${left}s of the suite's budget left (needs ${min_stage}s)" | tee -a "$out/summary.txt"
+        return
+    fi
+    [ "$budget" -gt "$left" ] && budget=$left
+    started=$(date +%s)
+    echo "== $name (budget ${budget}s)"
+    timeout -k 10 "$budget" "$python" -u benchmarks/gpu_suite.py "$@" --name "$name" --out "$out" $dry \
+        > "$out/$name.log" 2>&1
+    rc=$?
+    tail -n 5 "$out/$name.log"
+    [ "$rc" -eq 124 ] && rc="124 (timed out)"
+    echo "$name: exit $rc, $(( $(date +%s) - started ))s of ${budget}s" | tee -a "$out/summary.txt"
+}
+
+stage cuda 45 cuda
+stage peak 45 peak
+stage correctness 140 correctness
+stage attention-4k 130 attention --lengths 4096
+stage pretrain 110 pretrain
+stage attention-16k-32k 70 attention --lengths 16384 32768 --cases triton flex-128 sdpa --batch 1
+echo "results in $out: $(cd "$out" && ls | tr '\n' ' ')"

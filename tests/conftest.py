@@ -58,23 +58,23 @@ def deberta_config(**overrides):
 
 def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Fresh random values everywhere (LayerNorms and biases included), so no parameter is a no-op."""
+    # Values come from a CPU generator whatever the model's device (and any torch.device context: a CPU generator
+    # cannot fill a CUDA tensor), so a model randomised on a GPU holds the same values as on the CPU.
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "LayerNorm.weight" in name:
-                param.copy_(1 + 0.2 * torch.randn(param.shape, generator=gen))
-            else:
-                param.copy_(0.2 * torch.randn(param.shape, generator=gen))
+            values = torch.randn(param.shape, generator=gen, device="cpu")
+            param.copy_(1 + 0.2 * values if "LayerNorm.weight" in name else 0.2 * values)
     return model
 
 
 def random_batch(batch: int, length: int, vocab: int, seed: int, pad_rows: bool = True):
     """Random ids and a padding mask: row 1 padded from a random point, the last row holds a single token."""
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, vocab, (batch, length), generator=gen)
-    mask = torch.ones(batch, length, dtype=torch.long)
+    gen = torch.Generator().manual_seed(seed)  # CPU tensors whatever the torch.device context: callers move them
+    ids = torch.randint(1, vocab, (batch, length), generator=gen, device="cpu")
+    mask = torch.ones(batch, length, dtype=torch.long, device="cpu")
     if pad_rows and batch > 1 and length > 1:
-        mask[1, int(torch.randint(1, length, (1,), generator=gen)):] = 0
+        mask[1, int(torch.randint(1, length, (1,), generator=gen, device="cpu")):] = 0
     if pad_rows and batch > 2:
         mask[-1, 1:] = 0
     return ids, mask

@@ -46,7 +46,9 @@ def run(backend, config, layer, inputs, use_c2p=True, use_p2c=True):
         q, k, v, layout_for(config, layer, q.shape[2]), padding, scale=0.37,
         pos_key=pos_key if use_c2p else None, pos_query=pos_query if use_p2c else None,
         rel_spec=RelativePositionSpec.from_config(config), backend=backend)
-    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(out.dtype)
+    # drawn on the CPU (the same values on every device), then placed beside the output
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64, device="cpu")
+    weights = weights.to(out.device, out.dtype)
     grads = torch.autograd.grad((out * weights).sum(), [q, k, v, pos_key, pos_query], allow_unused=True)
     return out, grads
 
@@ -234,18 +236,20 @@ def test_a_sequence_alone_equals_it_padded_in_a_batch_in_float64(backend, length
         assert max(errors.values()) <= 1e-10, errors
 
 
-def _model_alone_and_in_batch(config, length, padded_length, seed):
+def _model_alone_and_in_batch(config, length, padded_length, seed, device="cpu"):
     """(outputs, input-embedding gradients, parameter gradients) of a sequence's tokens through the whole model in
-    float32: alone, and padded in a batch with a full-length sequence. The loss reads that sequence's outputs only."""
+    float32 on `device`: alone, and padded in a batch with a full-length sequence. The loss reads that sequence's
+    outputs only."""
     from conftest import randomize_
 
     import bigbird_ja
 
-    model = randomize_(bigbird_ja.BigBirdJaModel(config), seed=seed).eval()
+    model = randomize_(bigbird_ja.BigBirdJaModel(config), seed=seed).to(device).eval()
+    # drawn on the CPU generator (the same values on every device), then moved to the model's device
     gen = torch.Generator().manual_seed(seed)
-    embeds = 0.5 * torch.randn(2, padded_length, config.embedding_size, generator=gen)
-    weights = torch.randn(length, config.hidden_size, generator=gen)
-    mask = torch.ones(2, padded_length, dtype=torch.long)
+    embeds = (0.5 * torch.randn(2, padded_length, config.embedding_size, generator=gen, device="cpu")).to(device)
+    weights = torch.randn(length, config.hidden_size, generator=gen, device="cpu").to(device)
+    mask = torch.ones(2, padded_length, dtype=torch.long, device=device)
     mask[0, length:] = 0
     results = []
     for batch, n, attention_mask in ((1, length, None), (2, padded_length, mask)):

@@ -53,12 +53,18 @@ def compile_kernel(kernel_name: str, arch: int, dtype: torch.dtype, head_dim: in
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
-def tuning_space(head_dim: int, layout_block: int, dtype: torch.dtype = torch.bfloat16):
-    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) the autotuner may try after pruning."""
+# (dtype, head dim, layout block) of every kernel launch the GPU suite makes (benchmarks/gpu_suite.py: the bf16
+# correctness test, the attention benchmark and the base model, all 12 heads x 64 with 64-token blocks).
+SUITE_SHAPES = ((torch.bfloat16, 64, 64),)
+
+
+def tuning_space(head_dim: int, layout_block: int, dtype: torch.dtype = torch.bfloat16, space: str | None = None):
+    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) the autotuner may try after pruning, in `space` ("full" or
+    "suite"; None: the one BIGBIRD_JA_AUTOTUNE selects)."""
     from .block_sparse import _configs, _prune
 
     element_size = torch.empty(0, dtype=dtype).element_size()
-    kept = _prune(_configs(), {}, HEAD_DIM=head_dim, LAYOUT_BLOCK=layout_block, ELEMENT_SIZE=element_size)
+    kept = _prune(_configs(space), {}, HEAD_DIM=head_dim, LAYOUT_BLOCK=layout_block, ELEMENT_SIZE=element_size)
     return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept]
 
 
@@ -93,14 +99,36 @@ def sweep(archs=(80, 90), dtypes=(torch.bfloat16, torch.float32), head_dims=(32,
                        limit=SHARED_MEMORY_LIMIT[arch])
 
 
-if __name__ == "__main__":  # python -m bigbird_ja_kernels.aot [--arch 80] [--all]: one JSON line per config
+def suite_sweep(archs=(90,), dropouts=(False, True)):
+    """Compile every configuration the GPU suite's autotuner tries (BIGBIRD_JA_AUTOTUNE=suite) for each of its
+    shapes, each kernel, with and without dropout; yield dicts as `sweep` does, with the Triton version."""
+    import triton
+
+    for arch, kernel, (dtype, head_dim, layout_block), dropout in itertools.product(
+            archs, ("forward", "backward_dq", "backward_dkdv"), SUITE_SHAPES, dropouts):
+        for config in tuning_space(head_dim, layout_block, dtype, space="suite"):
+            compiled = compile_kernel(kernel, arch, dtype, head_dim, layout_block, *config, has_dropout=dropout)
+            yield dict(arch=arch, kernel=kernel, dtype=DTYPE_NAMES[dtype], head_dim=head_dim,
+                       layout_block=layout_block, config=config, dropout=dropout, shared=compiled.metadata.shared,
+                       limit=SHARED_MEMORY_LIMIT[arch], triton=triton.__version__)
+
+
+if __name__ == "__main__":  # python -m bigbird_ja_kernels.aot [--arch 80] [--all | --suite]: one JSON line per config
     import argparse
     import json
 
     parser = argparse.ArgumentParser(description="compile the kernels for CUDA targets; print shared memory")
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     parser.add_argument("--all", action="store_true", help="every dtype, layout block and tile shape")
+    parser.add_argument("--suite", action="store_true", help="every configuration the GPU suite tunes")
+    parser.add_argument("--dropout", choices=["both", "off", "on"], default="both",
+                        help="--suite: the variants to compile (to split the work between processes)")
     args = parser.parse_args()
+    if args.suite:
+        dropouts = {"both": (False, True), "off": (False,), "on": (True,)}[args.dropout]
+        for row in suite_sweep(archs=tuple(args.arch), dropouts=dropouts):
+            print(json.dumps(row), flush=True)
+        raise SystemExit(0)
     dtypes = (torch.bfloat16, torch.float16, torch.float32) if args.all else (torch.bfloat16, torch.float32)
     for row in sweep(archs=tuple(args.arch), dtypes=dtypes, layout_blocks=(32, 64, 128) if args.all else (128,),
                      largest_only=not args.all):
