@@ -1,11 +1,20 @@
 """bigbird-ja: long-context Japanese encoders (BigBird block-sparse x DeBERTa-v2 disentangled attention)."""
 
+import os
 import re
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 
 # one home for the version: bigbird_ja/version.py (read as text: importing the package needs its dependencies)
 VERSION = re.search(r'__version__ = "([^"]+)"', open("bigbird_ja/version.py", encoding="utf-8").read()).group(1)
+
+# The CPU kernel of the relative terms (bigbird_ja/attention/csrc/relative_terms.c): plain C with pthreads, no torch
+# headers, so no torch is needed to build it and pip's isolated build needs nothing beyond setuptools. Loaded with
+# ctypes and registered as a torch op by bigbird_ja/attention/cpu_kernels.py. Optional: where it cannot be built (no
+# C compiler) the install goes on and the pure-PyTorch path runs; BIGBIRD_JA_NO_NATIVE=1 skips it.
+NATIVE = [] if os.environ.get("BIGBIRD_JA_NO_NATIVE", "0") not in ("", "0") else [Extension(
+    "bigbird_ja.attention._relative_terms", ["bigbird_ja/attention/csrc/relative_terms.c"],
+    extra_compile_args=["-O3", "-pthread"], extra_link_args=["-pthread"], optional=True)]
 
 setup(
     name="bigbird-ja",
@@ -19,8 +28,8 @@ setup(
     + find_packages("kernels", include=["bigbird_ja_kernels", "bigbird_ja_kernels.*"]),
     package_dir={"bigbird_ja_kernels": "kernels/bigbird_ja_kernels"},
     # the sample corpus lets `bigbird-ja prepare` and the examples run on a fresh machine without downloads
-    # the C source of the CPU kernel is compiled on first use (bigbird_ja/attention/cpu_kernels.py)
-    package_data={"bigbird_ja": ["py.typed", "resources/sample_corpus/*.txt", "attention/csrc/*.c"]},
+    package_data={"bigbird_ja": ["py.typed", "resources/sample_corpus/*.txt"]},
+    ext_modules=NATIVE,
     install_requires=[
         # Install torch first (the CPU build on machines without a GPU): a bare requirement pulls a CUDA build.
         "torch>=2.4",

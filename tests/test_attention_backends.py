@@ -446,6 +446,7 @@ def test_blocked_no_grad_reuses_its_workspace_across_lengths_and_inference_mode(
     from bigbird_ja.attention import blocked
 
     monkeypatch.setattr(blocked, "DENSE_MARGIN", 0.0)
+    monkeypatch.setenv("BIGBIRD_JA_CPU_WORKSPACE", "1")
     blocked.release_workspace()
     for step, length in enumerate([67, 200, 131, 40, 131]):  # grown under inference_mode, reused outside it
         tensors, args = _default_op_inputs(length, seed=step)
@@ -461,11 +462,27 @@ def test_blocked_no_grad_reuses_its_workspace_across_lengths_and_inference_mode(
     assert not getattr(blocked._WORKSPACE._local, "buffers", None)
 
 
-def test_blocked_no_grad_workspace_is_per_thread():
+def test_blocked_keeps_no_workspace_unless_asked(monkeypatch):
+    """Off by default: a no-gradient forward keeps nothing between calls (a server's memory returns to where it was)."""
+    from bigbird_ja.attention import blocked
+
+    monkeypatch.delenv("BIGBIRD_JA_CPU_WORKSPACE", raising=False)
+    monkeypatch.setattr(blocked, "DENSE_MARGIN", 0.0)
+    blocked.release_workspace()
+    tensors, args = _default_op_inputs(131, seed=2)
+    with torch.no_grad():
+        out = disentangled_attention(*tensors, *args, backend="blocked")
+    torch.testing.assert_close(out, disentangled_attention(*tensors, *args, backend="reference"), rtol=0, atol=1e-10)
+    assert not getattr(blocked._WORKSPACE._local, "buffers", None)
+
+
+def test_blocked_no_grad_workspace_is_per_thread(monkeypatch):
     """Threads running the op at once never share a scratch buffer: each result equals the reference."""
     import threading
 
     from bigbird_ja.attention import blocked
+
+    monkeypatch.setenv("BIGBIRD_JA_CPU_WORKSPACE", "1")
 
     cases = [_default_op_inputs(length, seed=length) for length in (131, 200, 96, 131)]
     results = [None] * len(cases)

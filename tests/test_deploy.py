@@ -135,25 +135,27 @@ def test_onnx_graph_from_the_cli_matches_eager_in_fresh_processes(tmp_path):
     assert float(done.stdout.strip()) <= 1e-4
 
 
-@pytest.mark.slow
-def test_compile_with_dynamic_shapes_does_not_recompile_per_length():
+@pytest.mark.slow  # one inductor compile: minutes on 2 cores
+def test_inductor_compiles_once_for_lengths_across_blocks_and_equals_eager():
+    """torch.compile as a user calls it (inductor, the default backend) with dynamic=True, batch 2, lengths below, at
+    and across multiples of the block size (16): one graph, equal to eager. (The default, automatic dynamic, compiles
+    the first length static and then once more with a dynamic length, which serves the rest: two more compiles, left
+    out here for CI time.)"""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
     model = _model(num_hidden_layers=1)
-    compiled = torch.compile(model, dynamic=True, backend="aot_eager")  # guards are dynamo's, whatever the backend
-    # Lengths below, at and across multiples of the block size (16), batch sizes 2 and 3: one graph.
-    for batch, length in ((2, 50), (2, 77), (3, 64), (2, 203), (1, 130)):
-        inputs = _inputs(model.config, batch, length, seed=length)
+    compiled = torch.compile(model, dynamic=True)
+    for length in (50, 77, 203):
+        inputs = _inputs(model.config, 2, length, seed=length)
         with torch.no_grad():
             got = compiled(**inputs).last_hidden_state
             expected = model(**inputs).last_hidden_state
-        assert (got - expected).abs().max() <= 1e-5
-        if batch > 1:
-            assert counters["stats"]["unique_graphs"] == 1, (length, dict(counters["stats"]))
-    # torch specialises size 1 (batch 1 is a graph of its own), as for any model; nothing more.
-    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+        error = (got - expected).abs().max().item()
+        print(f"length {length}: max |compiled - eager| = {error:.2e}, graphs {dict(counters['stats'])}")
+        assert error <= 1e-5  # NaN fails too
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 

@@ -4,6 +4,13 @@ Shapes: B batch, H heads, N tokens (Np padded to nb whole blocks), D head dim, b
 blocks, nr = nb - g sparse query blocks, K = g + w + r key-block slots per sparse query block (w window, r random),
 S relative span (2S relative embeddings), hw = w // 2, T = Np + 2 * hw * bs rows of k with its zero halo.
 
+`blocked_attention` takes reference.py's steps on the listed blocks only, eager and traced alike:
+  1. pad to whole blocks (the scale folded into q and pos_query once, k with its halo)
+  2. the relative terms of every listed score (`_relative_terms`: the native op, or the PyTorch reads)
+  3. scores = terms + q.k, the masked softmax and probabilities @ v, per kind of row (`_dense_rows`, `_sparse_rows`)
+Eager and traced differ only inside those steps: traced graphs (export, ONNX, torch.compile) take plain ops that
+autograd differentiates, and branch only on shapes.
+
 Two ways to compute the same function, chosen from shapes alone (`_dense_is_cheaper`):
   dense rows   query blocks against all Np keys with the layout's block mask: the global query blocks always, and
                every query block when the layout lists about as many blocks as there are (short inputs).
@@ -27,14 +34,14 @@ at delta(i, j) in one of two ways:
          indexing op from per-block-distance tables ([bs, 2nb - 1, bs]): one index for all heads where the blocks
          are the same for every head (dense rows, global slots), [H, nr, bs, r*bs] for the random slots; p2c's
          index is derived from c2p's (`_Relative`).
-Eagerly on CPU in float32, float64 and bfloat16 a C kernel (`cpu_kernels`, built on first use) computes every term
-from the delta table and the block numbers in one pass, and scatters the gradients in one pass back
-(`_KernelReads`): no index tensors, no bands (the op at base dims and 1-4k tokens: forward 1.2-1.4x,
-forward+backward 1.1-1.4x faster, benchmarks/bench_relative_kernel.py). The PyTorch reads do the same everywhere
-else (traced graphs, float16, other devices, no C compiler, BIGBIRD_JA_CPU_KERNELS=0) and are its reference.
-`_TermReads` says where every term of a row is read. Eagerly, `_RelativeTerms` (an autograd.Function) writes all
-terms of the dense and of the sparse rows into one buffer each, the score matmul adds q.k into that buffer in place
-(baddbmm_), and its backward scatters the terms' gradients into one zero-filled gradient per product. (Autograd
+On CPU in float32, float64 and bfloat16 (eager and torch.compile) the native op `torch.ops.bigbird_ja.relative_terms`
+(`cpu_kernels`, built at install) computes every term from the delta table and the block numbers in one pass, and
+scatters the gradients in one pass back (`_kernel_terms`): no index tensors, no bands. The PyTorch reads do the same
+everywhere else (export and ONNX, float16, other devices, an install without the library, BIGBIRD_JA_CPU_KERNELS=0)
+and are its reference. `_TermReads` says where every term of a row is read. Eagerly, `_RelativeTerms` (an
+autograd.Function) writes all terms of the dense and of the sparse rows into one buffer each, the score matmul adds
+q.k into that buffer in place (baddbmm_), and its backward scatters the terms' gradients into one zero-filled
+gradient per product. (Autograd
 through the reads would zero a full product per gather and per strided view and then sum them, and every in-place
 update of a view costs a score-sized copy in its backward: this is most of the backward's saving.) Traced graphs
 take the same reads as plain ops (`_TermReads.assemble`) and leave the gradients to autograd.
@@ -44,8 +51,9 @@ the layout's unused slots and blocks with padding), the global rows take no mask
 from the shapes, or eagerly on CPU from an all-ones mask), and without gradients the softmax overwrites its scores.
 Tensors the rest of the op does not need (products, indices) are dropped as soon as the terms are read: the op's
 peak memory, and the pages a fresh heap must fault in, shrink.
-Without gradients on CPU the largest scratch tensors (products, terms/scores/probabilities, p2c reads, random
-blocks) come from a per-thread workspace kept between calls (`_Workspace`; `release_workspace()` frees it).
+With BIGBIRD_JA_CPU_WORKSPACE=1, the no-gradient eager CPU forward takes its largest scratch tensors (products,
+terms, p2c reads, random blocks) from a per-thread workspace kept between calls (`_Workspace`; `release_workspace()`
+frees it); off by default, so a server's memory returns to what it was after each forward.
 
 Export: everything below branches only on Python ints (shapes and the layout's and spec's static fields), never on
 tensor values; a symbolic number of blocks always takes the sparse path.
@@ -55,6 +63,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import threading
 from dataclasses import dataclass, field
 
@@ -67,9 +76,7 @@ from .layout import BlockLayout
 from .relative import RelativePositionSpec, delta_is_shift, relative_delta, relative_index_table
 
 # Dense rows cost less per score than sparse rows (one large matmul, no block copies or gathers): the dense path is
-# taken while its block pairs are at most this multiple of the sparse path's. Measured with the op alone at base
-# dims on the 2-core CPU (n = 384..1024, block 64, 2 global + 3 window + 3 random): dense is faster up to a ratio of
-# about 1.2 forward and 1.4 forward+backward, i.e. up to 640 tokens with those settings.
+# taken while its block pairs are at most this multiple of the sparse path's (benchmarks/README.md: how it was set).
 DENSE_MARGIN = 1.25
 
 
@@ -138,11 +145,15 @@ class _Workspace:
 
     Why: torch's CPU allocator is malloc. Tensors over glibc's mmap threshold (at most 32 MiB) are mapped fresh and
     faulted in, zeroed by the kernel, on every call, and smaller ones do the same whenever the heap's top is trimmed
-    between layers. The per-bucket products and the scores are the op's largest tensors; refilling kept pages instead
-    costs e.g. 12 ms instead of 29 ms for one product at 2k tokens. Everything taken from here is dead when the op
-    returns (its output is a fresh tensor), and threads never share a buffer. `release_workspace()` frees them."""
+    between layers; refilling kept pages is cheaper (benchmarks/README.md). Everything taken from here is dead when
+    the op returns (its output is a fresh tensor), and threads never share a buffer. `release_workspace()` frees them.
+    Kept memory is traded for that speed, so it is opt-in: BIGBIRD_JA_CPU_WORKSPACE=1."""
 
-    max_bytes = 128 << 20  # bounds what is kept: at base dims every buffer is kept up to 4k tokens (~0.6 GiB)
+    max_bytes = 128 << 20  # bounds each kept buffer (at base dims every one is kept up to 4k tokens)
+
+    @staticmethod
+    def enabled() -> bool:
+        return os.environ.get("BIGBIRD_JA_CPU_WORKSPACE", "0") not in ("", "0")
 
     def __init__(self):
         self._local = threading.local()
@@ -418,65 +429,20 @@ class _TermReads:
                     self.p2c_band(grad_band_p2c, s).add_(grad[..., s * bs:(s + 1) * bs])
 
 
-@dataclass
-class _KernelReads:
-    """The eager CPU reads through the C kernel (`cpu_kernels`, float32/float64/bfloat16): every term of the dense rows
-    (against every key block) and of the sparse rows (against their K listed key blocks, any layout) computed from
-    the delta table and the block numbers, in one pass forward and one backward. No index tensors and no bands;
-    `_TermReads` is its pure-PyTorch counterpart (same interface for `_RelativeTerms`)."""
-
-    kernel: object
-    B: int
-    H: int
-    Np: int
-    bs: int
-    hw: int
-    dense_rows: int
-    table: torch.Tensor  # [2Np - 1]: delta at distance d is entry d + Np - 1
-    key_blocks: torch.Tensor | None  # [H, nr, K] of the sparse query blocks (None: no sparse rows)
-    workspace: _Workspace | None = None
-
-    def indices(self) -> list[torch.Tensor]:
-        return [self.table] + ([] if self.key_blocks is None else [self.key_blocks])
-
-    def with_indices(self, indices) -> "_KernelReads":
-        indices = list(indices)
-        return dataclasses.replace(self, table=indices[0], key_blocks=indices[1] if len(indices) > 1 else None)
-
-    def _every_block(self) -> torch.Tensor:  # the dense rows' key blocks: [1, 1, nb], the same for every row
-        return torch.arange(self.Np // self.bs, device=self.table.device).view(1, 1, -1)
-
-    def _planes(self, t):  # [B, H, rows, R] -> [B*H, rows, R]
-        return None if t is None else t.view(self.B * self.H, *t.shape[2:])
-
-    def read_into(self, qp, kp, band_c2p, band_p2c) -> tuple[torch.Tensor, torch.Tensor]:
-        BH, Np, bs, rows = self.B * self.H, self.Np, self.bs, self.dense_rows
-        src = qp if qp is not None else kp
-        qp3, kp3 = self._planes(qp), self._planes(kp)
-        empty = (lambda role, shape: src.new_empty(shape)) if self.workspace is None else (
-            lambda role, shape: self.workspace.empty(role, shape, src))
-        dense = empty("dense terms", (BH, rows, Np if rows else 0))
-        if rows:
-            self.kernel.forward(qp3, kp3, dense.view(BH, rows // bs, bs, Np), self.table, self._every_block(),
-                                H=self.H, q_block0=0, bs=bs, hw=self.hw)
-        if self.key_blocks is None:
-            return dense, empty("sparse terms", (0, bs, 0))
-        H, nr, K = self.key_blocks.shape
-        sparse = empty("sparse terms", (BH * nr, bs, K * bs))
-        self.kernel.forward(qp3, kp3, sparse.view(BH, nr, bs, K * bs), self.table, self.key_blocks, H=H,
-                            q_block0=Np // bs - nr, bs=bs, hw=self.hw)
-        return dense, sparse
-
-    def scatter_grads(self, grad_dense, grad_sparse, gqp, gkp, grad_band_c2p, grad_band_p2c) -> None:
-        BH, Np, bs, rows = self.B * self.H, self.Np, self.bs, self.dense_rows
-        gqp3, gkp3 = self._planes(gqp), self._planes(gkp)
-        if rows and grad_dense is not None:
-            self.kernel.backward(grad_dense.reshape(BH, rows // bs, bs, Np), gqp3, gkp3, self.table,
-                                 self._every_block(), H=self.H, q_block0=0, bs=bs, hw=self.hw)
-        if self.key_blocks is not None and grad_sparse is not None:
-            H, nr, K = self.key_blocks.shape
-            self.kernel.backward(grad_sparse.reshape(BH, nr, bs, K * bs), gqp3, gkp3, self.table, self.key_blocks,
-                                 H=H, q_block0=Np // bs - nr, bs=bs, hw=self.hw)
+def _kernel_terms(op, qp, kp, table, key_blocks, B: int, H: int, Np: int, bs: int, hw: int, dense_rows: int):
+    """Every relative term from the native op (`cpu_kernels`): the dense rows [B*H, dense_rows, Np] against every key
+    block, and the sparse rows [B*H*nr, bs, K*bs] against their listed key_blocks [H, nr, K] (None: no sparse rows).
+    qp [B, H, Np, R], kp [B, H, T, R] (either None)."""
+    qp3 = None if qp is None else qp.reshape(B * H, Np, qp.shape[-1])
+    kp3 = None if kp is None else kp.reshape(B * H, kp.shape[2], kp.shape[-1])
+    dense = sparse = None
+    if dense_rows:
+        every_block = torch.arange(Np // bs, device=table.device).view(1, 1, -1)
+        dense = op(qp3, kp3, table, every_block, H, dense_rows // bs, 0, bs, hw).view(B * H, dense_rows, Np)
+    if key_blocks is not None:
+        nr = key_blocks.shape[1]
+        sparse = op(qp3, kp3, table, key_blocks, H, nr, Np // bs - nr, bs, hw)  # [B*H*nr, bs, K*bs]
+    return dense, sparse
 
 
 class _RelativeTerms(torch.autograd.Function):
@@ -533,6 +499,107 @@ def _window_sources(rel: _Relative, q_s: torch.Tensor, k_halo: torch.Tensor, g: 
     return c2p, p2c, (dmax, 0, dmax)
 
 
+def _scores(terms: torch.Tensor | None, queries: torch.Tensor, keys: torch.Tensor, traced: bool) -> torch.Tensor:
+    """terms + queries . keys^T as one (batched) matmul: [n, r, D] x [n, c, D] -> [n, r, c]; eagerly the terms'
+    buffer (this call's own) is written in place."""
+    if terms is None:
+        return queries @ keys.transpose(1, 2)
+    if traced:
+        return torch.baddbmm(terms, queries, keys.transpose(1, 2))
+    return terms.baddbmm_(queries, keys.transpose(1, 2))
+
+
+def _dense_rows(q, k, v, terms, rows: int, mask: torch.Tensor | None, dropout_p: float, training: bool,
+                traced: bool) -> torch.Tensor:
+    """Queries [0, rows) of q [B, H, Np, D] against every key; mask [B|1, H|1, m, 1, Np] per query block (None: every
+    key) -> [B, H, rows, D]."""
+    B, H, Np, D = k.shape
+    scores = _scores(terms, q[:, :, :rows].reshape(B * H, rows, D), k.reshape(B * H, Np, D), traced)
+    if mask is None:
+        probs = _softmax(scores.view(B, H, rows, Np), None, dropout_p, training)
+        return probs.to(v.dtype) @ v
+    m = mask.shape[2]
+    probs = _softmax(scores.view(B, H, m, rows // m, Np), mask, dropout_p, training)
+    out = (probs.to(v.dtype).view(B, H, rows, Np) @ v).view(B, H, m, rows // m, D)
+    return (out * mask.any(dim=-1, keepdim=True)).view(B, H, rows, D)
+
+
+def _relative_terms(q, k_halo, pos_key, pos_query, spec, layout: BlockLayout, dense: bool, w: int, traced: bool,
+                    workspace: _Workspace | None):
+    """The c2p + p2c terms of every score the layout lists: (dense rows [B*H, rows, Np] or None, sparse rows
+    [B*H*nr, bs, K*bs] or None). The native op on CPU (eager and compiled, not exported), else the PyTorch reads."""
+    if pos_key is None and pos_query is None:
+        return None, None
+    B, H, Np, _ = q.shape
+    bs, nb, g = layout.block_size, layout.num_blocks, layout.num_global_blocks
+    nr, K, hw = nb - g, layout.key_blocks.shape[-1], w // 2
+    key_blocks = layout.key_blocks.to(q.device)  # [H, nr, K]
+    rel = _Relative(q, k_halo, pos_key, pos_query, spec, hw, bs, workspace)
+    op = None if torch.compiler.is_exporting() or not kernel_supports(q) else relative_terms_kernel()
+    if op is not None:
+        return _kernel_terms(op, rel.qp, rel.kp, rel.table, None if dense else key_blocks, B, H, Np, bs, hw,
+                             Np if dense else g * bs)
+    reads = _TermReads(B, H, Np, bs, g, w, K, rel.two_s, workspace=workspace)
+    reads.dense_rows = Np if dense else g * bs
+    if reads.dense_rows:
+        reads.dense = rel.dense_index(reads.dense_rows, Np)
+    band_c2p = band_p2c = None
+    if not dense:
+        query_blocks = torch.arange(g, nb, device=q.device)
+        if w > 0:  # [global | window | random]: the global slots are blocks 0..g-1 for every head and row
+            if g > 0:
+                reads.gathers.append((0, g * bs, *rel.slot_index(
+                    query_blocks, torch.arange(g, device=q.device).expand(1, nr, g), nb, "global")))
+            q_s = q[:, :, g * bs:].view(B, H, nr, bs, -1)
+            band_c2p, band_p2c, reads.band = _window_sources(rel, q_s, k_halo, g, w)
+            reads.band_position = len(reads.gathers)
+            if K > g + w:
+                reads.gathers.append(((g + w) * bs, (K - g - w) * bs,
+                                      *rel.slot_index(query_blocks, key_blocks[..., g + w:], nb, "random")))
+        else:
+            reads.gathers.append((0, K * bs, *rel.slot_index(query_blocks, key_blocks, nb, "slots")))
+    if traced:  # plain ops, differentiated by autograd (a graph of the custom function's pieces)
+        return reads.assemble(rel.qp, rel.kp, band_c2p if band_c2p is not None else rel.qp,
+                              band_p2c if band_p2c is not None else rel.kp)
+    return _RelativeTerms.apply(rel.qp, rel.kp, band_c2p, band_p2c, reads)
+
+
+def _sparse_rows(q, k_halo, v, terms, key_valid, layout: BlockLayout, w: int, dropout_p: float, training: bool,
+                 traced: bool, workspace: _Workspace | None) -> torch.Tensor:
+    """The sparse query blocks against their K listed key blocks: [B, H, nr*bs, D]. Structured layouts, eagerly, read
+    the global and window blocks in place (`_SlotScores`, `_SlotContext`); otherwise every listed block is copied."""
+    B, H, Np, D = q.shape
+    bs, nb, g = layout.block_size, layout.num_blocks, layout.num_global_blocks
+    nr, K, hw, dev = nb - g, layout.key_blocks.shape[-1], w // 2, q.device
+    key_blocks = layout.key_blocks.to(dev)  # [H, nr, K]
+    q_s = q[:, :, g * bs:].reshape(B * H * nr, bs, D)
+    valid = key_valid.view(B, nb, bs)[:, key_blocks] & layout.key_valid.to(dev)[None, :, :, :, None]
+    mask = valid.view(B, H, nr, 1, K * bs)  # attended: the slot is valid in the layout and its key is not padding
+    if w > 0 and not traced:
+        geometry = _SlotGeometry(B, H, nr, bs, g, w, K, workspace)
+        heads = torch.arange(H, device=dev)[:, None, None]
+        k_rows = (heads * (nb + 2 * hw) + key_blocks[..., g + w:] + hw).view(-1)  # random blocks in the halo rows
+        scores = _SlotScores.apply(q_s, k_halo.reshape(B * H, -1, D), terms, k_rows, valid, geometry)  # masked
+        probs = _softmax(scores.view(B, H, nr, bs, K * bs), None, dropout_p, training)
+        v_halo = F.pad(v, (0, 0, hw * bs, hw * bs))
+        out = _SlotContext.apply(probs.to(v.dtype).view(B * H * nr, bs, K * bs), v_halo.reshape(B * H, -1, D),
+                                 k_rows, geometry).view(B, H, nr, bs, D)
+    else:
+        rows = (torch.arange(H, device=dev)[:, None, None] * (nb + 2 * hw) + key_blocks + hw).view(-1)
+        k_slots = _select_blocks(k_halo.reshape(B, H * (nb + 2 * hw), bs * D), rows, traced).view(
+            B * H * nr, K * bs, D)
+        scores = _scores(terms, q_s, k_slots, traced).view(B, H, nr, bs, K * bs)
+        del k_slots
+        probs = _softmax(scores, mask, dropout_p, training)
+        v_rows = (torch.arange(H, device=dev)[:, None, None] * nb + key_blocks).view(-1)
+        v_slots = _select_blocks(v.reshape(B, H * nb, bs * D), v_rows, traced).view(B, H, nr, K * bs, D)
+        out = probs.to(v.dtype) @ v_slots
+    attends = mask.any(dim=-1, keepdim=True)  # [B, H, nr, bs, 1]: rows with something to attend to
+    if traced or dev.type != "cpu" or not bool(attends.all()):  # eager CPU: no pass where every row attends
+        out = out * attends  # [B, H, nr, bs, D]
+    return out.view(B, H, nr * bs, D)
+
+
 def blocked_attention(
     q: torch.Tensor,  # [B, H, N, D]
     k: torch.Tensor,
@@ -546,132 +613,51 @@ def blocked_attention(
     dropout_p: float = 0.0,
     training: bool = False,
 ) -> torch.Tensor:
+    """reference_attention's function on `layout`'s blocks: the same steps, on the listed blocks only."""
     B, H, N, D = q.shape
     bs, nb, g = layout.block_size, layout.num_blocks, layout.num_global_blocks
     Np, dev = nb * bs, q.device
-    K = layout.key_blocks.shape[-1]
-    nr = nb - g
-    dense = nr == 0 or _dense_is_cheaper(nb, g, K)
+    traced = isinstance(nb, torch.SymInt) or torch.compiler.is_compiling()
+    dense = nb == g or _dense_is_cheaper(nb, g, layout.key_blocks.shape[-1])
     w = 0 if dense else layout.num_window_blocks  # window slots read as bands (0: every slot is gathered)
     hw = w // 2
-    # Fold the scale into q and pos_query once ([B, H, N, D]) instead of into every score.
+    # no autograd graph can hold the scratch buffers: they may be reused (_Workspace, opt-in)
+    workspace = _WORKSPACE if (not torch.is_grad_enabled() and not traced and dev.type == "cpu"
+                               and _WORKSPACE.enabled()) else None
+
+    # 1. whole blocks: the scale folded into q and pos_query once instead of into every score; k with hw zero blocks
+    #    on each side (the window's p2c band reads the rows of blocks r - hw .. r + hw)
     q = F.pad(q * scale, (0, 0, 0, Np - N))  # [B, H, Np, D]
-    if pos_query is not None:
-        pos_query = pos_query * scale
+    pos_query = None if pos_query is None else pos_query * scale
     v = F.pad(v, (0, 0, 0, Np - N))
-    # k with hw zero blocks on each side: the window's p2c band reads the rows of blocks r - hw .. r + hw.
     k_halo = F.pad(k, (0, 0, hw * bs, hw * bs + Np - N))  # [B, H, T, D]
     k = k_halo[:, :, hw * bs:hw * bs + Np]
-    if key_padding_mask is None:
-        key_valid = torch.ones(B, N, dtype=torch.bool, device=dev)
-    else:
-        key_valid = key_padding_mask.bool()
+    key_valid = torch.ones(B, N, dtype=torch.bool, device=dev) if key_padding_mask is None else key_padding_mask.bool()
     key_valid = F.pad(key_valid, (0, Np - N), value=False)  # [B, Np]
-    rel = reads = dense_terms = sparse_terms = None
-    traced = isinstance(nb, torch.SymInt) or torch.compiler.is_compiling()
-    # no autograd graph can hold the scratch buffers: reuse them (_Workspace)
-    workspace = _WORKSPACE if not torch.is_grad_enabled() and not traced and dev.type == "cpu" else None
-    if pos_key is not None or pos_query is not None:
-        rel = _Relative(q, k_halo, pos_key, pos_query, rel_spec, hw, bs, workspace)
-    q_s = q[:, :, g * bs:].view(B, H, nr, bs, D)
-    key_blocks = layout.key_blocks.to(dev)  # [H, nr, K]
-    kernel = None if rel is None or traced or not kernel_supports(q) else relative_terms_kernel()
-    if kernel is not None:  # eager CPU in float32/64 or bf16: the C kernel reads every term
-        reads = _KernelReads(kernel, B, H, Np, bs, hw, Np if dense else g * bs, rel.table,
-                             None if dense else key_blocks.contiguous(), workspace)
-        dense_terms, sparse_terms = _RelativeTerms.apply(rel.qp, rel.kp, None, None, reads)
-        rel = reads = None
-    elif rel is not None:
-        reads = _TermReads(B, H, Np, bs, g, w, K, rel.two_s, workspace=workspace)
-        reads.dense_rows = Np if dense else g * bs
-        if reads.dense_rows:
-            reads.dense = rel.dense_index(reads.dense_rows, Np)
-        band_c2p = band_p2c = None
-        if not dense:
-            query_blocks = torch.arange(g, nb, device=dev)
-            if w > 0:  # [global | window | random]: the global slots are blocks 0..g-1 for every head and row
-                if g > 0:
-                    reads.gathers.append((0, g * bs, *rel.slot_index(
-                        query_blocks, torch.arange(g, device=dev).expand(1, nr, g), nb, "global")))
-                band_c2p, band_p2c, reads.band = _window_sources(rel, q_s, k_halo, g, w)
-                reads.band_position = len(reads.gathers)
-                if K > g + w:
-                    reads.gathers.append(((g + w) * bs, (K - g - w) * bs,
-                                          *rel.slot_index(query_blocks, key_blocks[..., g + w:], nb, "random")))
-            else:
-                reads.gathers.append((0, K * bs, *rel.slot_index(query_blocks, key_blocks, nb, "slots")))
-        if traced:  # plain ops, differentiated by autograd (a graph of the custom function's pieces)
-            dense_terms, sparse_terms = reads.assemble(
-                rel.qp, rel.kp, band_c2p if band_c2p is not None else rel.qp,
-                band_p2c if band_p2c is not None else rel.kp)
-        else:
-            dense_terms, sparse_terms = _RelativeTerms.apply(rel.qp, rel.kp, band_c2p, band_p2c, reads)
-        # the products, the window's own products and the indices are not needed past here (the backward keeps
-        # what it needs): dropping them now lowers the op's peak memory
-        rel = reads = band_c2p = band_p2c = None
 
-    def scores_of(terms, queries, keys):
-        """terms + queries . keys^T as one (batched) matmul: [n, r, D] x [n, c, D] -> [n, r, c]; the terms' buffer
-        is written in place where it is this call's own (eager)."""
-        if terms is None:
-            return queries @ keys.transpose(1, 2)
-        if traced:
-            return torch.baddbmm(terms, queries, keys.transpose(1, 2))
-        return terms.baddbmm_(queries, keys.transpose(1, 2))
+    # 2. the relative terms (c2p + p2c) of every listed score
+    dense_terms, sparse_terms = _relative_terms(q, k_halo, pos_key, pos_query, rel_spec, layout, dense, w, traced,
+                                                workspace)
 
-    def dense_rows(rows: int, mask: torch.Tensor | None) -> torch.Tensor:
-        """Queries [0, rows) against every key; mask [B|1, H|1, m, 1, Np] per query block (None: every key) ->
-        [B, H, rows, D]."""
-        scores = scores_of(dense_terms, q[:, :, :rows].reshape(B * H, rows, D), k.reshape(B * H, Np, D))
-        if mask is None:
-            probs = _softmax(scores.view(B, H, rows, Np), None, dropout_p, training)
-            return probs.to(v.dtype) @ v
-        m = mask.shape[2]
-        probs = _softmax(scores.view(B, H, m, rows // m, Np), mask, dropout_p, training)
-        out = (probs.to(v.dtype).view(B, H, rows, Np) @ v).view(B, H, m, rows // m, D)
-        return (out * mask.any(dim=-1, keepdim=True)).view(B, H, rows, D)
-
+    # 3. scores = terms + q.k, masked softmax, probabilities @ v: every query block against every key block under
+    #    the layout's block mask (short inputs) ...
     if dense:
-        # Every query block against every key block under the layout's block mask (global rows attend everything).
+        key_blocks = layout.key_blocks.to(dev)
         listed = (key_blocks[..., None] == torch.arange(nb, device=dev)) & layout.key_valid.to(dev)[..., None]
         block_mask = torch.cat([torch.ones(H, g, nb, dtype=torch.bool, device=dev), listed.any(dim=2)], dim=1)
         mask = block_mask[None, :, :, None, :, None] & key_valid.view(B, 1, 1, 1, nb, bs)  # [B, H, nb, 1, nb, bs]
-        return dense_rows(Np, mask.view(B, H, nb, 1, Np))[:, :, :N]
-
+        out = _dense_rows(q, k, v, dense_terms, Np, mask.view(B, H, nb, 1, Np), dropout_p, training, traced)
+        return out[:, :, :N]
+    # ... or the global query blocks against every key and the sparse ones against their K listed key blocks
     outputs = []
-    if g > 0:  # global query blocks: every key
+    if g > 0:
         every_key = key_padding_mask is None and N == Np  # known from shapes alone: no branch on values
         if not every_key and not traced and dev.type == "cpu":  # eager CPU (no device sync): an all-ones
             every_key = bool(key_valid.all())  # attention mask costs no masking pass, forward or backward
-        outputs.append(dense_rows(g * bs, None if every_key else key_valid.view(B, 1, 1, 1, Np)))
-
-    # Sparse query blocks against their K listed key blocks: scores = relative terms + q.k in one matmul.
-    valid = key_valid.view(B, nb, bs)[:, key_blocks] & layout.key_valid.to(dev)[None, :, :, :, None]
-    mask = valid.view(B, H, nr, 1, K * bs)  # attended: the slot is valid in the layout and its key is not padding
-    if w > 0 and not traced:  # structured layout, eager: the global and window blocks read in place
-        geometry = _SlotGeometry(B, H, nr, bs, g, w, K, workspace)
-        heads = torch.arange(H, device=dev)[:, None, None]
-        k_rows = (heads * (nb + 2 * hw) + key_blocks[..., g + w:] + hw).view(-1)  # random blocks in the halo rows
-        scores = _SlotScores.apply(q_s.reshape(B * H * nr, bs, D), k_halo.reshape(B * H, -1, D), sparse_terms,
-                                   k_rows, valid, geometry)  # masked already
-        probs = _softmax(scores.view(B, H, nr, bs, K * bs), None, dropout_p, training)
-        v_halo = F.pad(v, (0, 0, hw * bs, hw * bs))
-        out = _SlotContext.apply(probs.to(v.dtype).view(B * H * nr, bs, K * bs), v_halo.reshape(B * H, -1, D),
-                                 k_rows, geometry).view(B, H, nr, bs, D)
-    else:
-        rows = (torch.arange(H, device=dev)[:, None, None] * (nb + 2 * hw) + key_blocks + hw).view(-1)
-        k_slots = _select_blocks(k_halo.reshape(B, H * (nb + 2 * hw), bs * D), rows, traced).view(
-            B * H * nr, K * bs, D)
-        scores = scores_of(sparse_terms, q_s.reshape(B * H * nr, bs, D), k_slots).view(B, H, nr, bs, K * bs)
-        del k_slots
-        probs = _softmax(scores, mask, dropout_p, training)
-        v_rows = (torch.arange(H, device=dev)[:, None, None] * nb + key_blocks).view(-1)
-        v_slots = _select_blocks(v.reshape(B, H * nb, bs * D), v_rows, traced).view(B, H, nr, K * bs, D)
-        out = probs.to(v.dtype) @ v_slots
-    attends = mask.any(dim=-1, keepdim=True)  # [B, H, nr, bs, 1]: rows with something to attend to
-    if traced or dev.type != "cpu" or not bool(attends.all()):  # eager CPU: no pass where every row attends
-        out = out * attends  # [B, H, nr, bs, D]
-    outputs.append(out.view(B, H, nr * bs, D))
+        outputs.append(_dense_rows(q, k, v, dense_terms, g * bs, None if every_key else key_valid.view(B, 1, 1, 1, Np),
+                                   dropout_p, training, traced))
+    outputs.append(_sparse_rows(q, k_halo, v, sparse_terms, key_valid, layout, w, dropout_p, training, traced,
+                                workspace))
     return torch.cat(outputs, dim=2)[:, :, :N]
 
 

@@ -1,146 +1,47 @@
-"""CPU kernels in C for what PyTorch ops do slowly: the relative terms of block-sparse scores (csrc/relative_terms.c).
+"""The relative terms of block-sparse scores on CPU as one torch op: `torch.ops.bigbird_ja.relative_terms`.
 
-Built on first use with the system's C compiler (about a second: plain C with OpenMP, or pthreads where the compiler
-has none; no torch headers), cached per source, compiler and machine under $BIGBIRD_JA_CACHE (default
-~/.cache/bigbird_ja) and loaded with ctypes, as DeepSpeed builds its CPU ops. Without a compiler, or with
-BIGBIRD_JA_CPU_KERNELS=0, `relative_terms()` returns None and the blocked backend takes its pure-PyTorch reads (the
-same function, slower). A failed build is logged once.
+Shapes: P planes (batch row x head), H heads, Np padded tokens, R = 2S relative buckets, T rows of kp (with its
+halo), bs block size, nq query blocks, K key-block slots per query block, hw halo blocks.
 
-A cached library is loaded only when its size and sha256 match the record written beside it after it (a cut-short or
-altered library would kill the process with a Bus error or an Illegal instruction inside ctypes, not raise); any
-other is rebuilt with a warning. A build that leaves no loadable library is never cached.
+The native part, csrc/relative_terms.c (plain C with pthreads, no torch headers), is built by `pip install` (setup.py)
+into this folder as `_relative_terms*.so` and loaded with ctypes; nothing is compiled or written at run time. Its two
+entry points are registered as torch ops with fake implementations, and the backward one as the forward's autograd
+formula, so torch.compile and torch.export see each as a single op. The C code splits its work over
+torch.get_num_threads() pthreads of its own while the calling thread waits in ctypes (which releases the GIL): it links
+no OpenMP runtime, so it does not depend on the name of the one torch ships.
 
-The pure-PyTorch reads in blocked.py are this kernel's reference; tests compare both with the dense reference in
-float64.
+Where the library is absent (no C compiler at install, BIGBIRD_JA_NO_NATIVE=1 at install, a model folder's
+remote-code copy) or switched off (BIGBIRD_JA_CPU_KERNELS=0), `relative_terms()` returns None and blocked.py takes its
+pure-PyTorch reads, which are this op's reference; which path is active is logged once, at import.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import json
+import importlib.machinery
 import logging
 import os
-import platform
-import shlex
-import shutil
-import subprocess
-import tempfile
-import threading
 from pathlib import Path
 
 import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "relative_terms.c"
-FLAGS = ["-O3", "-fPIC", "-shared", "-pthread"]
-# tried first: with OpenMP the kernel shares torch's thread pool (see the C source); without, it starts pthreads
-OPENMP_FLAGS = ["-fopenmp"]
+NATIVE_STEM = "_relative_terms"  # setup.py's Extension "bigbird_ja.attention._relative_terms"
 SUFFIXES = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16"}
 
-_lock = threading.Lock()
-_loaded: dict = {}  # "library": the RelativeTermsKernel or None, once tried
 
-
-def cache_dir() -> Path:
-    root = os.environ.get("BIGBIRD_JA_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "bigbird_ja")
-    return Path(root) / "cpu_kernels"
+def library_path() -> Path | None:
+    """The library `pip install` built beside this file (any of this Python's extension suffixes), or None."""
+    folder = Path(__file__).resolve().parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        if (folder / (NATIVE_STEM + suffix)).is_file():
+            return folder / (NATIVE_STEM + suffix)
+    return None
 
 
 def enabled() -> bool:
     return os.environ.get("BIGBIRD_JA_CPU_KERNELS", "1") != "0"
-
-
-def _compiler() -> list[str] | None:
-    if os.environ.get("CC"):
-        return shlex.split(os.environ["CC"])
-    found = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    return None if found is None else [found]
-
-
-def build(source: Path = SOURCE) -> Path:
-    """Compile `source` into the cache (unless an intact build is there) and return the shared library's path. The
-    library and then its record (`_record_path`) are written to temporary files and renamed, so ranks building at
-    once on a shared file system never load half a file, and a library is trusted only once its record is in."""
-    compiler = _compiler()
-    if compiler is None:
-        raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
-    code = source.read_bytes()
-    version = subprocess.run([*compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(b"\0".join([code, " ".join(compiler).encode(), version.encode(), platform.machine().encode(),
-                                     " ".join(FLAGS + OPENMP_FLAGS).encode()])).hexdigest()[:16]
-    target = cache_dir() / f"{source.stem}-{key}.so"
-    damage = _damage(target)
-    if damage is None:
-        return target
-    if target.exists():
-        logger.warning("bigbird_ja: the cached CPU kernel %s %s: rebuilding it", target, damage)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    fd, tmp_record = tempfile.mkstemp(suffix=".json", dir=target.parent)
-    os.close(fd)
-    try:
-        for flags in (FLAGS + OPENMP_FLAGS, FLAGS):  # e.g. Apple's clang has no -fopenmp
-            result = subprocess.run([*compiler, *flags, "-o", tmp, str(source)], capture_output=True, text=True)
-            if result.returncode == 0:
-                break
-        if result.returncode != 0:
-            raise RuntimeError(f"{' '.join(compiler)} failed on {source}:\n{result.stderr[-2000:]}")
-        _check_loadable(tmp, compiler)
-        data = Path(tmp).read_bytes()
-        Path(tmp_record).write_text(json.dumps({"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}))
-        os.replace(tmp, target)
-        os.replace(tmp_record, _record_path(target))  # last: from now on the library is trusted
-    finally:
-        for leftover in (tmp, tmp_record):
-            if os.path.exists(leftover):
-                os.unlink(leftover)
-    return target
-
-
-def _record_path(library: Path) -> Path:
-    return library.with_name(library.name + ".json")
-
-
-def _damage(library: Path) -> str | None:
-    """None when `library` is whole (its size and sha256 those recorded after its build), else what is wrong."""
-    try:
-        record = json.loads(_record_path(library).read_text())
-        expected_size, expected_sha256 = int(record["size"]), str(record["sha256"])
-    except FileNotFoundError:
-        return "has no record of its checksum (written by an older version, or its build was cut short)"
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        return f"has an unreadable record of its checksum ({error})"
-    try:
-        data = library.read_bytes()
-    except OSError as error:
-        return f"cannot be read ({error})"
-    if len(data) != expected_size:
-        return f"is {len(data)} bytes where its build wrote {expected_size} (cut short or overwritten)"
-    if hashlib.sha256(data).hexdigest() != expected_sha256:
-        return "does not match the sha256 recorded at its build (damaged)"
-    return None
-
-
-def _check_loadable(path: str, compiler: list[str]) -> None:
-    """A compiler that exits 0 without writing a library (a wrapper script, a full disk) must not fill the cache."""
-    if os.path.getsize(path) == 0:
-        raise RuntimeError(f"{' '.join(compiler)} exited 0 but wrote nothing: nothing was cached")
-    # Loaded from a copy: a library stays mapped until the process exits, and the file renamed into the cache must
-    # not be that mapping (rewritten in place later, e.g. by `cp` over it, it would kill this process with SIGBUS).
-    fd, probe = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
-    os.close(fd)
-    try:
-        shutil.copyfile(path, probe)
-        ctypes.CDLL(probe)
-    except OSError as error:
-        raise RuntimeError(f"{' '.join(compiler)} wrote a library that cannot be loaded ({error}): nothing was "
-                           f"cached") from error
-    finally:
-        os.unlink(probe)
 
 
 def _require(condition: bool, what: str) -> None:
@@ -215,24 +116,100 @@ class RelativeTermsKernel:
         self._call("backward", grad.contiguous(), gqp, gkp, table, kblocks, H, q_block0, bs, hw)
 
 
-def relative_terms() -> RelativeTermsKernel | None:
-    """The kernel, built and loaded on first call; None where it is disabled or cannot be built (logged once)."""
-    if not enabled():
-        return None
-    if not SOURCE.exists():  # a model folder's flat copy of this module (hub.py) has no csrc/: the PyTorch reads
-        return None
-    if "library" not in _loaded:
-        with _lock:
-            if "library" not in _loaded:
-                try:
-                    _loaded["library"] = RelativeTermsKernel(build())
-                except Exception as error:  # no compiler, read-only cache, ...: the PyTorch reads serve instead
-                    logger.warning("bigbird_ja: the CPU relative-terms kernel is not available (%s); using the "
-                                   "slower pure-PyTorch reads. BIGBIRD_JA_CPU_KERNELS=0 silences this.", error)
-                    _loaded["library"] = None
-    return _loaded["library"]
+def _register_ops(kernel: RelativeTermsKernel):
+    """torch.ops.bigbird_ja.relative_terms and its backward, with fake (shape-only) implementations; the backward
+    is the forward's autograd formula. Registered once per process (the names are process-wide)."""
+    if hasattr(torch.ops.bigbird_ja, "relative_terms"):
+        return torch.ops.bigbird_ja.relative_terms.default
+
+    @torch.library.custom_op("bigbird_ja::relative_terms", mutates_args=(), device_types="cpu")
+    def relative_terms_op(qp: torch.Tensor | None, kp: torch.Tensor | None, table: torch.Tensor,
+                          kblocks: torch.Tensor, H: int, nq: int, q_block0: int, bs: int, hw: int) -> torch.Tensor:
+        """terms [P*nq, bs, K*bs] of query blocks q_block0.. (row n of plane p: p*nq + n) against kblocks
+        [H|1, nq|1, K]; qp [P, Np, R] or None, kp [P, T, R] or None; table [2Np - 1]: delta at distance d is entry
+        d + Np - 1."""
+        side = qp if qp is not None else kp
+        P, K = side.shape[0], kblocks.shape[-1]
+        out = side.new_empty(P * nq, bs, K * bs)
+        kernel.forward(None if qp is None else qp.contiguous(), None if kp is None else kp.contiguous(),
+                       out.view(P, nq, bs, K * bs), table.contiguous(), kblocks.contiguous(), H=H,
+                       q_block0=q_block0, bs=bs, hw=hw)
+        return out
+
+    @relative_terms_op.register_fake
+    def _(qp, kp, table, kblocks, H, nq, q_block0, bs, hw):
+        side = qp if qp is not None else kp
+        return side.new_empty(side.shape[0] * nq, bs, kblocks.shape[-1] * bs)
+
+    @torch.library.custom_op("bigbird_ja::relative_terms_backward", mutates_args=(), device_types="cpu")
+    def relative_terms_backward_op(grad: torch.Tensor, table: torch.Tensor, kblocks: torch.Tensor, H: int,
+                                   nq: int, q_block0: int, bs: int, hw: int, Np: int, T: int, R: int, want_qp: bool,
+                                   want_kp: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gradients of qp [P, Np, R] and kp [P, T, R] (empty where not wanted) from the terms' grad [P*nq, bs,
+        K*bs]."""
+        gqp, gkp = _backward_buffers(grad, nq, Np, T, R, want_qp, want_kp, torch.zeros)
+        P = grad.shape[0] // nq
+        kernel.backward(grad.contiguous().view(P, nq, bs, grad.shape[-1]), gqp if want_qp else None,
+                        gkp if want_kp else None, table.contiguous(), kblocks.contiguous(), H=H, q_block0=q_block0,
+                        bs=bs, hw=hw)
+        return gqp, gkp
+
+    @relative_terms_backward_op.register_fake
+    def _(grad, table, kblocks, H, nq, q_block0, bs, hw, Np, T, R, want_qp, want_kp):
+        return _backward_buffers(grad, nq, Np, T, R, want_qp, want_kp, torch.empty)
+
+    def setup_context(ctx, inputs, output):
+        qp, kp, table, kblocks, H, nq, q_block0, bs, hw = inputs
+        side = qp if qp is not None else kp
+        ctx.save_for_backward(table, kblocks)
+        ctx.args = (H, nq, q_block0, bs, hw, table.shape[0] // 2 + 1, 0 if kp is None else kp.shape[1], side.shape[-1])
+        ctx.present = (qp is not None, kp is not None)
+
+    def backward(ctx, grad):
+        table, kblocks = ctx.saved_tensors
+        want_qp = ctx.present[0] and ctx.needs_input_grad[0]
+        want_kp = ctx.present[1] and ctx.needs_input_grad[1]
+        gqp, gkp = torch.ops.bigbird_ja.relative_terms_backward(grad, table, kblocks, *ctx.args, want_qp, want_kp)
+        return gqp if want_qp else None, gkp if want_kp else None, None, None, None, None, None, None, None
+
+    relative_terms_op.register_autograd(backward, setup_context=setup_context)
+    return torch.ops.bigbird_ja.relative_terms.default
+
+
+def _backward_buffers(grad, nq, Np, T, R, want_qp, want_kp, make):
+    P = grad.shape[0] // nq
+    return (make(P if want_qp else 0, Np, R, dtype=grad.dtype, device=grad.device),
+            make(P if want_kp else 0, T, R, dtype=grad.dtype, device=grad.device))
+
+
+def _load() -> tuple[RelativeTermsKernel | None, str | None]:
+    """(the kernel, None) where the library is here and loads; (None, why not) otherwise (why None: not expected)."""
+    if not __name__.startswith("bigbird_ja."):  # a model folder's flat copy (hub.py): no library beside it
+        return None, None
+    path = library_path()
+    if path is None:
+        return None, ("it was not built at install (no C compiler then, or BIGBIRD_JA_NO_NATIVE=1); reinstall with "
+                      "a C compiler on the PATH (pip install -e . in a checkout) for the fast one")
+    try:
+        return RelativeTermsKernel(path), None
+    except (OSError, AttributeError) as error:  # not loadable here (another platform's build, a damaged file)
+        return None, f"{path} does not load ({error}); reinstall bigbird-ja with a C compiler on the PATH"
+
+
+KERNEL, _WHY_NOT = _load()
+OP = None if KERNEL is None else _register_ops(KERNEL)
+if OP is not None:
+    logger.info("bigbird_ja: CPU attention reads its relative terms with the native op (%s)", KERNEL.path)
+elif _WHY_NOT is not None:
+    logger.warning("bigbird_ja: CPU attention takes the slower pure-PyTorch reads of its relative terms: the native "
+                   "op is absent, %s.", _WHY_NOT)
+
+
+def relative_terms():
+    """torch.ops.bigbird_ja.relative_terms.default, or None where the library is absent or BIGBIRD_JA_CPU_KERNELS=0."""
+    return OP if enabled() else None
 
 
 def supports(t: torch.Tensor) -> bool:
-    """Whether the kernel can take tensors like t (CPU, float32, float64 or bfloat16, not meta)."""
+    """Whether the op can take tensors like t (CPU, float32, float64 or bfloat16, not meta)."""
     return t.device.type == "cpu" and t.dtype in SUFFIXES

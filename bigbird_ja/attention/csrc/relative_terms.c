@@ -10,8 +10,9 @@
    qp [P, Np, R] holds q . pos_key with its columns reversed, kp [P, T, R] holds k . pos_query with hw halo blocks
    before the keys (see blocked.py's _Relative). Either may be NULL (that term is absent). The backward adds the
    terms' gradient where each term was read; it runs one plane per thread, as different query blocks read the same
-   key rows of kp. Plain C with OpenMP (or pthreads where the compiler has no OpenMP): no torch headers, so it
-   builds in about a second wherever a C compiler is. */
+   key rows of kp. Plain C with pthreads, no torch headers and no OpenMP runtime: `pip install` builds it (setup.py)
+   wherever a C compiler is, and cpu_kernels.py loads it with ctypes and registers it as a torch op. The caller
+   passes the number of threads (torch.get_num_threads()); torch's own pool is idle while the caller waits. */
 
 #include <stdint.h>
 #include <stdlib.h>
@@ -240,28 +241,6 @@ DEFINE_KERNELS(uint16_t, float, bf16_load, bf16_store, bf16)
 
 typedef void (*Work)(const Job *);
 
-#ifdef _OPENMP
-#include <omp.h>
-/* Built with -fopenmp, the kernel joins the process's OpenMP pool, which is torch's own when torch runs on OpenMP
-   (its libgomp is loaded first and shares the soname): no second set of threads competes with torch's. */
-static int run_parallel(Work work, const Job *job, int64_t items, int threads, size_t element_size) {
-    if (threads > items) threads = (int)items;
-    if (threads < 1) threads = 1;
-    char *scratch = (char *)malloc(element_size * CHUNK * job->bs * job->bs * threads);
-    if (!scratch) return -1;
-#pragma omp parallel num_threads(threads)
-    {
-        const int t = omp_get_thread_num(), n = omp_get_num_threads();
-        Job share = *job;
-        share.first = items * t / n;
-        share.last = items * (t + 1) / n;
-        share.scratch = scratch + element_size * CHUNK * job->bs * job->bs * t;
-        work(&share);
-    }
-    free(scratch);
-    return 0;
-}
-#else
 #include <pthread.h>
 
 typedef struct {
@@ -275,7 +254,7 @@ static void *run_task(void *task) {
     return 0;
 }
 
-/* Without OpenMP: splits [0, items) into `threads` contiguous shares; the calling thread takes the first. */
+/* Splits [0, items) into `threads` contiguous shares; the calling thread takes the first. */
 static int run_parallel(Work work, const Job *job, int64_t items, int threads, size_t element_size) {
     if (threads > items) threads = (int)items;
     if (threads < 1) threads = 1;
@@ -309,7 +288,6 @@ static int run_parallel(Work work, const Job *job, int64_t items, int threads, s
     free(scratch);
     return 0;
 }
-#endif
 
 #define DEFINE_ENTRY_POINTS(ACC, SUFFIX)                                                                        \
     int bbja_terms_forward_##SUFFIX(const void *qp, const void *kp, void *out, const int64_t *table,            \
