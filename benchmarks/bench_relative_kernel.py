@@ -1,4 +1,4 @@
-"""The blocked attention op on CPU with its relative terms from the C kernel (bigbird_ja/attention/cpu_kernels.py)
+"""The blocked attention op on CPU with its relative terms from the native op built at install (bigbird_ja/attention/cpu_kernels.py)
 against the same op with the pure-PyTorch reads, in one process, interleaved.
 
 Setup: one layer's op at base dims (12 heads x 64, block 64, window 3, global 2, random 3, 256 buckets, c2p + p2c),
@@ -35,7 +35,7 @@ def measure(length: int, repeats: int, dtype: str = "float32") -> dict:
 
     kernel = cpu_kernels.relative_terms()
     if kernel is None:
-        raise SystemExit("the C kernel cannot be built here (no C compiler?): nothing to compare")
+        raise SystemExit("the C kernel was not built at install (no C compiler, or BIGBIRD_JA_NO_NATIVE=1): reinstall with gcc or clang on the PATH")
     config = bigbird_ja.BigBirdJaConfig(max_position_embeddings=max(length, 4096), num_hidden_layers=1)
     spec = RelativePositionSpec.from_config(config)
     H, D = config.num_attention_heads, config.hidden_size // config.num_attention_heads

@@ -7,7 +7,7 @@ in parts by name (and, for bmm, by whether a dimension is the 2S = 512 relative 
     projections + FFN              addmm, mm, gelu (and its backward)
     relative products              bmm with a 512 dimension (q.pos_key, k.pos_query and their gradients)
     relative reads, indices, sums  gather, scatter_add_, index, sub, add_, and the C kernel's calls (the self time
-                                   of _RelativeTerms and its backward)
+                                   of the bigbird_ja::relative_terms ops)
     scores and context matmuls     the other bmm, baddbmm_, addmm_
     key/value block copies         index_select, index_add_
     softmax + masks                softmax and its backward, masked_fill_, where, index_put_
@@ -39,7 +39,7 @@ def part_of(name: str, shapes) -> str:
         return "relative products"
     if name in ("aten::gather", "aten::scatter_add_", "aten::index", "aten::sub", "aten::add_"):
         return "relative reads, indices, sums"
-    if name in ("_RelativeTerms", "_RelativeTermsBackward"):  # self time: the C kernel (cpu_kernels), when it runs
+    if name.startswith("bigbird_ja::relative_terms"):  # self time: the native op (cpu_kernels), forward and backward
         return "relative reads, indices, sums"
     if name in ("aten::bmm", "aten::baddbmm_", "aten::addmm_", "aten::baddbmm"):
         return "scores and context matmuls"
