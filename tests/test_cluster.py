@@ -220,6 +220,17 @@ def sessions_started(t: Timeline, n: int):
     return lambda: sum(r["event"] == "start" for r in t.records()) >= n
 
 
+def run_to_checkpoint(cluster: VirtualCluster, tiny_data, tmp_path: Path):
+    """sbatch the recipe over 2 hosts and wait for its checkpoint of step CKPT_EVERY: (out folder, timeline, log)."""
+    root, out = workdir(tmp_path), tmp_path / "out"
+    job = sbatch(cluster, root, pretrain_args(out, *tiny_data), nodes=2, env=job_env())
+    t = Timeline(cluster, out, job)
+    log = lambda: f"{t.state()}\n{slurm_log(root)}"  # noqa: E731
+    t.wait("first step", t.train_steps, 150, log, t.job_over)
+    t.wait("checkpoint 6", checkpoint_saved(t, CKPT_EVERY), 150, log, t.job_over)
+    return root, out, t, log
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 @needs_cluster
@@ -228,13 +239,8 @@ def test_a_host_lost_mid_run_is_requeued_by_slurm_and_the_next_attempt_reads_eve
     """bbjn1 loses power after the checkpoint of step 6: slurmd, slurmstepd and its ranks SIGKILLed at once. SLURM
     finds the node silent (SlurmdTimeout), ends the job and requeues it (--requeue in the recipe); the host reboots
     (slurmd again, ReturnToService=2) and the requeued job continues from step 6 (--resume auto)."""
-    root, out = workdir(tmp_path), tmp_path / "out"
     lost = cluster.names[1]
-    job = sbatch(cluster, root, pretrain_args(out, *tiny_data), nodes=2, env=job_env())
-    t = Timeline(cluster, out, job)
-    log = lambda: f"{t.state()}\n{slurm_log(root)}"  # noqa: E731
-    t.wait("first step", t.train_steps, 150, log, t.job_over)
-    t.wait("checkpoint 6", checkpoint_saved(t, CKPT_EVERY), 150, log, t.job_over)
+    root, out, t, log = run_to_checkpoint(cluster, tiny_data, tmp_path)
     killed = t.now()
     assert cluster.kill_host(lost), f"nothing ran on {lost}"
     last_before = max(t.train_steps())
@@ -365,13 +371,8 @@ def test_a_host_cut_off_or_slowed_mid_run_ends_the_attempt_in_bounded_time_and_t
     (SLURM's node ping after SlurmdTimeout, gloo's collective timeout, the watchdog) ends the attempt; the link is
     restored once the job has been requeued or has ended, and the next attempt resumes from the newest complete
     checkpoint, every sample read once."""
-    root, out = workdir(tmp_path), tmp_path / "out"
     hit_host = cluster.names[1]
-    job = sbatch(cluster, root, pretrain_args(out, *tiny_data), nodes=2, env=job_env())
-    t = Timeline(cluster, out, job)
-    log = lambda: f"{t.state()}\n{slurm_log(root)}"  # noqa: E731
-    t.wait("first step", t.train_steps, 150, log, t.job_over)
-    t.wait("checkpoint 6", checkpoint_saved(t, CKPT_EVERY), 150, log, t.job_over)
+    root, out, t, log = run_to_checkpoint(cluster, tiny_data, tmp_path)
     ctld_log = cluster.root / "log" / "slurmctld.log"
     ctld_before = len(ctld_log.read_text())
     hit = t.now()
