@@ -236,13 +236,14 @@ def _evaluate_retrieval(args) -> int:
     import json
 
     from .embeddings import evaluate_retrieval
+    from .finetune.jglue import read_squad
 
     if args.task != "jsquad" or args.model is None or args.predictions is not None or args.overrides:
         raise ValueError("--retrieval runs an encoder over a JSQuAD file: bigbird-ja evaluate jsquad --retrieval "
                          "--model DIR --data FILE [--max-length N] [--truncate-to N] (no --predictions or "
                          "overrides)")
-    metrics = evaluate_retrieval(args.model, args.data, max_length=args.max_length, truncate_to=args.truncate_to,
-                                 output=args.metrics_out)
+    metrics = evaluate_retrieval(args.model, read_squad(args.data), max_length=args.max_length,
+                                 truncate_to=args.truncate_to, output=args.metrics_out)
     print(json.dumps(metrics, ensure_ascii=False))
     if args.metrics_out:
         print(f"wrote {args.metrics_out}")

@@ -121,22 +121,17 @@ def embed(model, tokenizer, texts: list[str], max_length: int | None = None, tru
     return (sums / counts[:, None]).float()
 
 
-def read_jsquad_articles(path) -> tuple[list[str], list[str], list[int]]:
-    """(documents, questions, the document index of each question) of a JSQuAD (SQuAD-format) file: one document
-    per article, its paragraphs joined by newlines."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    if not isinstance(data, dict) or not isinstance(data.get("data"), list):
-        raise ValueError(f"{path}: not a SQuAD-format file (a JSON object with a 'data' list of articles)")
+def jsquad_retrieval_task(articles) -> tuple[list[str], list[str], list[int]]:
+    """(documents, questions, the document index of each question) of JSQuAD articles as `bigbird_ja.finetune`'s
+    `read_squad` reads and checks them: one document per article, its paragraphs joined by newlines."""
     documents, questions, relevant = [], [], []
-    for article in data["data"]:
-        paragraphs = article.get("paragraphs", [])
-        documents.append("\n".join(p["context"] for p in paragraphs))
-        for p in paragraphs:
-            for qa in p.get("qas", []):
-                questions.append(qa["question"])
-                relevant.append(len(documents) - 1)
+    for article in articles:
+        documents.append("\n".join(p.context for p in article.paragraphs))
+        for paragraph in article.paragraphs:
+            questions += [q.question for q in paragraph.questions]
+            relevant += [len(documents) - 1] * len(paragraph.questions)
     if not questions:
-        raise ValueError(f"{path}: holds no questions")
+        raise ValueError("the JSQuAD file holds no questions")
     return documents, questions, relevant
 
 
@@ -153,15 +148,15 @@ def retrieval_metrics(queries: torch.Tensor, documents: torch.Tensor, relevant: 
     return metrics
 
 
-def evaluate_retrieval(model_dir, data, max_length: int | None = None, truncate_to: int | None = None,
+def evaluate_retrieval(model_dir, articles, max_length: int | None = None, truncate_to: int | None = None,
                        batch_size: int = 8, output=None) -> dict:
-    """Retrieval metrics of the encoder in ``model_dir`` on a JSQuAD file (see the module docstring); writes them as
-    JSON to ``output`` when given."""
+    """Retrieval metrics of the encoder in ``model_dir`` on JSQuAD articles (`read_squad`'s; see the module
+    docstring); writes them as JSON to ``output`` when given."""
     from transformers import AutoModel, AutoTokenizer
 
     model = AutoModel.from_pretrained(str(model_dir)).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    documents, questions, relevant = read_jsquad_articles(data)
+    documents, questions, relevant = jsquad_retrieval_task(articles)
     max_length = max_length or model.config.max_position_embeddings
     doc_vectors = embed(model, tokenizer, documents, max_length=max_length, truncate_to=truncate_to,
                         batch_size=batch_size)
@@ -179,5 +174,5 @@ def evaluate_retrieval(model_dir, data, max_length: int | None = None, truncate_
     return metrics
 
 
-__all__ = ["POOLING", "embed", "evaluate_retrieval", "read_jsquad_articles", "retrieval_metrics",
+__all__ = ["POOLING", "embed", "evaluate_retrieval", "jsquad_retrieval_task", "retrieval_metrics",
            "sentence_transformers_files", "write_sentence_transformers_files"]
