@@ -317,3 +317,16 @@ def test_setup_builds_the_library_and_goes_on_without_a_compiler(tmp_path, case)
         assert not built
         if case == "no compiler":
             assert "failed" in run.stderr + run.stdout
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_a_damaged_library_file_is_reported_not_run(tmp_path, monkeypatch, kernel, damage):
+    """Issue 25, case 2: a library file damaged after the install (an empty or cut-off copy) is refused by the loader
+    with a message naming the fix; the process goes on with the PyTorch reads instead of dying with a signal."""
+    good = kernel.path.read_bytes()
+    bad = tmp_path / kernel.path.name
+    bad.write_bytes(b"" if damage == "empty" else good[: len(good) // 3])
+    monkeypatch.setattr(cpu_kernels, "library_path", lambda: bad)
+    loaded, why = cpu_kernels._load()
+    assert loaded is None
+    assert str(bad) in why and "reinstall" in why

@@ -21,6 +21,8 @@ import ctypes
 import importlib.machinery
 import logging
 import os
+import struct
+import sys
 from pathlib import Path
 
 import torch
@@ -50,11 +52,33 @@ def _require(condition: bool, what: str) -> None:
         raise ValueError(f"bigbird_ja CPU kernel: {what}")
 
 
+def check_complete(path: Path) -> None:
+    """Raise OSError unless the ELF file at `path` holds every byte its headers point to. The dynamic loader maps a
+    cut-off library (a full disk during the install, a partial copy) without complaint, and the process then dies with
+    SIGBUS on the first page past the end: no Python error, nothing to catch. Other formats are left to the loader."""
+    data = path.read_bytes()
+    if sys.platform.startswith("linux") and data[:4] != b"\x7fELF":
+        raise OSError(f"not an ELF shared library ({len(data)} bytes)")
+    if data[:4] != b"\x7fELF" or len(data) < 64 or data[4] != 2:  # not a 64-bit ELF: the loader checks it
+        return
+    order = "<" if data[5] == 1 else ">"
+    phoff, shoff = struct.unpack_from(order + "QQ", data, 32)
+    phentsize, phnum, shentsize, shnum = struct.unpack_from(order + "HHHH", data, 54)
+    needed = max(phoff + phentsize * phnum, shoff + shentsize * shnum)
+    if needed <= len(data):
+        for n in range(phnum):
+            offset, filesz = struct.unpack_from(order + "Q16xQ", data, phoff + n * phentsize + 8)
+            needed = max(needed, offset + filesz)
+    if needed > len(data):
+        raise OSError(f"the file is cut off: {len(data)} bytes, its headers need {needed}")
+
+
 class RelativeTermsKernel:
     """ctypes bindings of csrc/relative_terms.c (see its header for what the two functions compute)."""
 
     def __init__(self, path: Path):
         self.path = path
+        check_complete(path)
         lib = ctypes.CDLL(str(path))
         args = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 12 + [ctypes.c_int]
         self._functions = {}
