@@ -8,12 +8,14 @@ from setuptools import Extension, find_packages, setup
 # one home for the version: bigbird_ja/version.py (read as text: importing the package needs its dependencies)
 VERSION = re.search(r'__version__ = "([^"]+)"', open("bigbird_ja/version.py", encoding="utf-8").read()).group(1)
 
-# The CPU kernel of the relative terms (bigbird_ja/attention/csrc/relative_terms.c): plain C with pthreads, no torch
-# headers, so no torch is needed to build it and pip's isolated build needs nothing beyond setuptools. Loaded with
-# ctypes and registered as a torch op by bigbird_ja/attention/cpu_kernels.py. Optional: where it cannot be built (no
-# C compiler) the install goes on and the pure-PyTorch path runs; BIGBIRD_JA_NO_NATIVE=1 skips it.
+# The CPU kernels of the relative terms and of attention dropout (bigbird_ja/attention/csrc/*.c, one library): plain
+# C with pthreads, no torch headers, so no torch is needed to build it and pip's isolated build needs nothing beyond
+# setuptools. Loaded with ctypes and registered as torch ops by bigbird_ja/attention/cpu_kernels.py and dropout.py.
+# Optional: where it cannot be built (no C compiler) the install goes on and the pure-PyTorch paths run;
+# BIGBIRD_JA_NO_NATIVE=1 skips it.
 NATIVE = [] if os.environ.get("BIGBIRD_JA_NO_NATIVE", "0") not in ("", "0") else [Extension(
-    "bigbird_ja.attention._relative_terms", ["bigbird_ja/attention/csrc/relative_terms.c"],
+    "bigbird_ja.attention._relative_terms",
+    ["bigbird_ja/attention/csrc/relative_terms.c", "bigbird_ja/attention/csrc/dropout.c"],
     extra_compile_args=["-O3", "-pthread"], extra_link_args=["-pthread"], optional=True)]
 
 setup(

@@ -330,3 +330,8 @@ def test_a_damaged_library_file_is_reported_not_run(tmp_path, monkeypatch, kerne
     loaded, why = cpu_kernels._load()
     assert loaded is None
     assert str(bad) in why and "reinstall" in why
+    from bigbird_ja.attention import dropout  # the same library holds the dropout kernel: refused there too
+
+    monkeypatch.setattr(dropout, "library_path", lambda: bad)
+    native, why = dropout._load_native()
+    assert native is None and "reinstall" in why
