@@ -10,6 +10,9 @@ attention op alone (q, k, v and the relative projections given), for n = 1k .. 1
               reads the same per-bucket projections (compiled), on the layout's block size with kernel_options
               tiles that divide it (Flex's default tiles on Hopper are 128 x 128, which a 64-token mask refuses)
   flex-128    the same with a 128-token block mask (the mask_mod stays exact to the token) and Flex's own tiles
+  flex-backend           bigbird_ja's attention_backend="flex" as dispatched: compiled on CUDA (the flex-128
+                         construction), uncompiled on CPU (Flex's dense math, forward only)
+  flex-backend-compiled  the same compiled on CPU (inductor's CPU Flex kernel, forward only); CPU only
   hf-deberta  transformers' DebertaV2 DisentangledSelfAttention (dense, includes its q/k/v projections)
   sdpa        dense scaled_dot_product_attention without relative terms: a speed-of-light line
 
@@ -25,7 +28,8 @@ float32, batch 1 and n up to 4k (triton there only with --interpret, which is fa
 Run:  python benchmarks/bench_attention.py [--lengths 1024 2048 ...] [--cases triton blocked ...] [--out PATH]
 It prints a markdown table and writes JSON (with an environment block; rewritten after every row, so an
 interrupted run keeps what finished) and a PNG beside it. A case that fails or runs out of memory is recorded, not
-fatal. On CPU, triton runs only with --interpret and flex only uncompiled then (a stand-in, not a timing).
+fatal. On CPU, triton runs only with --interpret and flex / flex-128 only uncompiled then (a stand-in, not a
+timing); the flex-backend cases are timed there, forward only (torch has no Flex backward on CPU).
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ import bigbird_ja
 from bigbird_ja.attention import RelativePositionSpec, disentangled_attention, layout_for, relative_index_table
 from bigbird_ja.common.atomic_io import atomic_write_text
 
-ALL_CASES = ("triton", "blocked", "reference", "flex", "flex-128", "hf-deberta", "sdpa")
+ALL_CASES = ("triton", "blocked", "reference", "flex", "flex-128", "flex-backend", "flex-backend-compiled",
+             "hf-deberta", "sdpa")
 
 
 def make_config(args, length):
@@ -88,6 +93,15 @@ def build_case(case, config, length, batch, dtype, device):
     if case in ("triton", "blocked", "reference"):
         def run():
             return disentangled_attention(q, k, v, layout, padding, scale, pos_key, pos_query, spec, backend=case)
+        return run, [q, k, v, pos_key, pos_query]
+    if case in ("flex-backend", "flex-backend-compiled"):
+        from bigbird_ja.attention.flex_backend import flex_attention_backend
+
+        compiled = True if case == "flex-backend-compiled" else None
+
+        def run():
+            return flex_attention_backend(q, k, v, layout, padding, scale, pos_key, pos_query, spec,
+                                          compiled=compiled)
         return run, [q, k, v, pos_key, pos_query]
     if case == "sdpa":
         def run():
@@ -166,10 +180,13 @@ def time_it(fn, repeats, device):
 def measure(case, config, length, args, device, dtype):
     if case == "triton" and device.type != "cuda" and not args.interpret:
         return {"status": "skipped: triton needs CUDA (or --interpret, too slow to time)"}
-    if case.startswith("flex") and device.type != "cuda" and not args.interpret:
+    if case in ("flex", "flex-128") and device.type != "cuda" and not args.interpret:
         return {"status": "skipped: FlexAttention is timed on CUDA only here (uncompiled with --interpret)"}
+    if case == "flex-backend-compiled" and device.type == "cuda":
+        return {"status": "skipped: on CUDA flex-backend is the compiled one"}
     estimate = 4 * args.batch * config.num_attention_heads * length * length * torch.empty(0, dtype=dtype).element_size()
-    if case in ("reference", "hf-deberta") and estimate > args.memory_budget_gib * 2**30:
+    dense = ("reference", "hf-deberta") + (("flex-backend",) if device.type != "cuda" else ())
+    if case in dense and estimate > args.memory_budget_gib * 2**30:
         return {"status": f"skipped: dense scores need ~{estimate / 2**30:.0f} GiB > budget"}
     try:
         run, leaves = build_case(case, config, length, args.batch, dtype, device)
@@ -197,7 +214,7 @@ def measure(case, config, length, args, device, dtype):
                 backward_status = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
         peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
         check = {}
-        if case in ("triton", "flex", "flex-128"):  # a fast path is only as good as its agreement with the reference
+        if case == "triton" or case.startswith("flex"):  # a fast path is as good as its agreement with the reference
             with torch.no_grad():
                 blocked_run, _ = build_case("blocked", config, length, args.batch, dtype, device)
                 check["max_abs_diff_vs_blocked"] = (run().float() - blocked_run().float()).abs().max().item()

@@ -14,7 +14,7 @@ from pathlib import Path
 from transformers import PreTrainedConfig
 
 ATTENTION_TYPES = ("block_sparse", "full")
-ATTENTION_BACKENDS = ("auto", "reference", "blocked", "triton")
+ATTENTION_BACKENDS = ("auto", "reference", "blocked", "triton", "flex")
 POS_ATT_TYPES = ("c2p", "p2c")
 
 
@@ -46,7 +46,8 @@ class BigBirdJaConfig(PreTrainedConfig):
             max_position_embeddings). An input keeps the drawn blocks that fall inside it, so a sequence sees the same
             blocks whatever its batch is padded to.
         attention_backend: "auto" (triton on CUDA when available, otherwise blocked), "reference" (dense O(n^2),
-            the truth for tests), "blocked" (pure PyTorch, memory linear in length) or "triton".
+            the truth for tests), "blocked" (pure PyTorch, memory linear in length), "triton" or "flex" (torch's
+            FlexAttention; compiled on GPUs, forward only on CPU; no attention dropout).
 
     Length and function. Two quantities that define what a model computes follow max_position_embeddings when left
     unset: the relative-position range (max_relative_positions < 1) and the span the random blocks are drawn over

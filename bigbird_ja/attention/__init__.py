@@ -5,6 +5,9 @@ One definition (`reference.py`), several backends that compute it:
   blocked    gathered key/value blocks in pure PyTorch, memory linear in N: the default on CPU
   triton     fused Triton kernels (the `bigbird_ja_kernels` package under kernels/), CUDA; on CPU only under
              TRITON_INTERPRET=1 (for tests)
+  flex       torch's FlexAttention (a BlockMask from the layout plus a score_mod), compiled on GPUs, including those
+             the Triton kernels have not met; on CPU uncompiled and forward only (dense math). No attention dropout.
+             Never chosen by "auto".
 
 `disentangled_attention` validates its inputs and dispatches; the model calls nothing else.
 """
@@ -47,8 +50,16 @@ def resolve_backend(requested: str, device: torch.device) -> str:
             raise ValueError(f"attention_backend='triton' runs on CUDA devices, not {device.type} (set "
                                "TRITON_INTERPRET=1 only to test the kernels); use attention_backend='blocked'.")
         return "triton"
+    if requested == "flex":
+        from .flex_backend import flex_available
+
+        if not flex_available():
+            raise ImportError(f"attention_backend='flex' needs torch.nn.attention.flex_attention (torch >= 2.5; this "
+                              f"is {torch.__version__}); use attention_backend='blocked'.")
+        return "flex"
     if requested not in ("reference", "blocked"):
-        raise ValueError(f"attention_backend={requested!r}: must be 'auto', 'reference', 'blocked' or 'triton'.")
+        raise ValueError(f"attention_backend={requested!r}: must be 'auto', 'reference', 'blocked', 'triton' or "
+                         "'flex'.")
     return requested
 
 
@@ -77,7 +88,7 @@ def disentangled_attention(
         pos_query: [H, 2S, D] relative queries (enables position-to-content), or None.
         rel_spec: the relative-position buckets; required with pos_key or pos_query.
         dropout_p, training: dropout on the attention probabilities.
-        backend: "auto", "reference", "blocked" or "triton".
+        backend: "auto", "reference", "blocked", "triton" or "flex".
     Returns:
         [B, H, N, D]; a query with no attendable key (a fully padded row) gets zeros.
     """
@@ -107,4 +118,8 @@ def disentangled_attention(
         from .triton_backend import triton_attention
 
         return triton_attention(q, k, v, layout, key_padding_mask, **kwargs)
+    if chosen == "flex":
+        from .flex_backend import flex_attention_backend
+
+        return flex_attention_backend(q, k, v, layout, key_padding_mask, **kwargs)
     return blocked_attention(q, k, v, layout, key_padding_mask, **kwargs)
