@@ -1,6 +1,7 @@
 """The Triton backend against the float64 dense reference (Triton's interpreter on CPU, real kernels on a GPU),
-and ahead-of-time compilation of every kernel for sm_80 and sm_90."""
+and ahead-of-time compilation of every kernel for sm_80, sm_90, sm_100 and sm_120."""
 
+import itertools
 import json
 import os
 import subprocess
@@ -210,21 +211,88 @@ def test_triton_dropout_matches_the_reference_given_the_kernels_mask():
 
 
 @pytest.mark.slow
-def test_every_kernel_compiles_for_sm80_and_sm90_within_shared_memory():
+def test_every_kernel_compiles_for_each_target_within_shared_memory_or_is_pruned_there():
+    from bigbird_ja_kernels.aot import ARCHS, DTYPE_NAMES, KERNEL_NAMES, extremes
+    from bigbird_ja_kernels.block_sparse import SPACE_FITS
+
     env = dict(os.environ, TRITON_INTERPRET="0")
     # one process per target: the compiles are CPU-bound and independent
     children = [subprocess.Popen([sys.executable, "-m", "bigbird_ja_kernels.aot", "--arch", str(arch)], env=env,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for arch in (80, 90)]
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for arch in ARCHS]
     rows = []
     for child in children:
-        stdout, stderr = child.communicate(timeout=1800)
+        stdout, stderr = child.communicate(timeout=3600)
         assert child.returncode == 0, stderr[-3000:]
         rows += [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
-    kernels = {(r["arch"], r["kernel"], r["dtype"], r["head_dim"]) for r in rows}
-    assert len(kernels) == 2 * 3 * 2 * 3, sorted(kernels)
+    for arch, kernel, dtype in itertools.product(ARCHS, KERNEL_NAMES, (torch.bfloat16, torch.float32)):
+        mine = [r for r in rows if (r["arch"], r["kernel"], r["dtype"]) == (arch, kernel, DTYPE_NAMES[dtype])]
+        measured = {(r["head_dim"], tuple(r["config"])) for r in mine if r["stage"] == "shared"}
+        assert measured == set(extremes(dtype)), (arch, kernel, dtype)
+        assert any(r["role"] == "heaviest kept" for r in mine if r["stage"] == "cubin"), (arch, kernel, dtype)
     for row in rows:
         print(row)
-        assert 0 < row["shared"] <= row["limit"], row
+        if row["stage"] == "shared":
+            # the autotuner on that target drops exactly the configurations over its limit
+            assert row["kept"] == (row["shared"] <= row["limit"]), row
+        else:
+            assert row["fast"] == row["shared"], row  # the pruning's figure is the compiler's
+            assert (row["shared"] <= row["limit"]) == (row["role"] != "lightest dropped"), row
+    for arch in ARCHS:
+        dropped = sorted({(r["kernel"], r["dtype"], r["head_dim"], tuple(r["config"])) for r in rows
+                          if r["arch"] == arch and r["stage"] == "shared" and not r["kept"]})
+        print(f"sm_{arch}: {len(dropped)} dropped: {dropped}")
+    for arch, limit in SPACE_FITS:  # where the autotuner measures nothing, the whole space must fit
+        assert all(r["shared"] <= limit for r in rows if r["arch"] == arch and r["stage"] == "shared"), arch
+
+
+class _FakeCudaTensor:
+    is_cuda = True
+    device = "cuda:0"
+    dtype = torch.bfloat16
+
+
+def test_cuda_target_reads_the_opt_in_shared_memory_limit(monkeypatch):
+    from types import SimpleNamespace
+
+    from bigbird_ja_kernels import block_sparse
+
+    props = SimpleNamespace(major=12, minor=0, shared_memory_per_block=49152, shared_memory_per_block_optin=101376)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert block_sparse._cuda_target(_FakeCudaTensor()) == (120, 101376)
+    assert block_sparse._cuda_target(torch.zeros(1)) is None
+
+
+@pytest.mark.parametrize("tuned, name", [("_fwd_tuned", "forward"), ("_dq_tuned", "backward_dq"),
+                                         ("_dkdv_tuned", "backward_dkdv")])
+@pytest.mark.parametrize("target", [(120, 101376), (90, 232448)], ids=["sm120", "sm90"])
+def test_runtime_autotuning_space_drops_the_configurations_over_the_device_limit(monkeypatch, tuned, name, target):
+    from bigbird_ja_kernels import aot, block_sparse
+
+    calls = []
+
+    def figure(config):  # a stand-in for the compiler's figure: some tiles over 99 KiB, some not
+        return (config.kwargs["BLOCK_M"] + config.kwargs["BLOCK_N"]) * 128 * 2 * config.num_stages * 3
+
+    def fake_shared_memory(kernel, arch, dtype, head_dim, layout_block, bm, bn, warps, stages, **flags):
+        calls.append((kernel, arch, dtype, head_dim, layout_block, flags))
+        return figure(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages))
+
+    monkeypatch.setattr(aot, "shared_memory", fake_shared_memory)
+    monkeypatch.setattr(block_sparse, "_cuda_target", lambda q: target)
+    autotuner = getattr(block_sparse, tuned)
+    monkeypatch.setattr(autotuner, "nargs", {"Q": _FakeCudaTensor()}, raising=False)
+    consts = dict(HEAD_DIM=128, LAYOUT_BLOCK=128, HAS_C2P=True, HAS_P2C=False, HAS_DROPOUT=True,
+                  INPUT_PRECISION="ieee")
+    kept = autotuner.prune_configs(consts)
+    static = block_sparse._prune(autotuner.configs, {"Q": _FakeCudaTensor()}, **consts)  # no device: no measuring
+    if target in block_sparse.SPACE_FITS:
+        assert kept == static and not calls  # the sweep shows the whole space fits there: nothing measured
+    else:
+        assert kept == [c for c in static if figure(c) <= target[1]]
+        assert 0 < len(kept) < len(static)
+        assert {call[:5] for call in calls} == {(name, 120, torch.bfloat16, 128, 128)}
+        assert all(call[5] == dict(has_c2p=True, has_p2c=False, has_dropout=True) for call in calls)
 
 
 def base_attention_config(length):

@@ -20,6 +20,7 @@ The kernels hold no autograd: bigbird_ja/attention/triton_backend.py wraps the l
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -142,18 +143,34 @@ def _configs(space: str | None = None):
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in tiles]
 
 
-# Estimated shared memory a configuration may use: pipelined q/k/v/dO tiles. The sm_80/sm_90 compile test checks
-# the real figure of every configuration this keeps against the A100 limit (163 KiB).
+# Estimated shared memory a configuration may use: pipelined q/k/v/dO tiles. A coarse first cut (it can be off by
+# 2x either way between kernels); what a device cannot launch is dropped below from the real figure.
 SHARED_MEMORY_BUDGET = 120 * 1024
 
 
-def _prune(configs, named_args, **kwargs):
+# (arch, shared memory per block) of the targets whose whole autotuning space the ahead-of-time sweep finds
+# within shared memory (A100, H100): nothing to measure there. Elsewhere each candidate is measured (~1 s each).
+SPACE_FITS = {(80, 166912), (90, 232448)}
+
+
+def _cuda_target(q):
+    """(arch, largest shared memory per block in bytes) of the NVIDIA GPU holding q; None elsewhere."""
+    if q is None or not q.is_cuda or torch.version.hip is not None:
+        return None
+    props = torch.cuda.get_device_properties(q.device)
+    return props.major * 10 + props.minor, props.shared_memory_per_block_optin
+
+
+def _prune(configs, named_args, kernel=None, **kwargs):
     """Tiles must divide the layout block, fit shared memory for this head dim and dtype, and keep the score tile
-    in registers; 8 warps only pay off on large tiles."""
+    in registers; 8 warps only pay off on large tiles. For `kernel` on a GPU (or TARGET=(arch, limit) ahead of
+    time), configurations whose shared memory is over the device's limit are dropped: they would compile only to
+    fail at launch (B200 and the 99 KiB parts, sm_86/89/120, cannot launch some; aot.py sweeps the targets)."""
     layout_block = kwargs.get("LAYOUT_BLOCK", named_args.get("LAYOUT_BLOCK"))
     head_dim = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
     q = named_args.get("Q")
-    element_size = kwargs.get("ELEMENT_SIZE") or (q.element_size() if q is not None else 2)
+    dtype = kwargs.get("DTYPE") or (q.dtype if q is not None else torch.float16)
+    element_size = torch.empty(0, dtype=dtype).element_size()
     kept = []
     for config in configs:
         bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
@@ -172,8 +189,23 @@ def _prune(configs, named_args, **kwargs):
         if config.num_warps == 8 and bm * bn < 64 * 64:
             continue
         kept.append(config)
+    target = kwargs.get("TARGET") or _cuda_target(q)
+    if kernel is not None and target is not None and tuple(target) not in SPACE_FITS:
+        from .aot import shared_memory
+
+        arch, limit = target
+        flags = {name.lower(): bool(kwargs.get(name, True)) for name in ("HAS_C2P", "HAS_P2C", "HAS_DROPOUT")}
+        kept = [c for c in kept if shared_memory(kernel, arch, dtype, head_dim, layout_block, c.kwargs["BLOCK_M"],
+                                                 c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, **flags) <= limit]
+    # the fallback (at most 40 KiB on every target the sweep covers) launches everywhere
     return kept or [triton.Config({"BLOCK_M": min(layout_block, 32), "BLOCK_N": min(layout_block, 32)},
                                   num_warps=4, num_stages=1)]
+
+
+def _autotune(kernel, name, **reset):
+    return triton.autotune(_configs(), key=AUTOTUNE_KEY,
+                           prune_configs_by={"early_config_prune": functools.partial(_prune, kernel=name)},
+                           **reset)(kernel)
 
 
 AUTOTUNE_KEY = ["HEAD_DIM", "LAYOUT_BLOCK", "HAS_C2P", "HAS_P2C", "HAS_DROPOUT"]
@@ -299,13 +331,11 @@ def _bwd_dkdv_kernel(Q, K, V, QP, KP, REL_TABLE, KEY_VALID, T_ROW_PTR, T_COL_IDX
     tl.store(_rows(DV, base, offs_n, offs_d, HEAD_DIM), dv.to(DV.dtype.element_ty))
 
 
-_fwd_tuned = triton.autotune(_configs(), key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune})(_fwd_kernel)
+_fwd_tuned = _autotune(_fwd_kernel, "forward")
 # The backward kernels accumulate with atomics: autotuning would run them repeatedly on the same buffers, so
 # the tuner must reset what they add into before every trial.
-_dq_tuned = triton.autotune(_configs(), key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune},
-                            reset_to_zero=["DQP"])(_bwd_dq_kernel)
-_dkdv_tuned = triton.autotune(_configs(), key=AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune},
-                              reset_to_zero=["DKP"])(_bwd_dkdv_kernel)
+_dq_tuned = _autotune(_bwd_dq_kernel, "backward_dq", reset_to_zero=["DQP"])
+_dkdv_tuned = _autotune(_bwd_dkdv_kernel, "backward_dkdv", reset_to_zero=["DKP"])
 
 
 # --------------------------------------------------------------------------------------------------------------
