@@ -342,7 +342,8 @@ def test_blocked_forward_without_gradients_matches_reference_in_float64(monkeypa
 
 @pytest.mark.parametrize("name", list(BAND_CONFIGS))
 def test_blocked_matches_reference_in_float64_at_batch_1(monkeypatch, name):
-    """Batch 1 copies and accumulates whole blocks along another dimension than larger batches (_select_blocks)."""
+    """Batch 1 copies and accumulates whole blocks along another dimension than larger batches
+    (blocked_slots.select_blocks)."""
     from bigbird_ja.attention import blocked
 
     monkeypatch.setattr(blocked, "DENSE_MARGIN", 0.0)
@@ -443,11 +444,11 @@ def test_blocked_no_grad_reuses_its_workspace_across_lengths_and_inference_mode(
     """The no-gradient CPU forward takes its scratch buffers from a kept workspace: calls at growing and shrinking
     lengths, under no_grad and inference_mode in turn, each equal the reference; the buffers are kept between calls
     and release_workspace frees them; with gradients enabled nothing is taken from it."""
-    from bigbird_ja.attention import blocked
+    from bigbird_ja.attention import blocked, workspace
 
     monkeypatch.setattr(blocked, "DENSE_MARGIN", 0.0)
     monkeypatch.setenv("BIGBIRD_JA_CPU_WORKSPACE", "1")
-    blocked.release_workspace()
+    workspace.release_workspace()
     for step, length in enumerate([67, 200, 131, 40, 131]):  # grown under inference_mode, reused outside it
         tensors, args = _default_op_inputs(length, seed=step)
         context = torch.inference_mode() if step % 2 else torch.no_grad()
@@ -455,32 +456,32 @@ def test_blocked_no_grad_reuses_its_workspace_across_lengths_and_inference_mode(
             out = disentangled_attention(*tensors, *args, backend="blocked")
         ref = disentangled_attention(*tensors, *args, backend="reference")
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
-        assert blocked._WORKSPACE._local.buffers  # kept for the next call
-    blocked.release_workspace()
+        assert workspace.WORKSPACE._local.buffers  # kept for the next call
+    workspace.release_workspace()
     tensors, args = _default_op_inputs(131, seed=9)
     disentangled_attention(*tensors, *args, backend="blocked")  # gradients enabled: fresh tensors only
-    assert not getattr(blocked._WORKSPACE._local, "buffers", None)
+    assert not getattr(workspace.WORKSPACE._local, "buffers", None)
 
 
 def test_blocked_keeps_no_workspace_unless_asked(monkeypatch):
     """Off by default: a no-gradient forward keeps nothing between calls (a server's memory returns to where it was)."""
-    from bigbird_ja.attention import blocked
+    from bigbird_ja.attention import blocked, workspace
 
     monkeypatch.delenv("BIGBIRD_JA_CPU_WORKSPACE", raising=False)
     monkeypatch.setattr(blocked, "DENSE_MARGIN", 0.0)
-    blocked.release_workspace()
+    workspace.release_workspace()
     tensors, args = _default_op_inputs(131, seed=2)
     with torch.no_grad():
         out = disentangled_attention(*tensors, *args, backend="blocked")
     torch.testing.assert_close(out, disentangled_attention(*tensors, *args, backend="reference"), rtol=0, atol=1e-10)
-    assert not getattr(blocked._WORKSPACE._local, "buffers", None)
+    assert not getattr(workspace.WORKSPACE._local, "buffers", None)
 
 
 def test_blocked_no_grad_workspace_is_per_thread(monkeypatch):
     """Threads running the op at once never share a scratch buffer: each result equals the reference."""
     import threading
 
-    from bigbird_ja.attention import blocked
+    from bigbird_ja.attention import workspace
 
     monkeypatch.setenv("BIGBIRD_JA_CPU_WORKSPACE", "1")
 
@@ -502,4 +503,4 @@ def test_blocked_no_grad_workspace_is_per_thread(monkeypatch):
     for (tensors, args), out in zip(cases, results):
         torch.testing.assert_close(out, disentangled_attention(*tensors, *args, backend="reference"), rtol=0,
                                    atol=1e-10)
-    blocked.release_workspace()
+    workspace.release_workspace()

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import torch
 
-from .blocked import blocked_attention, release_workspace
+from .blocked import blocked_attention
 from .layout import BlockLayout, SparsitySpec, attention_mask, build_layout, layout_for, num_blocks_for
 from .reference import masked_softmax, reference_attention
 from .relative import RelativePositionSpec, log_bucket_position, relative_index_table
+from .workspace import release_workspace
 
 __all__ = [
     "BlockLayout", "RelativePositionSpec", "SparsitySpec", "attention_mask", "blocked_attention", "build_layout",

@@ -1,0 +1,217 @@
+"""Sparse rows of a structured layout, read in place: slots [global g | window w | random r] (eager path).
+
+Shapes: B batch, H heads, nr sparse query blocks, bs block size, K = g + w + r key-block slots, D head dim, T rows of
+k or v with hw = w // 2 zero blocks on each side (the halo).
+
+The global slots are one matmul per head, the window slots a matmul against an overlapping strided view of the
+haloed keys or values, and only the random blocks are copied. `SlotScores` (scores = terms + q.k^T) and
+`SlotContext` (probs @ v) are autograd.Functions whose backward passes are the same three products
+(`_rows_times_slots`, `_weights_times_slots`, `_weights_t_times_rows`): autograd through the strided views would
+allocate and zero a full gradient per view.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .workspace import Workspace
+
+
+def select_blocks(x: torch.Tensor, index: torch.Tensor, traced: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [B, n, bs*D] -> [B, len(index), bs*D]: whole blocks copied (into `out` if given, eager). At batch 1 (eager)
+    along dim 0 of a 2-D view, which torch copies row by row (along dim 1 it goes element by element, much slower on
+    CPU: benchmarks/README.md); traced graphs take one path for every batch size."""
+    if not traced and x.shape[0] == 1:
+        return torch.index_select(x[0], 0, index, **({} if out is None else {"out": out[0]})).unsqueeze(0)
+    return torch.index_select(x, 1, index, **({} if out is None else {"out": out}))
+
+
+def fill_masked_tiles(scores: torch.Tensor, valid: torch.Tensor) -> None:
+    """scores [B*H*nr, bs, K*bs] of sparse rows: the masked keys of every (query block, slot) tile get the lowest
+    score (exp of it minus the row's maximum is 0, as with the softmax's mask), touching only the tiles with a masked
+    key (the layout's unused slots and blocks with padding: few). valid [B, H, nr, K, bs]: whether each key of each
+    slot is attended."""
+    B, H, nr, K, bs = valid.shape
+    if scores.is_meta:  # no values to fill (the planner's run on meta), and the tiles are small
+        return
+    partial = ~valid.all(dim=-1)  # [B, H, nr, K]
+    if not bool(partial.any()):
+        return
+    fill = torch.finfo(scores.dtype).min  # in half precision its own minimum (the float32 one would be -inf)
+    b, h, n, slot = partial.nonzero(as_tuple=True)
+    tiles = scores.view(B, H, nr, bs, K, bs)
+    tiles[b, h, n, :, slot, :] = tiles[b, h, n, :, slot, :].masked_fill_(~valid[b, h, n, slot][:, None, :], fill)
+
+
+@dataclass(frozen=True)
+class SlotGeometry:
+    """Sparse rows of a structured layout (slots [global g | window w | random r], window slot s of sparse query
+    block n = halo block g + n + s), against per-head rows [B*H, T, D] of keys or values with hw zero blocks on each
+    side (the halo)."""
+
+    B: int
+    H: int
+    nr: int
+    bs: int
+    g: int
+    w: int
+    K: int
+    workspace: Workspace | None = field(default=None, compare=False)  # for the random blocks' copies (no gradient)
+
+    @property
+    def r(self) -> int:
+        return self.K - self.g - self.w
+
+    def global_rows(self, heads: torch.Tensor) -> torch.Tensor:  # [B*H, g*bs, D]
+        hw = self.w // 2
+        return heads[:, hw * self.bs:(hw + self.g) * self.bs]
+
+    def window(self, heads: torch.Tensor, bh: int) -> torch.Tensor:
+        """Batch row and head bh: [nr, w*bs, D], every window slot: an overlapping strided view, block n starting at
+        halo block g + n."""
+        bs, D = self.bs, heads.shape[-1]
+        first = heads[bh].storage_offset() + self.g * bs * D
+        return heads[bh].as_strided((self.nr, self.w * bs, D), (bs * D, D, 1), first)
+
+    def window_slot(self, heads: torch.Tensor, slot: int) -> torch.Tensor:
+        """Every batch row and head (heads contiguous): [B*H, nr, bs, D], block n of head bh at halo block g + n +
+        slot (a view without overlap)."""
+        BH, T, D = heads.shape
+        bs = self.bs
+        return heads.as_strided((BH, self.nr, bs, D), (T * D, bs * D, D, 1),
+                                heads.storage_offset() + (self.g + slot) * bs * D)
+
+    def columns(self, x: torch.Tensor, kind: str, bh: int | None = None) -> torch.Tensor:
+        """The columns of one slot kind of x [B*H*nr, bs, K*bs] (of batch row and head bh only, if given)."""
+        bs, g, w = self.bs, self.g, self.w
+        start, stop = {"global": (0, g), "window": (g, g + w), "random": (g + w, self.K)}[kind]
+        if bh is not None:
+            x = x[bh * self.nr:(bh + 1) * self.nr]
+        return x[..., start * bs:stop * bs]
+
+    def select_random(self, heads: torch.Tensor, rows: torch.Tensor, role: str) -> torch.Tensor:
+        """The random blocks, copied: [B*H*nr, r*bs, D] (role: the workspace buffer, if there is a workspace)."""
+        BH, _, D = heads.shape
+        out = None
+        if self.workspace is not None:
+            out = self.workspace.empty(role, (self.B, rows.numel(), self.bs * D), heads)
+        return select_blocks(heads.view(self.B, -1, self.bs * D), rows, False, out).view(
+            BH * self.nr, self.r * self.bs, D)
+
+    def add_random(self, heads: torch.Tensor, rows: torch.Tensor, blocks: torch.Tensor) -> None:
+        """heads[random block rows] += blocks ([B*H*nr, r*bs, D]; a block listed twice gets both); the inverse of
+        select_random, on the same dims."""
+        D = heads.shape[-1]
+        flat = heads.view(self.B, -1, self.bs * D)
+        blocks = blocks.reshape(self.B, -1, self.bs * D)
+        if self.B == 1:
+            flat[0].index_add_(0, rows, blocks[0])
+        else:
+            flat.index_add_(1, rows, blocks)
+
+
+# The three products of sparse rows with slot blocks (each slot kind read where it lies, only the random blocks
+# copied). Forward and backward of scores = q.k^T and of context = probs @ v are all one of these.
+
+
+def _rows_times_slots(x: torch.Tensor, heads: torch.Tensor, random: torch.Tensor | None, out: torch.Tensor,
+                      geo: SlotGeometry, beta: float) -> torch.Tensor:
+    """out [B*H*nr, bs, K*bs] = beta * out + x [B*H*nr, bs, D] . (slot rows)^T (beta 0: out's contents ignored)."""
+    BH, nr, bs = geo.B * geo.H, geo.nr, geo.bs
+    if geo.g:
+        geo.columns(out.view(BH, nr * bs, -1), "global").baddbmm_(
+            x.reshape(BH, nr * bs, -1), geo.global_rows(heads).transpose(1, 2), beta=beta)
+    for bh in range(BH):
+        geo.columns(out, "window", bh).baddbmm_(x[bh * nr:(bh + 1) * nr], geo.window(heads, bh).transpose(1, 2),
+                                                beta=beta)
+    if geo.r:
+        geo.columns(out, "random").baddbmm_(x, random.transpose(1, 2), beta=beta)
+    return out
+
+
+def _weights_times_slots(p: torch.Tensor, heads: torch.Tensor, random: torch.Tensor | None,
+                         geo: SlotGeometry) -> torch.Tensor:
+    """p [B*H*nr, bs, K*bs] @ (slot rows) -> [B*H*nr, bs, D]."""
+    BH, nr, bs = geo.B * geo.H, geo.nr, geo.bs
+    out = p.new_empty(BH * nr, bs, heads.shape[-1])
+    beta = 0.0  # the first product overwrites
+    if geo.g:
+        out.view(BH, nr * bs, -1).baddbmm_(geo.columns(p.view(BH, nr * bs, -1), "global"),
+                                           geo.global_rows(heads), beta=beta)
+        beta = 1.0
+    for bh in range(BH):
+        out[bh * nr:(bh + 1) * nr].baddbmm_(geo.columns(p, "window", bh), geo.window(heads, bh), beta=beta)
+    if geo.r:
+        out.baddbmm_(geo.columns(p, "random"), random)
+    return out
+
+
+def _weights_t_times_rows(p: torch.Tensor, x: torch.Tensor, heads: torch.Tensor, random_rows: torch.Tensor,
+                          geo: SlotGeometry) -> torch.Tensor:
+    """The gradient of the slot rows [B*H, T, D] (shaped as `heads`): p^T . x (p [B*H*nr, bs, K*bs], x [B*H*nr, bs,
+    D]) added where each slot's block lies, the random slots' share where the copied blocks came from."""
+    BH, nr, bs = geo.B * geo.H, geo.nr, geo.bs
+    grad_heads = torch.zeros_like(heads)
+    if geo.g:
+        geo.global_rows(grad_heads).baddbmm_(
+            geo.columns(p.view(BH, nr * bs, -1), "global").transpose(1, 2), x.reshape(BH, nr * bs, -1))
+    # the window: one product for every head and block, then each slot's share added where its blocks lie (one
+    # slot at a time: its blocks are distinct, so the view does not overlap itself)
+    window = torch.bmm(geo.columns(p, "window").transpose(1, 2), x).view(BH, nr, geo.w, bs, -1)
+    for slot in range(geo.w):
+        geo.window_slot(grad_heads, slot).add_(window[:, :, slot])
+    if geo.r:
+        geo.add_random(grad_heads, random_rows, torch.bmm(geo.columns(p, "random").transpose(1, 2), x))
+    return grad_heads
+
+
+class SlotScores(torch.autograd.Function):
+    """scores [B*H*nr, bs, K*bs] = terms + q . k^T for the sparse rows of a structured layout, written into the
+    relative terms' buffer when there is one (else a new one), with the masked keys filled in (`fill_masked_tiles`:
+    their gradient is the softmax's, zero). q [B*H*nr, bs, D]; k [B*H, T, D] with its halo; random_rows: the random
+    blocks' rows of k viewed as [B, H*T/bs, bs*D]; valid [B, H, nr, K, bs]: the attended keys."""
+
+    @staticmethod
+    def forward(ctx, q, k, terms, random_rows, valid, geo: SlotGeometry):
+        random = geo.select_random(k, random_rows, "random keys") if geo.r else None
+        out = q.new_empty(q.shape[0], geo.bs, geo.K * geo.bs) if terms is None else terms
+        _rows_times_slots(q, k, random, out, geo, beta=0.0 if terms is None else 1.0)
+        fill_masked_tiles(out, valid)
+        if terms is not None:
+            ctx.mark_dirty(terms)
+        ctx.geo = geo
+        ctx.save_for_backward(q, k, random, random_rows)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, random, random_rows = ctx.saved_tensors
+        geo = ctx.geo
+        grad_q = _weights_times_slots(grad, k, random, geo) if ctx.needs_input_grad[0] else None
+        grad_k = _weights_t_times_rows(grad, q, k, random_rows, geo) if ctx.needs_input_grad[1] else None
+        return grad_q, grad_k, grad if ctx.needs_input_grad[2] else None, None, None, None
+
+
+class SlotContext(torch.autograd.Function):
+    """context [B*H*nr, bs, D] = probs @ v for the sparse rows of a structured layout. probs [B*H*nr, bs, K*bs];
+    v [B*H, T, D] with its (zero) halo; random_rows as for SlotScores."""
+
+    @staticmethod
+    def forward(ctx, probs, v, random_rows, geo: SlotGeometry):
+        random = geo.select_random(v, random_rows, "random values") if geo.r else None
+        ctx.geo = geo
+        ctx.save_for_backward(probs, v, random, random_rows)
+        return _weights_times_slots(probs, v, random, geo)
+
+    @staticmethod
+    def backward(ctx, grad):
+        probs, v, random, random_rows = ctx.saved_tensors
+        geo = ctx.geo
+        grad_probs = grad_v = None
+        if ctx.needs_input_grad[0]:
+            grad_probs = _rows_times_slots(grad, v, random, probs.new_empty(probs.shape), geo, beta=0.0)
+        if ctx.needs_input_grad[1]:
+            grad_v = _weights_t_times_rows(probs, grad, v, random_rows, geo)
+        return grad_probs, grad_v, None, None
