@@ -188,7 +188,7 @@ def test_backward_regenerates_the_mask_and_saves_only_the_positions():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         out = hashed_dropout(probs, query_pos, key_pos, drop)
     assert [(t.dtype, tuple(t.shape)) for t in saved] == [(torch.int64, tuple(query_pos.shape)),
-                                                          (torch.int64, tuple(key_pos.shape))]
+                                                          (torch.int64, tuple(key_pos.shape)), (torch.int64, ())]
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
     out.backward(grad)
     keep = out != 0
@@ -216,16 +216,17 @@ def test_op_is_registered_and_compiles_without_graph_breaks():
     for seed in (5, 6, 2 ** 50 + 7):
         d = AttentionDropout(0.5, seed)
         torch.testing.assert_close(seeded(probs, d), hashed_dropout(probs, query_pos, key_pos, d), rtol=0, atol=0)
-    # the seed drawn inside the graph (capture_scalar_outputs: the draw's .item() traced): the eager draw's mask
-    with torch._dynamo.config.patch(capture_scalar_outputs=True):
-        drawn = torch.compile(lambda x: hashed_dropout(x, query_pos, key_pos, AttentionDropout.draw(0.5, True)),
-                              fullgraph=True, backend="aot_eager")
-        torch.manual_seed(0)
-        inside = drawn(probs)
+    # the seed drawn inside the graph (a tensor there, no .item(): fullgraph holds without capture_scalar_outputs):
+    # the eager draw's mask
+    drawn = torch.compile(lambda x: hashed_dropout(x, query_pos, key_pos, AttentionDropout.draw(0.5, True)),
+                          fullgraph=True, backend="aot_eager")
+    torch.manual_seed(0)
+    inside = drawn(probs)
     torch.manual_seed(0)
     torch.testing.assert_close(inside, hashed_dropout(probs, query_pos, key_pos, AttentionDropout.draw(0.5, True)),
                                rtol=0, atol=0)
-    torch.library.opcheck(torch.ops.bigbird_ja.hashed_dropout.default, (probs, query_pos, key_pos, 0.1, 1234))
+    torch.library.opcheck(torch.ops.bigbird_ja.hashed_dropout.default,
+                          (probs, query_pos, key_pos, 0.1, torch.tensor(1234)))
 
 
 def test_op_runs_on_meta_tensors_forward_and_backward():

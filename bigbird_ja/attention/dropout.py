@@ -52,7 +52,7 @@ class AttentionDropout:
     and steps get different masks)."""
 
     p: float  # 0 < p < 1
-    seed: int  # 0 <= seed < 2**62
+    seed: int | torch.Tensor  # 0 <= seed < 2**62; a 0-d int64 CPU tensor when drawn inside torch.compile
 
     def __post_init__(self):
         if not 0.0 < self.p < 1.0:
@@ -70,7 +70,15 @@ class AttentionDropout:
         torch.manual_seed reproduces it and activation checkpointing (which restores the CPU RNG state) replays it."""
         if not training or p == 0.0:
             return None
-        return AttentionDropout(float(p), int(torch.randint(0, SEED_LIMIT, (), dtype=torch.int64)))
+        seed = torch.randint(0, SEED_LIMIT, (), dtype=torch.int64)
+        # compiled: the seed stays a tensor (a graph input of the op), as an int its .item() would break the graph
+        return AttentionDropout(float(p), seed if torch.compiler.is_compiling() else int(seed))
+
+    def seed_tensor(self) -> torch.Tensor:
+        """The seed as the op takes it: a 0-d int64 CPU tensor (read inside the op, never in the traced graph)."""
+        if isinstance(self.seed, torch.Tensor):
+            return self.seed
+        return torch.tensor(self.seed, dtype=torch.int64)
 
     @property
     def threshold(self) -> int:
@@ -246,24 +254,25 @@ def _register_op():
 
     @torch.library.custom_op("bigbird_ja::hashed_dropout", mutates_args=())
     def hashed_dropout_op(probs: torch.Tensor, query_pos: torch.Tensor, key_pos: torch.Tensor, p: float,
-                          seed: int) -> torch.Tensor:
-        """Contiguous probs * keep * 1 / (1 - p); see bigbird_ja/attention/dropout.py for keep."""
+                          seed: torch.Tensor) -> torch.Tensor:
+        """Contiguous probs * keep * 1 / (1 - p); see bigbird_ja/attention/dropout.py for keep. seed: 0-d int64
+        on the CPU (a tensor, so torch.compile passes a seed drawn in the graph without a graph break)."""
         if native_supports(probs):
-            return NATIVE(probs, query_pos, key_pos, p, seed)
-        return dropout_reference(probs, query_pos, key_pos, p, seed)
+            return NATIVE(probs, query_pos, key_pos, p, int(seed))
+        return dropout_reference(probs, query_pos, key_pos, p, int(seed))
 
     @hashed_dropout_op.register_fake
     def _(probs, query_pos, key_pos, p, seed):
         return probs.new_empty(probs.shape)
 
     def setup_context(ctx, inputs, output):
-        _, query_pos, key_pos, ctx.p, ctx.seed = inputs
-        ctx.save_for_backward(query_pos, key_pos)  # inputs: kept alive, not copied
+        _, query_pos, key_pos, ctx.p, seed = inputs
+        ctx.save_for_backward(query_pos, key_pos, seed)  # inputs: kept alive, not copied
 
     def backward(ctx, grad):
-        query_pos, key_pos = ctx.saved_tensors
+        query_pos, key_pos, seed = ctx.saved_tensors
         # linear in probs: the gradient goes through the same mask and scale, regenerated
-        return torch.ops.bigbird_ja.hashed_dropout(grad, query_pos, key_pos, ctx.p, ctx.seed), None, None, None, None
+        return torch.ops.bigbird_ja.hashed_dropout(grad, query_pos, key_pos, ctx.p, seed), None, None, None, None
 
     hashed_dropout_op.register_autograd(backward, setup_context=setup_context)
     return torch.ops.bigbird_ja.hashed_dropout.default
@@ -280,11 +289,11 @@ def hashed_dropout(probs: torch.Tensor, query_pos: torch.Tensor, key_pos: torch.
     query_pos[g,r], key_pos[h|0,g,c]). Differentiable: grad_in = grad_out * keep / (1 - p), keep regenerated.
     Nothing but the seed is saved (and the two position tensors, which the caller holds anyway)."""
     _check(probs, query_pos, key_pos)
-    return DROPOUT_OP(probs, query_pos, key_pos, drop.p, drop.seed)
+    return DROPOUT_OP(probs, query_pos, key_pos, drop.p, drop.seed_tensor())
 
 
 def keep_mask(drop: AttentionDropout, batch: int, heads: int, n: int) -> torch.Tensor:
     """[B, H, n, n] bool: the keep mask over every (query, key) pair of n tokens. Dense: for tests."""
     planes = torch.arange(batch * heads).view(batch, heads, 1, 1)
     positions = torch.arange(n)
-    return keep_bits(drop.seed, drop.threshold, planes, positions[:, None], positions)
+    return keep_bits(int(drop.seed), drop.threshold, planes, positions[:, None], positions)
