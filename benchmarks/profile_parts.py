@@ -1,7 +1,9 @@
 """Where does bigbird-ja's CPU time go? Self time of every op, summed by part of the model.
 
-Setup: the same two base layers as bench_cpu.py (bench_memory.build_model), batch 1, float32; one forward (no_grad)
-or one forward+backward of mean(last_hidden_state ** 2), after two warm-up runs, under torch.profiler. Ops are put
+Setup: the same two base layers as bench_cpu.py (bench_memory.build_model), batch 1, float32; one forward (no_grad,
+`fwd`), one forward+backward of mean(last_hidden_state ** 2) in eval mode (`train`: no dropout) or in train mode with
+the default dropout, 0.1 hidden and 0.1 attention (`step`: the training step users run), after two warm-up runs,
+under torch.profiler. Ops are put
 in parts by name (and, for bmm, by whether a dimension is the 2S = 512 relative buckets):
 
     projections + FFN              addmm, mm, gelu (and its backward)
@@ -11,6 +13,8 @@ in parts by name (and, for bmm, by whether a dimension is the 2S = 512 relative 
     scores and context matmuls     the other bmm, baddbmm_, addmm_
     key/value block copies         index_select, index_add_
     softmax + masks                softmax and its backward, masked_fill_, where, index_put_
+    dropout                        torch's dropout ops and every op under them (bernoulli_, native_dropout and its
+                                   backward, the mask's mul) and the hashed attention dropout (bigbird_ja::hashed_dropout)
     other                          everything else (layer norms, copies, views, autograd bookkeeping)
 
 Run (from the repository root; PYTHONPATH=<another checkout> profiles that version with this script):
@@ -29,10 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_memory import build_model, make_inputs  # noqa: E402
 
 PARTS = ("projections + FFN", "relative products", "relative reads, indices, sums", "scores and context matmuls",
-         "key/value block copies", "softmax + masks", "other")
+         "key/value block copies", "softmax + masks", "dropout", "other")
+DROPOUT_OPS = ("aten::bernoulli_", "aten::native_dropout", "aten::native_dropout_backward", "aten::dropout")
 
 
-def part_of(name: str, shapes) -> str:
+def part_of(name: str, shapes, stack: tuple = ()) -> str:
+    if name.startswith("bigbird_ja::hashed_dropout") or name in DROPOUT_OPS or "dropout" in "".join(stack):
+        return "dropout"
     if name in ("aten::addmm", "aten::mm", "aten::gelu", "aten::gelu_backward"):
         return "projections + FFN"
     if name == "aten::bmm" and any(512 in shape for shape in shapes if shape):
@@ -54,7 +61,7 @@ def part_of(name: str, shapes) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("length", type=int)
-    p.add_argument("mode", choices=["fwd", "train"])
+    p.add_argument("mode", choices=["fwd", "train", "step"])
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     import torch
@@ -64,6 +71,8 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     model, inputs = build_model("blocked", args.length, layers=2), make_inputs(args.length)
+    if args.mode == "step":
+        model.train()
 
     def once():
         if args.mode == "fwd":
@@ -78,8 +87,21 @@ def main(argv=None) -> int:
     with profile(record_shapes=True) as prof:
         once()
     parts = collections.Counter()
-    for event in prof.key_averages(group_by_input_shape=True):
-        parts[part_of(event.key, event.input_shapes)] += max(event.self_cpu_time_total, 0) / 1e3
+    # an op under a dropout op (the mask's mul, the Bernoulli draw's fill) counts as dropout: attributed by ancestry
+    parent = {}
+    for event in prof.events():
+        for child in event.cpu_children:
+            parent[id(child)] = event
+
+    def ancestors(event):
+        names = []
+        while id(event) in parent:
+            event = parent[id(event)]
+            names.append(event.name)
+        return tuple(names)
+
+    for event in prof.events():
+        parts[part_of(event.name, event.input_shapes, ancestors(event))] += max(event.self_cpu_time_total, 0) / 1e3
     print(f"# {bigbird_ja.__file__}: n={args.length} {args.mode}, 2 base layers, {args.threads} thread(s), ms")
     print("| part | ms |\n|---|---:|")
     for name in PARTS:
