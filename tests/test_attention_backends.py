@@ -317,6 +317,25 @@ def test_blocked_traced_form_matches_reference_in_float64(monkeypatch, name):
         _assert_blocked_matches_reference(config, layer, 37)
 
 
+@pytest.mark.parametrize("terms", [(False, False), (True, False), (False, True)])
+def test_blocked_traced_form_without_one_or_both_relative_terms_matches_reference(monkeypatch, terms):
+    """The traced form masks by the terms when there are any, in the softmax when there are none: both against the
+    reference in float64, output and gradients, random padding and a fully padded row."""
+    from bigbird_ja.attention import blocked
+
+    monkeypatch.setattr(blocked.torch.compiler, "is_compiling", lambda: True)
+    config = tiny_config(max_position_embeddings=131)
+    inputs = make_inputs(config, 3, 131, seed=7)
+    ref_out, ref_grads = run("reference", config, 0, inputs, *terms)
+    out, grads = run("blocked", config, 0, inputs, *terms)
+    print(f"terms {terms}: max |blocked - reference| = {(out - ref_out).abs().max().item():.2e}")
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-10)
+    for g, ref_g in zip(grads, ref_grads):
+        assert (g is None) == (ref_g is None)
+        if g is not None:
+            torch.testing.assert_close(g, ref_g, rtol=0, atol=1e-10)
+
+
 @pytest.mark.parametrize("length", [5, 37, 64, 131])
 @pytest.mark.parametrize("sparsity", [dict(), dict(num_window_blocks=1, num_global_blocks=0, num_random_blocks=3),
                                       dict(num_window_blocks=5, num_global_blocks=2, num_random_blocks=1),

@@ -14,8 +14,9 @@ hw = w // 2, T = Np + 2 * hw * bs rows of k with its zero halo.
 Two paths take these steps, fixed once per call (`_Path`):
   eager   structured layouts read the global and window slots where they lie (`blocked_slots`), the terms' buffer
           takes the scores in place, and a mask is skipped where the values show it masks nothing (CPU).
-  traced  export, ONNX, torch.compile: plain ops that autograd differentiates, every listed block copied, branches
-          on shapes only (a symbolic number of blocks always takes sparse rows).
+  traced  export, ONNX, torch.compile: plain ops that autograd differentiates, every listed block copied (indexed
+          into the matmul shapes, the mask added to the terms), branches on shapes only (a symbolic number of blocks
+          always takes sparse rows).
 Dropout: one `AttentionDropout` per call; every probability is kept or dropped by a hash of (seed, b*H + h, query
 token, key token) (`dropout.hashed_dropout`), so dense and sparse rows apply one [B, H, N, N] mask, the backward
 regenerates it, and activation checkpointing (which restores the RNG) replays it.
@@ -216,14 +217,34 @@ def _sparse_rows(q, k_halo, v, terms, key_valid, layout: BlockLayout, drop, path
         v_halo = F.pad(v, (0, 0, hw * bs, hw * bs))
         out = SlotContext.apply(probs.to(v.dtype).view(B * H * nr, bs, K * bs), v_halo.reshape(B * H, -1, D),
                                 k_rows, geometry).view(B, H, nr, bs, D)
-    else:
+    elif path.traced:
+        # Every tensor made directly in its matmul shape [B*H*nr, ...]: k and v blocks indexed straight into it, the
+        # mask added once to the terms (a matmul input). Reshaping [B, H, nr, ...] there would merge the symbolic nr,
+        # which costs inductor a copy with index arithmetic per element, and a mask inside the softmax is recomputed
+        # in each of its passes (benchmarks/README.md, compile section). The indices [B*H*nr, 1 | 1 | K*bs] are
+        # broadcast by adding zeros: export guards on reshaping an expanded view, ONNX refuses // and % by a size.
+        zeros = torch.zeros(B, H, nr, 1, dtype=torch.long, device=dev)
+        batch = (torch.arange(B, device=dev).view(B, 1, 1, 1) + zeros).view(B * H * nr, 1)
+        head = (heads.view(1, H, 1, 1) + zeros).view(B * H * nr, 1)
+        token = ((key_blocks[..., None] * bs + torch.arange(bs, device=dev)).view(1, H, nr, K * bs) + zeros).view(
+            B * H * nr, K * bs)
+        flat_mask = mask.view(B * H * nr, 1, K * bs)
+        if terms is not None:  # the lowest score added: exp(lowest - max) is 0, as with the reference's fill
+            fill = torch.finfo(terms.dtype).min
+            terms = terms + torch.zeros((), dtype=terms.dtype, device=dev).masked_fill(~flat_mask, fill)
+        scores = _scores(terms, q_s, k_halo[batch, head, token + hw * bs], True)  # keys [B*H*nr, K*bs, D]
+        probs = _softmax(scores, None if terms is not None else flat_mask)
+        if drop is not None:
+            probs = _sparse_dropout(probs.view(B, H, nr, bs, K * bs), drop, key_blocks, g).view(B * H * nr, bs, -1)
+        out = (probs.to(v.dtype) @ v[batch, head, token]).view(B, H, nr, bs, D)
+    else:  # eager, a layout without the slot order (num_window_blocks 0): every listed block copied
         rows = (heads * (nb + 2 * hw) + key_blocks + hw).view(-1)
-        k_slots = select_blocks(k_halo.reshape(B, H * (nb + 2 * hw), bs * D), rows, path.traced).view(
+        k_slots = select_blocks(k_halo.reshape(B, H * (nb + 2 * hw), bs * D), rows, False).view(
             B * H * nr, K * bs, D)
-        scores = _scores(terms, q_s, k_slots, path.traced).view(B, H, nr, bs, K * bs)
+        scores = _scores(terms, q_s, k_slots, False).view(B, H, nr, bs, K * bs)
         del k_slots
         probs = _sparse_dropout(_softmax(scores, mask), drop, key_blocks, g)
-        v_slots = select_blocks(v.reshape(B, H * nb, bs * D), (heads * nb + key_blocks).view(-1), path.traced).view(
+        v_slots = select_blocks(v.reshape(B, H * nb, bs * D), (heads * nb + key_blocks).view(-1), False).view(
             B, H, nr, K * bs, D)
         out = probs.to(v.dtype) @ v_slots
     attends = mask.any(dim=-1, keepdim=True)  # [B, H, nr, bs, 1]: rows with something to attend to

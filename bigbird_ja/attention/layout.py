@@ -103,7 +103,9 @@ def num_blocks_for(seq_len, block_size: int):
     """Blocks of a `seq_len`-token sequence (at least one); `seq_len` may be a symbolic size under export."""
     if isinstance(seq_len, torch.SymInt):  # the model takes no empty sequence; no max() keeps the formula simple
         return (seq_len + block_size - 1) // block_size
-    return max(1, -(-seq_len // block_size))
+    # not max(1, ...): dynamo hands a symbolic length over as an int, and a Max() in every size of the graph
+    # leaves inductor's index arithmetic unsimplified (slow gathers and copies)
+    return (seq_len + block_size - 1) // block_size if seq_len >= 1 else 1
 
 
 # The random draw is a counter-based hash of (seed, layer, head, query block, key block) written in integer tensor
@@ -190,8 +192,8 @@ def _build_layout(spec: SparsitySpec, layer_idx: int, num_blocks) -> BlockLayout
         g = nb
     elif isinstance(nb, torch.SymInt):
         g = spec.num_global_blocks  # nb > g was checked above
-    else:
-        g = min(spec.num_global_blocks, nb)
+    else:  # a branch, not min(): under torch.compile nb may be symbolic here too, and g then stays a constant
+        g = spec.num_global_blocks if nb > spec.num_global_blocks else nb
     nr = nb - g
     half = spec.num_window_blocks // 2
     w, r = spec.num_window_blocks, spec.num_random_blocks
