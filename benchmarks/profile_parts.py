@@ -13,8 +13,11 @@ in parts by name (and, for bmm, by whether a dimension is the 2S = 512 relative 
     scores and context matmuls     the other bmm, baddbmm_, addmm_
     key/value block copies         index_select, index_add_
     softmax + masks                softmax and its backward, masked_fill_, where, index_put_
-    dropout                        torch's dropout ops and every op under them (bernoulli_, native_dropout and its
-                                   backward, the mask's mul) and the hashed attention dropout (bigbird_ja::hashed_dropout)
+    attention dropout              on the attention probabilities: torch's dropout ops and every op under them
+                                   (bernoulli_, native_dropout and its backward, the mask's mul), or the hashed
+                                   dropout (bigbird_ja::hashed_dropout)
+    hidden dropout                 the same ops on [.., hidden]-shaped activations (after embeddings, attention
+                                   output and FFN: transformers' usual dropout, the same in every model)
     other                          everything else (layer norms, copies, views, autograd bookkeeping)
 
 Run (from the repository root; PYTHONPATH=<another checkout> profiles that version with this script):
@@ -30,16 +33,18 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_memory import build_model, make_inputs  # noqa: E402
+from bench_memory import HIDDEN, build_model, make_inputs  # noqa: E402
 
 PARTS = ("projections + FFN", "relative products", "relative reads, indices, sums", "scores and context matmuls",
-         "key/value block copies", "softmax + masks", "dropout", "other")
+         "key/value block copies", "softmax + masks", "attention dropout", "hidden dropout", "other")
 DROPOUT_OPS = ("aten::bernoulli_", "aten::native_dropout", "aten::native_dropout_backward", "aten::dropout")
 
 
-def part_of(name: str, shapes, stack: tuple = ()) -> str:
-    if name.startswith("bigbird_ja::hashed_dropout") or name in DROPOUT_OPS or "dropout" in "".join(stack):
-        return "dropout"
+def part_of(name: str, shapes, dropout_shapes=None) -> str:
+    """dropout_shapes: the input shapes of the dropout op this op runs in (itself or an ancestor), None outside."""
+    if dropout_shapes is not None:
+        first = dropout_shapes[0] if dropout_shapes else []
+        return "hidden dropout" if first and first[-1] == HIDDEN else "attention dropout"
     if name in ("aten::addmm", "aten::mm", "aten::gelu", "aten::gelu_backward"):
         return "projections + FFN"
     if name == "aten::bmm" and any(512 in shape for shape in shapes if shape):
@@ -93,15 +98,17 @@ def main(argv=None) -> int:
         for child in event.cpu_children:
             parent[id(child)] = event
 
-    def ancestors(event):
-        names = []
-        while id(event) in parent:
+    def dropout_shapes(event):  # the outermost dropout op at or above event: its input shapes (None: no dropout)
+        found = None
+        while True:
+            if event.name.startswith("bigbird_ja::hashed_dropout") or event.name in DROPOUT_OPS:
+                found = event.input_shapes or []
+            if id(event) not in parent:
+                return found
             event = parent[id(event)]
-            names.append(event.name)
-        return tuple(names)
 
     for event in prof.events():
-        parts[part_of(event.name, event.input_shapes, ancestors(event))] += max(event.self_cpu_time_total, 0) / 1e3
+        parts[part_of(event.name, event.input_shapes, dropout_shapes(event))] += max(event.self_cpu_time_total, 0) / 1e3
     print(f"# {bigbird_ja.__file__}: n={args.length} {args.mode}, 2 base layers, {args.threads} thread(s), ms")
     print("| part | ms |\n|---|---:|")
     for name in PARTS:
