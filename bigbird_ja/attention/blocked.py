@@ -16,7 +16,9 @@ Two paths take these steps, fixed once per call (`_Path`):
           takes the scores in place, and a mask is skipped where the values show it masks nothing (CPU).
   traced  export, ONNX, torch.compile: plain ops that autograd differentiates, every listed block copied (indexed
           into the matmul shapes, the mask added to the terms), branches on shapes only (a symbolic number of blocks
-          always takes sparse rows).
+          always takes sparse rows). torch.compile without a gradient or dropout (inference) runs the eager sparse
+          rows as one opaque op instead (`blocked_slots.slot_rows`): inductor's copies of every listed block cost
+          more than it saves elsewhere (benchmarks/README.md, compile section).
 Dropout: one `AttentionDropout` per call; every probability is kept or dropped by a hash of (seed, b*H + h, query
 token, key token) (`dropout.hashed_dropout`), so dense and sparse rows apply one [B, H, N, N] mask, the backward
 regenerates it, and activation checkpointing (which restores the RNG) replays it.
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .blocked_slots import SlotContext, SlotGeometry, SlotScores, select_blocks
+from .blocked_slots import SlotContext, SlotGeometry, SlotScores, select_blocks, slot_rows
 from .blocked_terms import read_relative_terms
 from .cpu_kernels import relative_terms as relative_terms_kernel
 from .cpu_kernels import supports as kernel_supports
@@ -59,17 +61,25 @@ class _Path:
     dense: bool  # every query block against every key block
     window: int  # window slots whose terms are read as bands, and eagerly whose keys are read in place (0: none)
     workspace: Workspace | None  # scratch buffers kept between calls (no-gradient eager CPU, opt-in)
+    needs_grad: bool  # a gradient flows to some input
 
     @classmethod
-    def choose(cls, q: torch.Tensor, layout: BlockLayout) -> "_Path":
+    def choose(cls, q: torch.Tensor, layout: BlockLayout, *inputs: torch.Tensor | None) -> "_Path":
         nb, g = layout.num_blocks, layout.num_global_blocks
         traced = isinstance(nb, torch.SymInt) or torch.compiler.is_compiling()
         dense = nb == g or _dense_is_cheaper(nb, g, layout.key_blocks.shape[-1])
-        return cls(traced, dense, 0 if dense else layout.num_window_blocks, workspace_for(q, traced))
+        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, *inputs))
+        return cls(traced, dense, 0 if dense else layout.num_window_blocks, workspace_for(q, traced), needs_grad)
 
     @property
     def slots_in_place(self) -> bool:
         return self.window > 0 and not self.traced
+
+    @property
+    def slots_op(self) -> bool:
+        """Traced inference outside export (torch.compile): the in-place slot reads as one opaque op (`slot_rows`);
+        export and ONNX keep plain ops."""
+        return self.window > 0 and self.traced and not self.needs_grad and not torch.compiler.is_exporting()
 
 
 def blocked_attention(
@@ -87,7 +97,7 @@ def blocked_attention(
 ) -> torch.Tensor:
     """reference_attention's function on `layout`'s blocks: the same steps, on the listed blocks only."""
     N = q.shape[2]
-    path = _Path.choose(q, layout)
+    path = _Path.choose(q, layout, k, v, pos_key, pos_query)
     drop = AttentionDropout.draw(dropout_p, training)  # one seed for every row of this call
     # 1. whole blocks
     q, k, v, k_halo, key_valid = _pad(q, k, v, key_padding_mask, scale, layout.block_size * layout.num_blocks,
@@ -217,6 +227,13 @@ def _sparse_rows(q, k_halo, v, terms, key_valid, layout: BlockLayout, drop, path
         v_halo = F.pad(v, (0, 0, hw * bs, hw * bs))
         out = SlotContext.apply(probs.to(v.dtype).view(B * H * nr, bs, K * bs), v_halo.reshape(B * H, -1, D),
                                 k_rows, geometry).view(B, H, nr, bs, D)
+    elif path.slots_op and drop is None:
+        # traced inference (torch.compile): the eager steps above as one opaque op, no block copied but the random
+        geometry = SlotGeometry(B, H, nr, bs, g, path.window, K)
+        k_rows = (heads * (nb + 2 * hw) + key_blocks[..., g + path.window:] + hw).view(-1)
+        v_halo = F.pad(v, (0, 0, hw * bs, hw * bs))
+        out = slot_rows(q_s, k_halo.reshape(B * H, -1, D), v_halo.reshape(B * H, -1, D), terms, k_rows,
+                        valid, geometry).view(B, H, nr, bs, D)
     elif path.traced:
         # Every tensor made directly in its matmul shape [B*H*nr, ...]: k and v blocks indexed straight into it, the
         # mask added once to the terms (a matmul input). Reshaping [B, H, nr, ...] there would merge the symbolic nr,

@@ -215,3 +215,50 @@ class SlotContext(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_v = _weights_t_times_rows(probs, grad, v, random_rows, geo)
         return grad_probs, grad_v, None, None
+
+
+def _slot_rows(q_s: torch.Tensor, k_heads: torch.Tensor, v_heads: torch.Tensor, terms: torch.Tensor | None,
+               random_rows: torch.Tensor, valid: torch.Tensor, geo: SlotGeometry) -> torch.Tensor:
+    """The sparse rows' context [B*H*nr, bs, D] without a gradient and without dropout: scores written into
+    `terms` (or a new buffer), the softmax in place, then probs @ v; each slot read where it lies (the eager path's
+    steps, for the traced graph's `slot_rows` op)."""
+    B, H, nr, bs = geo.B, geo.H, geo.nr, geo.bs
+    with torch.no_grad():
+        scores = SlotScores.apply(q_s, k_heads, terms, random_rows, valid, geo)
+        compute_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
+        probs = torch.softmax(scores.to(compute_dtype), dim=-1, out=scores) if scores.dtype == compute_dtype \
+            else torch.softmax(scores.to(compute_dtype), dim=-1)
+        return SlotContext.apply(probs.to(v_heads.dtype), v_heads, random_rows, geo)
+
+
+def _register_slot_rows_op():
+    """torch.ops.bigbird_ja.slot_rows: `_slot_rows` as one opaque op, so that torch.compile (inductor) runs the eager
+    path's in-place slot products for inference instead of tracing copies of every listed block. No autograd: the
+    traced graph takes it only when no gradient is needed and there is no dropout. `terms` is consumed (written
+    into): the graph's own buffer, which inductor hands over without a copy."""
+    if hasattr(torch.ops.bigbird_ja, "slot_rows"):
+        return torch.ops.bigbird_ja.slot_rows.default
+
+    @torch.library.custom_op("bigbird_ja::slot_rows", mutates_args=("terms",))
+    def slot_rows_op(q_s: torch.Tensor, k_heads: torch.Tensor, v_heads: torch.Tensor, terms: torch.Tensor | None,
+                     random_rows: torch.Tensor, valid: torch.Tensor, batch: int, heads: int, query_blocks: int,
+                     block_size: int, global_slots: int, window_slots: int, slots: int) -> torch.Tensor:
+        geo = SlotGeometry(batch, heads, query_blocks, block_size, global_slots, window_slots, slots)
+        return _slot_rows(q_s, k_heads, v_heads, terms, random_rows, valid, geo)
+
+    @slot_rows_op.register_fake
+    def _(q_s, k_heads, v_heads, terms, random_rows, valid, batch, heads, query_blocks, block_size, global_slots,
+          window_slots, slots):
+        return q_s.new_empty(q_s.shape[0], block_size, v_heads.shape[-1])
+
+    return torch.ops.bigbird_ja.slot_rows.default
+
+
+SLOT_ROWS_OP = _register_slot_rows_op()
+
+
+def slot_rows(q_s, k_heads, v_heads, terms, random_rows, valid, geo: SlotGeometry) -> torch.Tensor:
+    """The sparse rows' context [B*H*nr, bs, D] for inference (no gradient, no dropout): one op in a traced graph.
+    terms [B*H*nr, bs, K*bs] or None is written into."""
+    return SLOT_ROWS_OP(q_s, k_heads, v_heads, terms, random_rows, valid, geo.B, geo.H, geo.nr, geo.bs, geo.g,
+                        geo.w, geo.K)
