@@ -32,7 +32,7 @@ from transformers.modeling_outputs import (
 )
 from transformers.utils.generic import can_return_tuple
 
-from .attention import RelativePositionSpec, disentangled_attention, layout_for, num_blocks_for
+from .attention import RelativePositionSpec, disentangled_attention, layout_for, num_blocks_for, workspace_scope
 from .configuration import BigBirdJaConfig
 
 
@@ -223,6 +223,17 @@ class BigBirdJaEncoder(nn.Module):
         hidden_states = F.pad(hidden_states, (0, 0, 0, padded - N))
         mask = F.pad(mask, (0, padded - N), value=False)
         rel_embeddings = self.get_rel_embedding()
+        if torch.compiler.is_compiling():  # a traced graph takes no scratch buffers
+            hidden_states, all_hidden = self._layers(hidden_states, mask, rel_embeddings, padded, output_hidden_states)
+        else:
+            with workspace_scope():  # the CPU scratch buffers of the layers' no-gradient attention, freed after
+                hidden_states, all_hidden = self._layers(hidden_states, mask, rel_embeddings, padded,
+                                                         output_hidden_states)
+        if output_hidden_states:
+            all_hidden = tuple(_first_tokens(h, N) for h in all_hidden)
+        return _first_tokens(hidden_states, N), all_hidden
+
+    def _layers(self, hidden_states, mask, rel_embeddings, padded: int, output_hidden_states: bool):
         all_hidden = (hidden_states,) if output_hidden_states else None
         embedding_output = hidden_states
         for i, layer in enumerate(self.layer):
@@ -232,9 +243,7 @@ class BigBirdJaEncoder(nn.Module):
                 hidden_states = self.conv(embedding_output, hidden_states, mask)
             if output_hidden_states:
                 all_hidden = all_hidden + (hidden_states,)
-        if output_hidden_states:
-            all_hidden = tuple(_first_tokens(h, N) for h in all_hidden)
-        return _first_tokens(hidden_states, N), all_hidden
+        return hidden_states, all_hidden
 
 
 class BigBirdJaPreTrainedModel(PreTrainedModel):

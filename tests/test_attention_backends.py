@@ -518,7 +518,8 @@ def test_blocked_no_grad_reuses_its_workspace_across_lengths_and_inference_mode(
 
 
 def test_blocked_keeps_no_workspace_unless_asked(monkeypatch):
-    """Off by default: a no-gradient forward keeps nothing between calls (a server's memory returns to where it was)."""
+    """By default the op outside a model forward takes no workspace and keeps nothing between calls (a server's
+    memory returns to where it was)."""
     from bigbird_ja.attention import blocked, workspace
 
     monkeypatch.delenv("BIGBIRD_JA_CPU_WORKSPACE", raising=False)
@@ -529,6 +530,61 @@ def test_blocked_keeps_no_workspace_unless_asked(monkeypatch):
         out = disentangled_attention(*tensors, *args, backend="blocked")
     torch.testing.assert_close(out, disentangled_attention(*tensors, *args, backend="reference"), rtol=0, atol=1e-10)
     assert not getattr(workspace.WORKSPACE._local, "buffers", None)
+
+
+@pytest.mark.parametrize("mode", ["forward", "keep", "off"])
+def test_model_forward_scopes_the_workspace_by_default(monkeypatch, mode):
+    """By default (unset or "forward") a model's no-gradient CPU forward takes its attention's scratch buffers from
+    the workspace (layers after the first reuse them, the native terms op writes into one) and frees them when it
+    returns; "keep" keeps them between calls, "off" takes none. Every mode gives the same hidden states, padding and
+    an odd length included."""
+    from conftest import randomize_
+
+    import bigbird_ja
+    from bigbird_ja.attention import blocked, workspace
+
+    monkeypatch.setattr(blocked, "DENSE_MARGIN", 0.0)  # sparse rows at this length
+    taken = []
+    real_empty = workspace.Workspace.empty
+
+    def counted(self, role, shape, like):
+        taken.append(role)
+        return real_empty(self, role, shape, like)
+
+    monkeypatch.setattr(workspace.Workspace, "empty", counted)
+    config = tiny_config(max_position_embeddings=256, num_hidden_layers=2)
+    model = randomize_(bigbird_ja.BigBirdJaModel(config), seed=3).eval().double()
+    ids = torch.randint(5, config.vocab_size, (2, 203), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, 203, dtype=torch.long)
+    mask[1, 150:] = 0
+    workspace.release_workspace()
+    monkeypatch.setenv("BIGBIRD_JA_CPU_WORKSPACE", "0")
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert not taken
+    if mode == "forward":
+        monkeypatch.delenv("BIGBIRD_JA_CPU_WORKSPACE")
+    else:
+        monkeypatch.setenv("BIGBIRD_JA_CPU_WORKSPACE", mode)
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    kept = getattr(workspace.WORKSPACE._local, "buffers", None)
+    if mode == "off":
+        assert not taken and not kept
+    else:
+        assert "sparse terms" in taken and "random keys" in taken, sorted(set(taken))
+        assert bool(kept) == (mode == "keep")
+    workspace.release_workspace()
+
+
+def test_an_unknown_workspace_setting_is_refused_by_name(monkeypatch):
+    from bigbird_ja.attention import workspace
+
+    monkeypatch.setenv("BIGBIRD_JA_CPU_WORKSPACE", "yes please")
+    with pytest.raises(ValueError, match="BIGBIRD_JA_CPU_WORKSPACE='yes please': use forward"):
+        with torch.no_grad():
+            workspace.workspace_for(torch.zeros(1), traced=False)
 
 
 def test_blocked_no_grad_workspace_is_per_thread(monkeypatch):

@@ -60,7 +60,7 @@ class _Path:
     traced: bool  # export, ONNX, torch.compile
     dense: bool  # every query block against every key block
     window: int  # window slots whose terms are read as bands, and eagerly whose keys are read in place (0: none)
-    workspace: Workspace | None  # scratch buffers kept between calls (no-gradient eager CPU, opt-in)
+    workspace: Workspace | None  # scratch buffers (no-gradient eager CPU, inside a model forward or kept)
     needs_grad: bool  # a gradient flows to some input
 
     @classmethod

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .cpu_kernels import relative_terms_into
 from .layout import BlockLayout
 from .relative import RelativePositionSpec, delta_is_shift, relative_delta, relative_index_table
 from .workspace import Workspace
@@ -40,7 +41,8 @@ def read_relative_terms(q, k_halo, pos_key, pos_query, spec: RelativePositionSpe
     rel = _Relative(q, k_halo, pos_key, pos_query, spec, w // 2, bs, workspace)
     key_blocks = None if dense else layout.key_blocks.to(q.device)  # [H, nr, K]
     if op is not None:
-        return _kernel_terms(op, rel.qp, rel.kp, rel.table, key_blocks, B, H, Np, bs, w // 2, Np if dense else g * bs)
+        return _kernel_terms(op, rel.qp, rel.kp, rel.table, key_blocks, B, H, Np, bs, w // 2, Np if dense else g * bs,
+                             None if traced else workspace)
     reads, band_c2p, band_p2c = _term_reads(rel, q, k_halo, key_blocks, g, w, workspace)
     if traced:  # plain ops, differentiated by autograd
         return reads.assemble(rel.qp, rel.kp, band_c2p if band_c2p is not None else rel.qp,
@@ -333,19 +335,29 @@ class _TermReads:
                     self.p2c_band(grad_band_p2c, s).add_(grad[..., s * bs:(s + 1) * bs])
 
 
-def _kernel_terms(op, qp, kp, table, key_blocks, B: int, H: int, Np: int, bs: int, hw: int, dense_rows: int):
+def _kernel_terms(op, qp, kp, table, key_blocks, B: int, H: int, Np: int, bs: int, hw: int, dense_rows: int,
+                  workspace: Workspace | None = None):
     """Every relative term from the native op (`cpu_kernels`): the dense rows [B*H, dense_rows, Np] against every key
     block, and the sparse rows [B*H*nr, bs, K*bs] against their listed key_blocks [H, nr, K] (None: no sparse rows).
-    qp [B, H, Np, R], kp [B, H, T, R] (either None)."""
+    qp [B, H, Np, R], kp [B, H, T, R] (either None). With a workspace (eager, no gradient) the kernel writes into its
+    buffers: a fresh tensor of this size is mapped and faulted in on every call."""
     qp3 = None if qp is None else qp.reshape(B * H, Np, qp.shape[-1])
     kp3 = None if kp is None else kp.reshape(B * H, kp.shape[2], kp.shape[-1])
+    side = qp3 if qp3 is not None else kp3
+
+    def terms(role, kblocks, nq, q_block0):
+        if workspace is None:
+            return op(qp3, kp3, table, kblocks, H, nq, q_block0, bs, hw)
+        out = workspace.empty(role, (B * H * nq, bs, kblocks.shape[-1] * bs), side)
+        return relative_terms_into(out, qp3, kp3, table, kblocks, H, nq, q_block0, bs, hw)
+
     dense = sparse = None
     if dense_rows:
         every_block = torch.arange(Np // bs, device=table.device).view(1, 1, -1)
-        dense = op(qp3, kp3, table, every_block, H, dense_rows // bs, 0, bs, hw).view(B * H, dense_rows, Np)
+        dense = terms("dense terms", every_block, dense_rows // bs, 0).view(B * H, dense_rows, Np)
     if key_blocks is not None:
         nr = key_blocks.shape[1]
-        sparse = op(qp3, kp3, table, key_blocks, H, nr, Np // bs - nr, bs, hw)  # [B*H*nr, bs, K*bs]
+        sparse = terms("sparse terms", key_blocks, nr, Np // bs - nr)  # [B*H*nr, bs, K*bs]
     return dense, sparse
 
 

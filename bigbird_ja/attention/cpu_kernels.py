@@ -153,12 +153,8 @@ def _register_ops(kernel: RelativeTermsKernel):
         [H|1, nq|1, K]; qp [P, Np, R] or None, kp [P, T, R] or None; table [2Np - 1]: delta at distance d is entry
         d + Np - 1."""
         side = qp if qp is not None else kp
-        P, K = side.shape[0], kblocks.shape[-1]
-        out = side.new_empty(P * nq, bs, K * bs)
-        kernel.forward(None if qp is None else qp.contiguous(), None if kp is None else kp.contiguous(),
-                       out.view(P, nq, bs, K * bs), table.contiguous(), kblocks.contiguous(), H=H,
-                       q_block0=q_block0, bs=bs, hw=hw)
-        return out
+        out = side.new_empty(side.shape[0] * nq, bs, kblocks.shape[-1] * bs)
+        return _forward_into(kernel, out, qp, kp, table, kblocks, H, nq, q_block0, bs, hw)
 
     @relative_terms_op.register_fake
     def _(qp, kp, table, kblocks, H, nq, q_block0, bs, hw):
@@ -198,6 +194,21 @@ def _register_ops(kernel: RelativeTermsKernel):
 
     relative_terms_op.register_autograd(backward, setup_context=setup_context)
     return torch.ops.bigbird_ja.relative_terms.default
+
+
+def _forward_into(kernel, out, qp, kp, table, kblocks, H, nq, q_block0, bs, hw):
+    side = qp if qp is not None else kp
+    P, K = side.shape[0], kblocks.shape[-1]
+    kernel.forward(None if qp is None else qp.contiguous(), None if kp is None else kp.contiguous(),
+                   out.view(P, nq, bs, K * bs), table.contiguous(), kblocks.contiguous(), H=H, q_block0=q_block0,
+                   bs=bs, hw=hw)
+    return out
+
+
+def relative_terms_into(out, qp, kp, table, kblocks, H: int, nq: int, q_block0: int, bs: int, hw: int):
+    """The op's forward written into `out` (contiguous [P*nq, bs, K*bs]; eager, no gradient: a workspace buffer
+    instead of a freshly mapped tensor)."""
+    return _forward_into(KERNEL, out, qp, kp, table, kblocks, H, nq, q_block0, bs, hw)
 
 
 def _backward_buffers(grad, nq, Np, T, R, want_qp, want_kp, make):

@@ -1,8 +1,14 @@
-"""Scratch buffers the blocked backend's no-gradient CPU forward may reuse between calls (opt-in).
+"""Scratch buffers the blocked backend's no-gradient CPU forward reuses.
 
 torch's CPU allocator is malloc: tensors over glibc's mmap threshold are mapped, faulted in and zeroed afresh on every
-call, and refilling kept pages is cheaper (benchmarks/README.md has the figures). Kept memory is traded for that
-speed, so it is off unless BIGBIRD_JA_CPU_WORKSPACE=1; `release_workspace()` frees the calling thread's buffers.
+call, and refilling kept pages is cheaper (benchmarks/README.md has the figures). How long buffers are kept is
+BIGBIRD_JA_CPU_WORKSPACE:
+  unset / "forward"  for one model forward (`workspace_scope`, opened by the encoder): every layer after the first
+                     reuses the first one's buffers, and they are freed when the forward returns (a server's resident
+                     memory goes back to where it was)
+  "1" / "keep"       between calls too, until `release_workspace()` in the thread that ran them (fastest; holds up to
+                     a few hundred MiB per thread at 4k tokens)
+  "0" / "off"        never: fresh tensors only
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+from contextlib import contextmanager
 
 import torch
 
@@ -22,8 +29,17 @@ class Workspace:
     max_bytes = 128 << 20  # bounds each kept buffer (at base dims every one is kept up to 4k tokens)
 
     @staticmethod
-    def enabled() -> bool:
-        return os.environ.get("BIGBIRD_JA_CPU_WORKSPACE", "0") not in ("", "0")
+    def mode() -> str:
+        """"forward", "keep" or "off" (BIGBIRD_JA_CPU_WORKSPACE; an unknown value is refused by name)."""
+        value = os.environ.get("BIGBIRD_JA_CPU_WORKSPACE", "forward").strip().lower()
+        modes = {"": "forward", "forward": "forward", "1": "keep", "keep": "keep", "0": "off", "off": "off"}
+        if value not in modes:
+            raise ValueError(f"BIGBIRD_JA_CPU_WORKSPACE={value!r}: use forward (the default), keep (or 1) or off "
+                             "(or 0)")
+        return modes[value]
+
+    def depth(self) -> int:
+        return getattr(self._local, "depth", 0)
 
     def __init__(self):
         self._local = threading.local()
@@ -53,9 +69,26 @@ def release_workspace() -> None:
     WORKSPACE.release()
 
 
+@contextmanager
+def workspace_scope():
+    """One model forward: the workspace serves the calls inside it and, unless kept ("keep"), is freed when the
+    outermost scope of this thread closes."""
+    local = WORKSPACE._local
+    local.depth = WORKSPACE.depth() + 1
+    try:
+        yield
+    finally:
+        local.depth -= 1
+        if local.depth == 0 and Workspace.mode() != "keep":
+            WORKSPACE.release()
+
+
 def workspace_for(x: torch.Tensor, traced: bool) -> Workspace | None:
     """The workspace for this call, or None: only where no autograd graph can hold a buffer (it may be reused), eager
-    on CPU, and switched on."""
-    if torch.is_grad_enabled() or traced or x.device.type != "cpu" or not Workspace.enabled():
+    on CPU, and switched on (inside a model forward, or kept between calls)."""
+    if torch.is_grad_enabled() or traced or x.device.type != "cpu":
         return None
-    return WORKSPACE
+    mode = Workspace.mode()
+    if mode == "keep" or (mode == "forward" and WORKSPACE.depth() > 0):
+        return WORKSPACE
+    return None
