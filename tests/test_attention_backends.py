@@ -336,62 +336,39 @@ def test_blocked_traced_form_without_one_or_both_relative_terms_matches_referenc
             torch.testing.assert_close(g, ref_g, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("form", ["eager", "traced"])
 @pytest.mark.parametrize("length", [5, 37, 64, 131])
 @pytest.mark.parametrize("sparsity", [dict(), dict(num_window_blocks=1, num_global_blocks=0, num_random_blocks=3),
                                       dict(num_window_blocks=5, num_global_blocks=2, num_random_blocks=1),
                                       dict(num_random_blocks=0)] + list(BAND_CONFIGS.values()))
-def test_blocked_forward_without_gradients_matches_reference_in_float64(monkeypatch, length, sparsity):
-    """Without gradients the sparse rows read the global and window key/value blocks in place (no copies): the
-    output against the reference, with and without relative terms, every layer, random padding."""
+def test_blocked_forward_without_gradients_matches_reference_in_float64(monkeypatch, form, length, sparsity):
+    """Without gradients the sparse rows read the global and window key/value blocks in place (no copies): eagerly,
+    and in a traced graph (torch.compile) as one opaque op, `bigbird_ja::slot_rows`, which must then be taken. The
+    output against the reference, with and without relative terms, every layer, random padding and a fully padded
+    row. With gradients, or under export, the traced form runs plain ops instead (the tests above and
+    tests/test_deploy_onnx.py)."""
     from bigbird_ja.attention import blocked
 
-    monkeypatch.setattr(blocked, "DENSE_MARGIN", 0.0)  # sparse rows at every length
+    calls = []
+    real = blocked.slot_rows
+    monkeypatch.setattr(blocked, "slot_rows", lambda *args: calls.append(1) or real(*args))
+    monkeypatch.setattr(blocked, "DENSE_MARGIN", 0.0)  # eager: sparse rows at every length (traced: always)
+    if form == "traced":
+        monkeypatch.setattr(blocked.torch.compiler, "is_compiling", lambda: True)
     config = tiny_config(max_position_embeddings=131, **sparsity)
     spec = RelativePositionSpec.from_config(config)
     for layer in range(config.num_hidden_layers):
         q, k, v, pos_key, pos_query, padding = make_inputs(config, 3, length, seed=length + 7 * layer)
         layout = layout_for(config, layer, length)
-        for rel in (dict(pos_key=pos_key, pos_query=pos_query), dict(pos_query=pos_query), dict()):
-            kwargs = dict(scale=0.37, rel_spec=spec, **rel)
-            with torch.no_grad():
-                out = disentangled_attention(q, k, v, layout, padding, backend="blocked", **kwargs)
-                ref = disentangled_attention(q, k, v, layout, padding, backend="reference", **kwargs)
-            torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
-
-
-@pytest.mark.parametrize("length", [5, 37, 64, 131])
-@pytest.mark.parametrize("sparsity", [dict(), dict(num_window_blocks=1, num_global_blocks=0, num_random_blocks=3),
-                                      dict(num_window_blocks=5, num_global_blocks=2, num_random_blocks=1),
-                                      dict(num_random_blocks=0)] + list(BAND_CONFIGS.values()))
-def test_traced_inference_takes_the_slot_rows_op_and_matches_reference_in_float64(monkeypatch, length, sparsity):
-    """torch.compile without gradients runs the sparse rows as one opaque op (`bigbird_ja::slot_rows`: the eager
-    path's in-place slot reads, so inductor copies no key/value block): taken, and equal to the reference with and
-    without relative terms, every layer, random padding and a fully padded row. With gradients, or under export,
-    the plain traced ops run instead (the tests above and tests/test_deploy_onnx.py)."""
-    from bigbird_ja.attention import blocked
-
-    calls = []
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    real = blocked.slot_rows
-    monkeypatch.setattr(blocked, "slot_rows", counted)
-    monkeypatch.setattr(blocked.torch.compiler, "is_compiling", lambda: True)
-    config = tiny_config(max_position_embeddings=131, **sparsity)
-    spec = RelativePositionSpec.from_config(config)
-    for layer in range(config.num_hidden_layers):
-        q, k, v, pos_key, pos_query, padding = make_inputs(config, 3, length, seed=length + 11 * layer)
-        layout = layout_for(config, layer, length)
-        for rel in (dict(pos_key=pos_key, pos_query=pos_query), dict(pos_key=pos_key), dict()):
+        for rel in (dict(pos_key=pos_key, pos_query=pos_query), dict(pos_key=pos_key), dict(pos_query=pos_query),
+                    dict()):
             kwargs = dict(scale=0.37, rel_spec=spec, **rel)
             with torch.no_grad():
                 out = disentangled_attention(q, k, v, layout, padding, backend="blocked", **kwargs)
                 ref = disentangled_attention(q, k, v, layout, padding, backend="reference", **kwargs)
             torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
     sparse_rows = layout.num_blocks > layout.num_global_blocks and config.num_window_blocks > 0
-    assert bool(calls) == sparse_rows, (len(calls), sparse_rows)
+    assert bool(calls) == (form == "traced" and sparse_rows), (len(calls), sparse_rows)
 
 
 @pytest.mark.parametrize("name", list(BAND_CONFIGS))
