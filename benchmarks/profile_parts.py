@@ -9,7 +9,8 @@ in parts by name (and, for bmm, by whether a dimension is the 2S = 512 relative 
     projections + FFN              addmm, mm, gelu (and its backward)
     relative products              bmm with a 512 dimension (q.pos_key, k.pos_query and their gradients)
     relative reads, indices, sums  gather, scatter_add_, index, sub, add_, and the C kernel's calls (the self time
-                                   of the bigbird_ja::relative_terms ops)
+                                   of the bigbird_ja::relative_terms ops, of their autograd wrappers and of
+                                   _KernelTerms, eager training's node)
     scores and context matmuls     the other bmm, baddbmm_, addmm_
     key/value block copies         index_select, index_add_
     softmax + masks                softmax and its backward, masked_fill_, where, index_put_
@@ -38,6 +39,13 @@ from bench_memory import HIDDEN, build_model, make_inputs  # noqa: E402
 PARTS = ("projections + FFN", "relative products", "relative reads, indices, sums", "scores and context matmuls",
          "key/value block copies", "softmax + masks", "attention dropout", "hidden dropout", "other")
 DROPOUT_OPS = ("aten::bernoulli_", "aten::native_dropout", "aten::native_dropout_backward", "aten::dropout")
+# The native kernels' self time: the ops (cpu_kernels), the autograd node of eager training (blocked_terms), and the
+# op's autograd wrapper, whose self time is the forward kernel's ("GeneratedBackwardFor_bigbird_ja_<op>...").
+RELATIVE_KERNEL_EVENTS = ("bigbird_ja::relative_terms", "_KernelTerms")
+
+
+def is_dropout(name: str) -> bool:
+    return name.startswith("bigbird_ja::hashed_dropout") or "bigbird_ja_hashed_dropout" in name or name in DROPOUT_OPS
 
 
 def part_of(name: str, shapes, dropout_shapes=None) -> str:
@@ -51,7 +59,7 @@ def part_of(name: str, shapes, dropout_shapes=None) -> str:
         return "relative products"
     if name in ("aten::gather", "aten::scatter_add_", "aten::index", "aten::sub", "aten::add_"):
         return "relative reads, indices, sums"
-    if name.startswith("bigbird_ja::relative_terms"):  # self time: the native op (cpu_kernels), forward and backward
+    if name.startswith(RELATIVE_KERNEL_EVENTS) or "bigbird_ja_relative_terms" in name:
         return "relative reads, indices, sums"
     if name in ("aten::bmm", "aten::baddbmm_", "aten::addmm_", "aten::baddbmm"):
         return "scores and context matmuls"
@@ -101,7 +109,7 @@ def main(argv=None) -> int:
     def dropout_shapes(event):  # the outermost dropout op at or above event: its input shapes (None: no dropout)
         found = None
         while True:
-            if event.name.startswith("bigbird_ja::hashed_dropout") or event.name in DROPOUT_OPS:
+            if is_dropout(event.name):
                 found = event.input_shapes or []
             if id(event) not in parent:
                 return found

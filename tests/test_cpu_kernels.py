@@ -207,8 +207,9 @@ def _op_case(seed=0):
 
 
 def test_the_install_built_the_op_and_the_blocked_backend_runs_it_forward_and_backward(kernel):
-    """CI's own `pip install -e ".[test]"` built the library into the package folder; the blocked backend calls the
-    registered op (forward and backward) and equals the reference in float64."""
+    """CI's own `pip install -e ".[test]"` built the library into the package folder; the blocked backend runs its
+    kernel forward and backward (eagerly with a gradient as one autograd node for every kind of row, `_KernelTerms`;
+    the registered op serves traced graphs: the tests below) and equals the reference in float64."""
     assert cpu_kernels.library_path().parent == Path(cpu_kernels.__file__).resolve().parent
     config = tiny_config(max_position_embeddings=512, position_buckets=32)
     q, k, v, pos_key, pos_query, padding = make_inputs(config, 2, 131, seed=3)
@@ -218,7 +219,7 @@ def test_the_install_built_the_op_and_the_blocked_backend_runs_it_forward_and_ba
         out = disentangled_attention(q, k, v, *args, backend="blocked")
         grads = torch.autograd.grad(out.square().sum(), leaves)
     names = {event.name for event in profile.events()}
-    assert {"bigbird_ja::relative_terms", "bigbird_ja::relative_terms_backward"} <= names
+    assert {"_KernelTerms", "_KernelTermsBackward"} <= names
     ref = disentangled_attention(q, k, v, *args, backend="reference")
     ref_grads = torch.autograd.grad(ref.square().sum(), leaves)
     print("max error", (out - ref).abs().max().item(), max((a - b).abs().max().item()
@@ -226,6 +227,54 @@ def test_the_install_built_the_op_and_the_blocked_backend_runs_it_forward_and_ba
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
     for got, expected in zip(grads, ref_grads):
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-9)
+
+
+def test_the_dense_and_sparse_rows_share_one_gradient_per_product(kernel):
+    """Eager training: the global rows' and the sparse rows' terms are one autograd node whose backward adds both
+    kinds' gradients into one zero-filled gradient of qp and one of kp (two op calls filled a pair each, and autograd
+    summed them), with the gradients the op's own formula gives, also when only one kind of row gets a gradient."""
+    config = tiny_config(max_position_embeddings=512, position_buckets=32)
+    q, k, v, pos_key, pos_query, padding = make_inputs(config, 2, 131, seed=5)
+    args = (layout_for(config, 0, 131), padding, 0.37, pos_key, pos_query, RelativePositionSpec.from_config(config))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as profile:
+        out = disentangled_attention(q, k, v, *args, backend="blocked")
+        torch.autograd.grad(out.square().sum(), [q, k, pos_key, pos_query])
+    products = [event for event in profile.events() if event.name == "bigbird_ja::relative_terms"]
+    assert not products  # eager: not the op
+    B, H, N, D = q.shape
+    bs = config.block_size
+    Np = -(-N // bs) * bs
+    fills = [event.input_shapes[0] for event in profile.events() if event.name == "aten::zero_"
+             and event.input_shapes and len(event.input_shapes[0]) == 3 and event.input_shapes[0][0] == B * H
+             and event.input_shapes[0][2] == 2 * args[-1].span]
+    assert sorted(fills) == sorted([[B * H, Np, 2 * args[-1].span],
+                                    [B * H, Np + config.num_window_blocks // 2 * 2 * bs, 2 * args[-1].span]]), fills
+
+    # the node's gradients against the op's, each kind of row alone and both
+    from bigbird_ja.attention.blocked_terms import _KernelTerms
+    from bigbird_ja.attention.relative import relative_index_table
+
+    gen = torch.Generator().manual_seed(11)
+    nb, g, hw, R = 6, 2, 1, 16
+    P = 3
+    table = relative_index_table(nb * bs, RelativePositionSpec(8, 8, 64))
+    qp = torch.randn(P, nb * bs, R, generator=gen, dtype=torch.float64, requires_grad=True)
+    kp = torch.randn(P, (nb + 2 * hw) * bs, R, generator=gen, dtype=torch.float64, requires_grad=True)
+    dense_blocks = torch.arange(nb).view(1, 1, -1)
+    sparse_blocks = torch.randint(0, nb, (P, nb - g, 3), generator=gen)
+    segments = ((dense_blocks, g, 0), (sparse_blocks, nb - g, g))
+    dense, sparse = _KernelTerms.apply(qp, kp, table, segments, P, bs, hw)
+    op = cpu_kernels.relative_terms()
+    for kind in ("dense", "sparse", "both"):
+        weights = [torch.randn(t.shape, generator=gen, dtype=torch.float64) if kind in (name, "both") else None
+                   for name, t in (("dense", dense), ("sparse", sparse))]
+        loss = sum((t * w).sum() for t, w in zip((dense, sparse), weights) if w is not None)
+        got = torch.autograd.grad(loss, [qp, kp], retain_graph=True)
+        expected_loss = sum((op(qp, kp, table, blocks, P, nq, q0, bs, hw) * w).sum()
+                            for (blocks, nq, q0), w in zip(segments, weights) if w is not None)
+        expected = torch.autograd.grad(expected_loss, [qp, kp])
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
 def test_op_passes_gradcheck_and_torch_opcheck(kernel):

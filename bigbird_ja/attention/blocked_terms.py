@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cpu_kernels import relative_terms_into
+from .cpu_kernels import relative_terms_backward_into, relative_terms_into
 from .layout import BlockLayout
 from .relative import RelativePositionSpec, delta_is_shift, relative_delta, relative_index_table
 from .workspace import Workspace
@@ -42,7 +42,7 @@ def read_relative_terms(q, k_halo, pos_key, pos_query, spec: RelativePositionSpe
     key_blocks = None if dense else layout.key_blocks.to(q.device)  # [H, nr, K]
     if op is not None:
         return _kernel_terms(op, rel.qp, rel.kp, rel.table, key_blocks, B, H, Np, bs, w // 2, Np if dense else g * bs,
-                             None if traced else workspace)
+                             traced, workspace)
     reads, band_c2p, band_p2c = _term_reads(rel, q, k_halo, key_blocks, g, w, workspace)
     if traced:  # plain ops, differentiated by autograd
         return reads.assemble(rel.qp, rel.kp, band_c2p if band_c2p is not None else rel.qp,
@@ -336,29 +336,66 @@ class _TermReads:
 
 
 def _kernel_terms(op, qp, kp, table, key_blocks, B: int, H: int, Np: int, bs: int, hw: int, dense_rows: int,
-                  workspace: Workspace | None = None):
+                  traced: bool, workspace: Workspace | None = None):
     """Every relative term from the native op (`cpu_kernels`): the dense rows [B*H, dense_rows, Np] against every key
     block, and the sparse rows [B*H*nr, bs, K*bs] against their listed key_blocks [H, nr, K] (None: no sparse rows).
-    qp [B, H, Np, R], kp [B, H, T, R] (either None). With a workspace (eager, no gradient) the kernel writes into its
-    buffers: a fresh tensor of this size is mapped and faulted in on every call."""
+    qp [B, H, Np, R], kp [B, H, T, R] (either None). Traced graphs call the op. Eagerly, with a workspace (no
+    gradient) the kernel writes into its buffers (a fresh tensor of this size is mapped and faulted in on every
+    call); with a gradient both kinds of row are one autograd node (`_KernelTerms`)."""
     qp3 = None if qp is None else qp.reshape(B * H, Np, qp.shape[-1])
     kp3 = None if kp is None else kp.reshape(B * H, kp.shape[2], kp.shape[-1])
     side = qp3 if qp3 is not None else kp3
-
-    def terms(role, kblocks, nq, q_block0):
-        if workspace is None:
-            return op(qp3, kp3, table, kblocks, H, nq, q_block0, bs, hw)
-        out = workspace.empty(role, (B * H * nq, bs, kblocks.shape[-1] * bs), side)
-        return relative_terms_into(out, qp3, kp3, table, kblocks, H, nq, q_block0, bs, hw)
-
-    dense = sparse = None
+    segments = []  # (role, kblocks, query blocks, first query block) of each kind of row
     if dense_rows:
-        every_block = torch.arange(Np // bs, device=table.device).view(1, 1, -1)
-        dense = terms("dense terms", every_block, dense_rows // bs, 0).view(B * H, dense_rows, Np)
+        segments.append(("dense terms", torch.arange(Np // bs, device=table.device).view(1, 1, -1), dense_rows // bs,
+                         0))
     if key_blocks is not None:
-        nr = key_blocks.shape[1]
-        sparse = terms("sparse terms", key_blocks, nr, Np // bs - nr)  # [B*H*nr, bs, K*bs]
+        segments.append(("sparse terms", key_blocks, key_blocks.shape[1], Np // bs - key_blocks.shape[1]))
+    if traced:
+        terms = [op(qp3, kp3, table, kblocks, H, nq, q_block0, bs, hw) for _, kblocks, nq, q_block0 in segments]
+    elif workspace is not None:
+        terms = [relative_terms_into(workspace.empty(role, (B * H * nq, bs, kblocks.shape[-1] * bs), side), qp3, kp3,
+                                     table, kblocks, H, nq, q_block0, bs, hw)
+                 for role, kblocks, nq, q_block0 in segments]
+    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (qp3, kp3)):
+        terms = _KernelTerms.apply(qp3, kp3, table, tuple(segment[1:] for segment in segments), H, bs, hw)
+    else:
+        terms = [op(qp3, kp3, table, kblocks, H, nq, q_block0, bs, hw) for _, kblocks, nq, q_block0 in segments]
+    terms = list(terms)
+    dense = terms.pop(0).view(B * H, dense_rows, Np) if dense_rows else None
+    sparse = terms.pop(0) if key_blocks is not None else None  # [B*H*nr, bs, K*bs]
     return dense, sparse
+
+
+class _KernelTerms(torch.autograd.Function):
+    """The native kernel's terms of every kind of row (segments: (kblocks, query blocks, first query block) each) as
+    one autograd node, eager with a gradient: its backward adds every kind's gradient into one zero-filled gradient
+    per product, where an op call per kind would fill one each and autograd would then sum them (at 1k tokens and
+    base dims that was a fifth of the kernel's backward time). The op's own autograd formula serves traced graphs."""
+
+    @staticmethod
+    def forward(ctx, qp3, kp3, table, segments, H: int, bs: int, hw: int):
+        side = qp3 if qp3 is not None else kp3
+        terms = [relative_terms_into(side.new_empty(side.shape[0] * nq, bs, kblocks.shape[-1] * bs), qp3, kp3, table,
+                                     kblocks, H, nq, q_block0, bs, hw) for kblocks, nq, q_block0 in segments]
+        ctx.save_for_backward(table, *[kblocks for kblocks, _, _ in segments])
+        ctx.rows = [(nq, q_block0) for _, nq, q_block0 in segments]
+        ctx.args = (H, bs, hw)
+        ctx.shapes = [None if t is None else (t.shape, t.dtype) for t in (qp3, kp3)]
+        ctx.set_materialize_grads(False)  # a kind of row without a gradient is skipped, not run on zeros
+        return tuple(terms)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        table, *kblocks = ctx.saved_tensors
+        H, bs, hw = ctx.args
+        gqp, gkp = [torch.zeros(shape[0], dtype=shape[1]) if shape is not None and needed else None
+                    for shape, needed in zip(ctx.shapes, ctx.needs_input_grad[:2])]
+        if gqp is not None or gkp is not None:
+            for grad, blocks, (nq, q_block0) in zip(grads, kblocks, ctx.rows):
+                if grad is not None:
+                    relative_terms_backward_into(grad, gqp, gkp, table, blocks, H, nq, q_block0, bs, hw)
+        return gqp, gkp, None, None, None, None, None
 
 
 class _RelativeTerms(torch.autograd.Function):

@@ -211,6 +211,14 @@ def relative_terms_into(out, qp, kp, table, kblocks, H: int, nq: int, q_block0: 
     return _forward_into(KERNEL, out, qp, kp, table, kblocks, H, nq, q_block0, bs, hw)
 
 
+def relative_terms_backward_into(grad, gqp, gkp, table, kblocks, H: int, nq: int, q_block0: int, bs: int, hw: int):
+    """The op's backward added into gqp [P, Np, R] and gkp [P, T, R] (zero-filled or accumulating, contiguous,
+    either None) from the terms' gradient [P*nq, bs, K*bs]: for callers that sum several calls' gradients."""
+    P = grad.shape[0] // nq
+    KERNEL.backward(grad.contiguous().view(P, nq, bs, grad.shape[-1]), gqp, gkp, table.contiguous(),
+                    kblocks.contiguous(), H=H, q_block0=q_block0, bs=bs, hw=hw)
+
+
 def _backward_buffers(grad, nq, Np, T, R, want_qp, want_kp, make):
     P = grad.shape[0] // nq
     return (make(P if want_qp else 0, Np, R, dtype=grad.dtype, device=grad.device),
