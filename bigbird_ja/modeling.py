@@ -32,7 +32,8 @@ from transformers.modeling_outputs import (
 )
 from transformers.utils.generic import can_return_tuple
 
-from .attention import RelativePositionSpec, disentangled_attention, layout_for, num_blocks_for, workspace_scope
+from .attention import (HashedDropout, RelativePositionSpec, disentangled_attention, layout_for, num_blocks_for,
+                        workspace_scope)
 from .configuration import BigBirdJaConfig
 
 
@@ -54,7 +55,7 @@ class BigBirdJaEmbeddings(nn.Module):
             if self.embedding_size != config.hidden_size else None
         )
         self.LayerNorm = nn.LayerNorm(config.hidden_size, config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = HashedDropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids, token_type_ids, position_ids, mask, inputs_embeds):
         embeddings = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds  # [B, N, e]
@@ -90,7 +91,7 @@ class BigBirdJaSelfAttention(nn.Module):
                 self.pos_key_proj = nn.Linear(config.hidden_size, all_head)
             if "p2c" in self.pos_att_type:
                 self.pos_query_proj = nn.Linear(config.hidden_size, all_head)
-        self.pos_dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.pos_dropout = HashedDropout(config.hidden_dropout_prob)
         # DeBERTa counts the configured relative terms in the scale even when relative attention is off.
         scale_factor = 1 + sum(t in config.pos_att_type for t in ("c2p", "p2c"))
         self.scale = 1.0 / math.sqrt(self.head_size * scale_factor)
@@ -126,7 +127,7 @@ class BigBirdJaSelfOutput(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = HashedDropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states, input_tensor):
         return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
@@ -180,7 +181,7 @@ class BigBirdJaConvLayer(nn.Module):
         self.conv = nn.Conv1d(config.hidden_size, config.hidden_size, kernel, padding=(kernel - 1) // 2,
                               groups=config.conv_groups)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = HashedDropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states, residual_states, mask):
         out = self.conv(hidden_states.transpose(1, 2)).transpose(1, 2)

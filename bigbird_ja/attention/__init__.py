@@ -17,14 +17,15 @@ from __future__ import annotations
 import torch
 
 from .blocked import blocked_attention
+from .dropout import HashedDropout
 from .layout import BlockLayout, SparsitySpec, attention_mask, build_layout, layout_for, num_blocks_for
 from .reference import masked_softmax, reference_attention
 from .relative import RelativePositionSpec, log_bucket_position, relative_index_table
 from .workspace import release_workspace, workspace_scope
 
 __all__ = [
-    "BlockLayout", "RelativePositionSpec", "SparsitySpec", "attention_mask", "blocked_attention", "build_layout",
-    "disentangled_attention", "layout_for", "log_bucket_position", "masked_softmax", "num_blocks_for",
+    "BlockLayout", "HashedDropout", "RelativePositionSpec", "SparsitySpec", "attention_mask", "blocked_attention",
+    "build_layout", "disentangled_attention", "layout_for", "log_bucket_position", "masked_softmax", "num_blocks_for",
     "reference_attention", "relative_index_table", "release_workspace", "workspace_scope", "resolve_backend",
 ]
 

@@ -34,6 +34,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+from torch.nn import functional as F
 
 from .cpu_kernels import check_complete, enabled, library_path
 
@@ -297,3 +298,35 @@ def keep_mask(drop: AttentionDropout, batch: int, heads: int, n: int) -> torch.T
     planes = torch.arange(batch * heads).view(batch, heads, 1, 1)
     positions = torch.arange(n)
     return keep_bits(int(drop.seed), drop.threshold, planes, positions[:, None], positions)
+
+
+class HashedDropout(torch.nn.Module):
+    """nn.Dropout(p) for hidden states [..., rows, features], its keep mask from the same hash as the attention's:
+    plane = the index over the leading dims, query token = the row, key token = the feature, a fresh seed per call
+    from torch's CPU generator (so torch.manual_seed reproduces it and activation checkpointing replays it). On CPU
+    with the native library this is one pass each way and nothing is saved, where torch's dropout draws a Bernoulli
+    mask (about a tenth of a CPU training step's dropout time went to that draw at 1k tokens), keeps it and
+    multiplies twice. Elsewhere (GPU, fp16, traced graphs, BIGBIRD_JA_CPU_KERNELS=0, no library) it is F.dropout,
+    whose generator is the device's own."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"HashedDropout: p = {p} must be in [0, 1] (hidden_dropout_prob)")
+        self.p = float(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if (self.p == 1.0 or x.dim() < 2 or x.numel() == 0 or torch.compiler.is_compiling()
+                or not native_supports(x)):
+            return F.dropout(x, self.p, True)
+        rows, features = x.shape[-2:]
+        planes = x.numel() // (rows * features)
+        query_pos = torch.arange(rows).view(1, rows)
+        key_pos = torch.arange(features).view(1, 1, features)
+        drop = AttentionDropout.draw(self.p, True)
+        return hashed_dropout(x.reshape(planes, 1, 1, rows, features), query_pos, key_pos, drop).view(x.shape)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
