@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .blocked_slots import SlotContext, SlotGeometry, SlotScores, select_blocks, slot_rows
+from .blocked_slots import SlotContext, SlotGeometry, SlotScores, blocked_softmax, select_blocks, slot_rows
 from .blocked_terms import read_relative_terms
 from .cpu_kernels import relative_terms as relative_terms_kernel
 from .cpu_kernels import supports as kernel_supports
@@ -144,20 +144,6 @@ def _dense_mask(layout: BlockLayout, key_valid: torch.Tensor) -> torch.Tensor:
     return (block_mask[None, :, :, None, :, None] & key_valid.view(B, 1, 1, 1, nb, bs)).view(B, H, nb, 1, nb * bs)
 
 
-def _softmax(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """The reference's masked softmax (masked scores take the compute dtype's minimum); mask None: the scores are
-    masked already, or nothing is. Rows with nothing to attend to are zeroed by the callers, on the (smaller) output.
-    When no gradient flows the mask and the softmax are written into `scores` itself (under autograd an in-place
-    write into a view costs a score-sized copy in the backward)."""
-    compute_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
-    in_place = not scores.requires_grad and scores.dtype == compute_dtype
-    scores = scores.to(compute_dtype)
-    if mask is not None:
-        fill = torch.finfo(compute_dtype).min
-        scores = scores.masked_fill_(~mask, fill) if in_place else torch.where(mask, scores, fill)
-    return torch.softmax(scores, dim=-1, out=scores) if in_place else torch.softmax(scores, dim=-1)
-
-
 def _sparse_dropout(probs: torch.Tensor, drop: AttentionDropout | None, key_blocks: torch.Tensor,
                     g: int) -> torch.Tensor:
     """probs [B, H, nr, bs, K*bs] with the call's dropout: row a of sparse query block n is token (g + n) * bs + a,
@@ -188,7 +174,7 @@ def _dense_rows(q, k, v, terms, rows: int, mask: torch.Tensor | None, drop: Atte
     B, H, Np, D = k.shape
     m = 1 if mask is None else mask.shape[2]
     scores = _scores(terms, q[:, :, :rows].reshape(B * H, rows, D), k.reshape(B * H, Np, D), traced)
-    probs = _softmax(scores.view(B, H, m, rows // m, Np), mask)
+    probs = blocked_softmax(scores.view(B, H, m, rows // m, Np), mask)
     if drop is not None:  # rows 0.. against keys 0..: the tokens themselves
         tokens = torch.arange(Np, device=q.device)
         probs = hashed_dropout(probs.view(B, H, 1, rows, Np), tokens[None, :rows], tokens.view(1, 1, Np), drop)
@@ -219,21 +205,20 @@ def _sparse_rows(q, k_halo, v, terms, key_valid, layout: BlockLayout, drop, path
     valid = key_valid.view(B, nb, bs)[:, key_blocks] & layout.key_valid.to(dev)[None, :, :, :, None]
     mask = valid.view(B, H, nr, 1, K * bs)  # attended: the slot is valid in the layout and its key is not padding
     heads = torch.arange(H, device=dev)[:, None, None]
-    if path.slots_in_place:
-        geometry = SlotGeometry(B, H, nr, bs, g, path.window, K, path.workspace)
+    if path.slots_in_place or (path.slots_op and drop is None):
+        geometry = SlotGeometry(B, H, nr, bs, g, path.window, K, path.workspace)  # traced: no workspace
         k_rows = (heads * (nb + 2 * hw) + key_blocks[..., g + path.window:] + hw).view(-1)  # random blocks' halo rows
-        scores = SlotScores.apply(q_s, k_halo.reshape(B * H, -1, D), terms, k_rows, valid, geometry)  # masked
-        probs = _sparse_dropout(_softmax(scores.view(B, H, nr, bs, K * bs), None), drop, key_blocks, g)
-        v_halo = F.pad(v, (0, 0, hw * bs, hw * bs))
-        out = SlotContext.apply(probs.to(v.dtype).view(B * H * nr, bs, K * bs), v_halo.reshape(B * H, -1, D),
-                                k_rows, geometry).view(B, H, nr, bs, D)
-    elif path.slots_op and drop is None:
-        # traced inference (torch.compile): the eager steps above as one opaque op, no block copied but the random
-        geometry = SlotGeometry(B, H, nr, bs, g, path.window, K)
-        k_rows = (heads * (nb + 2 * hw) + key_blocks[..., g + path.window:] + hw).view(-1)
-        v_halo = F.pad(v, (0, 0, hw * bs, hw * bs))
-        out = slot_rows(q_s, k_halo.reshape(B * H, -1, D), v_halo.reshape(B * H, -1, D), terms, k_rows,
-                        valid, geometry).view(B, H, nr, bs, D)
+        if path.slots_in_place:
+            scores = SlotScores.apply(q_s, k_halo.reshape(B * H, -1, D), terms, k_rows, valid, geometry)  # masked
+            probs = _sparse_dropout(blocked_softmax(scores.view(B, H, nr, bs, K * bs), None), drop, key_blocks, g)
+            v_halo = F.pad(v, (0, 0, hw * bs, hw * bs))
+            out = SlotContext.apply(probs.to(v.dtype).view(B * H * nr, bs, K * bs), v_halo.reshape(B * H, -1, D),
+                                    k_rows, geometry)
+        else:  # traced inference (torch.compile): the eager steps as one opaque op, no block copied but the random
+            v_halo = F.pad(v, (0, 0, hw * bs, hw * bs))
+            out = slot_rows(q_s, k_halo.reshape(B * H, -1, D), v_halo.reshape(B * H, -1, D), terms, k_rows, valid,
+                            geometry)
+        out = out.view(B, H, nr, bs, D)
     elif path.traced:
         # Every tensor made directly in its matmul shape [B*H*nr, ...]: k and v blocks indexed straight into it, the
         # mask added once to the terms (a matmul input). Reshaping [B, H, nr, ...] there would merge the symbolic nr,
@@ -250,7 +235,7 @@ def _sparse_rows(q, k_halo, v, terms, key_valid, layout: BlockLayout, drop, path
             fill = torch.finfo(terms.dtype).min
             terms = terms + torch.zeros((), dtype=terms.dtype, device=dev).masked_fill(~flat_mask, fill)
         scores = _scores(terms, q_s, k_halo[batch, head, token + hw * bs], True)  # keys [B*H*nr, K*bs, D]
-        probs = _softmax(scores, None if terms is not None else flat_mask)
+        probs = blocked_softmax(scores, None if terms is not None else flat_mask)
         if drop is not None:
             probs = _sparse_dropout(probs.view(B, H, nr, bs, K * bs), drop, key_blocks, g).view(B * H * nr, bs, -1)
         out = (probs.to(v.dtype) @ v[batch, head, token]).view(B, H, nr, bs, D)
@@ -260,7 +245,7 @@ def _sparse_rows(q, k_halo, v, terms, key_valid, layout: BlockLayout, drop, path
             B * H * nr, K * bs, D)
         scores = _scores(terms, q_s, k_slots, False).view(B, H, nr, bs, K * bs)
         del k_slots
-        probs = _sparse_dropout(_softmax(scores, mask), drop, key_blocks, g)
+        probs = _sparse_dropout(blocked_softmax(scores, mask), drop, key_blocks, g)
         v_slots = select_blocks(v.reshape(B, H * nb, bs * D), (heads * nb + key_blocks).view(-1), False).view(
             B, H, nr, K * bs, D)
         out = probs.to(v.dtype) @ v_slots

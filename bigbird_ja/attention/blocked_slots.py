@@ -45,6 +45,20 @@ def fill_masked_tiles(scores: torch.Tensor, valid: torch.Tensor) -> None:
     tiles[b, h, n, :, slot, :] = tiles[b, h, n, :, slot, :].masked_fill_(~valid[b, h, n, slot][:, None, :], fill)
 
 
+def blocked_softmax(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The reference's masked softmax (masked scores take the compute dtype's minimum); mask None: the scores are
+    masked already, or nothing is. Rows with nothing to attend to are zeroed by the callers, on the (smaller) output.
+    When no gradient flows the mask and the softmax are written into `scores` itself (under autograd an in-place
+    write into a view costs a score-sized copy in the backward)."""
+    compute_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    in_place = not scores.requires_grad and scores.dtype == compute_dtype
+    scores = scores.to(compute_dtype)
+    if mask is not None:
+        fill = torch.finfo(compute_dtype).min
+        scores = scores.masked_fill_(~mask, fill) if in_place else torch.where(mask, scores, fill)
+    return torch.softmax(scores, dim=-1, out=scores) if in_place else torch.softmax(scores, dim=-1)
+
+
 @dataclass(frozen=True)
 class SlotGeometry:
     """Sparse rows of a structured layout (slots [global g | window w | random r], window slot s of sparse query
@@ -222,12 +236,8 @@ def _slot_rows(q_s: torch.Tensor, k_heads: torch.Tensor, v_heads: torch.Tensor, 
     """The sparse rows' context [B*H*nr, bs, D] without a gradient and without dropout: scores written into
     `terms` (or a new buffer), the softmax in place, then probs @ v; each slot read where it lies (the eager path's
     steps, for the traced graph's `slot_rows` op)."""
-    B, H, nr, bs = geo.B, geo.H, geo.nr, geo.bs
     with torch.no_grad():
-        scores = SlotScores.apply(q_s, k_heads, terms, random_rows, valid, geo)
-        compute_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
-        probs = torch.softmax(scores.to(compute_dtype), dim=-1, out=scores) if scores.dtype == compute_dtype \
-            else torch.softmax(scores.to(compute_dtype), dim=-1)
+        probs = blocked_softmax(SlotScores.apply(q_s, k_heads, terms, random_rows, valid, geo), None)  # in place
         return SlotContext.apply(probs.to(v_heads.dtype), v_heads, random_rows, geo)
 
 

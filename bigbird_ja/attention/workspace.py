@@ -74,12 +74,14 @@ def workspace_scope():
     """One model forward: the workspace serves the calls inside it and, unless kept ("keep"), is freed when the
     outermost scope of this thread closes."""
     local = WORKSPACE._local
+    if WORKSPACE.depth() == 0:
+        local.mode = Workspace.mode()  # read once per forward, not once per attention call
     local.depth = WORKSPACE.depth() + 1
     try:
         yield
     finally:
         local.depth -= 1
-        if local.depth == 0 and Workspace.mode() != "keep":
+        if local.depth == 0 and local.mode != "keep":
             WORKSPACE.release()
 
 
@@ -88,7 +90,8 @@ def workspace_for(x: torch.Tensor, traced: bool) -> Workspace | None:
     on CPU, and switched on (inside a model forward, or kept between calls)."""
     if torch.is_grad_enabled() or traced or x.device.type != "cpu":
         return None
-    mode = Workspace.mode()
-    if mode == "keep" or (mode == "forward" and WORKSPACE.depth() > 0):
+    inside = WORKSPACE.depth() > 0
+    mode = WORKSPACE._local.mode if inside else Workspace.mode()
+    if mode == "keep" or (mode == "forward" and inside):
         return WORKSPACE
     return None
