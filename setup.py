@@ -16,6 +16,7 @@ VERSION = re.search(r'__version__ = "([^"]+)"', open("bigbird_ja/version.py", en
 NATIVE = [] if os.environ.get("BIGBIRD_JA_NO_NATIVE", "0") not in ("", "0") else [Extension(
     "bigbird_ja.attention._relative_terms",
     ["bigbird_ja/attention/csrc/relative_terms.c", "bigbird_ja/attention/csrc/dropout.c"],
+    depends=["bigbird_ja/attention/csrc/shared.h"],  # rebuilt when it changes, and shipped in the sdist
     extra_compile_args=["-O3", "-pthread"], extra_link_args=["-pthread"], optional=True)]
 
 setup(

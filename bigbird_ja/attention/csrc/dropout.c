@@ -7,9 +7,10 @@
    built into the same library as relative_terms.c; the caller passes the number of threads
    (torch.get_num_threads()). */
 
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
+
+#include "shared.h"
 
 static inline uint32_t mix(uint32_t x) { /* "lowbias32" */
     x ^= x >> 16;
@@ -22,20 +23,6 @@ static inline uint32_t mix(uint32_t x) { /* "lowbias32" */
 
 static const uint32_t LANE_KEYS[2] = {0x243f6a88u, 0x85a308d3u};
 
-static inline float bf16_load(uint16_t h) {
-    union { uint32_t u; float f; } v;
-    v.u = (uint32_t)h << 16;
-    return v.f;
-}
-
-static inline uint16_t bf16_store(float f) { /* round to nearest even, as c10::BFloat16 */
-    union { uint32_t u; float f; } v;
-    v.f = f;
-    if ((v.u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN */
-    v.u += 0x7fffu + ((v.u >> 16) & 1u);
-    return (uint16_t)(v.u >> 16);
-}
-
 typedef struct {
     const void *in;
     void *out;
@@ -43,7 +30,6 @@ typedef struct {
     int64_t B, H, G, R, C, Hk, sb, sh, sg, sr, sc;
     uint32_t seed_state[2], threshold;
     double scale;
-    int64_t first, last; /* this worker's rows (row = ((b * H + h) * G + g) * R + r) */
 } Job;
 
 /* The multiplies by the keep factor (scale or 0) rather than a select keep NaN * 0 = NaN, like probs * keep * scale.
@@ -64,13 +50,16 @@ typedef struct {
             out[c] = ST(LD(in[c * sc]) * (h >= threshold ? scale : (ACC)0));                                    \
         }                                                                                                       \
     }                                                                                                           \
-    static void rows_##SUFFIX(const Job *j) {                                                                   \
+    /* rows [first, last) of the call: row = ((b * H + h) * G + g) * R + r */                                   \
+    static void rows_##SUFFIX(const void *job, int64_t first, int64_t last, int share) {                        \
+        const Job *j = (const Job *)job;                                                                        \
+        (void)share; /* no scratch */                                                                           \
         const TYPE *in = (const TYPE *)j->in;                                                                   \
         TYPE *out = (TYPE *)j->out;                                                                             \
         const ACC scale = (ACC)j->scale;                                                                        \
         int64_t plane = -1;                                                                                     \
         uint32_t t[2] = {0, 0};                                                                                 \
-        for (int64_t row = j->first; row < j->last; row++) {                                                    \
+        for (int64_t row = first; row < last; row++) {                                                          \
             const int64_t r = row % j->R, g = (row / j->R) % j->G, p = row / (j->R * j->G);                     \
             const int64_t b = p / j->H, h = p % j->H;                                                           \
             if (p != plane) { /* once per plane */                                                              \
@@ -93,52 +82,14 @@ DEFINE_KERNEL(float, float, PLAIN, PLAIN, f32)
 DEFINE_KERNEL(double, double, PLAIN, PLAIN, f64)
 DEFINE_KERNEL(uint16_t, float, bf16_load, bf16_store, bf16)
 
-typedef void (*Work)(const Job *);
-
-typedef struct {
-    Work work;
-    Job job;
-} Task;
-
-static void *run_task(void *task) {
-    Task *t = (Task *)task;
-    t->work(&t->job);
-    return 0;
-}
-
 #define MIN_ELEMENTS_PER_THREAD 32768 /* below this a thread costs more than it saves */
 
-/* Splits the rows into `threads` contiguous shares; the calling thread takes the first. */
-static int run_rows(Work work, const Job *job, int threads) {
+/* The rows' shares on at most `threads` threads (shared.h). */
+static int run_rows(ShareWork work, const Job *job, int threads) {
     const int64_t rows = job->B * job->H * job->G * job->R;
     const int64_t most = rows * job->C / MIN_ELEMENTS_PER_THREAD;
     if (threads > most) threads = (int)most;
-    if (threads > rows) threads = (int)rows;
-    if (threads < 1) threads = 1;
-    Task *tasks = (Task *)malloc(sizeof(Task) * threads);
-    pthread_t *ids = (pthread_t *)malloc(sizeof(pthread_t) * threads);
-    if (!tasks || !ids) {
-        free(tasks);
-        free(ids);
-        return -1;
-    }
-    for (int t = 0; t < threads; t++) {
-        tasks[t].work = work;
-        tasks[t].job = *job;
-        tasks[t].job.first = rows * t / threads;
-        tasks[t].job.last = rows * (t + 1) / threads;
-    }
-    int started = 1;
-    for (int t = 1; t < threads; t++) {
-        if (pthread_create(&ids[t], 0, run_task, &tasks[t]) != 0) break;
-        started++;
-    }
-    for (int t = started; t < threads; t++) run_task(&tasks[t]); /* shares whose thread could not start */
-    run_task(&tasks[0]);
-    for (int t = 1; t < started; t++) pthread_join(ids[t], 0);
-    free(tasks);
-    free(ids);
-    return 0;
+    return run_shares(work, job, rows, threads);
 }
 
 #define DEFINE_ENTRY_POINT(SUFFIX)                                                                              \
@@ -146,7 +97,7 @@ static int run_rows(Work work, const Job *job, int threads) {
                               int64_t H, int64_t G, int64_t R, int64_t C, int64_t Hk, int64_t sb, int64_t sh,   \
                               int64_t sg, int64_t sr, int64_t sc, uint64_t seed, uint32_t threshold,            \
                               double scale, int threads) {                                                      \
-        Job job = {in, out, qpos, kpos, B, H, G, R, C, Hk, sb, sh, sg, sr, sc, {0, 0}, threshold, scale, 0, 0}; \
+        Job job = {in, out, qpos, kpos, B, H, G, R, C, Hk, sb, sh, sg, sr, sc, {0, 0}, threshold, scale};       \
         for (int l = 0; l < 2; l++)                                                                             \
             job.seed_state[l] = mix(mix((uint32_t)seed ^ LANE_KEYS[l]) ^ (uint32_t)(seed >> 32));               \
         return run_rows(rows_##SUFFIX, &job, threads);                                                          \

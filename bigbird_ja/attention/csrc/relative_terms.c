@@ -17,13 +17,15 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "shared.h"
+
 typedef struct {
     const void *qp, *kp, *grad;
     void *out, *gqp, *gkp;
     const int64_t *table, *kblocks;
     int64_t P, H, nq, q_block0, K, bs, R, Np, T, hw, kb_sh, kb_sn;
-    int64_t first, last; /* this worker's share of the work items */
-    void *scratch;       /* CHUNK * bs * bs elements of this worker's own */
+    char *scratch;        /* every thread's: share t's CHUNK * bs * bs elements start at t * scratch_bytes */
+    size_t scratch_bytes;
 } Job;
 
 /* Tiles come in three kinds, by the deltas of their distances d in [d0 - (bs - 1), d0 + (bs - 1)] (d0 = (qb - kb) *
@@ -48,21 +50,8 @@ static int tile_kind(const int64_t *deltas, int64_t bs) { /* deltas: the table a
     return shift ? SHIFT : constant ? CONSTANT : GENERAL;
 }
 
-/* bfloat16 storage, float arithmetic: the forward's sums round once, like PyTorch's bf16 add; the backward sums in
-   float and rounds at each store into the bf16 gradients (round to nearest even, as c10::BFloat16). */
-static inline float bf16_load(uint16_t h) {
-    union { uint32_t u; float f; } v;
-    v.u = (uint32_t)h << 16;
-    return v.f;
-}
-
-static inline uint16_t bf16_store(float f) {
-    union { uint32_t u; float f; } v;
-    v.f = f;
-    if ((v.u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN */
-    v.u += 0x7fffu + ((v.u >> 16) & 1u);
-    return (uint16_t)(v.u >> 16);
-}
+/* bfloat16 storage, float arithmetic (shared.h): the forward's sums round once, like PyTorch's bf16 add; the
+   backward sums in float and rounds at each store into the bf16 gradients. */
 
 #define DEFINE_KERNELS(TYPE, ACC, LD, ST, SUFFIX)                                                               \
     /* kp's part of one tile into the scratch: [bs(a), bs(c)] (SHIFT, GENERAL) or [bs(c)] (CONSTANT) */         \
@@ -85,7 +74,7 @@ static inline uint16_t bf16_store(float f) {
         }                                                                                                       \
     }                                                                                                           \
     /* query row a of one tile: row[c] = qp's term (qrow: qp row a, NULL if absent) + kp's (scratch, if any) */ \
-    static void tile_row_##SUFFIX(TYPE *row, const TYPE *qrow, const ACC *scratch, const int64_t *deltas,      \
+    static void tile_row_##SUFFIX(TYPE *row, const TYPE *qrow, const ACC *scratch, const int64_t *deltas,       \
                                   int kind, int64_t a, int64_t bs, int64_t R) {                                 \
         if (kind == CONSTANT) {                                                                                 \
             const ACC q = qrow ? LD(qrow[R - 1 - deltas[0]]) : 0;                                               \
@@ -117,13 +106,13 @@ static inline uint16_t bf16_store(float f) {
     }                                                                                                           \
     /* one query block against its slots, CHUNK slots at a time: their kp parts first, then row by row (each qp \
        row read once per chunk, the output written in order) */                                                 \
-    static void forward_items_##SUFFIX(const Job *j, ACC *scratch) {                                            \
+    static void forward_items_##SUFFIX(const Job *j, ACC *scratch, int64_t first, int64_t last) {               \
         const TYPE *qp = (const TYPE *)j->qp, *kp = (const TYPE *)j->kp;                                        \
         TYPE *out = (TYPE *)j->out;                                                                             \
         const int64_t bs = j->bs, R = j->R, K = j->K, width = K * bs;                                           \
         const int64_t *deltas[CHUNK];                                                                           \
         int kinds[CHUNK];                                                                                       \
-        for (int64_t item = j->first; item < j->last; item++) { /* item = p * nq + n */                         \
+        for (int64_t item = first; item < last; item++) { /* item = p * nq + n */                               \
             const int64_t p = item / j->nq, n = item % j->nq, h = p % j->H, qb = j->q_block0 + n;               \
             const TYPE *qp_rows = qp ? qp + (p * j->Np + qb * bs) * R : 0;                                      \
             TYPE *item_rows = out + item * bs * width;                                                          \
@@ -146,7 +135,7 @@ static inline uint16_t bf16_store(float f) {
     }                                                                                                           \
     /* dst[sign * d[step * t]] += src[t] for t < n, summing runs of equal deltas before one store each: adding  \
        element by element into the same place makes each add wait for the previous one's store */               \
-    static void add_runs_##SUFFIX(TYPE *dst, const ACC *src, const int64_t *d, int64_t sign, int64_t step,     \
+    static void add_runs_##SUFFIX(TYPE *dst, const ACC *src, const int64_t *d, int64_t sign, int64_t step,      \
                                   int64_t n) {                                                                  \
         int64_t at = d[0];                                                                                      \
         ACC sum = src[0];                                                                                       \
@@ -213,11 +202,11 @@ static inline uint16_t bf16_store(float f) {
             }                                                                                                   \
         }                                                                                                       \
     }                                                                                                           \
-    static void backward_planes_##SUFFIX(const Job *j, ACC *scratch) {                                          \
+    static void backward_planes_##SUFFIX(const Job *j, ACC *scratch, int64_t first, int64_t last) {             \
         const TYPE *grad = (const TYPE *)j->grad;                                                               \
         TYPE *gqp = (TYPE *)j->gqp, *gkp = (TYPE *)j->gkp;                                                      \
         const int64_t bs = j->bs, R = j->R, K = j->K, width = K * bs;                                           \
-        for (int64_t p = j->first; p < j->last; p++) {                                                          \
+        for (int64_t p = first; p < last; p++) {                                                                \
             const int64_t h = p % j->H;                                                                         \
             for (int64_t n = 0; n < j->nq; n++) {                                                               \
                 const int64_t qb = j->q_block0 + n;                                                             \
@@ -231,62 +220,30 @@ static inline uint16_t bf16_store(float f) {
             }                                                                                                   \
         }                                                                                                       \
     }                                                                                                           \
-    static void forward_task_##SUFFIX(const Job *j) { forward_items_##SUFFIX(j, (ACC *)j->scratch);  }          \
-    static void backward_task_##SUFFIX(const Job *j) { backward_planes_##SUFFIX(j, (ACC *)j->scratch);  }
+    static void forward_task_##SUFFIX(const void *job, int64_t first, int64_t last, int share) {                \
+        const Job *j = (const Job *)job;                                                                        \
+        forward_items_##SUFFIX(j, (ACC *)(j->scratch + share * j->scratch_bytes), first, last);                 \
+    }                                                                                                           \
+    static void backward_task_##SUFFIX(const void *job, int64_t first, int64_t last, int share) {               \
+        const Job *j = (const Job *)job;                                                                        \
+        backward_planes_##SUFFIX(j, (ACC *)(j->scratch + share * j->scratch_bytes), first, last);               \
+    }
 
 #define PLAIN(x) (x)
 DEFINE_KERNELS(float, float, PLAIN, PLAIN, f32)
 DEFINE_KERNELS(double, double, PLAIN, PLAIN, f64)
 DEFINE_KERNELS(uint16_t, float, bf16_load, bf16_store, bf16)
 
-typedef void (*Work)(const Job *);
-
-#include <pthread.h>
-
-typedef struct {
-    Work work;
-    Job job;
-} Task;
-
-static void *run_task(void *task) {
-    Task *t = (Task *)task;
-    t->work(&t->job);
-    return 0;
-}
-
-/* Splits [0, items) into `threads` contiguous shares; the calling thread takes the first. */
-static int run_parallel(Work work, const Job *job, int64_t items, int threads, size_t element_size) {
+/* The work items' shares on `threads` threads (shared.h), each with its own scratch. */
+static int run_parallel(ShareWork work, Job *job, int64_t items, int threads, size_t element_size) {
     if (threads > items) threads = (int)items;
     if (threads < 1) threads = 1;
-    Task *tasks = (Task *)malloc(sizeof(Task) * threads);
-    pthread_t *ids = (pthread_t *)malloc(sizeof(pthread_t) * threads);
-    char *scratch = (char *)malloc(element_size * CHUNK * job->bs * job->bs * threads);
-    if (!tasks || !ids || !scratch) {
-        free(tasks);
-        free(ids);
-        free(scratch);
-        return -1;
-    }
-    int started = 1;
-    for (int t = 0; t < threads; t++) {
-        tasks[t].work = work;
-        tasks[t].job = *job;
-        tasks[t].job.first = items * t / threads;
-        tasks[t].job.last = items * (t + 1) / threads;
-        tasks[t].job.scratch = scratch + element_size * CHUNK * job->bs * job->bs * t;
-    }
-    for (int t = 1; t < threads; t++) {
-        if (pthread_create(&ids[t], 0, run_task, &tasks[t]) != 0) break;
-        started++;
-    }
-    /* shares whose thread could not start run here */
-    for (int t = started; t < threads; t++) run_task(&tasks[t]);
-    run_task(&tasks[0]);
-    for (int t = 1; t < started; t++) pthread_join(ids[t], 0);
-    free(tasks);
-    free(ids);
-    free(scratch);
-    return 0;
+    job->scratch_bytes = element_size * CHUNK * job->bs * job->bs;
+    job->scratch = (char *)malloc(job->scratch_bytes * threads);
+    if (!job->scratch) return -1;
+    const int status = run_shares(work, job, items, threads);
+    free(job->scratch);
+    return status;
 }
 
 #define DEFINE_ENTRY_POINTS(ACC, SUFFIX)                                                                        \
@@ -295,7 +252,7 @@ static int run_parallel(Work work, const Job *job, int64_t items, int threads, s
                                     int64_t K, int64_t bs, int64_t R, int64_t Np, int64_t T, int64_t hw,        \
                                     int64_t kb_sh, int64_t kb_sn, int threads) {                                \
         Job job = {qp, kp, 0, out, 0, 0, table, kblocks, P, H, nq, q_block0, K, bs, R, Np, T, hw, kb_sh, kb_sn, \
-                   0, 0, 0};                                                                                    \
+                   0, 0};                                                                                       \
         return run_parallel(forward_task_##SUFFIX, &job, P * nq, threads, sizeof(ACC));                         \
     }                                                                                                           \
     int bbja_terms_backward_##SUFFIX(const void *grad, void *gqp, void *gkp, const int64_t *table,              \
@@ -303,7 +260,7 @@ static int run_parallel(Work work, const Job *job, int64_t items, int threads, s
                                      int64_t K, int64_t bs, int64_t R, int64_t Np, int64_t T, int64_t hw,       \
                                      int64_t kb_sh, int64_t kb_sn, int threads) {                               \
         Job job = {0, 0, grad, 0, gqp, gkp, table, kblocks, P, H, nq, q_block0, K, bs, R, Np, T, hw, kb_sh,     \
-                   kb_sn, 0, 0, 0};                                                                             \
+                   kb_sn, 0, 0};                                                                                \
         return run_parallel(backward_task_##SUFFIX, &job, P, threads, sizeof(ACC));                             \
     }
 
