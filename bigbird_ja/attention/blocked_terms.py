@@ -339,9 +339,9 @@ def _kernel_terms(op, qp, kp, table, key_blocks, B: int, H: int, Np: int, bs: in
                   traced: bool, workspace: Workspace | None = None):
     """Every relative term from the native op (`cpu_kernels`): the dense rows [B*H, dense_rows, Np] against every key
     block, and the sparse rows [B*H*nr, bs, K*bs] against their listed key_blocks [H, nr, K] (None: no sparse rows).
-    qp [B, H, Np, R], kp [B, H, T, R] (either None). Traced graphs call the op. Eagerly, with a workspace (no
-    gradient) the kernel writes into its buffers (a fresh tensor of this size is mapped and faulted in on every
-    call); with a gradient both kinds of row are one autograd node (`_KernelTerms`)."""
+    qp [B, H, Np, R], kp [B, H, T, R] (either None). With a workspace (eager, no gradient) the kernel writes into its
+    buffers (a fresh tensor of this size is mapped and faulted in on every call); eagerly with a gradient both kinds
+    of row are one autograd node (`_KernelTerms`); otherwise (traced graphs, no workspace) each calls the op."""
     qp3 = None if qp is None else qp.reshape(B * H, Np, qp.shape[-1])
     kp3 = None if kp is None else kp.reshape(B * H, kp.shape[2], kp.shape[-1])
     side = qp3 if qp3 is not None else kp3
@@ -351,13 +351,11 @@ def _kernel_terms(op, qp, kp, table, key_blocks, B: int, H: int, Np: int, bs: in
                          0))
     if key_blocks is not None:
         segments.append(("sparse terms", key_blocks, key_blocks.shape[1], Np // bs - key_blocks.shape[1]))
-    if traced:
-        terms = [op(qp3, kp3, table, kblocks, H, nq, q_block0, bs, hw) for _, kblocks, nq, q_block0 in segments]
-    elif workspace is not None:
+    if workspace is not None:  # never when traced (workspace_for)
         terms = [relative_terms_into(workspace.empty(role, (B * H * nq, bs, kblocks.shape[-1] * bs), side), qp3, kp3,
                                      table, kblocks, H, nq, q_block0, bs, hw)
                  for role, kblocks, nq, q_block0 in segments]
-    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (qp3, kp3)):
+    elif not traced and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (qp3, kp3)):
         terms = _KernelTerms.apply(qp3, kp3, table, tuple(segment[1:] for segment in segments), H, bs, hw)
     else:
         terms = [op(qp3, kp3, table, kblocks, H, nq, q_block0, bs, hw) for _, kblocks, nq, q_block0 in segments]

@@ -168,10 +168,8 @@ def _register_ops(kernel: RelativeTermsKernel):
         """The gradients of qp [P, Np, R] and kp [P, T, R] (empty where not wanted) from the terms' grad [P*nq, bs,
         K*bs]."""
         gqp, gkp = _backward_buffers(grad, nq, Np, T, R, want_qp, want_kp, torch.zeros)
-        P = grad.shape[0] // nq
-        kernel.backward(grad.contiguous().view(P, nq, bs, grad.shape[-1]), gqp if want_qp else None,
-                        gkp if want_kp else None, table.contiguous(), kblocks.contiguous(), H=H, q_block0=q_block0,
-                        bs=bs, hw=hw)
+        _backward_into(kernel, grad, gqp if want_qp else None, gkp if want_kp else None, table, kblocks, H, nq,
+                       q_block0, bs, hw)
         return gqp, gkp
 
     @relative_terms_backward_op.register_fake
@@ -211,12 +209,16 @@ def relative_terms_into(out, qp, kp, table, kblocks, H: int, nq: int, q_block0: 
     return _forward_into(KERNEL, out, qp, kp, table, kblocks, H, nq, q_block0, bs, hw)
 
 
+def _backward_into(kernel, grad, gqp, gkp, table, kblocks, H, nq, q_block0, bs, hw):
+    P = grad.shape[0] // nq
+    kernel.backward(grad.contiguous().view(P, nq, bs, grad.shape[-1]), gqp, gkp, table.contiguous(),
+                    kblocks.contiguous(), H=H, q_block0=q_block0, bs=bs, hw=hw)
+
+
 def relative_terms_backward_into(grad, gqp, gkp, table, kblocks, H: int, nq: int, q_block0: int, bs: int, hw: int):
     """The op's backward added into gqp [P, Np, R] and gkp [P, T, R] (zero-filled or accumulating, contiguous,
     either None) from the terms' gradient [P*nq, bs, K*bs]: for callers that sum several calls' gradients."""
-    P = grad.shape[0] // nq
-    KERNEL.backward(grad.contiguous().view(P, nq, bs, grad.shape[-1]), gqp, gkp, table.contiguous(),
-                    kblocks.contiguous(), H=H, q_block0=q_block0, bs=bs, hw=hw)
+    _backward_into(KERNEL, grad, gqp, gkp, table, kblocks, H, nq, q_block0, bs, hw)
 
 
 def _backward_buffers(grad, nq, Np, T, R, want_qp, want_kp, make):

@@ -305,8 +305,8 @@ class HashedDropout(torch.nn.Module):
     plane = the index over the leading dims, query token = the row, key token = the feature, a fresh seed per call
     from torch's CPU generator (so torch.manual_seed reproduces it and activation checkpointing replays it). On CPU
     with the native library this is one pass each way and nothing is saved, where torch's dropout draws a Bernoulli
-    mask (about a tenth of a CPU training step's dropout time went to that draw at 1k tokens), keeps it and
-    multiplies twice. Elsewhere (GPU, fp16, traced graphs, BIGBIRD_JA_CPU_KERNELS=0, no library) it is F.dropout,
+    mask (about 5 ms per [1024, 768] call on 2 cores, against about 0.4 ms for the hash), keeps it and multiplies
+    twice. Elsewhere (GPU, fp16, traced graphs, BIGBIRD_JA_CPU_KERNELS=0, no library) it is F.dropout,
     whose generator is the device's own."""
 
     def __init__(self, p: float):

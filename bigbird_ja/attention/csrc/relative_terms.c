@@ -236,8 +236,7 @@ DEFINE_KERNELS(uint16_t, float, bf16_load, bf16_store, bf16)
 
 /* The work items' shares on `threads` threads (shared.h), each with its own scratch. */
 static int run_parallel(ShareWork work, Job *job, int64_t items, int threads, size_t element_size) {
-    if (threads > items) threads = (int)items;
-    if (threads < 1) threads = 1;
+    threads = share_count(items, threads);
     job->scratch_bytes = element_size * CHUNK * job->bs * job->bs;
     job->scratch = (char *)malloc(job->scratch_bytes * threads);
     if (!job->scratch) return -1;

@@ -45,9 +45,14 @@ static void *run_share(void *share) {
     return 0;
 }
 
-static int run_shares(ShareWork work, const void *context, int64_t items, int threads) {
+/* how many shares run_shares makes of `items` on at most `threads` threads (callers size per-share scratch by it) */
+static inline int share_count(int64_t items, int threads) {
     if (threads > items) threads = (int)items;
-    if (threads < 1) threads = 1;
+    return threads < 1 ? 1 : threads;
+}
+
+static int run_shares(ShareWork work, const void *context, int64_t items, int threads) {
+    threads = share_count(items, threads);
     Share *shares = (Share *)malloc(sizeof(Share) * threads);
     pthread_t *ids = (pthread_t *)malloc(sizeof(pthread_t) * threads);
     if (!shares || !ids) {
