@@ -384,3 +384,56 @@ def test_a_damaged_library_file_is_reported_not_run(tmp_path, monkeypatch, kerne
     monkeypatch.setattr(dropout, "library_path", lambda: bad)
     native, why = dropout._load_native()
     assert native is None and "reinstall" in why
+
+
+def _cpu_has_avx2() -> bool:
+    try:
+        return " avx2" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and os.uname().machine == "x86_64"),
+                    reason="the kernels are built twice (AVX2 and baseline) on x86-64 ELF only")
+def test_the_avx2_and_baseline_builds_of_the_kernels_give_the_same_bits(kernel, tmp_path):
+    """csrc/shared.h builds each kernel entry point twice (AVX2 and baseline x86-64) and the loader runs the one the
+    CPU has. Vectorising must not change a bit: the library built with the baseline copy alone (-DKERNEL_ENTRY=)
+    gives what the installed one gives, for the relative terms forward and backward and for the hashed dropout, in
+    every dtype."""
+    from bigbird_ja.attention import dropout
+
+    if _cpu_has_avx2():  # the installed library carries the AVX2 copy (where its symbols were kept)
+        data = kernel.path.read_bytes()
+        if b".symtab" in data:
+            assert b"forward_task_f32.avx2" in data and b"rows_f32.avx2" in data
+    run = subprocess.run([sys.executable, "setup.py", "build_ext", "--build-lib", str(tmp_path / "lib"),
+                          "--build-temp", str(tmp_path / "tmp")], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env=dict(os.environ, CFLAGS="-DKERNEL_ENTRY="))
+    assert run.returncode == 0, run.stderr[-3000:]
+    (path,) = (tmp_path / "lib").rglob("_relative_terms*")
+    assert b"forward_task_f32.avx2" not in path.read_bytes()
+    baseline = cpu_kernels.RelativeTermsKernel(path)
+    for name in CASES:
+        for dtype in (torch.float64, torch.float32, torch.bfloat16):
+            qp, kp, table, kblocks, kw = make_case(name, dtype, seed=3)
+            nq, K, bs = kblocks.shape[1], kblocks.shape[2], kw["bs"]
+            outs, grads = [], []
+            for lib in (kernel, baseline):
+                out = torch.empty(qp.shape[0], nq, bs, K * bs, dtype=dtype)
+                lib.forward(qp, kp, out, table, kblocks, **kw)
+                gqp, gkp = torch.zeros_like(qp), torch.zeros_like(kp)
+                lib.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(4)).to(dtype), gqp, gkp,
+                             table, kblocks, **kw)
+                outs.append(out)
+                grads.append((gqp, gkp))
+            assert torch.equal(outs[0], outs[1]), (name, dtype)
+            assert all(torch.equal(a, b) for a, b in zip(*grads)), (name, dtype)
+    native_baseline = dropout._Native(path)
+    gen = torch.Generator().manual_seed(5)
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        probs = torch.rand(2, 3, 4, 37, 83, generator=gen).to(dtype)  # odd rows and keys: the vector loops' tails
+        query_pos = torch.randperm(4 * 37, generator=gen).view(4, 37)
+        key_pos = torch.randint(0, 4096, (3, 4, 83), generator=gen)
+        for view in (probs, probs.transpose(3, 4).contiguous().transpose(3, 4)):  # contiguous and strided keys
+            got = [lib(view, query_pos, key_pos, 0.1, 1234567) for lib in (dropout.NATIVE, native_baseline)]
+            assert torch.equal(got[0], got[1]), dtype

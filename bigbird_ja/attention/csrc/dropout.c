@@ -51,7 +51,7 @@ typedef struct {
         }                                                                                                       \
     }                                                                                                           \
     /* rows [first, last) of the call: row = ((b * H + h) * G + g) * R + r */                                   \
-    static void rows_##SUFFIX(const void *job, int64_t first, int64_t last, int share) {                        \
+    KERNEL_ENTRY static void rows_##SUFFIX(const void *job, int64_t first, int64_t last, int share) {           \
         const Job *j = (const Job *)job;                                                                        \
         (void)share; /* no scratch */                                                                           \
         const TYPE *in = (const TYPE *)j->in;                                                                   \

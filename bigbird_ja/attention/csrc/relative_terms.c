@@ -220,11 +220,11 @@ static int tile_kind(const int64_t *deltas, int64_t bs) { /* deltas: the table a
             }                                                                                                   \
         }                                                                                                       \
     }                                                                                                           \
-    static void forward_task_##SUFFIX(const void *job, int64_t first, int64_t last, int share) {                \
+    KERNEL_ENTRY static void forward_task_##SUFFIX(const void *job, int64_t first, int64_t last, int share) {   \
         const Job *j = (const Job *)job;                                                                        \
         forward_items_##SUFFIX(j, (ACC *)(j->scratch + share * j->scratch_bytes), first, last);                 \
     }                                                                                                           \
-    static void backward_task_##SUFFIX(const void *job, int64_t first, int64_t last, int share) {               \
+    KERNEL_ENTRY static void backward_task_##SUFFIX(const void *job, int64_t first, int64_t last, int share) {  \
         const Job *j = (const Job *)job;                                                                        \
         backward_planes_##SUFFIX(j, (ACC *)(j->scratch + share * j->scratch_bytes), first, last);               \
     }

@@ -28,6 +28,23 @@ static inline uint16_t bf16_store(float f) {
     return (uint16_t)(v.u >> 16);
 }
 
+/* The kernels' entry points (the work run_shares runs) are built twice, for AVX2 and for baseline x86-64, and the
+   loader picks the one the CPU runs (function multi-versioning, GCC and Clang on ELF): the hash's 32-bit multiplies
+   and the bf16 conversions vectorise 8 wide instead of being emulated on SSE2. `flatten` inlines every helper into
+   each copy, so that the whole kernel is built for its target. Elementwise float arithmetic only (no reassociation,
+   no contraction: no FMA is enabled), so both copies give the same bits (tests/test_cpu_kernels.py builds the
+   baseline alone, -DKERNEL_ENTRY=, and compares). Elsewhere: one baseline build. */
+#ifndef KERNEL_ENTRY
+#if defined(__x86_64__) && defined(__ELF__) && defined(__has_attribute)
+#if __has_attribute(target_clones) && __has_attribute(flatten)
+#define KERNEL_ENTRY __attribute__((target_clones("avx2", "default"), flatten))
+#endif
+#endif
+#endif
+#ifndef KERNEL_ENTRY
+#define KERNEL_ENTRY
+#endif
+
 /* work(context, first, last, share): items [first, last) of the call, share = 0 .. threads - 1 (for per-thread
    scratch) */
 typedef void (*ShareWork)(const void *context, int64_t first, int64_t last, int share);
