@@ -90,3 +90,61 @@ def test_activation_checkpointing_replays_the_dropout_mask(monkeypatch, path):
         grads.append(_grads(out, tensors))
     for name, g, ref_g in zip("q k v pos_key pos_query".split(), *grads):
         torch.testing.assert_close(g, ref_g, rtol=0, atol=0, msg=lambda m: f"grad {name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("key_heads", [1, 3])
+def test_the_fused_softmax_and_dropout_backward_is_their_gradient(monkeypatch, dtype, native, key_heads):
+    """dropout.softmax_dropout_backward_ (SlotAttention's backward: the native pass, or PyTorch's steps) writes into
+    the dropped probabilities' gradient that of the scores: autograd's through softmax and hashed_dropout, with the
+    call's mask or no dropout, on rows and keys of odd sizes."""
+    from bigbird_ja.attention import dropout as D
+
+    if not native:
+        monkeypatch.setenv("BIGBIRD_JA_CPU_KERNELS", "0")
+    elif D.NATIVE is None:
+        pytest.skip("no native library")
+    gen = torch.Generator().manual_seed(key_heads)
+    scores = (3 * torch.randn(2, 3, 5, 7, 53, generator=gen, dtype=torch.float64)).requires_grad_()
+    query_pos = torch.randperm(5 * 7, generator=gen).view(5, 7)
+    key_pos = torch.randint(0, 500, (key_heads, 5, 53), generator=gen)
+    for drop in (None, AttentionDropout(P, 987654321)):
+        probs = torch.softmax(scores, dim=-1)
+        dropped = probs if drop is None else D.hashed_dropout(probs, query_pos, key_pos, drop)
+        grad = torch.randn(dropped.shape, generator=gen, dtype=torch.float64)
+        (expected,) = torch.autograd.grad(dropped, scores, grad)
+        got = D.softmax_dropout_backward_(grad.to(dtype), probs.detach().to(dtype), query_pos, key_pos, drop)
+        tol = 1e-14 if dtype == torch.float64 else 1e-6
+        torch.testing.assert_close(got.double(), expected, rtol=0, atol=tol * expected.abs().max().item())
+        assert D.native_supports(got) == native
+
+
+def test_sparse_rows_in_training_keep_one_score_buffer_and_make_three(monkeypatch):
+    """The eager sparse rows (float32/float64) are one node (blocked_slots.SlotAttention): of the [B, H, nr, bs,
+    K*bs] score-sized buffers, one is kept for the backward (the probabilities, not also the dropped ones) and three
+    are made per forward and backward (the scores, taken over by the softmax; the dropped probabilities; the
+    backward's one), where scores, softmax, dropout and context as separate nodes kept two and made six."""
+    from bigbird_ja.attention import blocked
+
+    monkeypatch.setattr(blocked, "DENSE_MARGIN", 0.0)
+    config, tensors, padding = _inputs(131, seed=5)
+    q = tensors[0]
+    layout = layout_for(config, 0, 131)
+    B, H, bs = q.shape[0], q.shape[1], layout.block_size
+    nr, K = layout.num_blocks - layout.num_global_blocks, layout.key_blocks.shape[-1]
+    score_numel = B * H * nr * bs * K * bs
+    kept = []
+
+    def pack(t):
+        if t.numel() == score_numel:
+            kept.append(t.data_ptr())
+        return t
+
+    with torch.profiler.profile(profile_memory=True) as prof:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = _blocked(config, 0, tensors, padding)
+        _grads(out, tensors)
+    assert len(set(kept)) == 1, len(set(kept))
+    made = [e for e in prof.events() if e.self_cpu_memory_usage == score_numel * q.element_size()]
+    assert len(made) == 3, [e.name for e in made]

@@ -13,7 +13,8 @@ hw = w // 2, T = Np + 2 * hw * bs rows of k with its zero halo.
        sparse rows  each sparse query block against its K listed key blocks, [B, H, nr, bs, K*bs] (`_sparse_rows`)
 Two paths take these steps, fixed once per call (`_Path`):
   eager   structured layouts read the global and window slots where they lie (`blocked_slots`), the terms' buffer
-          takes the scores in place, and a mask is skipped where the values show it masks nothing (CPU).
+          takes the scores in place (float32/float64: and the softmax, scores to context being one node,
+          `SlotAttention`), and a mask is skipped where the values show it masks nothing (CPU).
   traced  export, ONNX, torch.compile: plain ops that autograd differentiates, every listed block copied (indexed
           into the matmul shapes, the mask added to the terms), branches on shapes only (a symbolic number of blocks
           always takes sparse rows). torch.compile without a gradient or dropout (inference) runs the eager sparse
@@ -31,7 +32,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .blocked_slots import SlotContext, SlotGeometry, SlotScores, blocked_softmax, select_blocks, slot_rows
+from .blocked_slots import (SLOT_ATTENTION_DTYPES, SlotAttention, SlotContext, SlotGeometry, SlotScores,
+                            blocked_softmax, select_blocks, slot_rows)
 from .blocked_terms import read_relative_terms
 from .cpu_kernels import relative_terms as relative_terms_kernel
 from .cpu_kernels import supports as kernel_supports
@@ -144,17 +146,22 @@ def _dense_mask(layout: BlockLayout, key_valid: torch.Tensor) -> torch.Tensor:
     return (block_mask[None, :, :, None, :, None] & key_valid.view(B, 1, 1, 1, nb, bs)).view(B, H, nb, 1, nb * bs)
 
 
+def _sparse_positions(key_blocks: torch.Tensor, g: int, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens of the sparse rows' scores: query_pos [nr, bs] (row a of sparse query block n is token (g + n) * bs
+    + a) and key_pos [H, nr, K*bs] (column s * bs + c is token key_blocks[h, n, s] * bs + c: the slot order of the
+    scores, every path)."""
+    H, nr, K = key_blocks.shape
+    query_pos = torch.arange(g * bs, (g + nr) * bs, device=key_blocks.device).view(nr, bs)
+    key_pos = (key_blocks[..., None] * bs + torch.arange(bs, device=key_blocks.device)).view(H, nr, K * bs)
+    return query_pos, key_pos
+
+
 def _sparse_dropout(probs: torch.Tensor, drop: AttentionDropout | None, key_blocks: torch.Tensor,
                     g: int) -> torch.Tensor:
-    """probs [B, H, nr, bs, K*bs] with the call's dropout: row a of sparse query block n is token (g + n) * bs + a,
-    column s * bs + c is token key_blocks[h, n, s] * bs + c (the slot order of the scores, either path)."""
+    """probs [B, H, nr, bs, K*bs] with the call's dropout (`_sparse_positions`)."""
     if drop is None:
         return probs
-    H, nr, K = key_blocks.shape
-    bs = probs.shape[3]
-    query_pos = torch.arange(g * bs, (g + nr) * bs, device=probs.device).view(nr, bs)
-    key_pos = (key_blocks[..., None] * bs + torch.arange(bs, device=probs.device)).view(H, nr, K * bs)
-    return hashed_dropout(probs, query_pos, key_pos, drop)
+    return hashed_dropout(probs, *_sparse_positions(key_blocks, g, probs.shape[3]), drop)
 
 
 def _scores(terms: torch.Tensor | None, queries: torch.Tensor, keys: torch.Tensor, traced: bool) -> torch.Tensor:
@@ -208,7 +215,12 @@ def _sparse_rows(q, k_halo, v, terms, key_valid, layout: BlockLayout, drop, path
     if path.slots_in_place or (path.slots_op and drop is None):
         geometry = SlotGeometry(B, H, nr, bs, g, path.window, K, path.workspace)  # traced: no workspace
         k_rows = (heads * (nb + 2 * hw) + key_blocks[..., g + path.window:] + hw).view(-1)  # random blocks' halo rows
-        if path.slots_in_place:
+        if path.slots_in_place and q.dtype in SLOT_ATTENTION_DTYPES:  # one node, buffers reused in place
+            v_halo = F.pad(v, (0, 0, hw * bs, hw * bs))
+            positions = (None, None) if drop is None else _sparse_positions(key_blocks, g, bs)
+            out, _ = SlotAttention.apply(q_s, k_halo.reshape(B * H, -1, D), v_halo.reshape(B * H, -1, D), terms,
+                                         k_rows, valid, geometry, drop, *positions)
+        elif path.slots_in_place:  # half precision: the softmax in float32, out of place
             scores = SlotScores.apply(q_s, k_halo.reshape(B * H, -1, D), terms, k_rows, valid, geometry)  # masked
             probs = _sparse_dropout(blocked_softmax(scores.view(B, H, nr, bs, K * bs), None), drop, key_blocks, g)
             v_halo = F.pad(v, (0, 0, hw * bs, hw * bs))

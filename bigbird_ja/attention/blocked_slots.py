@@ -7,7 +7,8 @@ The global slots are one matmul per head, the window slots a matmul against an o
 haloed keys or values, and only the random blocks are copied. `SlotScores` (scores = terms + q.k^T) and
 `SlotContext` (probs @ v) are autograd.Functions whose backward passes are the same three products
 (`_rows_times_slots`, `_weights_times_slots`, `_weights_t_times_rows`): autograd through the strided views would
-allocate and zero a full gradient per view.
+allocate and zero a full gradient per view. In float32 and float64 training `SlotAttention` runs SlotScores'
+products, the softmax, dropout and SlotContext's products as one node that reuses its score-sized buffers.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .dropout import hashed_dropout, softmax_dropout_backward_
 from .workspace import Workspace
 
 
@@ -229,6 +231,70 @@ class SlotContext(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_v = _weights_t_times_rows(probs, grad, v, random_rows, geo)
         return grad_probs, grad_v, None, None
+
+
+SLOT_ATTENTION_DTYPES = (torch.float32, torch.float64)  # the softmax's compute dtypes: it can run in place
+
+
+class SlotAttention(torch.autograd.Function):
+    """context [B*H*nr, bs, D] of the sparse rows of a structured layout, float32 / float64: scores = terms + q.k^T
+    (SlotScores' products, into the terms' buffer, masked keys filled), the softmax in place, dropout, probs @ v, as
+    one node whose score-sized buffers are reused. The forward keeps the probabilities (in the scores' buffer) and
+    drops the dropped ones once they are multiplied; the backward regenerates them from the hash into one buffer,
+    which then takes the gradient of the dropped probabilities and, in place, that of the scores
+    (`dropout.softmax_dropout_backward_`). Per call three score-sized buffers are made instead of the six of
+    SlotScores, softmax, dropout and SlotContext as separate nodes, and one is kept for the backward instead of two:
+    a fresh buffer costs a page fault per 4 KiB on CPU (at 2k tokens about 16 ms per buffer here, more than the pass
+    over it; docs/performance.md). terms [B*H*nr, bs, K*bs] or None; drop None or the call's dropout, with
+    query_pos [nr, bs] and key_pos [H, nr, K*bs] the tokens of the rows and columns. Returns (context, probs); probs
+    (the terms' buffer when given) is not differentiable."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, terms, random_rows, valid, geo: SlotGeometry, drop, query_pos, key_pos):
+        random_k = geo.select_random(k, random_rows, "random keys") if geo.r else None
+        scores = q.new_empty(q.shape[0], geo.bs, geo.K * geo.bs) if terms is None else terms
+        _rows_times_slots(q, k, random_k, scores, geo, beta=0.0 if terms is None else 1.0)
+        fill_masked_tiles(scores, valid)
+        probs = torch.softmax(scores, dim=-1, out=scores)
+        weights = probs if drop is None else _dropped(probs, geo, drop, query_pos, key_pos)
+        random_v = geo.select_random(v, random_rows, "random values") if geo.r else None
+        out = _weights_times_slots(weights, v, random_v, geo)
+        ctx.geo, ctx.drop = geo, drop
+        ctx.save_for_backward(q, k, v, random_k, random_v, random_rows, probs, query_pos, key_pos)
+        ctx.set_materialize_grads(False)
+        if terms is not None:
+            ctx.mark_dirty(terms)
+        ctx.mark_non_differentiable(probs)
+        return out, probs
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        q, k, v, random_k, random_v, random_rows, probs, query_pos, key_pos = ctx.saved_tensors
+        geo, drop = ctx.geo, ctx.drop
+        want_q, want_k, want_v, want_terms = ctx.needs_input_grad[:4]
+        if grad is None:
+            return (None,) * 10
+        grad = grad.contiguous()
+        buffer = None if drop is None else _dropped(probs, geo, drop, query_pos, key_pos)  # the dropped probs
+        grad_v = _weights_t_times_rows(probs if drop is None else buffer, grad, v, random_rows, geo) \
+            if want_v else None
+        grad_q = grad_k = grad_terms = None
+        if want_q or want_k or want_terms:
+            # the dropped probabilities' gradient into the same buffer, then in place the scores'
+            buffer = _rows_times_slots(grad, v, random_v, probs.new_empty(probs.shape) if buffer is None else buffer,
+                                       geo, beta=0.0)
+            shape = (geo.B, geo.H, geo.nr, geo.bs, geo.K * geo.bs)
+            softmax_dropout_backward_(buffer.view(shape), probs.view(shape), query_pos, key_pos, drop)
+            grad_q = _weights_times_slots(buffer, k, random_k, geo) if want_q else None
+            grad_k = _weights_t_times_rows(buffer, q, k, random_rows, geo) if want_k else None
+            grad_terms = buffer if want_terms else None
+        return grad_q, grad_k, grad_v, grad_terms, None, None, None, None, None, None
+
+
+def _dropped(probs, geo: SlotGeometry, drop, query_pos, key_pos) -> torch.Tensor:
+    """probs [B*H*nr, bs, K*bs] with the call's dropout (a new buffer)."""
+    shape = (geo.B, geo.H, geo.nr, geo.bs, geo.K * geo.bs)
+    return hashed_dropout(probs.view(shape), query_pos, key_pos, drop).view(probs.shape)
 
 
 def _slot_rows(q_s: torch.Tensor, k_heads: torch.Tensor, v_heads: torch.Tensor, terms: torch.Tensor | None,

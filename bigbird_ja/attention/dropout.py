@@ -45,6 +45,7 @@ SEED_LIMIT = 2 ** 62
 # The PyTorch hash's elements at a time. CPU: below torch's parallel grain (32,768), so its ~20 ops a chunk run
 # without a thread barrier each, on int64 temporaries that stay in L2; elsewhere: large, few kernel launches.
 CHUNK_ELEMENTS = {"cpu": 1 << 14, "other": 1 << 22}
+SOFTMAX_BACKWARD_DTYPES = (torch.float32, torch.float64)  # csrc/dropout.c's fused softmax + dropout backward
 
 
 @dataclass(frozen=True)
@@ -206,6 +207,31 @@ class _Native:
                                                                             ctypes.c_double, ctypes.c_int]
             fn.restype = ctypes.c_int
             self.functions[dtype] = fn
+        self.backward_functions = {}
+        for dtype in SOFTMAX_BACKWARD_DTYPES:
+            fn = getattr(lib, f"bbja_softmax_dropout_backward_{self.SUFFIXES[dtype]}")
+            fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 6 + [ctypes.c_uint64, ctypes.c_uint32,
+                                                                           ctypes.c_double, ctypes.c_int, ctypes.c_int]
+            fn.restype = ctypes.c_int
+            self.backward_functions[dtype] = fn
+
+    def softmax_backward_(self, grad, probs, query_pos, key_pos, drop):
+        """softmax_dropout_backward_ in C (grad, probs contiguous float32 / float64 of one shape)."""
+        B, H, G, R, C = grad.shape
+        if grad.numel() == 0:
+            return grad
+        positions, key_heads = (None, None), 1
+        if drop is not None:
+            query_pos, key_pos = query_pos.contiguous(), key_pos.contiguous()
+            positions = ctypes.c_void_p(query_pos.data_ptr()), ctypes.c_void_p(key_pos.data_ptr())
+            key_heads = key_pos.shape[0]
+        status = self.backward_functions[grad.dtype](
+            ctypes.c_void_p(grad.data_ptr()), ctypes.c_void_p(probs.data_ptr()), *positions, B, H, G, R, C,
+            key_heads, 0 if drop is None else drop.seed, 0 if drop is None else drop.threshold,
+            1.0 if drop is None else drop.scale, drop is not None, torch.get_num_threads())
+        if status != 0:
+            raise MemoryError("bigbird_ja softmax backward: out of memory for its thread list")
+        return grad
 
     def __call__(self, probs, query_pos, key_pos, p, seed):
         drop = AttentionDropout(p, seed)
@@ -240,6 +266,24 @@ NATIVE, _NATIVE_WHY_NOT = _load_native()
 if NATIVE is None and _NATIVE_WHY_NOT is not None:
     logging.getLogger(__name__).warning("bigbird_ja: attention dropout takes the slower PyTorch hash: %s.",
                                         _NATIVE_WHY_NOT)
+
+
+def softmax_dropout_backward_(grad: torch.Tensor, probs: torch.Tensor, query_pos: torch.Tensor | None,
+                              key_pos: torch.Tensor | None, drop: AttentionDropout | None) -> torch.Tensor:
+    """The backward of `hashed_dropout(softmax(scores), query_pos, key_pos, drop)` (drop None: of the softmax
+    alone, and the positions may be None), written into grad: grad [B, H, G, R, C] holds the gradient of the dropped probabilities and is
+    overwritten with that of the scores; probs (the softmax's output) has its shape. One pass per row on CPU with the
+    native library (float32 / float64, both contiguous); elsewhere the same steps in PyTorch. For callers that own
+    grad's buffer (blocked_slots.SlotAttention)."""
+    if drop is not None:
+        _check(grad, query_pos, key_pos)
+    if (native_supports(grad) and grad.dtype in SOFTMAX_BACKWARD_DTYPES and probs.dtype == grad.dtype
+            and grad.is_contiguous() and probs.is_contiguous() and probs.shape == grad.shape):
+        return NATIVE.softmax_backward_(grad, probs, query_pos, key_pos, drop)
+    if drop is not None:
+        grad.copy_(dropout_reference(grad, query_pos, key_pos, drop.p, int(drop.seed)))
+    dot = torch.linalg.vecdot(grad, probs, dim=-1).unsqueeze(-1)
+    return grad.sub_(dot).mul_(probs)
 
 
 def native_supports(probs: torch.Tensor) -> bool:

@@ -5,7 +5,8 @@
    in [B, H, G, R, C] with any strides (elements), out contiguous; qpos [G, R] and kpos [Hk, G, C] int64, contiguous
    (Hk 1: one set of key positions for every head). Plain C with pthreads, no torch headers and no OpenMP runtime,
    built into the same library as relative_terms.c; the caller passes the number of threads
-   (torch.get_num_threads()). */
+   (torch.get_num_threads()). Also here: the backward of softmax and this dropout in one pass, in place
+   (bbja_softmax_dropout_backward_*, for blocked_slots.SlotAttention). */
 
 #include <stdint.h>
 #include <stdlib.h>
@@ -82,14 +83,77 @@ DEFINE_KERNEL(float, float, PLAIN, PLAIN, f32)
 DEFINE_KERNEL(double, double, PLAIN, PLAIN, f64)
 DEFINE_KERNEL(uint16_t, float, bf16_load, bf16_store, bf16)
 
+/* The backward of softmax and then dropout, in place on the gradient of the dropped probabilities, row by row:
+       g <- g * keep * scale            (dropout's backward: the forward's mask, regenerated; none: threshold 0, scale 1)
+       g <- probs * (g - sum(g * probs)) (softmax's backward, probs its output)
+   grad and probs [B, H, G, R, C] contiguous. The row's sum runs in eight lanes added in a fixed order (vectorised
+   the same way in every build: the AVX2 and baseline copies give the same bits). float32 and float64. */
+typedef struct {
+    void *grad;
+    const void *probs;
+    const int64_t *qpos, *kpos;
+    int64_t B, H, G, R, C, Hk;
+    uint32_t seed_state[2], threshold;
+    double scale;
+    int dropout;
+} BackwardJob;
+
+#define LANES 8
+
+#define DEFINE_SOFTMAX_BACKWARD(TYPE, SUFFIX)                                                                   \
+    static void grad_row_##SUFFIX(TYPE *restrict g, const TYPE *restrict p, const int64_t *restrict kpos,       \
+                                  int64_t C, uint32_t a, uint32_t b, uint32_t threshold, TYPE scale,            \
+                                  int dropout) {                                                                \
+        if (dropout)                                                                                            \
+            for (int64_t c = 0; c < C; c++) g[c] *= mix(a ^ ((uint32_t)kpos[c] * b)) >= threshold ? scale : 0;  \
+        TYPE lanes[LANES] = {0};                                                                                \
+        int64_t c = 0;                                                                                          \
+        for (; c + LANES <= C; c += LANES)                                                                      \
+            for (int l = 0; l < LANES; l++) lanes[l] += g[c + l] * p[c + l];                                    \
+        TYPE dot = 0;                                                                                           \
+        for (int l = 0; l < LANES; l++) dot += lanes[l];                                                        \
+        for (; c < C; c++) dot += g[c] * p[c];                                                                  \
+        for (c = 0; c < C; c++) g[c] = p[c] * (g[c] - dot);                                                     \
+    }                                                                                                           \
+    KERNEL_ENTRY static void grad_rows_##SUFFIX(const void *job, int64_t first, int64_t last, int share) {      \
+        const BackwardJob *j = (const BackwardJob *)job;                                                        \
+        (void)share;                                                                                            \
+        int64_t plane = -1;                                                                                     \
+        uint32_t t[2] = {0, 0};                                                                                 \
+        for (int64_t row = first; row < last; row++) {                                                          \
+            const int64_t r = row % j->R, g = (row / j->R) % j->G, p = row / (j->R * j->G);                     \
+            const int64_t *kpos = 0; /* no dropout: positions neither given nor read */                         \
+            uint32_t a = 0, key = 0;                                                                            \
+            if (j->dropout) {                                                                                   \
+                if (p != plane) {                                                                               \
+                    plane = p;                                                                                  \
+                    for (int l = 0; l < 2; l++) t[l] = mix(j->seed_state[l] ^ (uint32_t)p);                     \
+                }                                                                                               \
+                const uint32_t i = (uint32_t)j->qpos[g * j->R + r];                                             \
+                a = mix(t[0] ^ i);                                                                              \
+                key = mix(t[1] ^ i) | 1u;                                                                       \
+                kpos = j->kpos + ((j->Hk == 1 ? 0 : p % j->H) * j->G + g) * j->C;                               \
+            }                                                                                                   \
+            grad_row_##SUFFIX((TYPE *)j->grad + row * j->C, (const TYPE *)j->probs + row * j->C, kpos, j->C, a, \
+                              key, j->threshold, (TYPE)j->scale, j->dropout);                                   \
+        }                                                                                                       \
+    }
+
+DEFINE_SOFTMAX_BACKWARD(float, f32)
+DEFINE_SOFTMAX_BACKWARD(double, f64)
+
 #define MIN_ELEMENTS_PER_THREAD 32768 /* below this a thread costs more than it saves */
 
-/* The rows' shares on at most `threads` threads (shared.h). */
-static int run_rows(ShareWork work, const Job *job, int threads) {
-    const int64_t rows = job->B * job->H * job->G * job->R;
-    const int64_t most = rows * job->C / MIN_ELEMENTS_PER_THREAD;
+/* `rows` rows of C elements in shares on at most `threads` threads (shared.h). */
+static int run_rows(ShareWork work, const void *job, int64_t rows, int64_t C, int threads) {
+    const int64_t most = rows * C / MIN_ELEMENTS_PER_THREAD;
     if (threads > most) threads = (int)most;
     return run_shares(work, job, rows, threads);
+}
+
+/* the two lanes' states of a seed (dropout.py: s_A, s_B) */
+static void seed_states(uint64_t seed, uint32_t states[2]) {
+    for (int l = 0; l < 2; l++) states[l] = mix(mix((uint32_t)seed ^ LANE_KEYS[l]) ^ (uint32_t)(seed >> 32));
 }
 
 #define DEFINE_ENTRY_POINT(SUFFIX)                                                                              \
@@ -98,11 +162,23 @@ static int run_rows(ShareWork work, const Job *job, int threads) {
                               int64_t sg, int64_t sr, int64_t sc, uint64_t seed, uint32_t threshold,            \
                               double scale, int threads) {                                                      \
         Job job = {in, out, qpos, kpos, B, H, G, R, C, Hk, sb, sh, sg, sr, sc, {0, 0}, threshold, scale};       \
-        for (int l = 0; l < 2; l++)                                                                             \
-            job.seed_state[l] = mix(mix((uint32_t)seed ^ LANE_KEYS[l]) ^ (uint32_t)(seed >> 32));               \
-        return run_rows(rows_##SUFFIX, &job, threads);                                                          \
+        seed_states(seed, job.seed_state);                                                                      \
+        return run_rows(rows_##SUFFIX, &job, B * H * G * R, C, threads);                                        \
     }
 
 DEFINE_ENTRY_POINT(f32)
 DEFINE_ENTRY_POINT(f64)
 DEFINE_ENTRY_POINT(bf16)
+
+#define DEFINE_BACKWARD_ENTRY_POINT(SUFFIX)                                                                     \
+    int bbja_softmax_dropout_backward_##SUFFIX(void *grad, const void *probs, const int64_t *qpos,              \
+                                               const int64_t *kpos, int64_t B, int64_t H, int64_t G, int64_t R, \
+                                               int64_t C, int64_t Hk, uint64_t seed, uint32_t threshold,        \
+                                               double scale, int dropout, int threads) {                        \
+        BackwardJob job = {grad, probs, qpos, kpos, B, H, G, R, C, Hk, {0, 0}, threshold, scale, dropout};     \
+        seed_states(seed, job.seed_state);                                                                      \
+        return run_rows(grad_rows_##SUFFIX, &job, B * H * G * R, C, threads);                                   \
+    }
+
+DEFINE_BACKWARD_ENTRY_POINT(f32)
+DEFINE_BACKWARD_ENTRY_POINT(f64)
