@@ -367,9 +367,10 @@ def _kernel_terms(op, qp, kp, table, key_blocks, B: int, H: int, Np: int, bs: in
 
 class _KernelTerms(torch.autograd.Function):
     """The native kernel's terms of every kind of row (segments: (kblocks, query blocks, first query block) each) as
-    one autograd node, eager with a gradient: its backward adds every kind's gradient into one zero-filled gradient
-    per product, where an op call per kind would fill one each and autograd would then sum them (at 1k tokens and
-    base dims that was a fifth of the kernel's backward time). The op's own autograd formula serves traced graphs."""
+    one autograd node, eager with a gradient: its backward adds every kind's gradient into one gradient per product
+    (zeroed plane by plane by the first kind's kernel call), where an op call per kind would fill one each and
+    autograd would then sum them (at 1k tokens and base dims that was a fifth of the kernel's backward time). The
+    op's own autograd formula serves traced graphs."""
 
     @staticmethod
     def forward(ctx, qp3, kp3, table, segments, H: int, bs: int, hw: int):
@@ -387,12 +388,16 @@ class _KernelTerms(torch.autograd.Function):
     def backward(ctx, *grads):
         table, *kblocks = ctx.saved_tensors
         H, bs, hw = ctx.args
-        gqp, gkp = [torch.zeros(shape[0], dtype=shape[1]) if shape is not None and needed else None
+        gqp, gkp = [torch.empty(shape[0], dtype=shape[1]) if shape is not None and needed else None
                     for shape, needed in zip(ctx.shapes, ctx.needs_input_grad[:2])]
         if gqp is not None or gkp is not None:
+            first = True  # the first kind of row's call zeroes the gradients (on the kernel's threads), the rest add
             for grad, blocks, (nq, q_block0) in zip(grads, kblocks, ctx.rows):
                 if grad is not None:
-                    relative_terms_backward_into(grad, gqp, gkp, table, blocks, H, nq, q_block0, bs, hw)
+                    relative_terms_backward_into(grad, gqp, gkp, table, blocks, H, nq, q_block0, bs, hw, zero=first)
+                    first = False
+            if first:  # no kind of row had a gradient
+                gqp, gkp = [None if g is None else g.zero_() for g in (gqp, gkp)]
         return gqp, gkp, None, None, None, None, None
 
 

@@ -80,19 +80,21 @@ class RelativeTermsKernel:
         self.path = path
         check_complete(path)
         lib = ctypes.CDLL(str(path))
-        args = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 12 + [ctypes.c_int]
+        args = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 12
         self._functions = {}
         for direction in ("forward", "backward"):
             for dtype, suffix in SUFFIXES.items():
                 fn = getattr(lib, f"bbja_terms_{direction}_{suffix}")
-                fn.argtypes, fn.restype = args, ctypes.c_int
+                # the backward's extra int: zero the gradients first; the last: the number of threads
+                fn.argtypes = args + [ctypes.c_int] * (2 if direction == "backward" else 1)
+                fn.restype = ctypes.c_int
                 self._functions[direction, dtype] = fn
 
     @staticmethod
     def _pointer(t: torch.Tensor | None):
         return None if t is None else ctypes.c_void_p(t.data_ptr())
 
-    def _call(self, direction, tiles, q_side, k_side, table, kblocks, H, q_block0, bs, hw):
+    def _call(self, direction, tiles, q_side, k_side, table, kblocks, H, q_block0, bs, hw, zero=False):
         """tiles [P, nq, bs, K*bs]: the terms (forward: written) or their gradient (backward: read); q_side [P, Np, R]
         and k_side [P, T, R]: qp / kp (forward: read) or their gradients (backward: accumulated), either None."""
         side = q_side if q_side is not None else k_side
@@ -124,9 +126,10 @@ class RelativeTermsKernel:
                                     and T >= (nb + 2 * hw) * bs), f"kp: [{P}, >= {(nb + 2 * hw) * bs}, {R}]")
         # the C functions take (qp, kp, out) forward and (grad, gqp, gkp) backward
         tensors = (q_side, k_side, tiles) if direction == "forward" else (tiles, q_side, k_side)
+        flags = () if direction == "forward" else (int(zero),)
         status = self._functions[direction, tiles.dtype](
             *[self._pointer(t) for t in tensors], self._pointer(table), self._pointer(kblocks_3d),
-            P, H, nq, q_block0, K, bs, R, Np, T, hw, kb_sh, kb_sn, torch.get_num_threads())
+            P, H, nq, q_block0, K, bs, R, Np, T, hw, kb_sh, kb_sn, *flags, torch.get_num_threads())
         if status != 0:
             raise MemoryError("bigbird_ja CPU kernel: out of memory for its thread list")
 
@@ -135,9 +138,10 @@ class RelativeTermsKernel:
         (h: head; size 1: the same for every head or row); qp [P, Np, R] or None, kp [P, T, R] or None."""
         self._call("forward", out, qp, kp, table, kblocks, H, q_block0, bs, hw)
 
-    def backward(self, grad, gqp, gkp, table, kblocks, *, H, q_block0, bs, hw):
-        """gqp / gkp (zero-filled or accumulating, contiguous, either None) += the gradient of forward's reads."""
-        self._call("backward", grad.contiguous(), gqp, gkp, table, kblocks, H, q_block0, bs, hw)
+    def backward(self, grad, gqp, gkp, table, kblocks, *, H, q_block0, bs, hw, zero=False):
+        """gqp / gkp (contiguous, either None) += the gradient of forward's reads; zero: their contents are
+        ignored (overwritten: each plane zeroed by the thread that then adds into it)."""
+        self._call("backward", grad.contiguous(), gqp, gkp, table, kblocks, H, q_block0, bs, hw, zero)
 
 
 def _register_ops(kernel: RelativeTermsKernel):
@@ -167,9 +171,9 @@ def _register_ops(kernel: RelativeTermsKernel):
                                    want_kp: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The gradients of qp [P, Np, R] and kp [P, T, R] (empty where not wanted) from the terms' grad [P*nq, bs,
         K*bs]."""
-        gqp, gkp = _backward_buffers(grad, nq, Np, T, R, want_qp, want_kp, torch.zeros)
+        gqp, gkp = _backward_buffers(grad, nq, Np, T, R, want_qp, want_kp, torch.empty)
         _backward_into(kernel, grad, gqp if want_qp else None, gkp if want_kp else None, table, kblocks, H, nq,
-                       q_block0, bs, hw)
+                       q_block0, bs, hw, zero=True)
         return gqp, gkp
 
     @relative_terms_backward_op.register_fake
@@ -209,16 +213,18 @@ def relative_terms_into(out, qp, kp, table, kblocks, H: int, nq: int, q_block0: 
     return _forward_into(KERNEL, out, qp, kp, table, kblocks, H, nq, q_block0, bs, hw)
 
 
-def _backward_into(kernel, grad, gqp, gkp, table, kblocks, H, nq, q_block0, bs, hw):
+def _backward_into(kernel, grad, gqp, gkp, table, kblocks, H, nq, q_block0, bs, hw, zero=False):
     P = grad.shape[0] // nq
     kernel.backward(grad.contiguous().view(P, nq, bs, grad.shape[-1]), gqp, gkp, table.contiguous(),
-                    kblocks.contiguous(), H=H, q_block0=q_block0, bs=bs, hw=hw)
+                    kblocks.contiguous(), H=H, q_block0=q_block0, bs=bs, hw=hw, zero=zero)
 
 
-def relative_terms_backward_into(grad, gqp, gkp, table, kblocks, H: int, nq: int, q_block0: int, bs: int, hw: int):
-    """The op's backward added into gqp [P, Np, R] and gkp [P, T, R] (zero-filled or accumulating, contiguous,
-    either None) from the terms' gradient [P*nq, bs, K*bs]: for callers that sum several calls' gradients."""
-    _backward_into(KERNEL, grad, gqp, gkp, table, kblocks, H, nq, q_block0, bs, hw)
+def relative_terms_backward_into(grad, gqp, gkp, table, kblocks, H: int, nq: int, q_block0: int, bs: int, hw: int,
+                                 zero: bool = False):
+    """The op's backward added into gqp [P, Np, R] and gkp [P, T, R] (contiguous, either None) from the terms'
+    gradient [P*nq, bs, K*bs]: for callers that sum several calls' gradients. zero: the first call, into fresh
+    buffers (their contents ignored)."""
+    _backward_into(KERNEL, grad, gqp, gkp, table, kblocks, H, nq, q_block0, bs, hw, zero)
 
 
 def _backward_buffers(grad, nq, Np, T, R, want_qp, want_kp, make):

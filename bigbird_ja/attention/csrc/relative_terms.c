@@ -9,13 +9,15 @@
 
    qp [P, Np, R] holds q . pos_key with its columns reversed, kp [P, T, R] holds k . pos_query with hw halo blocks
    before the keys (see blocked.py's _Relative). Either may be NULL (that term is absent). The backward adds the
-   terms' gradient where each term was read; it runs one plane per thread, as different query blocks read the same
+   terms' gradient where each term was read (into each plane's gradients zeroed first, when asked: the plane's
+   thread faults in and zeroes them just before it adds, instead of a separate pass); it runs one plane per thread, as different query blocks read the same
    key rows of kp. Plain C with pthreads, no torch headers and no OpenMP runtime: `pip install` builds it (setup.py)
    wherever a C compiler is, and cpu_kernels.py loads it with ctypes and registers it as a torch op. The caller
    passes the number of threads (torch.get_num_threads()); torch's own pool is idle while the caller waits. */
 
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "shared.h"
 
@@ -24,6 +26,7 @@ typedef struct {
     void *out, *gqp, *gkp;
     const int64_t *table, *kblocks;
     int64_t P, H, nq, q_block0, K, bs, R, Np, T, hw, kb_sh, kb_sn;
+    int zero;             /* backward: zero each plane's gradients before adding into them (else add to what is there) */
     char *scratch;        /* every thread's: share t's CHUNK * bs * bs elements start at t * scratch_bytes */
     size_t scratch_bytes;
 } Job;
@@ -208,6 +211,10 @@ static int tile_kind(const int64_t *deltas, int64_t bs) { /* deltas: the table a
         const int64_t bs = j->bs, R = j->R, K = j->K, width = K * bs;                                           \
         for (int64_t p = first; p < last; p++) {                                                                \
             const int64_t h = p % j->H;                                                                         \
+            if (j->zero) { /* the plane's gradients written here first: faulted in and zeroed on this thread */ \
+                if (gqp) memset(gqp + p * j->Np * R, 0, sizeof(TYPE) * j->Np * R);                              \
+                if (gkp) memset(gkp + p * j->T * R, 0, sizeof(TYPE) * j->T * R);                                \
+            }                                                                                                   \
             for (int64_t n = 0; n < j->nq; n++) {                                                               \
                 const int64_t qb = j->q_block0 + n;                                                             \
                 TYPE *gq_rows = gqp ? gqp + (p * j->Np + qb * bs) * R : 0;                                      \
@@ -251,15 +258,15 @@ static int run_parallel(ShareWork work, Job *job, int64_t items, int threads, si
                                     int64_t K, int64_t bs, int64_t R, int64_t Np, int64_t T, int64_t hw,        \
                                     int64_t kb_sh, int64_t kb_sn, int threads) {                                \
         Job job = {qp, kp, 0, out, 0, 0, table, kblocks, P, H, nq, q_block0, K, bs, R, Np, T, hw, kb_sh, kb_sn, \
-                   0, 0};                                                                                       \
+                   0, 0, 0};                                                                                    \
         return run_parallel(forward_task_##SUFFIX, &job, P * nq, threads, sizeof(ACC));                         \
     }                                                                                                           \
     int bbja_terms_backward_##SUFFIX(const void *grad, void *gqp, void *gkp, const int64_t *table,              \
                                      const int64_t *kblocks, int64_t P, int64_t H, int64_t nq, int64_t q_block0, \
                                      int64_t K, int64_t bs, int64_t R, int64_t Np, int64_t T, int64_t hw,       \
-                                     int64_t kb_sh, int64_t kb_sn, int threads) {                               \
+                                     int64_t kb_sh, int64_t kb_sn, int zero, int threads) {                     \
         Job job = {0, 0, grad, 0, gqp, gkp, table, kblocks, P, H, nq, q_block0, K, bs, R, Np, T, hw, kb_sh,     \
-                   kb_sn, 0, 0};                                                                                \
+                   kb_sn, zero, 0, 0};                                                                          \
         return run_parallel(backward_task_##SUFFIX, &job, P, threads, sizeof(ACC));                             \
     }
 
