@@ -40,7 +40,7 @@ from .cpu_kernels import supports as kernel_supports
 from .dropout import AttentionDropout, hashed_dropout
 from .layout import BlockLayout
 from .relative import RelativePositionSpec
-from .workspace import Workspace, workspace_for
+from .workspace import ReusePool, Workspace, pool_for, workspace_for
 
 # Dense rows cost less per score than sparse rows (one large matmul, no block copies or gathers): the dense path is
 # taken while its block pairs are at most this multiple of the sparse path's (benchmarks/README.md: how it was set).
@@ -64,6 +64,7 @@ class _Path:
     window: int  # window slots whose terms are read as bands, and eagerly whose keys are read in place (0: none)
     workspace: Workspace | None  # scratch buffers (no-gradient eager CPU, inside a model forward or kept)
     needs_grad: bool  # a gradient flows to some input
+    pool: ReusePool | None  # large buffers reused between steps (eager CPU training)
 
     @classmethod
     def choose(cls, q: torch.Tensor, layout: BlockLayout, *inputs: torch.Tensor | None) -> "_Path":
@@ -71,7 +72,8 @@ class _Path:
         traced = isinstance(nb, torch.SymInt) or torch.compiler.is_compiling()
         dense = nb == g or _dense_is_cheaper(nb, g, layout.key_blocks.shape[-1])
         needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, *inputs))
-        return cls(traced, dense, 0 if dense else layout.num_window_blocks, workspace_for(q, traced), needs_grad)
+        return cls(traced, dense, 0 if dense else layout.num_window_blocks, workspace_for(q, traced), needs_grad,
+                   pool_for(q, traced) if needs_grad else None)
 
     @property
     def slots_in_place(self) -> bool:
@@ -108,7 +110,7 @@ def blocked_attention(
     # 2. the relative terms of every listed score
     op = None if torch.compiler.is_exporting() or not kernel_supports(q) else relative_terms_kernel()
     dense_terms, sparse_terms = read_relative_terms(q, k_halo, pos_key, pos_query, rel_spec, layout, path.dense,
-                                                    path.window, path.traced, path.workspace, op)
+                                                    path.window, path.traced, path.workspace, op, path.pool)
     # 3. scores, masked softmax, dropout, probabilities @ v: every query block against every key block (short
     #    inputs) ...
     if path.dense:
@@ -219,7 +221,7 @@ def _sparse_rows(q, k_halo, v, terms, key_valid, layout: BlockLayout, drop, path
             v_halo = F.pad(v, (0, 0, hw * bs, hw * bs))
             positions = (None, None) if drop is None else _sparse_positions(key_blocks, g, bs)
             out, _ = SlotAttention.apply(q_s, k_halo.reshape(B * H, -1, D), v_halo.reshape(B * H, -1, D), terms,
-                                         k_rows, valid, geometry, drop, *positions)
+                                         k_rows, valid, geometry, drop, *positions, path.pool)
         elif path.slots_in_place:  # half precision: the softmax in float32, out of place
             scores = SlotScores.apply(q_s, k_halo.reshape(B * H, -1, D), terms, k_rows, valid, geometry)  # masked
             probs = _sparse_dropout(blocked_softmax(scores.view(B, H, nr, bs, K * bs), None), drop, key_blocks, g)

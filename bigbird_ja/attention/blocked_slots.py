@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .dropout import hashed_dropout, softmax_dropout_backward_
-from .workspace import Workspace
+from .dropout import hashed_dropout_into, softmax_dropout_backward_
+from .workspace import ReusePool, Workspace
 
 
 def select_blocks(x: torch.Tensor, index: torch.Tensor, traced: bool, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -242,24 +242,27 @@ class SlotAttention(torch.autograd.Function):
     one node whose score-sized buffers are reused. The forward keeps the probabilities (in the scores' buffer) and
     drops the dropped ones once they are multiplied; the backward regenerates them from the hash into one buffer,
     which then takes the gradient of the dropped probabilities and, in place, that of the scores
-    (`dropout.softmax_dropout_backward_`). Per call three score-sized buffers are made instead of the six of
-    SlotScores, softmax, dropout and SlotContext as separate nodes, and one is kept for the backward instead of two:
-    a fresh buffer costs a page fault per 4 KiB on CPU (at 2k tokens about 16 ms per buffer here, more than the pass
-    over it; docs/performance.md). terms [B*H*nr, bs, K*bs] or None; drop None or the call's dropout, with
+    (`dropout.softmax_dropout_backward_`). Per call three score-sized buffers are taken instead of the six of
+    SlotScores, softmax, dropout and SlotContext as separate nodes, and one is kept for the backward instead of two;
+    `pool` (eager training, else None) serves them again in later calls: a fresh buffer is mapped, faulted in and
+    zeroed by the kernel (at 2k tokens about 16 ms per buffer here, more than the pass over it). terms [B*H*nr, bs, K*bs] or None; drop None or the call's dropout, with
     query_pos [nr, bs] and key_pos [H, nr, K*bs] the tokens of the rows and columns. Returns (context, probs); probs
     (the terms' buffer when given) is not differentiable."""
 
     @staticmethod
-    def forward(ctx, q, k, v, terms, random_rows, valid, geo: SlotGeometry, drop, query_pos, key_pos):
+    def forward(ctx, q, k, v, terms, random_rows, valid, geo: SlotGeometry, drop, query_pos, key_pos,
+                pool: ReusePool | None):
         random_k = geo.select_random(k, random_rows, "random keys") if geo.r else None
-        scores = q.new_empty(q.shape[0], geo.bs, geo.K * geo.bs) if terms is None else terms
+        shape = (q.shape[0], geo.bs, geo.K * geo.bs)
+        scores = _empty(pool, shape, q) if terms is None else terms
         _rows_times_slots(q, k, random_k, scores, geo, beta=0.0 if terms is None else 1.0)
         fill_masked_tiles(scores, valid)
         probs = torch.softmax(scores, dim=-1, out=scores)
-        weights = probs if drop is None else _dropped(probs, geo, drop, query_pos, key_pos)
+        weights = probs if drop is None else _dropped(_empty(pool, shape, q), probs, geo, drop, query_pos, key_pos)
         random_v = geo.select_random(v, random_rows, "random values") if geo.r else None
         out = _weights_times_slots(weights, v, random_v, geo)
-        ctx.geo, ctx.drop = geo, drop
+        del weights  # back to the pool
+        ctx.geo, ctx.drop, ctx.pool = geo, drop, pool
         ctx.save_for_backward(q, k, v, random_k, random_v, random_rows, probs, query_pos, key_pos)
         ctx.set_materialize_grads(False)
         if terms is not None:
@@ -273,28 +276,33 @@ class SlotAttention(torch.autograd.Function):
         geo, drop = ctx.geo, ctx.drop
         want_q, want_k, want_v, want_terms = ctx.needs_input_grad[:4]
         if grad is None:
-            return (None,) * 10
+            return (None,) * 11
         grad = grad.contiguous()
-        buffer = None if drop is None else _dropped(probs, geo, drop, query_pos, key_pos)  # the dropped probs
+        buffer = _empty(ctx.pool, probs.shape, probs)
+        if drop is not None:  # the dropped probabilities, regenerated
+            _dropped(buffer, probs, geo, drop, query_pos, key_pos)
         grad_v = _weights_t_times_rows(probs if drop is None else buffer, grad, v, random_rows, geo) \
             if want_v else None
         grad_q = grad_k = grad_terms = None
         if want_q or want_k or want_terms:
             # the dropped probabilities' gradient into the same buffer, then in place the scores'
-            buffer = _rows_times_slots(grad, v, random_v, probs.new_empty(probs.shape) if buffer is None else buffer,
-                                       geo, beta=0.0)
+            _rows_times_slots(grad, v, random_v, buffer, geo, beta=0.0)
             shape = (geo.B, geo.H, geo.nr, geo.bs, geo.K * geo.bs)
             softmax_dropout_backward_(buffer.view(shape), probs.view(shape), query_pos, key_pos, drop)
             grad_q = _weights_times_slots(buffer, k, random_k, geo) if want_q else None
             grad_k = _weights_t_times_rows(buffer, q, k, random_rows, geo) if want_k else None
             grad_terms = buffer if want_terms else None
-        return grad_q, grad_k, grad_v, grad_terms, None, None, None, None, None, None
+        return grad_q, grad_k, grad_v, grad_terms, None, None, None, None, None, None, None
 
 
-def _dropped(probs, geo: SlotGeometry, drop, query_pos, key_pos) -> torch.Tensor:
-    """probs [B*H*nr, bs, K*bs] with the call's dropout (a new buffer)."""
+def _empty(pool: ReusePool | None, shape, like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(shape) if pool is None else pool.empty(shape, like)
+
+
+def _dropped(out, probs, geo: SlotGeometry, drop, query_pos, key_pos) -> torch.Tensor:
+    """probs [B*H*nr, bs, K*bs] with the call's dropout, written into out (probs' shape)."""
     shape = (geo.B, geo.H, geo.nr, geo.bs, geo.K * geo.bs)
-    return hashed_dropout(probs.view(shape), query_pos, key_pos, drop).view(probs.shape)
+    return hashed_dropout_into(out.view(shape), probs.view(shape), query_pos, key_pos, drop).view(probs.shape)
 
 
 def _slot_rows(q_s: torch.Tensor, k_heads: torch.Tensor, v_heads: torch.Tensor, terms: torch.Tensor | None,

@@ -26,23 +26,24 @@ import torch
 from .cpu_kernels import relative_terms_backward_into, relative_terms_into
 from .layout import BlockLayout
 from .relative import RelativePositionSpec, delta_is_shift, relative_delta, relative_index_table
-from .workspace import Workspace
+from .workspace import ReusePool, Workspace
 
 
 def read_relative_terms(q, k_halo, pos_key, pos_query, spec: RelativePositionSpec, layout: BlockLayout, dense: bool,
-                   w: int, traced: bool, workspace: Workspace | None, op=None):
+                   w: int, traced: bool, workspace: Workspace | None, op=None, pool: ReusePool | None = None):
     """The c2p + p2c terms of every listed score: (dense rows [B*H, rows, Np] or None, sparse rows [B*H*nr, bs, K*bs]
     or None); rows = Np if `dense`, else the g * bs global rows. op: the native op, or None for the PyTorch reads;
-    w: window slots read as bands (0: every slot is gathered)."""
+    w: window slots read as bands (0: every slot is gathered); pool: eager training's (the products, the native
+    terms and their gradients come from it)."""
     if pos_key is None and pos_query is None:
         return None, None
     B, H, Np, _ = q.shape
     bs, g = layout.block_size, layout.num_global_blocks
-    rel = _Relative(q, k_halo, pos_key, pos_query, spec, w // 2, bs, workspace)
+    rel = _Relative(q, k_halo, pos_key, pos_query, spec, w // 2, bs, workspace, pool if op is not None else None)
     key_blocks = None if dense else layout.key_blocks.to(q.device)  # [H, nr, K]
     if op is not None:
         return _kernel_terms(op, rel.qp, rel.kp, rel.table, key_blocks, B, H, Np, bs, w // 2, Np if dense else g * bs,
-                             traced, workspace)
+                             traced, workspace, pool)
     reads, band_c2p, band_p2c = _term_reads(rel, q, k_halo, key_blocks, g, w, workspace)
     if traced:  # plain ops, differentiated by autograd
         return reads.assemble(rel.qp, rel.kp, band_c2p if band_c2p is not None else rel.qp,
@@ -89,8 +90,32 @@ def _band(x: torch.Tensor, tiles: int, tile_step: int, shape: tuple[int, int], s
     return x.as_strided((B, H, tiles, *shape), (H * rows * R, rows * R, tile_step, *strides), first)
 
 
-def _product(x: torch.Tensor, y: torch.Tensor, workspace: Workspace | None, role: str) -> torch.Tensor:
-    """x [B, H, n, D] @ y [H, D, m] -> [B, H, n, m], into a workspace buffer when one is given."""
+class _PooledProduct(torch.autograd.Function):
+    """x [B, H, n, D] @ y [H, D, m] -> [B, H, n, m] into a buffer of eager training's pool; matmul's gradients."""
+
+    @staticmethod
+    def forward(ctx, x, y, pool: ReusePool):
+        B, H, n, D = x.shape
+        m = y.shape[-1]
+        out = pool.empty((B, H, n, m), x)
+        torch.matmul(x, y.unsqueeze(0), out=out)
+        ctx.save_for_backward(x, y)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, y = ctx.saved_tensors
+        grad_x = grad @ y.transpose(-1, -2).unsqueeze(0) if ctx.needs_input_grad[0] else None
+        grad_y = (x.transpose(-1, -2) @ grad).sum(0) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_y, None
+
+
+def _product(x: torch.Tensor, y: torch.Tensor, workspace: Workspace | None, role: str,
+             pool: ReusePool | None = None) -> torch.Tensor:
+    """x [B, H, n, D] @ y [H, D, m] -> [B, H, n, m], into a workspace buffer (no gradient) or a pooled one (eager
+    training) when one is given."""
+    if pool is not None:
+        return _PooledProduct.apply(x, y, pool)
     if workspace is None:
         return x @ y.unsqueeze(0)
     B, H, n, D = x.shape
@@ -109,12 +134,13 @@ class _Relative:
     plane, so p2c's index is the key row's offset + 2S - 1 minus c2p's (one index is built per read)."""
 
     def __init__(self, q, k_halo, pos_key, pos_query, spec: RelativePositionSpec, hw: int, bs: int,
-                 workspace: Workspace | None = None):
+                 workspace: Workspace | None = None, pool: ReusePool | None = None):
         self.spec, self.hw, self.bs, self.workspace = spec, hw, bs, workspace
         self._columns = None
         self.two_s = 2 * spec.span
-        self.qp = None if pos_key is None else _product(q, pos_key.flip(1).transpose(-1, -2), workspace, "qp")
-        self.kp = None if pos_query is None else _product(k_halo, pos_query.transpose(-1, -2), workspace, "kp")
+        self.qp = None if pos_key is None else _product(q, pos_key.flip(1).transpose(-1, -2), workspace, "qp", pool)
+        self.kp = None if pos_query is None else _product(k_halo, pos_query.transpose(-1, -2), workspace, "kp",
+                                                          pool)
         self.pos_key, self.pos_query = pos_key, pos_query
         Np = q.shape[2]
         self.table = relative_index_table(Np, spec, q.device)  # [2Np - 1]: delta at distance d is entry d + Np - 1
@@ -336,7 +362,7 @@ class _TermReads:
 
 
 def _kernel_terms(op, qp, kp, table, key_blocks, B: int, H: int, Np: int, bs: int, hw: int, dense_rows: int,
-                  traced: bool, workspace: Workspace | None = None):
+                  traced: bool, workspace: Workspace | None = None, pool: ReusePool | None = None):
     """Every relative term from the native op (`cpu_kernels`): the dense rows [B*H, dense_rows, Np] against every key
     block, and the sparse rows [B*H*nr, bs, K*bs] against their listed key_blocks [H, nr, K] (None: no sparse rows).
     qp [B, H, Np, R], kp [B, H, T, R] (either None). With a workspace (eager, no gradient) the kernel writes into its
@@ -356,7 +382,7 @@ def _kernel_terms(op, qp, kp, table, key_blocks, B: int, H: int, Np: int, bs: in
                                      table, kblocks, H, nq, q_block0, bs, hw)
                  for role, kblocks, nq, q_block0 in segments]
     elif not traced and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (qp3, kp3)):
-        terms = _KernelTerms.apply(qp3, kp3, table, tuple(segment[1:] for segment in segments), H, bs, hw)
+        terms = _KernelTerms.apply(qp3, kp3, table, tuple(segment[1:] for segment in segments), H, bs, hw, pool)
     else:
         terms = [op(qp3, kp3, table, kblocks, H, nq, q_block0, bs, hw) for _, kblocks, nq, q_block0 in segments]
     terms = list(terms)
@@ -373,10 +399,12 @@ class _KernelTerms(torch.autograd.Function):
     op's own autograd formula serves traced graphs."""
 
     @staticmethod
-    def forward(ctx, qp3, kp3, table, segments, H: int, bs: int, hw: int):
+    def forward(ctx, qp3, kp3, table, segments, H: int, bs: int, hw: int, pool: ReusePool | None = None):
         side = qp3 if qp3 is not None else kp3
-        terms = [relative_terms_into(side.new_empty(side.shape[0] * nq, bs, kblocks.shape[-1] * bs), qp3, kp3, table,
+        empty = side.new_empty if pool is None else lambda *shape: pool.empty(shape, side)
+        terms = [relative_terms_into(empty(side.shape[0] * nq, bs, kblocks.shape[-1] * bs), qp3, kp3, table,
                                      kblocks, H, nq, q_block0, bs, hw) for kblocks, nq, q_block0 in segments]
+        ctx.pool = pool
         ctx.save_for_backward(table, *[kblocks for kblocks, _, _ in segments])
         ctx.rows = [(nq, q_block0) for _, nq, q_block0 in segments]
         ctx.args = (H, bs, hw)
@@ -388,7 +416,9 @@ class _KernelTerms(torch.autograd.Function):
     def backward(ctx, *grads):
         table, *kblocks = ctx.saved_tensors
         H, bs, hw = ctx.args
-        gqp, gkp = [torch.empty(shape[0], dtype=shape[1]) if shape is not None and needed else None
+        gqp, gkp = [(torch.empty(shape[0], dtype=shape[1]) if ctx.pool is None
+                     else ctx.pool.empty(shape[0], grads_like(grads)))
+                    if shape is not None and needed else None
                     for shape, needed in zip(ctx.shapes, ctx.needs_input_grad[:2])]
         if gqp is not None or gkp is not None:
             first = True  # the first kind of row's call zeroes the gradients (on the kernel's threads), the rest add
@@ -398,7 +428,12 @@ class _KernelTerms(torch.autograd.Function):
                     first = False
             if first:  # no kind of row had a gradient
                 gqp, gkp = [None if g is None else g.zero_() for g in (gqp, gkp)]
-        return gqp, gkp, None, None, None, None, None
+        return gqp, gkp, None, None, None, None, None, None
+
+
+def grads_like(grads) -> torch.Tensor:
+    """A tensor of the gradients' dtype and device (the first given)."""
+    return next(g for g in grads if g is not None)
 
 
 class _RelativeTerms(torch.autograd.Function):

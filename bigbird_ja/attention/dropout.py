@@ -233,10 +233,10 @@ class _Native:
             raise MemoryError("bigbird_ja softmax backward: out of memory for its thread list")
         return grad
 
-    def __call__(self, probs, query_pos, key_pos, p, seed):
+    def __call__(self, probs, query_pos, key_pos, p, seed, out=None):
         drop = AttentionDropout(p, seed)
         B, H, G, R, C = probs.shape
-        out = torch.empty(probs.shape, dtype=probs.dtype)
+        out = torch.empty(probs.shape, dtype=probs.dtype) if out is None else out  # out: contiguous, probs' shape
         if out.numel() == 0:
             return out
         query_pos, key_pos = query_pos.contiguous(), key_pos.contiguous()
@@ -335,6 +335,19 @@ def hashed_dropout(probs: torch.Tensor, query_pos: torch.Tensor, key_pos: torch.
     Nothing but the seed is saved (and the two position tensors, which the caller holds anyway)."""
     _check(probs, query_pos, key_pos)
     return DROPOUT_OP(probs, query_pos, key_pos, drop.p, drop.seed_tensor())
+
+
+def hashed_dropout_into(out: torch.Tensor, probs: torch.Tensor, query_pos: torch.Tensor, key_pos: torch.Tensor,
+                        drop: AttentionDropout) -> torch.Tensor:
+    """hashed_dropout's values written into `out` (contiguous, probs' shape and dtype; not probs itself), without
+    autograd: for callers that own their buffers and their backward (blocked_slots.SlotAttention)."""
+    _check(probs, query_pos, key_pos)
+    if not (out.is_contiguous() and out.shape == probs.shape and out.dtype == probs.dtype):
+        raise ValueError(f"hashed_dropout_into: out {tuple(out.shape)} {out.dtype} must be contiguous, "
+                         f"{tuple(probs.shape)} {probs.dtype}")
+    if native_supports(probs) and out.data_ptr() != probs.data_ptr():
+        return NATIVE(probs, query_pos, key_pos, drop.p, int(drop.seed), out=out)
+    return out.copy_(dropout_reference(probs, query_pos, key_pos, drop.p, int(drop.seed)))
 
 
 def keep_mask(drop: AttentionDropout, batch: int, heads: int, n: int) -> torch.Tensor:

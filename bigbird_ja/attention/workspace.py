@@ -9,6 +9,8 @@ BIGBIRD_JA_CPU_WORKSPACE:
   "1" / "keep"       between calls too, until `release_workspace()` in the thread that ran them (fastest; holds up to
                      a few hundred MiB per thread at 4k tokens)
   "0" / "off"        never: fresh tensors only
+With a gradient (eager training) the large buffers come from `ReusePool` instead, kept between steps and reused
+once free, unless "0" / "off".
 """
 
 from __future__ import annotations
@@ -64,9 +66,86 @@ class Workspace:
 WORKSPACE = Workspace()
 
 
+def _storage_holders(t: torch.Tensor) -> int | None:
+    """How many tensors (views, saved tensors) hold t's storage, or None where torch does not say."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    if count is None:
+        return None
+    return count(t.untyped_storage()._cdata) - 1  # less the storage object made to ask
+
+
+class ReusePool:
+    """The large buffers of eager CPU training (the relative products and terms, the scores, their gradients), kept
+    between steps and handed out again once nothing else holds them, as torch's CUDA caching allocator does on a GPU:
+    on CPU every fresh tensor over glibc's mmap threshold (32 MiB) is mapped, faulted in and zeroed by the kernel,
+    which at 2k tokens cost more than the kernels' own work on it (benchmarks/README.md). A buffer is free when its
+    storage has no holder but the pool (torch's storage use count: no view, no saved tensor, no gradient in flight).
+    Per thread; a request takes a free buffer of its dtype with between 1 and 1.25 times its elements (lengths that
+    vary a little share them), else a new one is made and kept, up to `max_bytes` kept in all (free ones are dropped
+    first, the least recently used first; beyond that, fresh tensors). Switched off with BIGBIRD_JA_CPU_WORKSPACE=0;
+    `release_workspace()` frees the calling thread's."""
+
+    min_bytes = 4 << 20  # below this malloc's heap serves the tensor again without the kernel's help
+    max_bytes = 8 << 30
+
+    def __init__(self):
+        self._local = threading.local()
+
+    def _buffers(self) -> list[torch.Tensor]:  # least recently used first
+        return self._local.__dict__.setdefault("buffers", [])
+
+    def empty(self, shape, like: torch.Tensor) -> torch.Tensor:
+        numel = math.prod(shape)
+        nbytes = numel * like.element_size()
+        if nbytes < self.min_bytes or like.device.type != "cpu":
+            return like.new_empty(shape)
+        buffers = self._buffers()
+        best = None  # its index in buffers
+        for i, buffer in enumerate(buffers):
+            if (buffer.dtype == like.dtype and numel <= buffer.numel() <= numel * 5 // 4
+                    and (best is None or buffer.numel() < buffers[best].numel()) and _storage_holders(buffer) == 1):
+                best = i
+        if best is not None:
+            buffer = buffers.pop(best)
+        else:
+            if _storage_holders(like) is None:  # torch does not say when a buffer is free: nothing is kept
+                return like.new_empty(shape)
+            kept = sum(b.numel() * b.element_size() for b in buffers)
+            i = 0
+            while kept + nbytes > self.max_bytes and i < len(buffers):  # drop free ones, least recently used first
+                if _storage_holders(buffers[i]) == 1:
+                    kept -= buffers[i].numel() * buffers[i].element_size()
+                    del buffers[i]
+                else:
+                    i += 1
+            if kept + nbytes > self.max_bytes:
+                return like.new_empty(shape)
+            with torch.inference_mode(False):
+                buffer = torch.empty(numel, dtype=like.dtype, device=like.device)
+        buffers.append(buffer)
+        # a tensor of its own on the buffer's storage, not a view: autograd.Functions return these as outputs
+        return torch.empty(0, dtype=like.dtype, device=like.device).set_(buffer.untyped_storage(), 0, tuple(shape))
+
+    def release(self) -> None:
+        self._local.__dict__.pop("buffers", None)
+
+
+POOL = ReusePool()
+
+
+def pool_for(x: torch.Tensor, traced: bool) -> ReusePool | None:
+    """The training pool for this call, or None: eager on CPU with a gradient (the workspace serves calls without
+    one), unless BIGBIRD_JA_CPU_WORKSPACE=0."""
+    if not torch.is_grad_enabled() or traced or x.device.type != "cpu":
+        return None
+    return None if Workspace.mode() == "off" else POOL
+
+
 def release_workspace() -> None:
-    """Free the calling thread's scratch buffers of the no-gradient CPU forward (they are kept between calls)."""
+    """Free the calling thread's kept buffers: the no-gradient CPU forward's scratch (kept between calls with
+    BIGBIRD_JA_CPU_WORKSPACE=keep) and the training pool's."""
     WORKSPACE.release()
+    POOL.release()
 
 
 @contextmanager

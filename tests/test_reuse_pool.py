@@ -1,0 +1,112 @@
+"""The training pool (workspace.ReusePool): large buffers of eager CPU training handed out again only once nothing
+else holds them, and training through it computing what it computes without it (float64, against the reference,
+step after step, with every buffer pooled)."""
+
+import pytest
+import torch
+
+from bigbird_ja.attention import (RelativePositionSpec, disentangled_attention, layout_for, reference_attention,
+                                  workspace)
+from bigbird_ja.attention.dropout import AttentionDropout, keep_mask
+from conftest import tiny_config
+from test_attention_backends import make_inputs
+
+
+@pytest.fixture
+def pool(monkeypatch):
+    fresh = workspace.ReusePool()
+    monkeypatch.setattr(fresh, "min_bytes", 0)
+    return fresh
+
+
+def storage(t):
+    return t.untyped_storage().data_ptr()
+
+
+def test_a_buffer_is_handed_out_again_only_when_nothing_holds_it(pool):
+    like = torch.empty(0)
+    first = pool.empty((4, 100), like)
+    second = pool.empty((4, 100), like)
+    assert storage(first) != storage(second)  # the first is still held
+    address = storage(first)
+    del first
+    third = pool.empty((4, 100), like)
+    assert storage(third) == address and third.shape == (4, 100)
+    view = third[1:]  # a view (or a tensor saved for a backward) holds the storage too
+    del third
+    assert storage(pool.empty((4, 100), like)) not in (address, storage(second))
+    del view
+    assert storage(pool.empty((4, 100), like)) == address
+
+
+def test_sizes_close_enough_share_a_buffer_and_other_dtypes_do_not(pool):
+    like = torch.empty(0)
+    address = storage(pool.empty((1000,), like))  # dropped at once: free
+    assert storage(pool.empty((900,), like)) == address  # within 1.25x
+    assert storage(pool.empty((500,), like)) != address  # too small for it: a new one
+    assert storage(pool.empty((1000,), torch.empty(0, dtype=torch.float64))) != address
+    assert storage(pool.empty((1001,), like)) != address  # larger than it
+
+
+def test_the_pool_keeps_at_most_max_bytes_dropping_free_buffers_least_recent_first(pool, monkeypatch):
+    monkeypatch.setattr(pool, "max_bytes", 3 * 400)
+    like = torch.empty(0)
+    held = [pool.empty((100,), like) for _ in range(2)]  # 800 bytes held
+    oldest_free = storage(pool.empty((100,), like))  # kept, free: 1,200 bytes
+    pool.empty((150,), like)  # 600 more: the free one goes first
+    assert oldest_free not in {storage(b) for b in pool._buffers()}
+    assert sum(b.numel() * 4 for b in pool._buffers()) <= pool.max_bytes
+    too_big = pool.empty((1000,), like)  # cannot be kept: a fresh tensor
+    assert storage(too_big) not in {storage(b) for b in pool._buffers()}
+    del held
+
+
+def test_small_buffers_and_other_devices_are_not_pooled():
+    like = torch.empty(0)
+    small = workspace.POOL.empty((8,), like)
+    assert storage(small) not in {storage(b) for b in workspace.POOL._buffers()}
+
+
+def test_only_eager_cpu_training_gets_the_pool(monkeypatch):
+    x = torch.empty(1)
+    assert workspace.pool_for(x, traced=False) is workspace.POOL
+    assert workspace.pool_for(x, traced=True) is None
+    with torch.no_grad():
+        assert workspace.pool_for(x, traced=False) is None
+    monkeypatch.setenv("BIGBIRD_JA_CPU_WORKSPACE", "0")
+    assert workspace.pool_for(x, traced=False) is None
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_training_through_the_pool_matches_the_reference_step_after_step(monkeypatch, pool, dropout):
+    """Every buffer of the blocked backend's training pooled (min_bytes 0), three steps on fresh inputs of one shape
+    (the later ones reuse the first one's buffers): outputs and gradients equal the dense reference's in float64."""
+    from bigbird_ja.attention import blocked, cpu_kernels
+
+    if cpu_kernels.relative_terms() is None:
+        pytest.skip("no native library: the pool serves the native path")
+    monkeypatch.setattr(workspace, "POOL", pool)
+    monkeypatch.setattr(blocked, "pool_for", lambda x, traced: None if traced else pool)
+    config = tiny_config(max_position_embeddings=256, position_buckets=32)
+    spec = RelativePositionSpec.from_config(config)
+    addresses = []
+    for step in range(3):
+        q, k, v, pos_key, pos_query, padding = inputs = make_inputs(config, 3, 131, seed=step)
+        layout = layout_for(config, 1, 131)
+        kwargs = dict(dropout_p=0.3, training=True) if dropout else {}
+        torch.manual_seed(step)
+        out = disentangled_attention(q, k, v, layout, padding, 0.37, pos_key, pos_query, spec, backend="blocked",
+                                     **kwargs)
+        if dropout:  # the mask the call drew
+            torch.manual_seed(step)
+            kwargs["dropout_mask"] = keep_mask(AttentionDropout.draw(0.3, True), 3, q.shape[1], 131)
+        ref = reference_attention(q, k, v, layout.token_mask(131), padding, 0.37, pos_key, pos_query, spec, **kwargs)
+        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(step), dtype=out.dtype)
+        tensors = [t for t in inputs if t.requires_grad]
+        got = torch.autograd.grad((out * weights).sum(), tensors)
+        expected = torch.autograd.grad((ref * weights).sum(), tensors)
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, rtol=0, atol=1e-10)
+        addresses.append({storage(b) for b in pool._buffers()})
+    assert addresses[0] and addresses[1] == addresses[0] == addresses[2]  # the later steps made nothing new
