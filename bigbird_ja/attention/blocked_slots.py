@@ -245,9 +245,9 @@ class SlotAttention(torch.autograd.Function):
     (`dropout.softmax_dropout_backward_`). Per call three score-sized buffers are taken instead of the six of
     SlotScores, softmax, dropout and SlotContext as separate nodes, and one is kept for the backward instead of two;
     `pool` (eager training, else None) serves them again in later calls: a fresh buffer is mapped, faulted in and
-    zeroed by the kernel (at 2k tokens about 16 ms per buffer here, more than the pass over it). terms [B*H*nr, bs, K*bs] or None; drop None or the call's dropout, with
-    query_pos [nr, bs] and key_pos [H, nr, K*bs] the tokens of the rows and columns. Returns (context, probs); probs
-    (the terms' buffer when given) is not differentiable."""
+    zeroed by the kernel (at 2k tokens about 16 ms per buffer here, more than the pass over it). terms [B*H*nr, bs,
+    K*bs] or None; drop None or the call's dropout, with query_pos [nr, bs] and key_pos [H, nr, K*bs] the tokens of
+    the rows and columns. Returns (context, probs); probs (the terms' buffer when given) is not differentiable."""
 
     @staticmethod
     def forward(ctx, q, k, v, terms, random_rows, valid, geo: SlotGeometry, drop, query_pos, key_pos,

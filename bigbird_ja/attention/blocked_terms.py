@@ -417,7 +417,7 @@ class _KernelTerms(torch.autograd.Function):
         table, *kblocks = ctx.saved_tensors
         H, bs, hw = ctx.args
         gqp, gkp = [(torch.empty(shape[0], dtype=shape[1]) if ctx.pool is None
-                     else ctx.pool.empty(shape[0], grads_like(grads)))
+                     else ctx.pool.empty(shape[0], torch.empty(0, dtype=shape[1])))
                     if shape is not None and needed else None
                     for shape, needed in zip(ctx.shapes, ctx.needs_input_grad[:2])]
         if gqp is not None or gkp is not None:
@@ -429,11 +429,6 @@ class _KernelTerms(torch.autograd.Function):
             if first:  # no kind of row had a gradient
                 gqp, gkp = [None if g is None else g.zero_() for g in (gqp, gkp)]
         return gqp, gkp, None, None, None, None, None, None
-
-
-def grads_like(grads) -> torch.Tensor:
-    """A tensor of the gradients' dtype and device (the first given)."""
-    return next(g for g in grads if g is not None)
 
 
 class _RelativeTerms(torch.autograd.Function):

@@ -271,10 +271,10 @@ if NATIVE is None and _NATIVE_WHY_NOT is not None:
 def softmax_dropout_backward_(grad: torch.Tensor, probs: torch.Tensor, query_pos: torch.Tensor | None,
                               key_pos: torch.Tensor | None, drop: AttentionDropout | None) -> torch.Tensor:
     """The backward of `hashed_dropout(softmax(scores), query_pos, key_pos, drop)` (drop None: of the softmax
-    alone, and the positions may be None), written into grad: grad [B, H, G, R, C] holds the gradient of the dropped probabilities and is
-    overwritten with that of the scores; probs (the softmax's output) has its shape. One pass per row on CPU with the
-    native library (float32 / float64, both contiguous); elsewhere the same steps in PyTorch. For callers that own
-    grad's buffer (blocked_slots.SlotAttention)."""
+    alone, and the positions may be None), written into grad: grad [B, H, G, R, C] holds the gradient of the dropped
+    probabilities and is overwritten with that of the scores; probs (the softmax's output) has its shape. One pass
+    per row on CPU with the native library (float32 / float64, both contiguous); elsewhere the same steps in PyTorch.
+    For callers that own grad's buffer (blocked_slots.SlotAttention)."""
     if drop is not None:
         _check(grad, query_pos, key_pos)
     if (native_supports(grad) and grad.dtype in SOFTMAX_BACKWARD_DTYPES and probs.dtype == grad.dtype

@@ -66,19 +66,19 @@ class Workspace:
 WORKSPACE = Workspace()
 
 
-def _storage_holders(t: torch.Tensor) -> int | None:
-    """How many tensors (views, saved tensors) hold t's storage, or None where torch does not say."""
-    count = getattr(torch._C, "_storage_Use_Count", None)
-    if count is None:
-        return None
-    return count(t.untyped_storage()._cdata) - 1  # less the storage object made to ask
+_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)  # torch's count of a storage's holders (None: not told)
+
+
+def _storage_holders(t: torch.Tensor) -> int:
+    """How many tensors (views, saved tensors, the pool's own) hold t's storage."""
+    return _USE_COUNT(t.untyped_storage()._cdata) - 1  # less the storage object made to ask
 
 
 class ReusePool:
     """The large buffers of eager CPU training (the relative products and terms, the scores, their gradients), kept
     between steps and handed out again once nothing else holds them, as torch's CUDA caching allocator does on a GPU:
     on CPU every fresh tensor over glibc's mmap threshold (32 MiB) is mapped, faulted in and zeroed by the kernel,
-    which at 2k tokens cost more than the kernels' own work on it (benchmarks/README.md). A buffer is free when its
+    which at 2k tokens cost more than the kernels' own work on it (docs/performance.md). A buffer is free when its
     storage has no holder but the pool (torch's storage use count: no view, no saved tensor, no gradient in flight).
     Per thread; a request takes a free buffer of its dtype with between 1 and 1.25 times its elements (lengths that
     vary a little share them), else a new one is made and kept, up to `max_bytes` kept in all (free ones are dropped
@@ -108,8 +108,6 @@ class ReusePool:
         if best is not None:
             buffer = buffers.pop(best)
         else:
-            if _storage_holders(like) is None:  # torch does not say when a buffer is free: nothing is kept
-                return like.new_empty(shape)
             kept = sum(b.numel() * b.element_size() for b in buffers)
             i = 0
             while kept + nbytes > self.max_bytes and i < len(buffers):  # drop free ones, least recently used first
@@ -135,8 +133,8 @@ POOL = ReusePool()
 
 def pool_for(x: torch.Tensor, traced: bool) -> ReusePool | None:
     """The training pool for this call, or None: eager on CPU with a gradient (the workspace serves calls without
-    one), unless BIGBIRD_JA_CPU_WORKSPACE=0."""
-    if not torch.is_grad_enabled() or traced or x.device.type != "cpu":
+    one), unless BIGBIRD_JA_CPU_WORKSPACE=0 or torch does not count a storage's holders."""
+    if not torch.is_grad_enabled() or traced or x.device.type != "cpu" or _USE_COUNT is None:
         return None
     return None if Workspace.mode() == "off" else POOL
 
