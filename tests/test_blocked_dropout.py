@@ -148,3 +148,19 @@ def test_sparse_rows_in_training_keep_one_score_buffer_and_make_three(monkeypatc
     assert len(set(kept)) == 1, len(set(kept))
     made = [e for e in prof.events() if e.self_cpu_memory_usage == score_numel * q.element_size()]
     assert len(made) == 3, [e.name for e in made]
+
+
+def test_a_second_derivative_through_the_native_nodes_is_refused_not_wrong(monkeypatch):
+    """SlotAttention and the native terms' node (eager CPU training) have first derivatives only: differentiating
+    their gradients (create_graph=True, then backward) raises instead of returning second derivatives that would
+    miss the native passes' part."""
+    from bigbird_ja.attention import blocked, cpu_kernels
+
+    if cpu_kernels.relative_terms() is None:
+        pytest.skip("no native library")
+    monkeypatch.setattr(blocked, "DENSE_MARGIN", 0.0)
+    config, tensors, padding = _inputs(131, seed=9)
+    out = _blocked(config, 0, tensors, padding)
+    (grad_q,) = torch.autograd.grad(out.square().sum(), tensors[:1], create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad_q.sum().backward()

@@ -271,6 +271,7 @@ class SlotAttention(torch.autograd.Function):
         return out, probs
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # native passes and buffers reused in place: no second order
     def backward(ctx, grad, _):
         q, k, v, random_k, random_v, random_rows, probs, query_pos, key_pos = ctx.saved_tensors
         geo, drop = ctx.geo, ctx.drop

@@ -413,6 +413,7 @@ class _KernelTerms(torch.autograd.Function):
         return tuple(terms)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the native kernel's backward: no second order
     def backward(ctx, *grads):
         table, *kblocks = ctx.saved_tensors
         H, bs, hw = ctx.args
