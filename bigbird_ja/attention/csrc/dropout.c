@@ -24,6 +24,27 @@ static inline uint32_t mix(uint32_t x) { /* "lowbias32" */
 
 static const uint32_t LANE_KEYS[2] = {0x243f6a88u, 0x85a308d3u};
 
+/* One row's hash keys (dropout.py: a and the odd multiplier b) and its key positions, for the forward and the fused
+   backward alike, so that the mask regenerated in the backward is the forward's. The plane's two states are mixed once
+   per plane: rows run in order, and `cache` remembers the last plane. */
+typedef struct {
+    int64_t plane;
+    uint32_t t[2];
+} PlaneKeys;
+
+static inline const int64_t *row_keys(PlaneKeys *cache, const uint32_t seed_state[2], const int64_t *qpos,
+                                      const int64_t *kpos, int64_t p, int64_t h, int64_t g, int64_t r, int64_t G,
+                                      int64_t R, int64_t C, int64_t Hk, uint32_t *a, uint32_t *key) {
+    if (p != cache->plane) {
+        cache->plane = p;
+        for (int l = 0; l < 2; l++) cache->t[l] = mix(seed_state[l] ^ (uint32_t)p);
+    }
+    const uint32_t i = (uint32_t)qpos[g * R + r];
+    *a = mix(cache->t[0] ^ i);
+    *key = mix(cache->t[1] ^ i) | 1u;
+    return kpos + ((Hk == 1 ? 0 : h) * G + g) * C;
+}
+
 typedef struct {
     const void *in;
     void *out;
@@ -58,18 +79,13 @@ typedef struct {
         const TYPE *in = (const TYPE *)j->in;                                                                   \
         TYPE *out = (TYPE *)j->out;                                                                             \
         const ACC scale = (ACC)j->scale;                                                                        \
-        int64_t plane = -1;                                                                                     \
-        uint32_t t[2] = {0, 0};                                                                                 \
+        PlaneKeys cache = {-1, {0, 0}};                                                                         \
         for (int64_t row = first; row < last; row++) {                                                          \
             const int64_t r = row % j->R, g = (row / j->R) % j->G, p = row / (j->R * j->G);                     \
             const int64_t b = p / j->H, h = p % j->H;                                                           \
-            if (p != plane) { /* once per plane */                                                              \
-                plane = p;                                                                                      \
-                for (int l = 0; l < 2; l++) t[l] = mix(j->seed_state[l] ^ (uint32_t)p);                         \
-            }                                                                                                   \
-            const uint32_t i = (uint32_t)j->qpos[g * j->R + r];                                                 \
-            const uint32_t a = mix(t[0] ^ i), key = mix(t[1] ^ i) | 1u;                                         \
-            const int64_t *kpos = j->kpos + ((j->Hk == 1 ? 0 : h) * j->G + g) * j->C;                           \
+            uint32_t a, key;                                                                                    \
+            const int64_t *kpos = row_keys(&cache, j->seed_state, j->qpos, j->kpos, p, h, g, r, j->G, j->R,     \
+                                           j->C, j->Hk, &a, &key);                                              \
             const TYPE *src = in + b * j->sb + h * j->sh + g * j->sg + r * j->sr;                               \
             if (j->sc == 1)                                                                                     \
                 row_##SUFFIX(src, out + row * j->C, kpos, j->C, a, key, j->threshold, scale);                   \
@@ -118,22 +134,14 @@ typedef struct {
     KERNEL_ENTRY static void grad_rows_##SUFFIX(const void *job, int64_t first, int64_t last, int share) {      \
         const BackwardJob *j = (const BackwardJob *)job;                                                        \
         (void)share;                                                                                            \
-        int64_t plane = -1;                                                                                     \
-        uint32_t t[2] = {0, 0};                                                                                 \
+        PlaneKeys cache = {-1, {0, 0}};                                                                         \
         for (int64_t row = first; row < last; row++) {                                                          \
             const int64_t r = row % j->R, g = (row / j->R) % j->G, p = row / (j->R * j->G);                     \
             const int64_t *kpos = 0; /* no dropout: positions neither given nor read */                         \
             uint32_t a = 0, key = 0;                                                                            \
-            if (j->dropout) {                                                                                   \
-                if (p != plane) {                                                                               \
-                    plane = p;                                                                                  \
-                    for (int l = 0; l < 2; l++) t[l] = mix(j->seed_state[l] ^ (uint32_t)p);                     \
-                }                                                                                               \
-                const uint32_t i = (uint32_t)j->qpos[g * j->R + r];                                             \
-                a = mix(t[0] ^ i);                                                                              \
-                key = mix(t[1] ^ i) | 1u;                                                                       \
-                kpos = j->kpos + ((j->Hk == 1 ? 0 : p % j->H) * j->G + g) * j->C;                               \
-            }                                                                                                   \
+            if (j->dropout)                                                                                     \
+                kpos = row_keys(&cache, j->seed_state, j->qpos, j->kpos, p, p % j->H, g, r, j->G, j->R, j->C,   \
+                                j->Hk, &a, &key);                                                               \
             grad_row_##SUFFIX((TYPE *)j->grad + row * j->C, (const TYPE *)j->probs + row * j->C, kpos, j->C, a, \
                               key, j->threshold, (TYPE)j->scale, j->dropout);                                   \
         }                                                                                                       \
