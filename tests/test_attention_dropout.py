@@ -254,6 +254,26 @@ def test_bad_input_is_refused_with_the_fix():
         AttentionDropout(0.1, 2 ** 62)
 
 
+def test_dropout_into_a_buffer_refuses_one_that_shares_memory_with_probs():
+    probs, query_pos, key_pos = sparse_case()
+    drop = AttentionDropout(0.1, 5)
+    expected = hashed_dropout(probs, query_pos, key_pos, drop)
+    out = torch.empty_like(probs)
+    assert torch.equal(bits(D.hashed_dropout_into(out, probs, query_pos, key_pos, drop)), bits(expected))
+    with pytest.raises(ValueError, match="shares memory with probs"):
+        D.hashed_dropout_into(probs, probs, query_pos, key_pos, drop)
+    # a buffer one row further along the same storage: the ranges meet without the pointers being equal
+    storage = torch.cat([probs.flatten(), torch.rand(probs.shape[-1], dtype=probs.dtype)])
+    shifted = storage[probs.shape[-1]:].view(probs.shape)
+    with pytest.raises(ValueError, match="shares memory with probs"):
+        D.hashed_dropout_into(shifted, storage[:probs.numel()].view(probs.shape), query_pos, key_pos, drop)
+    # probs strided (a slice of a wider buffer) beside, not inside, out: accepted
+    wide = torch.rand(*probs.shape[:-1], 2 * probs.shape[-1], dtype=probs.dtype)
+    wide[..., :probs.shape[-1]] = probs
+    assert torch.equal(bits(D.hashed_dropout_into(out, wide[..., :probs.shape[-1]], query_pos, key_pos, drop)),
+                       bits(expected))
+
+
 def test_draw_follows_torch_seed_and_is_none_without_dropout():
     assert AttentionDropout.draw(0.1, training=False) is None
     assert AttentionDropout.draw(0.0, training=True) is None

@@ -337,6 +337,16 @@ def hashed_dropout(probs: torch.Tensor, query_pos: torch.Tensor, key_pos: torch.
     return DROPOUT_OP(probs, query_pos, key_pos, drop.p, drop.seed_tensor())
 
 
+def _memory_overlaps(out: torch.Tensor, probs: torch.Tensor) -> bool:
+    """Whether contiguous `out` and (possibly strided) `probs` touch a common byte: their address ranges meet."""
+    if out.numel() == 0 or probs.numel() == 0:
+        return False
+    size = probs.element_size()
+    probs_end = probs.data_ptr() + (1 + sum((n - 1) * s for n, s in zip(probs.shape, probs.stride()))) * size
+    out_end = out.data_ptr() + out.numel() * out.element_size()
+    return probs.data_ptr() < out_end and out.data_ptr() < probs_end
+
+
 def hashed_dropout_into(out: torch.Tensor, probs: torch.Tensor, query_pos: torch.Tensor, key_pos: torch.Tensor,
                         drop: AttentionDropout) -> torch.Tensor:
     """hashed_dropout's values written into `out` (contiguous, probs' shape and dtype; not probs itself), without
@@ -345,7 +355,11 @@ def hashed_dropout_into(out: torch.Tensor, probs: torch.Tensor, query_pos: torch
     if not (out.is_contiguous() and out.shape == probs.shape and out.dtype == probs.dtype):
         raise ValueError(f"hashed_dropout_into: out {tuple(out.shape)} {out.dtype} must be contiguous, "
                          f"{tuple(probs.shape)} {probs.dtype}")
-    if native_supports(probs) and out.data_ptr() != probs.data_ptr():
+    if _memory_overlaps(out, probs):
+        # the native pass takes its input and output as restrict (not aliased), and the PyTorch one reads probs whole
+        raise ValueError("hashed_dropout_into: out shares memory with probs; pass a separate buffer "
+                         "(or use hashed_dropout)")
+    if native_supports(probs):
         return NATIVE(probs, query_pos, key_pos, drop.p, int(drop.seed), out=out)
     return out.copy_(dropout_reference(probs, query_pos, key_pos, drop.p, int(drop.seed)))
 
