@@ -297,6 +297,24 @@ def test_the_dense_and_sparse_rows_share_one_gradient_per_product(kernel):
         for a, b in zip(got, expected):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
+    # autograd still runs the node when no output's gradient is defined (a later node gave None): no gradient back,
+    # none computed (before: two zero-filled gradient buffers)
+    class NoGradient(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return None
+
+    loss = NoGradient.apply(dense).sum() + NoGradient.apply(sparse).sum() + (qp * 0).sum() + (kp * 0).sum()
+    called = []
+    hook = dense.grad_fn.register_hook(lambda grad_inputs, grad_outputs: called.append(grad_inputs))
+    torch.autograd.grad(loss, [qp, kp])
+    hook.remove()
+    assert len(called) == 1 and all(grad is None for grad in called[0])
+
 
 def test_op_passes_gradcheck_and_torch_opcheck(kernel):
     """The autograd formula (the backward op) against finite differences, and torch's own checks of a custom op:

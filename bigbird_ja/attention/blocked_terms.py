@@ -415,6 +415,10 @@ class _KernelTerms(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable  # the native kernel's backward: no second order
     def backward(ctx, *grads):
+        none = (None,) * 6
+        if all(grad is None for grad in grads):
+            # reachable: autograd runs the node when every output's gradient is undefined (a later node returned None)
+            return (None, None) + none
         table, *kblocks = ctx.saved_tensors
         H, bs, hw = ctx.args
         gqp, gkp = [(torch.empty(shape[0], dtype=shape[1]) if ctx.pool is None
@@ -427,9 +431,7 @@ class _KernelTerms(torch.autograd.Function):
                 if grad is not None:
                     relative_terms_backward_into(grad, gqp, gkp, table, blocks, H, nq, q_block0, bs, hw, zero=first)
                     first = False
-            if first:  # no kind of row had a gradient
-                gqp, gkp = [None if g is None else g.zero_() for g in (gqp, gkp)]
-        return gqp, gkp, None, None, None, None, None, None
+        return (gqp, gkp) + none
 
 
 class _RelativeTerms(torch.autograd.Function):
