@@ -91,15 +91,26 @@ class ReusePool:
     def __init__(self):
         self._local = threading.local()
 
+    def _state(self) -> "_ThreadBuffers":
+        state = getattr(self._local, "state", None)
+        if state is None:
+            state = self._local.state = _ThreadBuffers()
+        return state
+
     def _buffers(self) -> list[torch.Tensor]:  # least recently used first
-        return self._local.__dict__.setdefault("buffers", [])
+        return self._state().buffers
+
+    def kept_bytes(self) -> int:
+        """The calling thread's buffers' bytes, free or held."""
+        return self._state().kept_bytes
 
     def empty(self, shape, like: torch.Tensor) -> torch.Tensor:
         numel = math.prod(shape)
         nbytes = numel * like.element_size()
         if nbytes < self.min_bytes or like.device.type != "cpu":
             return like.new_empty(shape)
-        buffers = self._buffers()
+        state = self._state()
+        buffers = state.buffers
         best = None  # its index in buffers
         for i, buffer in enumerate(buffers):
             if (buffer.dtype == like.dtype and numel <= buffer.numel() <= numel * 5 // 4
@@ -108,24 +119,37 @@ class ReusePool:
         if best is not None:
             buffer = buffers.pop(best)
         else:
-            kept = sum(b.numel() * b.element_size() for b in buffers)
             i = 0
-            while kept + nbytes > self.max_bytes and i < len(buffers):  # drop free ones, least recently used first
+            while state.kept_bytes + nbytes > self.max_bytes and i < len(buffers):  # drop free ones, oldest first
                 if _storage_holders(buffers[i]) == 1:
-                    kept -= buffers[i].numel() * buffers[i].element_size()
-                    del buffers[i]
+                    state.kept_bytes -= _nbytes(buffers.pop(i))
                 else:
                     i += 1
-            if kept + nbytes > self.max_bytes:
+            if state.kept_bytes + nbytes > self.max_bytes:
                 return like.new_empty(shape)
             with torch.inference_mode(False):
                 buffer = torch.empty(numel, dtype=like.dtype, device=like.device)
+            state.kept_bytes += nbytes
         buffers.append(buffer)
         # a tensor of its own on the buffer's storage, not a view: autograd.Functions return these as outputs
         return torch.empty(0, dtype=like.dtype, device=like.device).set_(buffer.untyped_storage(), 0, tuple(shape))
 
     def release(self) -> None:
-        self._local.__dict__.pop("buffers", None)
+        self._local.__dict__.pop("state", None)
+
+
+class _ThreadBuffers:
+    """One thread's kept buffers (least recently used first) and their bytes, counted as they come and go."""
+
+    __slots__ = ("buffers", "kept_bytes")
+
+    def __init__(self):
+        self.buffers: list[torch.Tensor] = []
+        self.kept_bytes = 0
+
+
+def _nbytes(buffer: torch.Tensor) -> int:
+    return buffer.numel() * buffer.element_size()
 
 
 POOL = ReusePool()
