@@ -272,6 +272,10 @@ def test_dropout_into_a_buffer_refuses_one_that_shares_memory_with_probs():
     wide[..., :probs.shape[-1]] = probs
     assert torch.equal(bits(D.hashed_dropout_into(out, wide[..., :probs.shape[-1]], query_pos, key_pos, drop)),
                        bits(expected))
+    # meta tensors (the planner counts a step on them) have no memory to share, whatever their data_ptr says
+    meta = probs.to("meta")
+    assert D.hashed_dropout_into(torch.empty_like(meta), meta, query_pos.to("meta"), key_pos.to("meta"),
+                                 drop).shape == probs.shape
 
 
 def test_draw_follows_torch_seed_and_is_none_without_dropout():

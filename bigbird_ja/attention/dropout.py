@@ -338,8 +338,9 @@ def hashed_dropout(probs: torch.Tensor, query_pos: torch.Tensor, key_pos: torch.
 
 
 def _memory_overlaps(out: torch.Tensor, probs: torch.Tensor) -> bool:
-    """Whether contiguous `out` and (possibly strided) `probs` touch a common byte: their address ranges meet."""
-    if out.numel() == 0 or probs.numel() == 0:
+    """Whether contiguous `out` and (possibly strided) `probs` touch a common byte: their address ranges meet. Meta
+    tensors (the planner's counting runs) have no memory: they never do."""
+    if out.numel() == 0 or probs.numel() == 0 or "meta" in (out.device.type, probs.device.type):
         return False
     size = probs.element_size()
     probs_end = probs.data_ptr() + (1 + sum((n - 1) * s for n, s in zip(probs.shape, probs.stride()))) * size
