@@ -110,3 +110,39 @@ def test_training_through_the_pool_matches_the_reference_step_after_step(monkeyp
             torch.testing.assert_close(g, e, rtol=0, atol=1e-10)
         addresses.append({storage(b) for b in pool._buffers()})
     assert addresses[0] and addresses[1] == addresses[0] == addresses[2]  # the later steps made nothing new
+
+
+
+@pytest.mark.parametrize("buffer", ["pool", "workspace"])
+def test_the_p2c_product_writes_the_zero_halo_rows_without_multiplying_them(pool, buffer):
+    """k's halo rows are zeros: their rows of k . pos_query are written as zeros into a buffer that held something
+    else, and the matmuls (forward, and backward in training) run over the n interior rows only, not all T."""
+    from bigbird_ja.attention.blocked_terms import _product
+
+    gen = torch.Generator().manual_seed(3)
+    B, H, n, D, m, halo = 2, 3, 40, 8, 24, 6
+    T = n + 2 * halo
+    training = buffer == "pool"
+    k = torch.randn(B, H, n, D, generator=gen, dtype=torch.float64, requires_grad=training)
+    k_halo = torch.nn.functional.pad(k, (0, 0, halo, halo))  # as blocked._pad makes it: the halo is constant
+    y = torch.randn(H, D, m, generator=gen, dtype=torch.float64, requires_grad=training)
+    weight = torch.randn(B, H, T, m, generator=gen, dtype=torch.float64)
+    expected = k_halo @ y.unsqueeze(0)
+    want = torch.autograd.grad((expected * weight).sum(), [k, y]) if training else None
+    ws = None if training else workspace.Workspace()
+    if training:  # a used buffer of the same size, now free: the pool hands it out again
+        pool.empty((B, H, T, m), weight).fill_(float("nan"))
+    else:
+        ws.empty("kp", (B * H, T, m), weight).fill_(float("nan"))
+    with torch.profiler.profile(record_shapes=True) as profile, torch.set_grad_enabled(training):
+        out = _product(k_halo, y, ws, "kp", pool if training else None, halo=halo)
+        got = torch.autograd.grad((out * weight).sum(), [k, y]) if training else None
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    assert torch.equal(out[:, :, :halo], torch.zeros_like(out[:, :, :halo]))
+    assert torch.equal(out[:, :, -halo:], torch.zeros_like(out[:, :, -halo:]))
+    for a, b in zip(got or (), want or ()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    products = [event.input_shapes for event in profile.events()
+                if event.name in ("aten::bmm", "aten::mm", "aten::baddbmm", "aten::addmm")]
+    assert len(products) == (3 if training else 1)
+    assert all(T not in shape for shapes in products for shape in shapes)  # never the halo rows

@@ -91,38 +91,54 @@ def _band(x: torch.Tensor, tiles: int, tile_step: int, shape: tuple[int, int], s
 
 
 class _PooledProduct(torch.autograd.Function):
-    """x [B, H, n, D] @ y [H, D, m] -> [B, H, n, m] into a buffer of eager training's pool; matmul's gradients."""
+    """x [B, H, n, D] @ y [H, D, m] -> [B, H, n + 2 * halo, m] into a buffer of eager training's pool, with `halo`
+    rows of zeros at each end (the products of k's zero halo rows, written rather than multiplied); matmul's
+    gradients."""
 
     @staticmethod
-    def forward(ctx, x, y, pool: ReusePool):
+    def forward(ctx, x, y, pool: ReusePool, halo: int = 0):
         B, H, n, D = x.shape
-        m = y.shape[-1]
-        out = pool.empty((B, H, n, m), x)
-        torch.matmul(x, y.unsqueeze(0), out=out)
+        out = pool.empty((B, H, n + 2 * halo, y.shape[-1]), x)
+        _product_into(out, x, y, halo)
+        ctx.halo = halo
         ctx.save_for_backward(x, y)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         x, y = ctx.saved_tensors
+        if ctx.halo:
+            grad = grad[:, :, ctx.halo:grad.shape[2] - ctx.halo]
         grad_x = grad @ y.transpose(-1, -2).unsqueeze(0) if ctx.needs_input_grad[0] else None
         grad_y = (x.transpose(-1, -2) @ grad).sum(0) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_y, None
+        return grad_x, grad_y, None, None
+
+
+def _product_into(out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, halo: int) -> torch.Tensor:
+    """out [B, H, n + 2 * halo, m] (contiguous) = x [B, H, n, D] @ y [H, D, m] between `halo` zero rows at each end;
+    one batched matmul straight into out's rows."""
+    B, H, n, D = x.shape
+    m = y.shape[-1]
+    if halo:
+        out[:, :, :halo].zero_()
+        out[:, :, n + halo:].zero_()
+    y = y if B == 1 else y.unsqueeze(0).expand(B, -1, -1, -1).reshape(B * H, D, m)
+    torch.bmm(x.reshape(B * H, n, D), y, out=out.view(B * H, n + 2 * halo, m)[:, halo:n + halo])
+    return out
 
 
 def _product(x: torch.Tensor, y: torch.Tensor, workspace: Workspace | None, role: str,
-             pool: ReusePool | None = None) -> torch.Tensor:
+             pool: ReusePool | None = None, halo: int = 0) -> torch.Tensor:
     """x [B, H, n, D] @ y [H, D, m] -> [B, H, n, m], into a workspace buffer (no gradient) or a pooled one (eager
-    training) when one is given."""
+    training) when one is given. halo: x's first and last `halo` rows are constant zeros (k's halo, padding); with a
+    buffer their products are written as zeros, not computed, and pass no gradient back to them."""
     if pool is not None:
-        return _PooledProduct.apply(x, y, pool)
+        return _PooledProduct.apply(x[:, :, halo:x.shape[2] - halo], y, pool, halo)
     if workspace is None:
         return x @ y.unsqueeze(0)
     B, H, n, D = x.shape
-    m = y.shape[-1]
-    out = workspace.empty(role, (B * H, n, m), x)
-    y = y if B == 1 else y.unsqueeze(0).expand(B, -1, -1, -1).reshape(B * H, D, m)
-    return torch.bmm(x.reshape(B * H, n, D), y, out=out).view(B, H, n, m)
+    out = workspace.empty(role, (B * H, n, y.shape[-1]), x).view(B, H, n, -1)
+    return _product_into(out, x[:, :, halo:n - halo], y, halo)
 
 
 class _Relative:
@@ -140,7 +156,7 @@ class _Relative:
         self.two_s = 2 * spec.span
         self.qp = None if pos_key is None else _product(q, pos_key.flip(1).transpose(-1, -2), workspace, "qp", pool)
         self.kp = None if pos_query is None else _product(k_halo, pos_query.transpose(-1, -2), workspace, "kp",
-                                                          pool)
+                                                          pool, halo=hw * bs)
         self.pos_key, self.pos_query = pos_key, pos_query
         Np = q.shape[2]
         self.table = relative_index_table(Np, spec, q.device)  # [2Np - 1]: delta at distance d is entry d + Np - 1
