@@ -15,6 +15,7 @@ library's default dropout, loss mean(h^2)), 2 warm-up steps.
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import sys
 import time
@@ -30,6 +31,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tag", default="", help="a label printed first (which checkout)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON line (train_step_ab.py reads it)")
     args = p.parse_args(argv)
     import torch
     from transformers.utils import logging as hf_logging
@@ -59,6 +61,12 @@ def main(argv=None) -> int:
     times.sort()
     faults.sort()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    if args.json:
+        print(json.dumps({"tag": args.tag, "case": args.case, "length": args.length, "steps": args.steps,
+                          "threads": args.threads, "median_s": times[len(times) // 2], "min_s": times[0],
+                          "times_s": times, "faults_per_step": faults[len(faults) // 2], "max_rss_mib": rss}),
+              flush=True)
+        return 0
     print(f"{args.tag} {args.case} n={args.length}: median {times[len(times) // 2]:.3f} s, min {times[0]:.3f} s, "
           f"{faults[len(faults) // 2]} faults per step (median), max RSS {rss} MiB", flush=True)
     return 0
