@@ -34,7 +34,47 @@ from transformers.utils.generic import can_return_tuple
 
 from .attention import (HashedDropout, RelativePositionSpec, disentangled_attention, layout_for, num_blocks_for,
                         workspace_scope)
+from .attention.workspace import ReusePool, pool_for
 from .configuration import BigBirdJaConfig
+
+
+class _PooledEmbeddingLookup(torch.autograd.Function):
+    """weight[ids] whose weight gradient (zeros, then every position's row added, as torch's own CPU embedding
+    backward does) comes from eager training's pool: the word embeddings' gradient is the largest tensor of a step
+    (vocabulary x width: 98 MB at 32k x 768), and with `zero_grad(set_to_none=True)` a fresh one is mapped, faulted
+    in and zeroed by the kernel every step (about 5% of a 1k-token step of 2 base layers on 2 cores). Autograd takes
+    the buffer as the parameter's .grad without a copy; once the gradient is set to None the pool hands it out
+    again. (A tied decoder's gradient is summed into a tensor of its own: no gain there.)"""
+
+    @staticmethod
+    def forward(ctx, ids, weight, padding_idx: int | None, pool: ReusePool):
+        ctx.save_for_backward(ids)
+        ctx.weight_shape, ctx.padding_idx, ctx.pool = weight.shape, padding_idx, pool
+        return F.embedding(ids, weight, padding_idx)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (ids,) = ctx.saved_tensors
+        grad_weight = ctx.pool.empty(ctx.weight_shape, grad).zero_()
+        grad_weight.index_add_(0, ids.reshape(-1), grad.reshape(-1, grad.shape[-1]))
+        if ctx.padding_idx is not None:  # the padding row takes no gradient, as with F.embedding
+            grad_weight[ctx.padding_idx] = 0
+        return None, grad_weight, None, None
+
+
+def embedding_lookup(embedding: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+    """embedding(ids), its weight gradient from eager CPU training's pool where the plain embedding's options allow
+    (`_PooledEmbeddingLookup`)."""
+    weight = embedding.weight
+    pool = pool_for(weight, torch.compiler.is_compiling() or torch.jit.is_tracing())  # traced: export, ONNX, compile
+    if (pool is None or not weight.requires_grad or embedding.max_norm is not None or embedding.scale_grad_by_freq
+            or embedding.sparse):
+        return embedding(ids)
+    padding_idx = embedding.padding_idx
+    if padding_idx is not None and padding_idx < 0:
+        padding_idx += weight.shape[0]
+    return _PooledEmbeddingLookup.apply(ids, weight, padding_idx, pool)
 
 
 class BigBirdJaEmbeddings(nn.Module):
@@ -58,7 +98,7 @@ class BigBirdJaEmbeddings(nn.Module):
         self.dropout = HashedDropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids, token_type_ids, position_ids, mask, inputs_embeds):
-        embeddings = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds  # [B, N, e]
+        embeddings = embedding_lookup(self.word_embeddings, input_ids) if inputs_embeds is None else inputs_embeds
         if self.position_embeddings is not None:
             if position_ids is None:
                 position_ids = torch.arange(embeddings.shape[1], device=embeddings.device)[None]

@@ -146,3 +146,52 @@ def test_the_p2c_product_writes_the_zero_halo_rows_without_multiplying_them(pool
                 if event.name in ("aten::bmm", "aten::mm", "aten::baddbmm", "aten::addmm")]
     assert len(products) == (3 if training else 1)
     assert all(T not in shape for shapes in products for shape in shapes)  # never the halo rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_word_embedding_gradient_comes_from_the_pool_and_is_torchs_bit_for_bit(monkeypatch, dtype):
+    """The pooled lookup's weight gradient has the bits of torch's embedding backward (repeated ids, the padding id);
+    autograd keeps the pool's buffer as .grad (no copy), which serves the next step once .grad is set to None; and
+    accumulating into a kept .grad still adds."""
+    from bigbird_ja.modeling import embedding_lookup
+
+    monkeypatch.setattr(workspace.POOL, "min_bytes", 0)
+    workspace.release_workspace()
+    gen = torch.Generator().manual_seed(5)
+    embedding = torch.nn.Embedding(50, 12, padding_idx=0).to(dtype)
+    ids = torch.tensor([[3, 0, 7, 3, 3, 49], [0, 0, 7, 1, 2, 3]])
+    upstream = torch.randn(2, 6, 12, generator=gen, dtype=dtype)
+    (embedding(ids) * upstream).sum().backward()
+    expected = embedding.weight.grad.clone()
+    embedding.weight.grad = None
+    storages = []
+    for _ in range(3):
+        out = embedding_lookup(embedding, ids)
+        assert out.grad_fn is not None and "PooledEmbedding" in type(out.grad_fn).__name__
+        (out * upstream).sum().backward()
+        assert torch.equal(embedding.weight.grad, expected)
+        storages.append(embedding.weight.grad.untyped_storage().data_ptr())
+        assert storages[-1] in {b.untyped_storage().data_ptr() for b in workspace.POOL._buffers()}
+        embedding.weight.grad = None
+    assert len(set(storages)) == 1  # the same buffer step after step
+    for _ in range(2):  # .grad kept: the second step's gradient (another buffer) is added into it
+        (embedding_lookup(embedding, ids) * upstream).sum().backward()
+    assert torch.equal(embedding.weight.grad, expected + expected)
+    workspace.release_workspace()
+
+
+def test_the_pooled_lookup_is_only_for_eager_cpu_training_of_a_plain_embedding(monkeypatch):
+    from bigbird_ja.modeling import embedding_lookup
+
+    ids = torch.tensor([[1, 2]])
+    plain = torch.nn.Embedding(5, 3)
+    assert "PooledEmbedding" in type(embedding_lookup(plain, ids).grad_fn).__name__
+    with torch.no_grad():
+        assert embedding_lookup(plain, ids).grad_fn is None
+    for special in (torch.nn.Embedding(5, 3, max_norm=1.0), torch.nn.Embedding(5, 3, scale_grad_by_freq=True),
+                    torch.nn.Embedding(5, 3, sparse=True)):
+        assert "PooledEmbedding" not in type(embedding_lookup(special, ids).grad_fn).__name__
+    frozen = torch.nn.Embedding(5, 3).requires_grad_(False)
+    assert embedding_lookup(frozen, ids).grad_fn is None
+    monkeypatch.setenv("BIGBIRD_JA_CPU_WORKSPACE", "0")
+    assert "PooledEmbedding" not in type(embedding_lookup(plain, ids).grad_fn).__name__
