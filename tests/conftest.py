@@ -35,6 +35,17 @@ def _environment_restored():
         os.environ.update(saved)
 
 
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module of its own (the folder is not a package), for testing a script's functions."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def tiny_config(**overrides) -> bigbird_ja.BigBirdJaConfig:
     values = dict(vocab_size=101, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48,
                   max_position_embeddings=1024, position_buckets=16, max_relative_positions=128, block_size=8,

@@ -5,7 +5,6 @@ what to skip, what a resumed run adds) runs against a stand-in child that prints
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -13,16 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from conftest import load_benchmark
+
 REPO = Path(__file__).resolve().parent.parent
-SCRIPT = REPO / "benchmarks" / "bench_cpu.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_cpu_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_cpu")
 
 
 class FakeChild:

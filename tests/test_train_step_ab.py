@@ -5,22 +5,19 @@ covers through bench_cpu): what is checked is the bookkeeping."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from conftest import load_benchmark
+
 REPO = Path(__file__).resolve().parent.parent
-SCRIPT = REPO / "benchmarks" / "train_step_ab.py"
 
 
 @pytest.fixture(scope="module")
 def ab():
-    spec = importlib.util.spec_from_file_location("train_step_ab_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("train_step_ab")
 
 
 def test_rounds_rotate_the_order_and_ratios_are_against_the_same_rounds_bigbird(ab, tmp_path, monkeypatch):
