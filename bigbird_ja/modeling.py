@@ -53,9 +53,12 @@ class _PooledEmbeddingLookup(torch.autograd.Function):
         return F.embedding(ids, weight, padding_idx)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         (ids,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: torch's own backward, which autograd can differentiate
+            padding_idx = -1 if ctx.padding_idx is None else ctx.padding_idx
+            return None, torch.ops.aten.embedding_backward(grad, ids, ctx.weight_shape[0], padding_idx, False,
+                                                           False), None, None
         grad_weight = ctx.pool.empty(ctx.weight_shape, grad).zero_()
         grad_weight.index_add_(0, ids.reshape(-1), grad.reshape(-1, grad.shape[-1]))
         if ctx.padding_idx is not None:  # the padding row takes no gradient, as with F.embedding

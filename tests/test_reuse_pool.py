@@ -195,3 +195,23 @@ def test_the_pooled_lookup_is_only_for_eager_cpu_training_of_a_plain_embedding(m
     assert embedding_lookup(frozen, ids).grad_fn is None
     monkeypatch.setenv("BIGBIRD_JA_CPU_WORKSPACE", "0")
     assert "PooledEmbedding" not in type(embedding_lookup(plain, ids).grad_fn).__name__
+
+
+def test_a_second_derivative_through_the_pooled_embedding_lookup_is_torchs():
+    """create_graph=True takes torch's differentiable embedding backward: a gradient penalty through the lookup gives
+    what it gives through nn.Embedding (before: refused as once-differentiable, or silently no graph)."""
+    from bigbird_ja.modeling import embedding_lookup
+
+    gen = torch.Generator().manual_seed(9)
+    embedding = torch.nn.Embedding(20, 6, padding_idx=1).double()
+    ids = torch.tensor([[1, 4, 4, 7]])
+    upstream = torch.randn(1, 4, 6, generator=gen, dtype=torch.float64)
+
+    def penalty(lookup):
+        out = lookup(ids)
+        (grad,) = torch.autograd.grad(((out * upstream).sum()) ** 2, embedding.weight, create_graph=True)
+        return torch.autograd.grad(grad.square().sum(), embedding.weight)[0]
+
+    got = penalty(lambda i: embedding_lookup(embedding, i))
+    torch.testing.assert_close(got, penalty(embedding), rtol=0, atol=1e-12)
+    assert got.abs().sum() > 0
