@@ -59,6 +59,8 @@ class _PooledEmbeddingLookup(torch.autograd.Function):
             padding_idx = -1 if ctx.padding_idx is None else ctx.padding_idx
             return None, torch.ops.aten.embedding_backward(grad, ids, ctx.weight_shape[0], padding_idx, False,
                                                            False), None, None
+        # torch's steps written out: aten's embedding_dense_backward.out is generated from the functional op, so it
+        # would allocate a whole fresh gradient and copy it into the pooled buffer (profiled: a 94 MB empty + copy_)
         grad_weight = ctx.pool.empty(ctx.weight_shape, grad).zero_()
         grad_weight.index_add_(0, ids.reshape(-1), grad.reshape(-1, grad.shape[-1]))
         if ctx.padding_idx is not None:  # the padding row takes no gradient, as with F.embedding
@@ -74,10 +76,8 @@ def embedding_lookup(embedding: nn.Embedding, ids: torch.Tensor) -> torch.Tensor
     if (pool is None or not weight.requires_grad or embedding.max_norm is not None or embedding.scale_grad_by_freq
             or embedding.sparse):
         return embedding(ids)
-    padding_idx = embedding.padding_idx
-    if padding_idx is not None and padding_idx < 0:
-        padding_idx += weight.shape[0]
-    return _PooledEmbeddingLookup.apply(ids, weight, padding_idx, pool)
+    # nn.Embedding has already made a negative padding_idx positive
+    return _PooledEmbeddingLookup.apply(ids, weight, embedding.padding_idx, pool)
 
 
 class BigBirdJaEmbeddings(nn.Module):

@@ -148,8 +148,9 @@ def test_the_p2c_product_writes_the_zero_halo_rows_without_multiplying_them(pool
     assert all(T not in shape for shapes in products for shape in shapes)  # never the halo rows
 
 
+@pytest.mark.parametrize("padding_idx", [0, -1])  # -1: the last row (49), which the ids use
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_the_word_embedding_gradient_comes_from_the_pool_and_is_torchs_bit_for_bit(monkeypatch, dtype):
+def test_the_word_embedding_gradient_comes_from_the_pool_and_is_torchs_bit_for_bit(monkeypatch, dtype, padding_idx):
     """The pooled lookup's weight gradient has the bits of torch's embedding backward (repeated ids, the padding id);
     autograd keeps the pool's buffer as .grad (no copy), which serves the next step once .grad is set to None; and
     accumulating into a kept .grad still adds."""
@@ -158,7 +159,7 @@ def test_the_word_embedding_gradient_comes_from_the_pool_and_is_torchs_bit_for_b
     monkeypatch.setattr(workspace.POOL, "min_bytes", 0)
     workspace.release_workspace()
     gen = torch.Generator().manual_seed(5)
-    embedding = torch.nn.Embedding(50, 12, padding_idx=0).to(dtype)
+    embedding = torch.nn.Embedding(50, 12, padding_idx=padding_idx).to(dtype)
     ids = torch.tensor([[3, 0, 7, 3, 3, 49], [0, 0, 7, 1, 2, 3]])
     upstream = torch.randn(2, 6, 12, generator=gen, dtype=dtype)
     (embedding(ids) * upstream).sum().backward()
