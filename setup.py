@@ -9,13 +9,14 @@ from setuptools import Extension, find_packages, setup
 VERSION = re.search(r'__version__ = "([^"]+)"', open("bigbird_ja/version.py", encoding="utf-8").read()).group(1)
 
 # The CPU kernels of the relative terms and of attention dropout (bigbird_ja/attention/csrc/*.c, one library): plain
-# C with pthreads, no torch headers, so no torch is needed to build it and pip's isolated build needs nothing beyond
-# setuptools. Loaded with ctypes and registered as torch ops by bigbird_ja/attention/cpu_kernels.py and dropout.py.
+# C (pthreads, or torch's OpenMP team handed over at load), no torch headers, so no torch is needed to build it and
+# pip's isolated build needs nothing beyond setuptools. Loaded with ctypes and registered as torch ops by bigbird_ja/attention/cpu_kernels.py and dropout.py.
 # Optional: where it cannot be built (no C compiler) the install goes on and the pure-PyTorch paths run;
 # BIGBIRD_JA_NO_NATIVE=1 skips it.
 NATIVE = [] if os.environ.get("BIGBIRD_JA_NO_NATIVE", "0") not in ("", "0") else [Extension(
     "bigbird_ja.attention._relative_terms",
-    ["bigbird_ja/attention/csrc/relative_terms.c", "bigbird_ja/attention/csrc/dropout.c"],
+    ["bigbird_ja/attention/csrc/relative_terms.c", "bigbird_ja/attention/csrc/dropout.c",
+     "bigbird_ja/attention/csrc/threads.c"],
     depends=["bigbird_ja/attention/csrc/shared.h"],  # rebuilt when it changes, and shipped in the sdist
     extra_compile_args=["-O3", "-pthread"], extra_link_args=["-pthread"], optional=True)]
 

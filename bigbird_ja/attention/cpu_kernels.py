@@ -3,12 +3,13 @@
 Shapes: P planes (batch row x head), H heads, Np padded tokens, R = 2S relative buckets, T rows of kp (with its
 halo), bs block size, nq query blocks, K key-block slots per query block, hw halo blocks.
 
-The native part, csrc/relative_terms.c (plain C with pthreads, no torch headers), is built by `pip install` (setup.py)
-into this folder as `_relative_terms*.so` and loaded with ctypes; nothing is compiled or written at run time. Its two
-entry points are registered as torch ops with fake implementations, and the backward one as the forward's autograd
-formula, so torch.compile and torch.export see each as a single op. The C code splits its work over
-torch.get_num_threads() pthreads of its own while the calling thread waits in ctypes (which releases the GIL): it links
-no OpenMP runtime, so it does not depend on the name of the one torch ships.
+The native part, csrc/relative_terms.c (plain C, no torch headers), is built by `pip install` (setup.py) into this
+folder as `_relative_terms*.so` and loaded with ctypes; nothing is compiled or written at run time. Its two entry
+points are registered as torch ops with fake implementations, and the backward one as the forward's autograd formula,
+so torch.compile and torch.export see each as a single op. The C code splits its work over torch.get_num_threads()
+threads while the calling thread waits in ctypes (which releases the GIL): torch's own OpenMP team where torch runs
+on OpenMP (`use_torch_threads`: the runtime's entry points are handed to the library at load; it links none of its
+own), else pthreads of its own (csrc/threads.c).
 
 Where the library is absent (no C compiler at install, BIGBIRD_JA_NO_NATIVE=1 at install, a model folder's
 remote-code copy) or switched off (BIGBIRD_JA_CPU_KERNELS=0), `relative_terms()` returns None and blocked.py takes its
@@ -73,6 +74,34 @@ def check_complete(path: Path) -> None:
         raise OSError(f"the file is cut off: {len(data)} bytes, its headers need {needed}")
 
 
+THREADS_ENV = "BIGBIRD_JA_CPU_THREADS"  # "torch" (default): torch's OpenMP team where there is one; "pthreads"
+OPENMP_ENTRY_POINTS = ("GOMP_parallel", "omp_get_thread_num", "omp_get_num_threads")
+
+
+def torch_openmp_entry_points() -> tuple[ctypes.c_void_p, ...] | None:
+    """The entry points (OPENMP_ENTRY_POINTS) of the OpenMP runtime torch's intra-op pool runs on, or None where torch
+    is not on OpenMP or they are not in the process's global symbols (Linux wheels load their libgomp globally;
+    Intel's and LLVM's runtimes export the same GNU entry points)."""
+    if "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    try:
+        process = ctypes.CDLL(None)
+        return tuple(ctypes.cast(getattr(process, name), ctypes.c_void_p) for name in OPENMP_ENTRY_POINTS)
+    except (AttributeError, OSError, TypeError):  # not exported globally; no process handle (Windows)
+        return None
+
+
+def use_torch_threads(lib) -> bool:
+    """Make the native library run its shares on torch's own OpenMP team (True) or on pthreads of its own (False:
+    torch not on OpenMP, or BIGBIRD_JA_CPU_THREADS=pthreads). Threads of its own share the cores with torch's workers,
+    which spin for a while after each torch op: right after a matmul a kernel call took 2.4x its idle time on 2 cores
+    (benchmarks/bench_kernel_threads.py). One library, one setting: the relative terms and the dropout share it."""
+    lib.bbja_use_openmp.argtypes = [ctypes.c_void_p] * 3
+    lib.bbja_use_openmp.restype = ctypes.c_int
+    points = None if os.environ.get(THREADS_ENV, "torch") == "pthreads" else torch_openmp_entry_points()
+    return bool(lib.bbja_use_openmp(*(points or (None, None, None))))
+
+
 class RelativeTermsKernel:
     """ctypes bindings of csrc/relative_terms.c (see its header for what the two functions compute)."""
 
@@ -80,6 +109,7 @@ class RelativeTermsKernel:
         self.path = path
         check_complete(path)
         lib = ctypes.CDLL(str(path))
+        self.uses_torch_threads = use_torch_threads(lib)
         args = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 12
         self._functions = {}
         for direction in ("forward", "backward"):
@@ -250,7 +280,8 @@ def _load() -> tuple[RelativeTermsKernel | None, str | None]:
 KERNEL, _WHY_NOT = _load()
 OP = None if KERNEL is None else _register_ops(KERNEL)
 if OP is not None:
-    logger.info("bigbird_ja: CPU attention reads its relative terms with the native op (%s)", KERNEL.path)
+    logger.info("bigbird_ja: CPU attention reads its relative terms with the native op (%s, on %s)", KERNEL.path,
+                "torch's OpenMP threads" if KERNEL.uses_torch_threads else "threads of its own")
 elif _WHY_NOT is not None:
     logger.warning("bigbird_ja: CPU attention takes the slower pure-PyTorch reads of its relative terms: the native "
                    "op is absent, %s.", _WHY_NOT)

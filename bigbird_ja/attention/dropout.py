@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from .cpu_kernels import check_complete, enabled, library_path
+from .cpu_kernels import check_complete, enabled, library_path, use_torch_threads
 
 MASK32 = 0xFFFFFFFF
 MIX1, MIX2 = 0x7FEB352D, 0x846CA68B
@@ -200,6 +200,7 @@ class _Native:
     def __init__(self, path):
         check_complete(path)  # a cut-off library would kill the process with SIGBUS inside dlopen
         lib = ctypes.CDLL(str(path))
+        use_torch_threads(lib)  # the same library as the relative terms': one setting
         self.functions = {}
         for dtype, suffix in self.SUFFIXES.items():
             fn = getattr(lib, f"bbja_dropout_{suffix}")

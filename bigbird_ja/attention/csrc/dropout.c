@@ -3,8 +3,8 @@
    gives the same bits); here it is written once per row for the row's two keys and once per element for the rest.
 
    in [B, H, G, R, C] with any strides (elements), out contiguous; qpos [G, R] and kpos [Hk, G, C] int64, contiguous
-   (Hk 1: one set of key positions for every head). Plain C with pthreads, no torch headers and no OpenMP runtime,
-   built into the same library as relative_terms.c; the caller passes the number of threads
+   (Hk 1: one set of key positions for every head). Plain C, no torch headers, built into the same library as
+   relative_terms.c and run on the same threads (threads.c); the caller passes the number of threads
    (torch.get_num_threads()). Also here: the backward of softmax and this dropout in one pass, in place
    (bbja_softmax_dropout_backward_*, for blocked_slots.SlotAttention). */
 

@@ -11,9 +11,10 @@
    before the keys (see blocked.py's _Relative). Either may be NULL (that term is absent). The backward adds the
    terms' gradient where each term was read (into each plane's gradients zeroed first, when asked: the plane's
    thread faults in and zeroes them just before it adds, instead of a separate pass); it runs one plane per thread, as different query blocks read the same
-   key rows of kp. Plain C with pthreads, no torch headers and no OpenMP runtime: `pip install` builds it (setup.py)
-   wherever a C compiler is, and cpu_kernels.py loads it with ctypes and registers it as a torch op. The caller
-   passes the number of threads (torch.get_num_threads()); torch's own pool is idle while the caller waits. */
+   key rows of kp. Plain C, no torch headers, no OpenMP runtime linked: `pip install` builds it (setup.py) wherever
+   a C compiler is, and cpu_kernels.py loads it with ctypes and registers it as a torch op. The caller passes the
+   number of threads (torch.get_num_threads()); the shares run on torch's own OpenMP team where there is one, else on
+   pthreads (threads.c). */
 
 #include <stdint.h>
 #include <stdlib.h>

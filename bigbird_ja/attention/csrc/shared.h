@@ -3,14 +3,11 @@
    bfloat16 is stored as uint16_t and computed in float: loads widen exactly; stores round to nearest even, as
    c10::BFloat16 does (NaN stays a quiet NaN).
 
-   run_shares splits [0, items) into `threads` contiguous shares and runs `work` on each, the calling thread taking
-   the first; a share whose thread cannot start runs on the caller. Plain pthreads (no OpenMP runtime): torch's own
-   pool is idle while the caller waits. Returns -1 if memory for the thread list runs out, 0 otherwise. */
+   Their threads: run_shares (threads.c) splits [0, items) into contiguous shares and runs them in parallel. */
 
 #ifndef BIGBIRD_JA_SHARED_H
 #define BIGBIRD_JA_SHARED_H
 
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -49,52 +46,16 @@ static inline uint16_t bf16_store(float f) {
    scratch) */
 typedef void (*ShareWork)(const void *context, int64_t first, int64_t last, int share);
 
-typedef struct {
-    ShareWork work;
-    const void *context;
-    int64_t first, last;
-    int share;
-} Share;
-
-static void *run_share(void *share) {
-    const Share *s = (const Share *)share;
-    s->work(s->context, s->first, s->last, s->share);
-    return 0;
-}
-
 /* how many shares run_shares makes of `items` on at most `threads` threads (callers size per-share scratch by it) */
 static inline int share_count(int64_t items, int threads) {
     if (threads > items) threads = (int)items;
     return threads < 1 ? 1 : threads;
 }
 
-static int run_shares(ShareWork work, const void *context, int64_t items, int threads) {
-    threads = share_count(items, threads);
-    Share *shares = (Share *)malloc(sizeof(Share) * threads);
-    pthread_t *ids = (pthread_t *)malloc(sizeof(pthread_t) * threads);
-    if (!shares || !ids) {
-        free(shares);
-        free(ids);
-        return -1;
-    }
-    for (int t = 0; t < threads; t++) {
-        shares[t].work = work;
-        shares[t].context = context;
-        shares[t].first = items * t / threads;
-        shares[t].last = items * (t + 1) / threads;
-        shares[t].share = t;
-    }
-    int started = 1;
-    for (int t = 1; t < threads; t++) {
-        if (pthread_create(&ids[t], 0, run_share, &shares[t]) != 0) break;
-        started++;
-    }
-    for (int t = started; t < threads; t++) run_share(&shares[t]); /* shares whose thread could not start */
-    run_share(&shares[0]);
-    for (int t = 1; t < started; t++) pthread_join(ids[t], 0);
-    free(shares);
-    free(ids);
-    return 0;
-}
+/* threads.c: runs `work` on share_count(items, threads) contiguous shares of [0, items): on torch's own OpenMP team
+   where bbja_use_openmp has handed its entry points over, else on pthreads of its own. Returns -1 if memory for the
+   thread list runs out, 0 otherwise. */
+__attribute__((visibility("hidden"))) int run_shares(ShareWork work, const void *context, int64_t items,
+                                                     int threads);
 
 #endif
