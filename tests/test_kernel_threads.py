@@ -111,3 +111,14 @@ def test_pthreads_can_be_chosen(kernel):
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
                          check=True).stdout.split()
     assert out == ["False", "0"]
+
+
+@pytest.mark.skipif(not TORCH_ON_OPENMP, reason="the benchmark compares with torch's OpenMP team")
+def test_the_threads_benchmark_measures_both_settings_and_restores_the_imports_choice(kernel):
+    from conftest import load_benchmark
+
+    bench = load_benchmark("bench_kernel_threads")
+    result = bench.measure(256, repeats=1)
+    assert set(result) == {f"{s} {c} ms" for s in bench.SETTINGS for c in bench.COLUMNS}
+    assert all(value > 0 for value in result.values())
+    assert library(kernel).bbja_uses_openmp() == 1  # as the import set it
