@@ -55,7 +55,9 @@ static inline int share_count(int64_t items, int threads) {
 /* threads.c: runs `work` on share_count(items, threads) contiguous shares of [0, items): on torch's own OpenMP team
    where bbja_use_openmp has handed its entry points over, else on pthreads of its own. Returns -1 if memory for the
    thread list runs out, 0 otherwise. */
-__attribute__((visibility("hidden"))) int run_shares(ShareWork work, const void *context, int64_t items,
-                                                     int threads);
+#if defined(__GNUC__)
+__attribute__((visibility("hidden")))
+#endif
+int run_shares(ShareWork work, const void *context, int64_t items, int threads);
 
 #endif
