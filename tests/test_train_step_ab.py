@@ -54,3 +54,27 @@ def test_a_checkout_without_the_package_or_a_name_is_refused(ab, tmp_path):
         ab.main(["--checkout", f"x={tmp_path}"])
     with pytest.raises(SystemExit):
         ab.main(["--checkout", "."])
+
+
+def test_the_dropout_cost_benchmark_switches_attention_dropout_and_nothing_else():
+    """Its two models have the same weights and differ only where attention dropout acts: equal in eval mode,
+    different in train mode with the same seed."""
+    import torch
+
+    from conftest import load_benchmark
+
+    bench = load_benchmark("attention_dropout_cost")
+    with_dropout, without = (bench.build(1024, rate) for rate in bench.RATES)
+    assert with_dropout.config.attention_probs_dropout_prob == 0.1 and without.config.attention_probs_dropout_prob == 0
+    import bench_cpu  # on the path once the benchmark is loaded
+
+    inputs = bench_cpu.make_inputs(1024)
+    with torch.no_grad():
+        outs = []
+        for model in (with_dropout, without):
+            torch.manual_seed(3)
+            outs.append(model(**inputs).last_hidden_state)
+        assert not torch.equal(*outs)  # train mode: only the attention dropout differs
+        for model in (with_dropout, without):
+            model.eval()
+        assert torch.equal(with_dropout(**inputs).last_hidden_state, without(**inputs).last_hidden_state)
