@@ -13,15 +13,13 @@ Run (from the repository root):
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from envinfo import write_results  # noqa: E402
 
 RATES = (0.1, 0.0)
 
@@ -89,14 +87,7 @@ def main(argv=None) -> int:
                      f"{row['step_s_attention_dropout_0']:.3f} s | {100 * row['added']:+.1f}% |")
         print(lines[-1], flush=True)
     if args.out:
-        from bigbird_ja.common.atomic_io import atomic_write_text
-
-        payload = {"question": __doc__.split("\n\n")[0], "command": " ".join(["python", *sys.argv]),
-                   "threads": args.threads, "torch": torch.__version__,
-                   "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                   "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}
-        atomic_write_text(args.out, json.dumps(payload, indent=2) + "\n")
-        atomic_write_text(args.out.with_suffix(".md"), "\n".join(lines) + "\n")
+        write_results(args.out, __doc__.split("\n\n")[0], {"threads": args.threads}, rows, lines)
         print(f"wrote {args.out}")
     return 0
 

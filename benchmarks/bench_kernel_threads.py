@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
-import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from envinfo import write_results  # noqa: E402
 
 SETTINGS = ("openmp", "pthreads")
 COLUMNS = ("terms fwd idle", "terms fwd busy", "terms bwd busy", "op train")
@@ -125,15 +125,9 @@ def main(argv=None) -> int:
         ratio = result["pthreads op train ms"] / result["openmp op train ms"]
         print(f"n={length}: op train with pthreads / with torch's OpenMP team = {ratio:.2f}x", flush=True)
     if args.out:
-        from bigbird_ja.common.atomic_io import atomic_write_text
-
-        payload = {"question": __doc__.split("\n\n")[0], "command": " ".join(["python", *sys.argv]),
-                   "threads": args.threads, "repeats": args.repeats, "torch": torch.__version__,
-                   "parallel_backend": "OpenMP" if "OpenMP" in torch.__config__.parallel_info() else "other",
-                   "machine": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                   "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}
-        atomic_write_text(args.out, json.dumps(payload, indent=2) + "\n")
-        atomic_write_text(args.out.with_suffix(".md"), "\n".join(lines) + "\n")
+        parallel = "OpenMP" if "ATen parallel backend: OpenMP" in torch.__config__.parallel_info() else "other"
+        write_results(args.out, __doc__.split("\n\n")[0], {"threads": args.threads, "repeats": args.repeats,
+                                                               "parallel_backend": parallel}, rows, lines)
         print(f"wrote {args.out}")
     return 0
 

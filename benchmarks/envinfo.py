@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import shlex
@@ -44,3 +45,16 @@ def provenance() -> dict:
 def cpu_description() -> dict:
     return {"kind": "cpu", "processor": platform.processor() or platform.machine(), "cpu_model": cpu_model(),
             "cpu_count": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)), "platform": platform.platform()}
+
+
+def write_results(out: Path, question: str, settings: dict, rows: list[dict], table_lines: list[str]) -> None:
+    """A benchmark's results: <out> (JSON: the question, its settings, the environment, the rows) and <out>.md (the
+    printed table), each written atomically."""
+    import torch
+
+    from bigbird_ja.common.atomic_io import atomic_write_text
+
+    payload = {"question": question, **settings, "torch": torch.__version__,
+               "environment": {**cpu_description(), **provenance()}, "rows": rows}
+    atomic_write_text(out, json.dumps(payload, indent=2) + "\n")
+    atomic_write_text(out.with_suffix(".md"), "\n".join(table_lines) + "\n")
