@@ -10,7 +10,8 @@ VERSION = re.search(r'__version__ = "([^"]+)"', open("bigbird_ja/version.py", en
 
 # The CPU kernels of the relative terms and of attention dropout (bigbird_ja/attention/csrc/*.c, one library): plain
 # C (pthreads, or torch's OpenMP team handed over at load), no torch headers, so no torch is needed to build it and
-# pip's isolated build needs nothing beyond setuptools. Loaded with ctypes and registered as torch ops by bigbird_ja/attention/cpu_kernels.py and dropout.py.
+# pip's isolated build needs nothing beyond setuptools. Loaded with ctypes and registered as torch ops by
+# bigbird_ja/attention/cpu_kernels.py and dropout.py.
 # Optional: where it cannot be built (no C compiler) the install goes on and the pure-PyTorch paths run;
 # BIGBIRD_JA_NO_NATIVE=1 skips it.
 NATIVE = [] if os.environ.get("BIGBIRD_JA_NO_NATIVE", "0") not in ("", "0") else [Extension(

@@ -106,7 +106,8 @@ def test_a_team_smaller_than_asked_for_still_runs_every_share(kernel, pthreads_a
 def test_pthreads_can_be_chosen(kernel):
     code = ("from bigbird_ja.attention import cpu_kernels, dropout\n"
             "import ctypes\n"
-            "print(cpu_kernels.KERNEL.uses_torch_threads, ctypes.CDLL(str(cpu_kernels.KERNEL.path)).bbja_uses_openmp())")
+            "lib = ctypes.CDLL(str(cpu_kernels.KERNEL.path))\n"
+            "print(cpu_kernels.KERNEL.uses_torch_threads, lib.bbja_uses_openmp())")
     env = dict(os.environ, BIGBIRD_JA_CPU_THREADS="pthreads")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
                          check=True).stdout.split()
